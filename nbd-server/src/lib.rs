@@ -1,1 +1,2 @@
-//! nbd-server
+//! nbd-server (work in progress): pooled buffers first.
+pub mod buf;
