@@ -157,9 +157,7 @@ impl std::fmt::Debug for BufMut {
 impl BufMut {
     /// A buffer not backed by any pool (tests, one-off uses).
     pub fn unpooled(len: usize) -> BufMut {
-        BufMut {
-            inner: Some(Arc::new(Inner { storage: Storage::new(len.max(1)), len, pool: None })),
-        }
+        BufMut { inner: Some(Arc::new(Inner { storage: Storage::new(len.max(1)), len, pool: None })) }
     }
 
     fn inner(&self) -> &Inner {
@@ -178,8 +176,8 @@ impl BufMut {
 
     /// Shrinks the visible length (e.g. a short read at the end of a device).
     pub fn truncate(&mut self, len: usize) {
-        let inner = Arc::get_mut(self.inner.as_mut().expect("buffer used after drop"))
-            .expect("BufMut is unique");
+        let inner =
+            Arc::get_mut(self.inner.as_mut().expect("buffer used after drop")).expect("BufMut is unique");
         inner.len = inner.len.min(len);
     }
 
@@ -199,8 +197,8 @@ impl Deref for BufMut {
 
 impl DerefMut for BufMut {
     fn deref_mut(&mut self) -> &mut [u8] {
-        let inner = Arc::get_mut(self.inner.as_mut().expect("buffer used after drop"))
-            .expect("BufMut is unique");
+        let inner =
+            Arc::get_mut(self.inner.as_mut().expect("buffer used after drop")).expect("BufMut is unique");
         let len = inner.len;
         inner.storage.slice_mut(len)
     }

@@ -1,0 +1,284 @@
+//! Listening sockets, the accept loops, per-connection setup, and graceful shutdown.
+//!
+//! Shutdown: when the watch channel turns `true`, accept loops stop, connections stop
+//! reading new requests, and [`Server::serve`] returns once every connection has
+//! answered its in-flight requests and closed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::buf::BufPool;
+use crate::device::BlockDevice;
+use crate::error::Error;
+use crate::handshake::{ExportName, Outcome, negotiate};
+use crate::transmission;
+
+/// Server-wide settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub export: ExportName,
+    /// Connections beyond this are closed right after accept.
+    pub max_connections: usize,
+    /// The whole option haggling must finish within this time.
+    pub handshake_timeout_ms: u64,
+}
+
+impl ServerConfig {
+    /// Defaults for an export called `name`: 64 connections, 30 s handshake.
+    pub fn new(name: &str) -> ServerConfig {
+        ServerConfig {
+            export: ExportName { name: name.to_string(), description: None },
+            max_connections: 64,
+            handshake_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Live counters, shared with whoever wants to report them.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections currently open (handshake or transmission).
+    pub active_connections: AtomicUsize,
+    /// Connections accepted since start.
+    pub accepted_connections: AtomicU64,
+    /// Connections that ended with a protocol violation or I/O error.
+    pub failed_connections: AtomicU64,
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    /// The path is removed when the listener is dropped.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds a TCP address such as `127.0.0.1:10809` or `[::1]:10809`.
+    pub async fn bind_tcp(addr: &str) -> Result<Listener, Error> {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen { addr: addr.to_string(), source })?;
+        Ok(Listener::Tcp(l))
+    }
+
+    /// Binds a Unix socket, replacing a stale socket file left by a previous run.
+    pub fn bind_unix(path: impl Into<PathBuf>) -> Result<Listener, Error> {
+        let path = path.into();
+        let listen_err = |source| Error::Listen { addr: format!("unix:{}", path.display()), source };
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(&path).map_err(listen_err)?;
+            }
+        }
+        let l = UnixListener::bind(&path).map_err(listen_err)?;
+        Ok(Listener::Unix(l, path))
+    }
+
+    /// The address as text (after binding port 0, the real port).
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A byte stream that splits into independently owned read and write halves, so the
+/// request reader and the reply writer run as separate tasks without a shared lock.
+pub trait IntoHalves: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> (Self::Read, Self::Write);
+}
+
+impl IntoHalves for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl IntoHalves for UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+/// An NBD server for one export backed by `D`.
+pub struct Server<D> {
+    device: Arc<D>,
+    config: Arc<ServerConfig>,
+    pool: BufPool,
+    stats: Arc<ServerStats>,
+}
+
+impl<D: BlockDevice> Server<D> {
+    pub fn new(device: Arc<D>, config: ServerConfig) -> Server<D> {
+        Server { device, config: Arc::new(config), pool: BufPool::default(), stats: Arc::default() }
+    }
+
+    /// Shared live counters.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
+    }
+
+    /// The buffer pool payloads are read into (shared with the device if it wants).
+    pub fn pool(&self) -> BufPool {
+        self.pool.clone()
+    }
+
+    /// Serves every listener until `shutdown` turns true, then waits for open
+    /// connections to finish their in-flight requests.
+    pub async fn serve(self, listeners: Vec<Listener>, shutdown: watch::Receiver<bool>) {
+        // Every connection task holds a clone of `alive`; when all are dropped, `recv`
+        // returns None: a task tracker without another dependency.
+        let (alive, mut all_done) = mpsc::channel::<()>(1);
+        let mut accept_loops = Vec::new();
+        for listener in listeners {
+            let ctx = Ctx {
+                device: self.device.clone(),
+                config: self.config.clone(),
+                pool: self.pool.clone(),
+                stats: self.stats.clone(),
+                shutdown: shutdown.clone(),
+                alive: alive.clone(),
+            };
+            accept_loops.push(tokio::spawn(accept_loop(listener, ctx)));
+        }
+        drop(alive);
+        for l in accept_loops {
+            let _ = l.await;
+        }
+        let _ = all_done.recv().await;
+    }
+}
+
+struct Ctx<D> {
+    device: Arc<D>,
+    config: Arc<ServerConfig>,
+    pool: BufPool,
+    stats: Arc<ServerStats>,
+    shutdown: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+}
+
+impl<D> Clone for Ctx<D> {
+    fn clone(&self) -> Self {
+        Ctx {
+            device: self.device.clone(),
+            config: self.config.clone(),
+            pool: self.pool.clone(),
+            stats: self.stats.clone(),
+            shutdown: self.shutdown.clone(),
+            alive: self.alive.clone(),
+        }
+    }
+}
+
+async fn accept_loop<D: BlockDevice>(listener: Listener, ctx: Ctx<D>) {
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = crate::server::stopped(&mut shutdown) => return,
+            accepted = accept(&listener) => match accepted {
+                Ok(Accepted::Tcp(s, peer)) => {
+                    // Without NODELAY a small reply can wait for the peer's delayed ACK.
+                    let _ = s.set_nodelay(true);
+                    tokio::spawn(connection(s, peer, ctx.clone()));
+                }
+                Ok(Accepted::Unix(s)) => {
+                    tokio::spawn(connection(s, "unix".to_string(), ctx.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(listener = %listener.local_addr(), error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+enum Accepted {
+    Tcp(TcpStream, String),
+    Unix(UnixStream),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
+    match listener {
+        Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a.to_string())),
+        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+    }
+}
+
+/// Resolves once shutdown is requested (or its sender is gone, which means the same).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Decrements the active-connection count however the connection ends.
+struct ActiveGuard(Arc<ServerStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn connection<S: IntoHalves, D: BlockDevice>(stream: S, peer: String, ctx: Ctx<D>) {
+    let stats = &ctx.stats;
+    stats.accepted_connections.fetch_add(1, Ordering::Relaxed);
+    let active = stats.active_connections.fetch_add(1, Ordering::Relaxed) + 1;
+    let _guard = ActiveGuard(stats.clone());
+    if active > ctx.config.max_connections {
+        tracing::warn!(%peer, limit = ctx.config.max_connections, "too many connections; closing");
+        return;
+    }
+    let result = serve_stream(stream, &peer, &ctx).await;
+    if let Err(e) = result {
+        stats.failed_connections.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+async fn serve_stream<S: IntoHalves, D: BlockDevice>(
+    mut stream: S,
+    peer: &str,
+    ctx: &Ctx<D>,
+) -> Result<(), Error> {
+    let timeout_ms = ctx.config.handshake_timeout_ms;
+    let stopping = *ctx.shutdown.borrow();
+    let handshake = negotiate(&mut stream, ctx.device.as_ref(), &ctx.config.export, stopping);
+    let mut shutdown = ctx.shutdown.clone();
+    let outcome = tokio::select! {
+        timed = tokio::time::timeout(Duration::from_millis(timeout_ms), handshake) => {
+            timed.map_err(|_| Error::HandshakeTimeout(timeout_ms))??
+        }
+        // A client still haggling when shutdown starts is simply closed.
+        _ = crate::server::stopped(&mut shutdown) => return Ok(()),
+    };
+    let Outcome::Transmission(negotiated) = outcome else { return Ok(()) };
+    tracing::debug!(%peer, structured = negotiated.structured_replies, "transmission phase");
+    let (r, w) = stream.into_halves();
+    transmission::run(r, w, ctx.device.clone(), negotiated, ctx.pool.clone(), ctx.shutdown.clone()).await
+}
