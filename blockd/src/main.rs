@@ -1,1 +1,76 @@
-fn main() {}
+//! The `blockd` binary: `blockd run --config FILE [--node NAME] [--io-engine ENGINE]`.
+//!
+//! Exit codes: 0 clean shutdown; 1 runtime failure (message on stderr); 2 usage or
+//! config error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use blockd::config::Config;
+use blockd::daemon::{RunOptions, run};
+use blockd::storage::EngineKind;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "blockd", version, about = "Userspace replicated block device daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node of a resource in the foreground.
+    Run {
+        /// The resource's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// This node's name in the config (default: the host name).
+        #[arg(long)]
+        node: Option<String>,
+        /// I/O engine: auto (io_uring, else posix), uring, or posix.
+        #[arg(long, default_value = "auto")]
+        io_engine: EngineKind,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run { config, node, io_engine } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return usage_error(&e),
+            };
+            let node = match config.local_node(node.as_deref()) {
+                Ok(n) => n.clone(),
+                Err(e) => return usage_error(&e),
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => return failure(&anyhow::Error::new(e).context("cannot start the async runtime")),
+            };
+            match runtime.block_on(run(config, node, RunOptions { engine: io_engine })) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => failure(&e),
+            }
+        }
+    }
+}
+
+fn usage_error(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("blockd: {e}");
+    ExitCode::from(2)
+}
+
+fn failure(e: &anyhow::Error) -> ExitCode {
+    eprintln!("blockd: {e:#}");
+    ExitCode::from(1)
+}

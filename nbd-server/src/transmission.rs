@@ -33,7 +33,7 @@ pub const MAX_EXTENTS: usize = 1 << 20;
 
 /// Checks a request header against the negotiated state, in nbdkit's order.
 /// Returns the NBD error the request must be answered with, if any.
-pub(crate) fn validate(
+pub fn validate(
     h: &RequestHeader,
     info: &ExportInfo,
     structured: bool,

@@ -1,0 +1,83 @@
+//! `blockd run`: opens the local node's backing store, serves it over NBD on the
+//! node's addresses, and shuts down gracefully on SIGTERM/SIGINT (stop accepting,
+//! finish in-flight requests, flush, exit 0).
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use nbd_server::{Listener, Server, ServerConfig};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::config::{Config, ListenAddr, NodeConfig};
+use crate::device::{LocalDevice, ReplySink};
+use crate::storage::{EngineKind, Storage, StorageOptions};
+
+/// Options of `blockd run` beyond the config file.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub engine: EngineKind,
+}
+
+/// Runs the node until a termination signal; errors carry the context an operator
+/// needs (which file, which address).
+pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::Result<()> {
+    let storage_opts = StorageOptions { engine: opts.engine, ..StorageOptions::default() };
+    let storage = Storage::open(&node.disk, &storage_opts, Arc::new(ReplySink))
+        .with_context(|| format!("cannot open disk {}", node.disk.display()))?;
+    let backing_bytes = storage.size_bytes();
+    let size_bytes = match config.resource.size_bytes {
+        Some(size) if size > backing_bytes => bail!(
+            "{}: resource.size is {size} bytes but disk {} holds only {backing_bytes}",
+            config.path.display(),
+            node.disk.display()
+        ),
+        Some(size) => size,
+        None => backing_bytes,
+    };
+    let device = Arc::new(LocalDevice::new(storage, size_bytes));
+
+    let mut listeners = Vec::with_capacity(node.nbd.len());
+    for addr in &node.nbd {
+        let listener = match addr {
+            ListenAddr::Tcp(hp) => Listener::bind_tcp(&hp.to_string()).await,
+            ListenAddr::Unix(path) => Listener::bind_unix(path),
+        }
+        .with_context(|| format!("node {}: cannot serve NBD", node.name))?;
+        listeners.push(listener);
+    }
+    let uris: Vec<String> = listeners.iter().map(|l| nbd_uri(&l.local_addr(), &config.resource.name)).collect();
+    tracing::info!(
+        resource = %config.resource.name,
+        node = %node.name,
+        size_bytes,
+        engine = device.engine_name(),
+        "standalone Primary serving {}",
+        uris.join(" ")
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        stop_tx.send_replace(true);
+    });
+
+    let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
+    server.serve(listeners, stop_rx).await;
+    device.flush().await.context("final flush of the backing store failed")?;
+    tracing::info!("clean shutdown");
+    Ok(())
+}
+
+/// The NBD URI clients use for an address as printed by [`Listener::local_addr`].
+pub fn nbd_uri(addr: &str, export: &str) -> String {
+    match addr.strip_prefix("unix:") {
+        Some(path) => format!("nbd+unix:///{export}?socket={path}"),
+        None => format!("nbd://{addr}/{export}"),
+    }
+}
