@@ -1,0 +1,245 @@
+//! The resource config file (SPEC §8.1): one TOML file per resource, shared by all its
+//! nodes.
+//!
+//! ```toml
+//! [resource]
+//! name = "r0"
+//! protocol = "C"                  # "A" | "B" | "C"; default "C"
+//! # size = "10GiB"                # default: the smallest backing store
+//! # bitmap-granularity = "4KiB"   # power of two, 4KiB..1MiB; default 4KiB
+//!
+//! [[node]]
+//! name = "alpha"
+//! replication = "127.0.0.1:7789"  # where peers reach this node
+//! nbd = "127.0.0.1:10809"         # or "unix:/path", or an array of those
+//! disk = "/var/lib/blockd/r0-alpha.img"
+//! meta = "internal"               # or an absolute path to external metadata
+//! # control = "/run/blockd/r0-alpha.sock"  # this default when absent
+//! ```
+//!
+//! Types:
+//! - [`Config`]: the validated file: its path, the [`ResourceConfig`] and the nodes in
+//!   file order. [`Config::load`] reads and validates a file, [`Config::parse`] validates
+//!   text; [`Config::local_node`] picks this host's node (`--node` or the host name) and
+//!   [`Config::peers`] the others.
+//! - [`ResourceConfig`]: name, [`Protocol`], optional size and the bitmap granularity,
+//!   both in bytes.
+//! - [`NodeConfig`]: name, replication address ([`HostPort`]), NBD listen addresses
+//!   ([`ListenAddr`], TCP or Unix), disk, [`MetaLocation`] and control socket path.
+//! - [`ConfigError`]: every problem as one line, `FILE:LINE: key `PATH`: what is wrong`.
+//!
+//! Sizes are a TOML integer (bytes) or a string with an optional binary unit (`B`,
+//! `KiB`, `MiB`, `GiB`, `TiB`; `"4 KiB"` is fine, `"10GB"` is refused with a hint).
+//! Paths must be absolute. Rules checked beyond the types: names are non-empty and
+//! use `[A-Za-z0-9_.-]`; node names are unique; no TCP address (replication or NBD)
+//! and no Unix socket path (NBD or control) is used twice in the file, since the nodes
+//! of a test setup share one host; a replication address is not a wildcard; `nbd` is
+//! not empty; the size is a non-zero multiple of 512. More than two nodes are accepted
+//! here; the replication layer decides what it supports.
+
+mod error;
+mod raw;
+mod validate;
+mod values;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+pub use error::ConfigError;
+
+/// Default bitmap granularity: one bit per 4 KiB.
+pub const DEFAULT_BITMAP_GRANULARITY: u64 = 4096;
+/// Smallest allowed bitmap granularity.
+pub const MIN_BITMAP_GRANULARITY: u64 = 4096;
+/// Largest allowed bitmap granularity.
+pub const MAX_BITMAP_GRANULARITY: u64 = 1 << 20;
+/// Directory of the default control sockets.
+pub const DEFAULT_CONTROL_DIR: &str = "/run/blockd";
+
+/// A validated resource config file.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from (as given; used in messages).
+    pub path: PathBuf,
+    /// `[resource]`.
+    pub resource: ResourceConfig,
+    /// The `[[node]]` tables, in file order; at least one, names unique.
+    pub nodes: Vec<NodeConfig>,
+}
+
+/// `[resource]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceConfig {
+    /// Resource name, e.g. `r0`; also the NBD export name.
+    pub name: String,
+    /// Replication protocol; default [`Protocol::C`].
+    pub protocol: Protocol,
+    /// Exported size in bytes; `None`: the smallest backing store.
+    pub size_bytes: Option<u64>,
+    /// Bytes per dirty-bitmap bit: a power of two from 4 KiB to 1 MiB; default 4 KiB.
+    pub bitmap_granularity_bytes: u64,
+}
+
+/// Replication protocol (SPEC §4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// Asynchronous: a write completes once it is on the local disk and in the send
+    /// buffer.
+    A,
+    /// Semi-synchronous: ... and the peer has received it.
+    B,
+    /// Synchronous: ... and the peer has it on its disk.
+    #[default]
+    C,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::A => "A",
+            Protocol::B => "B",
+            Protocol::C => "C",
+        })
+    }
+}
+
+/// One `[[node]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Node name; matched against the host name when `--node` is not given.
+    pub name: String,
+    /// Where peers reach this node.
+    pub replication: HostPort,
+    /// Where this node exports the device while Primary; never empty.
+    pub nbd: Vec<ListenAddr>,
+    /// Backing store: a block device or a regular file (absolute path).
+    pub disk: PathBuf,
+    /// Where the metadata lives.
+    pub meta: MetaLocation,
+    /// Control socket path; default `/run/blockd/<resource>-<node>.sock`.
+    pub control: PathBuf,
+}
+
+/// A TCP endpoint as written: the host is an IPv4 address, an IPv6 address (stored
+/// without brackets) or a DNS name (not resolved here).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    /// Host without brackets.
+    pub host: String,
+    /// Port, 1..=65535.
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Resolves the host (blocking, for DNS names) like `(host, port)` does.
+impl ToSocketAddrs for HostPort {
+    type Iter = std::vec::IntoIter<SocketAddr>;
+    fn to_socket_addrs(&self) -> std::io::Result<Self::Iter> {
+        (self.host.as_str(), self.port).to_socket_addrs()
+    }
+}
+
+/// Where a server listens: TCP or a Unix socket.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// `host:port`.
+    Tcp(HostPort),
+    /// `unix:/path` (absolute path).
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(hp) => hp.fmt(f),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// `meta`: where the metadata (superblock, bitmap) lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetaLocation {
+    /// At the end of the backing store.
+    Internal,
+    /// In a separate file or device (absolute path).
+    External(PathBuf),
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|io| ConfigError::Read {
+            path: path.to_owned(),
+            io,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is only used in messages and stored in
+    /// [`Config::path`].
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        validate::parse(text, path)
+    }
+
+    /// The node named `name`, if any.
+    pub fn node(&self, name: &str) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The local node: the one named `name` (`--node`), or else the one whose name is
+    /// this host's name (`gethostname`; if that is a dotted name matching no node, its
+    /// first label).
+    pub fn local_node(&self, name: Option<&str>) -> Result<&NodeConfig, ConfigError> {
+        match name {
+            Some(name) => self.node(name).ok_or_else(|| ConfigError::NoSuchNode {
+                path: self.path.clone(),
+                name: name.to_owned(),
+                nodes: self.node_names(),
+            }),
+            None => {
+                let host = nix::unistd::gethostname().map_err(|e| ConfigError::Hostname {
+                    path: self.path.clone(),
+                    io: e.into(),
+                })?;
+                self.node_for_host(&host.to_string_lossy())
+            }
+        }
+    }
+
+    /// [`Config::local_node`] without `--node`, for a given host name.
+    pub(crate) fn node_for_host(&self, host: &str) -> Result<&NodeConfig, ConfigError> {
+        self.node(host)
+            .or_else(|| {
+                let short = host.split_once('.')?.0;
+                self.node(short)
+            })
+            .ok_or_else(|| ConfigError::NoHostMatch {
+                path: self.path.clone(),
+                hostname: host.to_owned(),
+                nodes: self.node_names(),
+            })
+    }
+
+    /// All nodes except the one named `local`, in file order.
+    pub fn peers(&self, local: &str) -> impl Iterator<Item = &NodeConfig> {
+        self.nodes.iter().filter(move |n| n.name != local)
+    }
+
+    fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+}

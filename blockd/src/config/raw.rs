@@ -1,0 +1,151 @@
+//! The file as written: serde structs that mirror the TOML keys one to one, every value
+//! wrapped in [`Spanned`] so that validation can point at its line.
+//!
+//! Required keys are `Option`s here on purpose: a missing key is reported by validation
+//! with the line of its table header, rather than by serde.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", expecting = "a table")]
+pub(super) struct RawConfig {
+    pub resource: Option<Spanned<RawResource>>,
+    pub node: Option<Spanned<Vec<Spanned<RawNode>>>>,
+}
+
+/// `[resource]`
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [resource] table"
+)]
+pub(super) struct RawResource {
+    pub name: Option<Spanned<String>>,
+    pub protocol: Option<Spanned<RawProtocol>>,
+    pub size: Option<Spanned<RawSize>>,
+    pub bitmap_granularity: Option<Spanned<RawSize>>,
+}
+
+/// One `[[node]]`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [[node]] table"
+)]
+pub(super) struct RawNode {
+    pub name: Option<Spanned<String>>,
+    pub replication: Option<Spanned<String>>,
+    pub nbd: Option<Spanned<RawNbd>>,
+    pub disk: Option<Spanned<String>>,
+    pub meta: Option<Spanned<RawMeta>>,
+    pub control: Option<Spanned<String>>,
+}
+
+/// Declares a string newtype whose type errors name what the string should be.
+macro_rules! described_string {
+    ($(#[$doc:meta])* $name:ident, $expecting:literal) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub(super) struct $name(pub String);
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl Visitor<'_> for V {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str($expecting)
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> Result<$name, E> {
+                        Ok($name(v.to_owned()))
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+    };
+}
+
+described_string!(
+    /// `protocol`; checked by validation.
+    RawProtocol,
+    r#""A", "B" or "C""#
+);
+described_string!(
+    /// `meta`; checked by validation.
+    RawMeta,
+    r#""internal" or a path"#
+);
+
+/// A size as written: a TOML integer, a TOML float (always rejected, but with a
+/// helpful message) or a string with an optional unit.
+#[derive(Debug, Clone)]
+pub(super) enum RawSize {
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for RawSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a size (a number of bytes, or a string such as "4KiB")"#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawSize, E> {
+                Ok(RawSize::Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawSize, E> {
+                // TOML integers are i64, so this only happens for other inputs; the
+                // string form is range-checked like any other size string.
+                Ok(i64::try_from(v).map_or_else(|_| RawSize::Str(v.to_string()), RawSize::Int))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawSize, E> {
+                Ok(RawSize::Float(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSize, E> {
+                Ok(RawSize::Str(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `nbd`: one address string, or an array of them (each with its own span).
+#[derive(Debug)]
+pub(super) enum RawNbd {
+    One(String),
+    Many(Vec<Spanned<String>>),
+}
+
+impl<'de> Deserialize<'de> for RawNbd {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawNbd;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"an address ("host:port" or "unix:/path") or an array of them"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawNbd, E> {
+                Ok(RawNbd::One(v.to_owned()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawNbd, A::Error> {
+                let mut out = Vec::new();
+                while let Some(addr) = seq.next_element::<Spanned<String>>()? {
+                    out.push(addr);
+                }
+                Ok(RawNbd::Many(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -1,0 +1,767 @@
+use std::path::{Path, PathBuf};
+
+use super::raw::RawSize;
+use super::values::parse_size;
+use super::*;
+
+/// The example of SPEC §8.1, verbatim (line numbers matter to the tests below).
+const SPEC_EXAMPLE: &str = r#"[resource]
+name = "r0"
+protocol = "C"                    # "A" | "B" | "C"
+# size = "10GiB"                  # optional; default: the smallest backing store
+# bitmap-granularity = "4KiB"     # optional
+
+[[node]]
+name = "alpha"
+replication = "127.0.0.1:7789"    # where peers reach this node; host may be a DNS name
+nbd = "127.0.0.1:10809"           # where this node exports the device while Primary;
+                                  # "unix:/path" for a Unix socket; an array for several
+disk = "/var/lib/blockd/r0-alpha.img"   # block device or regular file
+meta = "internal"                 # or a path to an external metadata file
+# control = "/run/blockd/r0-alpha.sock" # optional; this default when absent
+
+[[node]]
+name = "beta"
+replication = "127.0.0.1:7790"
+nbd = "127.0.0.1:10810"
+disk = "/var/lib/blockd/r0-beta.img"
+meta = "internal"
+"#;
+
+// Line numbers in SPEC_EXAMPLE.
+const L_PROTOCOL: usize = 3;
+const L_SIZE: usize = 4; // a comment, free to replace
+const L_GRANULARITY: usize = 5; // a comment, free to replace
+const L_NODE0: usize = 7;
+const L_NODE0_NAME: usize = 8;
+const L_NODE0_REPL: usize = 9;
+const L_NODE0_NBD: usize = 10;
+const L_NODE0_FREE: usize = 11; // a comment, free to replace
+const L_NODE0_DISK: usize = 12;
+const L_NODE0_META: usize = 13;
+const L_NODE0_CONTROL: usize = 14; // a comment, free to replace
+const L_NODE1: usize = 16;
+const L_NODE1_NAME: usize = 17;
+const L_NODE1_REPL: usize = 18;
+const L_NODE1_NBD: usize = 19;
+
+/// SPEC_EXAMPLE with some lines (1-based) replaced; replacements keep one line each so
+/// the other line numbers stay valid.
+fn spec_with(edits: &[(usize, &str)]) -> String {
+    let mut lines: Vec<&str> = SPEC_EXAMPLE.lines().collect();
+    for &(line, text) in edits {
+        assert!(!text.contains('\n'), "an edit must stay on one line");
+        lines[line - 1] = text;
+    }
+    lines.join("\n") + "\n"
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("r0.toml"))
+}
+
+fn ok(text: &str) -> Config {
+    parse(text).unwrap_or_else(|e| panic!("expected a valid config, got: {e}"))
+}
+
+/// The error line for `text`, checked to be one line.
+fn err(text: &str) -> String {
+    let e = match parse(text) {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e,
+    };
+    let msg = e.to_string();
+    assert!(!msg.contains('\n'), "not one line: {msg:?}");
+    msg
+}
+
+fn tcp(host: &str, port: u16) -> HostPort {
+    HostPort {
+        host: host.into(),
+        port,
+    }
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    parse_size(&RawSize::Str(s.into()))
+}
+
+#[test]
+fn spec_example_parses_with_defaults() {
+    let c = ok(SPEC_EXAMPLE);
+    assert_eq!(c.path, PathBuf::from("r0.toml"));
+    assert_eq!(
+        c.resource,
+        ResourceConfig {
+            name: "r0".into(),
+            protocol: Protocol::C,
+            size_bytes: None,
+            bitmap_granularity_bytes: 4096,
+        }
+    );
+    assert_eq!(c.nodes.len(), 2);
+    assert_eq!(
+        c.nodes[0],
+        NodeConfig {
+            name: "alpha".into(),
+            replication: tcp("127.0.0.1", 7789),
+            nbd: vec![ListenAddr::Tcp(tcp("127.0.0.1", 10809))],
+            disk: "/var/lib/blockd/r0-alpha.img".into(),
+            meta: MetaLocation::Internal,
+            control: "/run/blockd/r0-alpha.sock".into(),
+        }
+    );
+    assert_eq!(c.nodes[1].name, "beta");
+    assert_eq!(c.nodes[1].replication.to_string(), "127.0.0.1:7790");
+    assert_eq!(
+        c.nodes[1].control,
+        PathBuf::from("/run/blockd/r0-beta.sock")
+    );
+}
+
+#[test]
+fn protocol_default_and_explicit() {
+    let c = ok(&spec_with(&[(L_PROTOCOL, "")]));
+    assert_eq!(c.resource.protocol, Protocol::C);
+    for (text, want) in [("A", Protocol::A), ("B", Protocol::B), ("C", Protocol::C)] {
+        let line = format!("protocol = {text:?}");
+        let c = ok(&spec_with(&[(L_PROTOCOL, &line)]));
+        assert_eq!(c.resource.protocol, want);
+        assert_eq!(c.resource.protocol.to_string(), text);
+    }
+}
+
+#[test]
+fn protocol_errors() {
+    assert_eq!(
+        err(&spec_with(&[(L_PROTOCOL, r#"protocol = "D""#)])),
+        r#"r0.toml:3: key `resource.protocol`: expected "A", "B" or "C", found "D""#
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_PROTOCOL, "protocol = 3")])),
+        r#"r0.toml:3: key `resource.protocol`: expected "A", "B" or "C", found integer `3`"#
+    );
+}
+
+#[test]
+fn nbd_array_with_unix_socket() {
+    let c = ok(&spec_with(&[(
+        L_NODE0_NBD,
+        r#"nbd = ["127.0.0.1:10809", "unix:/run/blockd/r0.nbd", "[::]:10811"]"#,
+    )]));
+    let nbd = &c.nodes[0].nbd;
+    assert_eq!(
+        nbd,
+        &vec![
+            ListenAddr::Tcp(tcp("127.0.0.1", 10809)),
+            ListenAddr::Unix("/run/blockd/r0.nbd".into()),
+            ListenAddr::Tcp(tcp("::", 10811)),
+        ]
+    );
+    let shown: Vec<String> = nbd.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        ["127.0.0.1:10809", "unix:/run/blockd/r0.nbd", "[::]:10811"]
+    );
+}
+
+#[test]
+fn single_unix_nbd() {
+    let c = ok(&spec_with(&[(
+        L_NODE0_NBD,
+        r#"nbd = "unix:/tmp/r0-alpha.nbd""#,
+    )]));
+    assert_eq!(
+        c.nodes[0].nbd,
+        [ListenAddr::Unix("/tmp/r0-alpha.nbd".into())]
+    );
+}
+
+#[test]
+fn ipv6_and_dns_hosts() {
+    let c = ok(&spec_with(&[
+        (L_NODE0_REPL, r#"replication = "[fe80::1]:7789""#),
+        (L_NODE0_NBD, r#"nbd = "[::1]:10809""#),
+        (L_NODE1_REPL, r#"replication = "beta.example.com:7790""#),
+    ]));
+    assert_eq!(c.nodes[0].replication, tcp("fe80::1", 7789));
+    assert_eq!(c.nodes[0].replication.to_string(), "[fe80::1]:7789");
+    assert_eq!(c.nodes[0].nbd, [ListenAddr::Tcp(tcp("::1", 10809))]);
+    assert_eq!(c.nodes[0].nbd[0].to_string(), "[::1]:10809");
+    assert_eq!(c.nodes[1].replication, tcp("beta.example.com", 7790));
+    // HostPort resolves like (host, port): brackets are not part of the host.
+    let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(&tcp("::1", 10809))
+        .expect("an IP literal needs no DNS")
+        .collect();
+    assert_eq!(addrs, ["[::1]:10809".parse().expect("literal")]);
+}
+
+#[test]
+fn sizes_accepted() {
+    assert_eq!(size("10GiB"), Ok(10 << 30));
+    assert_eq!(size("4 KiB"), Ok(4096));
+    assert_eq!(size(" 2MiB "), Ok(2 << 20));
+    assert_eq!(size("1TiB"), Ok(1 << 40));
+    assert_eq!(size("512B"), Ok(512));
+    assert_eq!(size("1048576"), Ok(1 << 20));
+    assert_eq!(size("15TiB"), Ok(15 << 40));
+    assert_eq!(parse_size(&RawSize::Int(1048576)), Ok(1 << 20));
+
+    let c = ok(&spec_with(&[
+        (L_SIZE, "size = 1048576"),
+        (L_GRANULARITY, r#"bitmap-granularity = "64 KiB""#),
+    ]));
+    assert_eq!(c.resource.size_bytes, Some(1 << 20));
+    assert_eq!(c.resource.bitmap_granularity_bytes, 64 << 10);
+    let c = ok(&spec_with(&[(L_SIZE, r#"size = "10GiB""#)]));
+    assert_eq!(c.resource.size_bytes, Some(10 << 30));
+}
+
+#[test]
+fn sizes_rejected() {
+    let no = |s: &str| size(s).expect_err(s);
+    assert_eq!(
+        no("10GB"),
+        r#""10GB" is not a size; use a binary suffix such as "10GiB""#
+    );
+    assert_eq!(
+        no("10 G"),
+        r#""10 G" is not a size; use a binary suffix such as "10GiB""#
+    );
+    assert_eq!(
+        no("4kib"),
+        r#""4kib" is not a size; use a binary suffix such as "4KiB""#
+    );
+    assert_eq!(no("-1"), r#""-1" is not a size; sizes cannot be negative"#);
+    assert_eq!(
+        parse_size(&RawSize::Int(-1)),
+        Err("-1 is not a size; sizes cannot be negative".into())
+    );
+    assert_eq!(
+        no("1.5GiB"),
+        r#""1.5GiB" is not a size; use a whole number such as "1536MiB""#
+    );
+    assert_eq!(
+        no("0.1KiB"),
+        r#""0.1KiB" is not a size; use a whole number of bytes or of a unit"#
+    );
+    assert_eq!(
+        parse_size(&RawSize::Float(1.5)),
+        Err(r#"1.5 is not a size; use a whole number of bytes or a string such as "4KiB""#.into())
+    );
+    assert_eq!(
+        no("10PiB"),
+        r#""10PiB" is not a size; the unit must be one of B, KiB, MiB, GiB or TiB"#
+    );
+    let generic = |s: &str| {
+        format!(
+            "{s:?} is not a size; expected a number of bytes or a number with a unit \
+             (B, KiB, MiB, GiB or TiB), such as \"4KiB\""
+        )
+    };
+    for bad in ["", "GiB", "1..5GiB", ".5GiB", "0x1000", "+5"] {
+        assert_eq!(no(bad), generic(bad), "{bad:?}");
+    }
+    // Overflow: 2^64 bytes is one too many; so are absurdly long numbers.
+    assert_eq!(size("16777215TiB"), Ok(16777215 << 40));
+    let too_large =
+        |s: &str| format!("{s:?} is too large; the largest size is 18446744073709551615 bytes");
+    for big in [
+        "16777216TiB",
+        "18446744073709551616",
+        "99999999999999999999999999999999999999999TiB",
+        "20000000.5TiB",
+    ] {
+        assert_eq!(no(big), too_large(big), "{big:?}");
+    }
+}
+
+#[test]
+fn size_errors_in_file() {
+    assert_eq!(
+        err(&spec_with(&[(L_SIZE, r#"size = "10GB""#)])),
+        r#"r0.toml:4: key `resource.size`: "10GB" is not a size; use a binary suffix such as "10GiB""#
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_SIZE, "size = -1")])),
+        "r0.toml:4: key `resource.size`: -1 is not a size; sizes cannot be negative"
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_SIZE, "size = 0")])),
+        "r0.toml:4: key `resource.size`: the size must not be zero"
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_SIZE, "size = 1000")])),
+        "r0.toml:4: key `resource.size`: 1000 bytes is not a multiple of 512 bytes"
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_SIZE, r#"size = "1000 B""#)])),
+        r#"r0.toml:4: key `resource.size`: "1000 B" (1000 bytes) is not a multiple of 512 bytes"#
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_SIZE, "size = true")])),
+        r#"r0.toml:4: key `resource.size`: expected a size (a number of bytes, or a string such as "4KiB"), found boolean `true`"#
+    );
+}
+
+#[test]
+fn bitmap_granularity_range() {
+    for (text, bytes) in [
+        (r#""4KiB""#, 4096),
+        (r#""1MiB""#, 1 << 20),
+        ("65536", 65536),
+    ] {
+        let line = format!("bitmap-granularity = {text}");
+        let c = ok(&spec_with(&[(L_GRANULARITY, &line)]));
+        assert_eq!(c.resource.bitmap_granularity_bytes, bytes);
+    }
+    for (text, shown) in [
+        (r#""3KiB""#, r#""3KiB""#),
+        (r#""2KiB""#, r#""2KiB""#),
+        (r#""2MiB""#, r#""2MiB""#),
+        ("12288", "12288"),
+    ] {
+        let line = format!("bitmap-granularity = {text}");
+        assert_eq!(
+            err(&spec_with(&[(L_GRANULARITY, &line)])),
+            format!(
+                "r0.toml:5: key `resource.bitmap-granularity`: {shown} is not allowed; \
+                 use a power of two from 4KiB to 1MiB"
+            )
+        );
+    }
+}
+
+#[test]
+fn unknown_keys() {
+    assert_eq!(
+        err(&spec_with(&[(
+            L_NODE0_NBD,
+            r#"nbd-addr = "127.0.0.1:10809""#
+        )])),
+        "r0.toml:10: key `node[0].nbd-addr`: unknown key \
+         (expected one of: name, replication, nbd, disk, meta, control)"
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_GRANULARITY, "bitmap_granularity = 4096")])),
+        "r0.toml:5: key `resource.bitmap_granularity`: unknown key \
+         (expected one of: name, protocol, size, bitmap-granularity)"
+    );
+    assert_eq!(
+        err(&spec_with(&[(1, "[resources]")])),
+        "r0.toml:1: key `resources`: unknown key (expected one of: resource, node)"
+    );
+}
+
+#[test]
+fn missing_required_keys_point_at_table_header() {
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_DISK, "")])),
+        format!("r0.toml:{L_NODE0}: key `node[0].disk`: missing required key")
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_NODE1_NBD, "")])),
+        format!("r0.toml:{L_NODE1}: key `node[1].nbd`: missing required key")
+    );
+    assert_eq!(
+        err(&spec_with(&[(2, "")])),
+        "r0.toml:1: key `resource.name`: missing required key"
+    );
+    // Inline tables: the line of the table.
+    let inline = "resource = { name = \"r0\" }\n\
+                  node = [\n  { name = \"a\", replication = \"h:1\", nbd = \"h:2\", disk = \"/d\" },\n]\n";
+    assert_eq!(
+        err(inline),
+        "r0.toml:3: key `node[0].meta`: missing required key"
+    );
+}
+
+#[test]
+fn missing_tables_and_no_nodes() {
+    assert_eq!(
+        err(""),
+        "r0.toml: key `resource`: missing required table; add a [resource] table with a name"
+    );
+    assert_eq!(
+        err("[resource]\nname = \"r0\"\n"),
+        "r0.toml: key `node`: missing required table; add a [[node]] table for each node"
+    );
+    assert_eq!(
+        err("node = []\n[resource]\nname = \"r0\"\n"),
+        "r0.toml:1: key `node`: at least one node is required"
+    );
+}
+
+#[test]
+fn single_node_and_more_than_two_nodes_are_accepted() {
+    let one: String = SPEC_EXAMPLE.lines().take(14).collect::<Vec<_>>().join("\n");
+    assert_eq!(ok(&one).nodes.len(), 1);
+    let three = format!(
+        "{SPEC_EXAMPLE}\n[[node]]\nname = \"gamma\"\nreplication = \"127.0.0.1:7791\"\n\
+         nbd = \"127.0.0.1:10811\"\ndisk = \"/var/lib/blockd/r0-gamma.img\"\nmeta = \"internal\"\n"
+    );
+    let c = ok(&three);
+    let names: Vec<&str> = c.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "beta", "gamma"]);
+    let peers: Vec<&str> = c.peers("beta").map(|n| n.name.as_str()).collect();
+    assert_eq!(peers, ["alpha", "gamma"]);
+}
+
+#[test]
+fn duplicate_node_name() {
+    assert_eq!(
+        err(&spec_with(&[(L_NODE1_NAME, r#"name = "alpha""#)])),
+        format!(
+            r#"r0.toml:{L_NODE1_NAME}: key `node[1].name`: duplicate node name "alpha" (first defined at line {L_NODE0_NAME})"#
+        )
+    );
+}
+
+#[test]
+fn duplicate_addresses_across_nodes() {
+    assert_eq!(
+        err(&spec_with(&[(
+            L_NODE1_REPL,
+            r#"replication = "127.0.0.1:7789""#
+        )])),
+        "r0.toml:18: key `node[1].replication`: address 127.0.0.1:7789 is already used by \
+         node[0].replication (line 9)"
+    );
+    // IPv6 addresses compare by value, not by spelling.
+    assert_eq!(
+        err(&spec_with(&[
+            (L_NODE0_REPL, r#"replication = "[::1]:7789""#),
+            (L_NODE1_REPL, r#"replication = "[0:0::1]:7789""#),
+        ])),
+        "r0.toml:18: key `node[1].replication`: address [::1]:7789 is already used by \
+         node[0].replication (line 9)"
+    );
+    // NBD and replication share the TCP port space.
+    assert_eq!(
+        err(&spec_with(&[(L_NODE1_NBD, r#"nbd = "127.0.0.1:7789""#)])),
+        "r0.toml:19: key `node[1].nbd`: address 127.0.0.1:7789 is already used by \
+         node[0].replication (line 9)"
+    );
+    assert_eq!(
+        err(&spec_with(&[
+            (L_NODE0_NBD, r#"nbd = "unix:/run/blockd/r0.nbd""#),
+            (
+                L_NODE1_NBD,
+                r#"nbd = ["127.0.0.1:10810", "unix:/run/blockd/r0.nbd"]"#
+            ),
+        ])),
+        r#"r0.toml:19: key `node[1].nbd[1]`: socket path "/run/blockd/r0.nbd" is already used by node[0].nbd (line 10)"#
+    );
+    // Within one node too.
+    assert_eq!(
+        err(&spec_with(&[(
+            L_NODE0_NBD,
+            r#"nbd = ["127.0.0.1:10809", "127.0.0.1:10809"]"#
+        )])),
+        "r0.toml:10: key `node[0].nbd[1]`: address 127.0.0.1:10809 is already used by \
+         node[0].nbd[0] (line 10)"
+    );
+}
+
+#[test]
+fn duplicate_control_socket() {
+    assert_eq!(
+        err(&format!(
+            "{SPEC_EXAMPLE}control = \"/run/blockd/r0-alpha.sock\"\n"
+        )),
+        r#"r0.toml:22: key `node[1].control`: socket path "/run/blockd/r0-alpha.sock" is already used by node[0].control (default) (line 7)"#
+    );
+}
+
+#[test]
+fn wrong_types() {
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_DISK, "disk = 5")])),
+        "r0.toml:12: key `node[0].disk`: expected a string, found integer `5`"
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_NBD, "nbd = 10809")])),
+        r#"r0.toml:10: key `node[0].nbd`: expected an address ("host:port" or "unix:/path") or an array of them, found integer `10809`"#
+    );
+    assert_eq!(
+        err(&spec_with(&[(
+            L_NODE0_NBD,
+            r#"nbd = ["127.0.0.1:10809", 10810]"#
+        )])),
+        "r0.toml:10: key `node[0].nbd[1]`: expected a string, found integer `10810`"
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_META, "meta = false")])),
+        r#"r0.toml:13: key `node[0].meta`: expected "internal" or a path, found boolean `false`"#
+    );
+    assert_eq!(
+        err("[resource]\nname = \"r0\"\n[node]\nname = \"a\"\n"),
+        "r0.toml:3: key `node`: expected an array, found a table; \
+         write [[node]] (double brackets) for each node"
+    );
+    assert_eq!(
+        err("resource = \"r0\"\n"),
+        "r0.toml:1: key `resource`: expected a [resource] table, found string \"r0\""
+    );
+}
+
+#[test]
+fn toml_syntax_errors() {
+    assert_eq!(
+        err(&spec_with(&[(
+            L_NODE0_DISK,
+            r#"disk = "/var/lib/blockd/r0-alpha.img"#
+        )])),
+        "r0.toml:12: invalid TOML: invalid basic string, expected `\"`"
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_FREE, r#"name = "again""#)])),
+        "r0.toml:11: invalid TOML: duplicate key `name`"
+    );
+    // CRLF line endings count lines the same way.
+    let crlf = spec_with(&[(L_PROTOCOL, r#"protocol = "D""#)]).replace('\n', "\r\n");
+    assert_eq!(
+        err(&crlf),
+        r#"r0.toml:3: key `resource.protocol`: expected "A", "B" or "C", found "D""#
+    );
+}
+
+#[test]
+fn names_checked() {
+    assert_eq!(
+        err(&spec_with(&[(2, r#"name = """#)])),
+        "r0.toml:2: key `resource.name`: the name must not be empty"
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_NODE1_NAME, r#"name = """#)])),
+        "r0.toml:17: key `node[1].name`: the name must not be empty"
+    );
+    assert_eq!(
+        err(&spec_with(&[(2, r#"name = "r0/x""#)])),
+        r#"r0.toml:2: key `resource.name`: "r0/x" contains '/'; names may use letters, digits, '-', '_' and '.'"#
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_NAME, r#"name = "-alpha""#)])),
+        r#"r0.toml:8: key `node[0].name`: "-alpha" must start with a letter, digit or '_'"#
+    );
+    let long = format!("name = \"{}\"", "n".repeat(100));
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_NAME, &long)])),
+        format!(
+            "r0.toml:8: key `node[0].name`: the default control socket path \
+             \"/run/blockd/r0-{}.sock\" is longer than 107 bytes; use a shorter name or set \
+             `control`",
+            "n".repeat(100)
+        )
+    );
+}
+
+#[test]
+fn host_port_errors() {
+    let repl = |value: &str| {
+        let line = format!("replication = {value:?}");
+        err(&spec_with(&[(L_NODE0_REPL, &line)]))
+    };
+    let prefix = "r0.toml:9: key `node[0].replication`: ";
+    for (value, why) in [
+        (
+            "127.0.0.1:0",
+            r#""127.0.0.1:0": port 0 is not allowed; use a port from 1 to 65535"#,
+        ),
+        (
+            "127.0.0.1:70000",
+            r#""127.0.0.1:70000": port 70000 is out of range; use a port from 1 to 65535"#,
+        ),
+        ("127.0.0.1:", r#""127.0.0.1:": the port is missing"#),
+        ("127.0.0.1:x", r#""127.0.0.1:x": port "x" is not a number"#),
+        ("127.0.0.1", r#"expected "host:port", found "127.0.0.1""#),
+        (":7789", r#"":7789" has no host; expected "host:port""#),
+        (
+            "::1:7789",
+            r#""::1:7789": an IPv6 address must be written in brackets, e.g. "[::1]:7789""#,
+        ),
+        (
+            "fe80::1",
+            r#""fe80::1": an IPv6 address must be written in brackets, e.g. "[fe80::1]:PORT""#,
+        ),
+        ("[::1]", r#""[::1]" has no port; expected "[::1]:PORT""#),
+        (
+            "[::1:7789",
+            r#""[::1:7789" is missing the closing "]" of its IPv6 address"#,
+        ),
+        (
+            "[alpha]:7789",
+            r#""[alpha]:7789": "alpha" is not an IPv6 address"#,
+        ),
+        (
+            "127.0.0.256:7789",
+            r#""127.0.0.256:7789": "127.0.0.256" is not a valid IPv4 address"#,
+        ),
+        (
+            "bad host:7789",
+            r#""bad host:7789": "bad host" is not a valid host name or IP address"#,
+        ),
+        (
+            "0.0.0.0:7789",
+            r#""0.0.0.0:7789": 0.0.0.0 is a wildcard address; peers need an address they can connect to"#,
+        ),
+    ] {
+        assert_eq!(repl(value), format!("{prefix}{why}"), "{value:?}");
+    }
+}
+
+#[test]
+fn nbd_errors() {
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_NBD, "nbd = []")])),
+        r#"r0.toml:10: key `node[0].nbd`: the array is empty; give at least one address such as "127.0.0.1:10809""#
+    );
+    assert_eq!(
+        err(&spec_with(&[(
+            L_NODE0_NBD,
+            r#"nbd = ["127.0.0.1:10809", "unix:r0.sock"]"#
+        )])),
+        r#"r0.toml:10: key `node[0].nbd[1]`: "unix:r0.sock": "r0.sock" is a relative path; use an absolute path"#
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_NODE1_NBD, r#"nbd = "unix:""#)])),
+        r#"r0.toml:19: key `node[1].nbd`: "unix:" has no path; expected "unix:/path""#
+    );
+    let long = format!("nbd = \"unix:/{}\"", "s".repeat(107));
+    assert_eq!(
+        err(&spec_with(&[(L_NODE1_NBD, &long)])),
+        format!(
+            "r0.toml:19: key `node[1].nbd`: \"unix:/{}\": the socket path is 108 bytes long; \
+             Unix sockets allow at most 107",
+            "s".repeat(107)
+        )
+    );
+    // Multi-line arrays: each element reports its own line.
+    let text = SPEC_EXAMPLE.replace(
+        "nbd = \"127.0.0.1:10810\"",
+        "nbd = [\n  \"127.0.0.1:10810\",\n  \"127.0.0.1:0\",\n]",
+    );
+    assert_eq!(
+        err(&text),
+        r#"r0.toml:21: key `node[1].nbd[1]`: "127.0.0.1:0": port 0 is not allowed; use a port from 1 to 65535"#
+    );
+}
+
+#[test]
+fn disk_meta_control_paths() {
+    let c = ok(&spec_with(&[
+        (L_NODE0_META, r#"meta = "/var/lib/blockd/r0-alpha.meta""#),
+        (L_NODE0_CONTROL, r#"control = "/tmp/alpha.sock""#),
+    ]));
+    assert_eq!(
+        c.nodes[0].meta,
+        MetaLocation::External("/var/lib/blockd/r0-alpha.meta".into())
+    );
+    assert_eq!(c.nodes[0].control, PathBuf::from("/tmp/alpha.sock"));
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_DISK, r#"disk = "r0-alpha.img""#)])),
+        r#"r0.toml:12: key `node[0].disk`: "r0-alpha.img" is a relative path; use an absolute path"#
+    );
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_META, r#"meta = "external""#)])),
+        r#"r0.toml:13: key `node[0].meta`: expected "internal" or an absolute path, found "external""#
+    );
+    assert_eq!(
+        err(&spec_with(&[(
+            L_NODE0_META,
+            r#"meta = "/var/lib/blockd/r0-alpha.img""#
+        )])),
+        r#"r0.toml:13: key `node[0].meta`: "/var/lib/blockd/r0-alpha.img" is also the disk; use "internal" to keep metadata on the disk"#
+    );
+    assert_eq!(
+        err(&spec_with(&[(
+            L_NODE0_CONTROL,
+            r#"control = "alpha.sock""#
+        )])),
+        r#"r0.toml:14: key `node[0].control`: "alpha.sock" is a relative path; use an absolute path"#
+    );
+}
+
+#[test]
+fn local_node_by_name() {
+    let c = ok(SPEC_EXAMPLE);
+    assert_eq!(
+        c.local_node(Some("beta")).expect("beta exists").name,
+        "beta"
+    );
+    let e = c.local_node(Some("gamma")).expect_err("no gamma");
+    assert_eq!(
+        e.to_string(),
+        r#"r0.toml: no node named "gamma" (nodes: alpha, beta)"#
+    );
+    let peers: Vec<&str> = c.peers("alpha").map(|n| n.name.as_str()).collect();
+    assert_eq!(peers, ["beta"]);
+}
+
+#[test]
+fn local_node_by_host_name() {
+    let c = ok(SPEC_EXAMPLE);
+    assert_eq!(c.node_for_host("alpha").expect("exact").name, "alpha");
+    assert_eq!(
+        c.node_for_host("beta.example.com")
+            .expect("first label")
+            .name,
+        "beta"
+    );
+    assert_eq!(
+        c.node_for_host("vm").expect_err("no match").to_string(),
+        r#"r0.toml: no node matches this host's name "vm"; pass --node (nodes: alpha, beta)"#
+    );
+
+    // The real host name, through local_node(None).
+    let host = nix::unistd::gethostname().expect("gethostname");
+    let host = host.to_str().expect("UTF-8 host name");
+    let edited = format!("name = {host:?}");
+    match parse(&spec_with(&[(L_NODE1_NAME, &edited)])) {
+        Ok(c) => assert_eq!(c.local_node(None).expect("this host").name, host),
+        // A host name our name rules refuse cannot be a node name at all.
+        Err(e) => assert_eq!(e.key(), Some("node[1].name"), "{e}"),
+    }
+}
+
+#[test]
+fn load_reads_files_and_reports_io_errors() {
+    let dir = std::env::temp_dir().join(format!("blockd-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("r0.toml");
+    std::fs::write(&file, SPEC_EXAMPLE).expect("write");
+    let c = Config::load(&file).expect("valid");
+    assert_eq!(c.path, file);
+    assert_eq!(c.nodes.len(), 2);
+
+    std::fs::write(&file, spec_with(&[(L_PROTOCOL, r#"protocol = "D""#)])).expect("write");
+    assert_eq!(
+        Config::load(&file).expect_err("invalid").to_string(),
+        format!(
+            r#"{}:3: key `resource.protocol`: expected "A", "B" or "C", found "D""#,
+            file.display()
+        )
+    );
+
+    let missing = dir.join("nope.toml");
+    let e = Config::load(&missing).expect_err("missing");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: cannot read: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
+    assert!(matches!(e, ConfigError::Read { .. }));
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn error_accessors() {
+    let e = parse(&spec_with(&[(L_PROTOCOL, r#"protocol = "D""#)])).expect_err("bad");
+    assert_eq!(e.line(), Some(3));
+    assert_eq!(e.key(), Some("resource.protocol"));
+    let e = parse("[resource\n").expect_err("bad");
+    assert_eq!(e.line(), Some(1));
+    assert_eq!(e.key(), None);
+}

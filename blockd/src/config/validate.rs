@@ -1,0 +1,512 @@
+//! From text to [`Config`]: TOML syntax and serde errors are turned into located
+//! [`ConfigError`]s, then the raw structs are checked and converted.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::net::IpAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde_path_to_error::Segment;
+use toml::Spanned;
+
+use super::raw::{RawConfig, RawNbd, RawNode, RawResource, RawSize};
+use super::values::{
+    UNIX_PATH_MAX, check_abs_path, check_name, check_unix_path, parse_host_port, parse_listen_addr,
+    parse_size,
+};
+use super::{
+    Config, ConfigError, DEFAULT_BITMAP_GRANULARITY, DEFAULT_CONTROL_DIR, HostPort, ListenAddr,
+    MAX_BITMAP_GRANULARITY, MIN_BITMAP_GRANULARITY, MetaLocation, NodeConfig, Protocol,
+    ResourceConfig,
+};
+
+/// Sizes must be whole sectors.
+const SECTOR: u64 = 512;
+
+pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let cx = Cx { text, path };
+    let de = toml::Deserializer::parse(text).map_err(|e| cx.syntax(&e))?;
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| cx.serde(&e))?;
+    cx.convert(raw)
+}
+
+/// What every error needs: the text (for line numbers) and the file name.
+struct Cx<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Cx<'_> {
+    /// 1-based line of a byte offset.
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn invalid(&self, span: Option<Range<usize>>, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line: span.map(|s| self.line(s.start)),
+            key: key.to_owned(),
+            message,
+        }
+    }
+
+    fn at<T>(&self, value: &Spanned<T>, key: &str, message: String) -> ConfigError {
+        self.invalid(Some(value.span()), key, message)
+    }
+
+    /// A required key is absent: point at the header of its table.
+    fn missing<T>(&self, table: &Spanned<T>, key: &str) -> ConfigError {
+        self.at(table, key, "missing required key".into())
+    }
+
+    fn required<'v, T, U>(
+        &self,
+        value: &'v Option<Spanned<T>>,
+        table: &Spanned<U>,
+        key: &str,
+    ) -> Result<&'v Spanned<T>, ConfigError> {
+        value.as_ref().ok_or_else(|| self.missing(table, key))
+    }
+
+    fn syntax(&self, e: &toml::de::Error) -> ConfigError {
+        let mut message = format!("invalid TOML: {}", one_line(e.message()));
+        // toml says only "duplicate key"; the span holds the key as written.
+        if let Some(key) = e.span().and_then(|s| self.text.get(s))
+            && e.message() == "duplicate key"
+            && !key.contains('\n')
+        {
+            message.push_str(&format!(" `{}`", key.trim()));
+        }
+        ConfigError::Syntax {
+            path: self.path.to_owned(),
+            line: e.span().map(|s| self.line(s.start)),
+            message,
+        }
+    }
+
+    /// Unknown keys and wrong types, with the key path serde_path_to_error tracked.
+    fn serde(&self, e: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+        let key = key_path(e.path());
+        let inner = e.inner();
+        let message = one_line(inner.message());
+        let message = if let Some(rest) = message.strip_prefix("unknown field `") {
+            // serde: "unknown field `x`, expected one of `a`, `b`" / "expected `a` or `b`"
+            // / "there are no fields".
+            let expected: Vec<&str> = rest
+                .split_once(", expected ")
+                .map(|(_, list)| list.split('`').skip(1).step_by(2).collect())
+                .unwrap_or_default();
+            if expected.is_empty() {
+                "unknown key".to_owned()
+            } else {
+                format!("unknown key (expected one of: {})", expected.join(", "))
+            }
+        } else if let Some(rest) = message.strip_prefix("invalid type: ") {
+            match rest.split_once(", expected ") {
+                Some((found, expected)) => {
+                    let (expected, found_words) = (toml_words(expected), toml_words(found));
+                    let mut m = format!("expected {expected}, found {found_words}");
+                    if key == "node" && found == "map" {
+                        m.push_str("; write [[node]] (double brackets) for each node");
+                    }
+                    m
+                }
+                None => message,
+            }
+        } else {
+            message
+        };
+        if key.is_empty() {
+            ConfigError::Syntax {
+                path: self.path.to_owned(),
+                line: inner.span().map(|s| self.line(s.start)),
+                message,
+            }
+        } else {
+            self.invalid(inner.span(), &key, message)
+        }
+    }
+
+    fn convert(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let Some(resource) = raw.resource else {
+            return Err(self.invalid(
+                None,
+                "resource",
+                "missing required table; add a [resource] table with a name".into(),
+            ));
+        };
+        let resource = self.resource(&resource)?;
+        let Some(nodes) = raw.node else {
+            return Err(self.invalid(
+                None,
+                "node",
+                "missing required table; add a [[node]] table for each node".into(),
+            ));
+        };
+        if nodes.get_ref().is_empty() {
+            return Err(self.at(&nodes, "node", "at least one node is required".into()));
+        }
+        let mut names = HashMap::new();
+        let mut endpoints = Endpoints::default();
+        let mut out = Vec::with_capacity(nodes.get_ref().len());
+        for (i, node) in nodes.get_ref().iter().enumerate() {
+            let key = format!("node[{i}]");
+            out.push(self.node(&key, node, &resource.name, &mut names, &mut endpoints)?);
+        }
+        Ok(Config {
+            path: self.path.to_owned(),
+            resource,
+            nodes: out,
+        })
+    }
+
+    fn resource(&self, table: &Spanned<RawResource>) -> Result<ResourceConfig, ConfigError> {
+        let raw = table.get_ref();
+        let name = raw
+            .name
+            .as_ref()
+            .ok_or_else(|| self.missing(table, "resource.name"))?;
+        check_name(name.get_ref()).map_err(|m| self.at(name, "resource.name", m))?;
+
+        let protocol = match &raw.protocol {
+            None => Protocol::default(),
+            Some(p) => match p.get_ref().0.as_str() {
+                "A" => Protocol::A,
+                "B" => Protocol::B,
+                "C" => Protocol::C,
+                other => {
+                    return Err(self.at(
+                        p,
+                        "resource.protocol",
+                        format!(r#"expected "A", "B" or "C", found {other:?}"#),
+                    ));
+                }
+            },
+        };
+
+        let size_bytes = match &raw.size {
+            None => None,
+            Some(size) => {
+                let key = "resource.size";
+                let bytes = parse_size(size.get_ref()).map_err(|m| self.at(size, key, m))?;
+                if bytes == 0 {
+                    return Err(self.at(size, key, "the size must not be zero".into()));
+                }
+                if bytes % SECTOR != 0 {
+                    let shown = match size.get_ref() {
+                        RawSize::Str(s) => format!("{s:?} ({bytes} bytes)"),
+                        _ => format!("{bytes} bytes"),
+                    };
+                    return Err(self.at(
+                        size,
+                        key,
+                        format!("{shown} is not a multiple of {SECTOR} bytes"),
+                    ));
+                }
+                Some(bytes)
+            }
+        };
+
+        let bitmap_granularity_bytes = match &raw.bitmap_granularity {
+            None => DEFAULT_BITMAP_GRANULARITY,
+            Some(g) => {
+                let key = "resource.bitmap-granularity";
+                let bytes = parse_size(g.get_ref()).map_err(|m| self.at(g, key, m))?;
+                if !bytes.is_power_of_two()
+                    || !(MIN_BITMAP_GRANULARITY..=MAX_BITMAP_GRANULARITY).contains(&bytes)
+                {
+                    return Err(self.at(
+                        g,
+                        key,
+                        format!(
+                            "{} is not allowed; use a power of two from 4KiB to 1MiB",
+                            describe(g.get_ref())
+                        ),
+                    ));
+                }
+                bytes
+            }
+        };
+
+        Ok(ResourceConfig {
+            name: name.get_ref().clone(),
+            protocol,
+            size_bytes,
+            bitmap_granularity_bytes,
+        })
+    }
+
+    /// One `[[node]]` (`key` is `node[i]`). `names` maps the node names seen so far to
+    /// their lines, `endpoints` the addresses and socket paths; this node's are added.
+    fn node(
+        &self,
+        key: &str,
+        table: &Spanned<RawNode>,
+        resource: &str,
+        names: &mut HashMap<String, usize>,
+        endpoints: &mut Endpoints,
+    ) -> Result<NodeConfig, ConfigError> {
+        let raw = table.get_ref();
+        let k = |field: &str| format!("{key}.{field}");
+        let name_s = self.required(&raw.name, table, &k("name"))?;
+        let name = name_s.get_ref();
+        check_name(name).map_err(|m| self.at(name_s, &k("name"), m))?;
+        match names.entry(name.clone()) {
+            Entry::Occupied(first) => {
+                return Err(self.at(
+                    name_s,
+                    &k("name"),
+                    format!(
+                        "duplicate node name {name:?} (first defined at line {})",
+                        first.get()
+                    ),
+                ));
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(self.line(name_s.span().start));
+            }
+        }
+
+        let repl_s = self.required(&raw.replication, table, &k("replication"))?;
+        let repl_key = k("replication");
+        let replication =
+            parse_host_port(repl_s.get_ref()).map_err(|m| self.at(repl_s, &repl_key, m))?;
+        if replication
+            .host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified())
+        {
+            return Err(self.at(
+                repl_s,
+                &repl_key,
+                format!(
+                    "{:?}: {} is a wildcard address; peers need an address they can connect to",
+                    repl_s.get_ref(),
+                    replication.host
+                ),
+            ));
+        }
+        let line = self.line(repl_s.span().start);
+        endpoints
+            .add(Endpoint::tcp(&replication), &repl_key, line)
+            .map_err(|m| self.at(repl_s, &repl_key, m))?;
+
+        let nbd_s = self.required(&raw.nbd, table, &k("nbd"))?;
+        let nbd_key = k("nbd");
+        let items: Vec<(String, Range<usize>, &str)> = match nbd_s.get_ref() {
+            RawNbd::One(s) => vec![(nbd_key.clone(), nbd_s.span(), s.as_str())],
+            RawNbd::Many(list) if list.is_empty() => {
+                return Err(self.at(
+                    nbd_s,
+                    &nbd_key,
+                    r#"the array is empty; give at least one address such as "127.0.0.1:10809""#
+                        .into(),
+                ));
+            }
+            RawNbd::Many(list) => list
+                .iter()
+                .enumerate()
+                .map(|(j, s)| (format!("{nbd_key}[{j}]"), s.span(), s.get_ref().as_str()))
+                .collect(),
+        };
+        let mut nbd = Vec::with_capacity(items.len());
+        for (item_key, span, text) in items {
+            let err = |m| self.invalid(Some(span.clone()), &item_key, m);
+            let addr = parse_listen_addr(text).map_err(err)?;
+            endpoints
+                .add(Endpoint::listen(&addr), &item_key, self.line(span.start))
+                .map_err(err)?;
+            nbd.push(addr);
+        }
+
+        let disk_s = self.required(&raw.disk, table, &k("disk"))?;
+        check_abs_path(disk_s.get_ref()).map_err(|m| self.at(disk_s, &k("disk"), m))?;
+        let disk = PathBuf::from(disk_s.get_ref());
+
+        let meta_s = self.required(&raw.meta, table, &k("meta"))?;
+        let meta = match meta_s.get_ref().0.as_str() {
+            "internal" => MetaLocation::Internal,
+            path => {
+                check_abs_path(path).map_err(|_| {
+                    self.at(
+                        meta_s,
+                        &k("meta"),
+                        format!(r#"expected "internal" or an absolute path, found {path:?}"#),
+                    )
+                })?;
+                if Path::new(path) == disk {
+                    return Err(self.at(
+                        meta_s,
+                        &k("meta"),
+                        format!(
+                            r#"{path:?} is also the disk; use "internal" to keep metadata on the disk"#
+                        ),
+                    ));
+                }
+                MetaLocation::External(PathBuf::from(path))
+            }
+        };
+
+        let control_key = k("control");
+        let control = match &raw.control {
+            Some(c) => {
+                check_unix_path(c.get_ref()).map_err(|m| self.at(c, &control_key, m))?;
+                endpoints
+                    .add(
+                        Endpoint::Unix(PathBuf::from(c.get_ref())),
+                        &control_key,
+                        self.line(c.span().start),
+                    )
+                    .map_err(|m| self.at(c, &control_key, m))?;
+                PathBuf::from(c.get_ref())
+            }
+            None => {
+                let path = format!("{DEFAULT_CONTROL_DIR}/{resource}-{name}.sock");
+                if path.len() > UNIX_PATH_MAX {
+                    return Err(self.at(
+                        name_s,
+                        &k("name"),
+                        format!(
+                            "the default control socket path {path:?} is longer than \
+                             {UNIX_PATH_MAX} bytes; use a shorter name or set `control`"
+                        ),
+                    ));
+                }
+                endpoints
+                    .add(
+                        Endpoint::Unix(PathBuf::from(&path)),
+                        &format!("{control_key} (default)"),
+                        self.line(table.span().start),
+                    )
+                    .map_err(|m| self.at(table, &control_key, m))?;
+                PathBuf::from(path)
+            }
+        };
+
+        Ok(NodeConfig {
+            name: name.clone(),
+            replication,
+            nbd,
+            disk,
+            meta,
+            control,
+        })
+    }
+}
+
+/// Something a node listens on, normalised for comparison: IP addresses by value,
+/// DNS names case-insensitively and without a trailing dot.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Endpoint {
+    Tcp(String, u16),
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    fn tcp(hp: &HostPort) -> Endpoint {
+        let host = match hp.host.parse::<IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => hp.host.trim_end_matches('.').to_ascii_lowercase(),
+        };
+        Endpoint::Tcp(host, hp.port)
+    }
+
+    fn listen(addr: &ListenAddr) -> Endpoint {
+        match addr {
+            ListenAddr::Tcp(hp) => Endpoint::tcp(hp),
+            ListenAddr::Unix(p) => Endpoint::Unix(p.clone()),
+        }
+    }
+}
+
+/// Every endpoint seen so far, with the key and line that first used it.
+#[derive(Default)]
+struct Endpoints(HashMap<Endpoint, (String, usize)>);
+
+impl Endpoints {
+    fn add(&mut self, ep: Endpoint, key: &str, line: usize) -> Result<(), String> {
+        match self.0.entry(ep) {
+            Entry::Vacant(slot) => {
+                slot.insert((key.to_owned(), line));
+                Ok(())
+            }
+            Entry::Occupied(first) => {
+                let (first_key, first_line) = first.get();
+                let what = match first.key() {
+                    Endpoint::Tcp(host, port) if host.contains(':') => {
+                        format!("address [{host}]:{port}")
+                    }
+                    Endpoint::Tcp(host, port) => format!("address {host}:{port}"),
+                    Endpoint::Unix(p) => format!("socket path {:?}", p.display().to_string()),
+                };
+                Err(format!(
+                    "{what} is already used by {first_key} (line {first_line})"
+                ))
+            }
+        }
+    }
+}
+
+/// A size as the user wrote it, for messages.
+fn describe(raw: &RawSize) -> String {
+    match raw {
+        RawSize::Int(v) => v.to_string(),
+        RawSize::Float(v) => v.to_string(),
+        RawSize::Str(s) => format!("{s:?}"),
+    }
+}
+
+/// `node[1].nbd`: map keys joined by dots, array indices in brackets; the private keys
+/// of `toml::Spanned` wrappers are left out.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if key.starts_with("$__serde_spanned_private_") {
+                    continue;
+                }
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    out
+}
+
+/// serde's words for kinds of values, in TOML's words.
+fn toml_words(s: &str) -> String {
+    match s {
+        "map" => "a table".into(),
+        "sequence" => "an array".into(),
+        "a map" => "a table".into(),
+        "a sequence" => "an array".into(),
+        "unit value" => "an empty value".into(),
+        other => other.replace("floating point", "float"),
+    }
+}
+
+/// Messages must stay on one line.
+fn one_line(s: &str) -> String {
+    s.trim()
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
