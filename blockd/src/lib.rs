@@ -1,1 +1,3 @@
 //! blockd
+
+pub mod storage;
