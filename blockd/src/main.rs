@@ -3,6 +3,7 @@
 //! Exit codes: 0 clean shutdown; 1 runtime failure (message on stderr); 2 usage or
 //! config error.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         Command::Run { config, node, io_engine } => {
