@@ -139,6 +139,11 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// The arguments used by the next (re)start.
+    pub fn args_mut(&mut self) -> &mut Vec<String> {
+        &mut self.args
+    }
+
     pub fn addrs(&self) -> &[Addr] {
         &self.addrs
     }
@@ -258,6 +263,23 @@ impl Daemon {
                 );
                 child.wait().expect("wait after SIGKILL")
             }
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself (after a
+    /// signal sent with [`Daemon::signal`]); None if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("not running");
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -207,7 +207,7 @@ pub struct Mount {
 }
 
 impl Mount {
-    pub fn mount(dev: &Path, target: &Path, fstype: &str) -> Mount {
+    pub fn new(dev: &Path, target: &Path, fstype: &str) -> Mount {
         std::fs::create_dir_all(target).expect("mkdir mount target");
         run_ok(
             Command::new(require("mount"))

@@ -24,4 +24,4 @@ pub use server::{
     nbdkit_selected, workspace_root,
 };
 pub use tmp::{TempDir, assert_files_equal, random_file, sparse_file};
-pub use tools::{nbdcheck, require, run_capture, run_ok, tool};
+pub use tools::{Background, nbdcheck, require, run_capture, run_ok, tool};

@@ -233,3 +233,75 @@ pub fn nbdcheck<S: AsRef<OsStr>>(case: &str, args: &[S]) -> String {
     );
     out.stdout
 }
+
+/// A background process with stdout+stderr in a log file; killed (its PID
+/// only) on drop, with its log tail printed when the test is failing.
+#[derive(Debug)]
+pub struct Background {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Background {
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Background {
+        let line = cmdline(cmd);
+        let f = std::fs::File::create(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(f.try_clone().expect("dup")))
+            .stderr(Stdio::from(f))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {line}: {e}"));
+        Background {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Still running?
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .map(|c| matches!(c.try_wait(), Ok(None)))
+            .unwrap_or(false)
+    }
+
+    /// Waits up to `timeout`; panics (after killing it) if it is still
+    /// running then. Returns the exit status.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("already waited");
+        match wait_deadline(&mut child, timeout) {
+            Some(st) => st,
+            None => panic!(
+                "{} still running after {timeout:?}; killed\n{}",
+                self.name,
+                tail(&self.log(), 60)
+            ),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if thread::panicking() {
+            eprintln!(
+                "--- {} log ({}) ---\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log(), 40)
+            );
+        }
+    }
+}

@@ -61,6 +61,20 @@ fn structured_read(c: &mut RawClient, cookie: u64, offset: u64, len: u32) -> Vec
     panic!("READ: no DONE chunk");
 }
 
+/// Compares byte buffers without dumping them: names the first difference.
+fn assert_bytes(what: &str, got: &[u8], want: &[u8]) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{what}: data differs (len {} vs {}), first difference at {at:?}: got {:?}, want {:?}",
+            got.len(),
+            want.len(),
+            at.map(|i| got[i]),
+            at.map(|i| want[i])
+        );
+    }
+}
+
 fn simple_read(c: &mut RawClient, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     c.request(0, CMD_READ, cookie, offset, len, &[])
         .expect("send READ");
@@ -151,7 +165,7 @@ engine_tests! {
         assert!(c.closed_by_server(), "server kept a client with unknown flags");
         // Others are unaffected.
         let (mut ok, _, _) = RawClient::handshake(&srv.addr(), EXPORT, true);
-        assert_eq!(structured_read(&mut ok, 1, 0, 512), vec![0u8; 512]);
+        assert_bytes("other client", &structured_read(&mut ok, 1, 0, 512), &[0u8; 512]);
     }
 
     fn export_name_option_old_clients(srv) {
@@ -227,8 +241,8 @@ engine_tests! {
         assert_eq!(c.finish(14), EINVAL, "TRIM past end");
         c.request(0, CMD_CACHE, 15, size + 1, 1, &[]).expect("cache");
         assert_eq!(c.finish(15), EINVAL, "CACHE past end");
-        assert_eq!(simple_read(&mut c, 16, size - 2048, 2048), vec![0u8; 2048],
-                   "refused WRITE changed data or desynchronised the stream");
+        assert_bytes("refused WRITE changed data or desynchronised the stream",
+                     &simple_read(&mut c, 16, size - 2048, 2048), &[0u8; 2048]);
 
         // Structured replies: a READ error is an error chunk with DONE.
         let (mut c, _, _) = RawClient::handshake(&srv.addr(), EXPORT, true);
@@ -250,7 +264,7 @@ engine_tests! {
         }
         c.request(0, CMD_BLOCK_STATUS, 22, 0, 4096, &[]).expect("BLOCK_STATUS");
         assert_eq!(c.finish(22), EINVAL, "BLOCK_STATUS without a meta context");
-        assert_eq!(structured_read(&mut c, 23, 0, 4096), vec![0u8; 4096]);
+        assert_bytes("read after errors", &structured_read(&mut c, 23, 0, 4096), &[0u8; 4096]);
     }
 
     fn pipelined_requests_all_answered(srv) {
@@ -272,8 +286,8 @@ engine_tests! {
             (0..n).map(|i| 1000 + i).chain([5000]).collect();
         assert_eq!(seen, want);
         for i in 0..n {
-            assert_eq!(structured_read(&mut c, 9000 + i, i * 4096, 4096),
-                       vec![i as u8 + 1; 4096], "block {i}");
+            assert_bytes(&format!("block {i}"), &structured_read(&mut c, 9000 + i, i * 4096, 4096),
+                         &vec![i as u8 + 1; 4096]);
         }
     }
 
@@ -291,10 +305,16 @@ engine_tests! {
         let (mut c, _, _) = RawClient::handshake(&srv.addr(), EXPORT, true);
         let data = vec![0x3c; 1 << 20];
         c.request(0, CMD_WRITE, 1, 8 << 20, data.len() as u32, &data).expect("WRITE");
+        if srv.kind.is_nbdkit() {
+            // nbdkit 1.32 can drop a WRITE still queued when DISC arrives
+            // (seen about 1 run in 4), so against it DISC is sent only after
+            // the reply. blockd must finish outstanding requests: no wait.
+            assert_eq!(c.finish(1), 0);
+        }
         c.request(0, CMD_DISC, 2, 0, 0, &[]).expect("DISC");
         assert!(c.closed_by_server(), "server did not close after DISC");
         let (mut d, _, _) = RawClient::handshake(&srv.addr(), EXPORT, true);
-        assert_eq!(structured_read(&mut d, 3, 8 << 20, 1 << 20), data,
-                   "a write sent before DISC was lost");
+        let got = structured_read(&mut d, 3, 8 << 20, 1 << 20);
+        assert_bytes("a write sent before DISC", &got, &data);
     }
 }
