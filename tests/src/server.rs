@@ -330,7 +330,7 @@ impl Server {
 /// The body gets `$srv: Server`, started with `Opts::default()` or the
 /// given options expression.
 ///
-/// ```ignore
+/// ```text
 /// engine_tests! {
 ///     fn nbdinfo_sees_flags(srv) { ... }
 ///     fn big_disk(srv = Opts::new().size(256 * MIB)) { ... }

@@ -153,17 +153,27 @@ engine_tests! {
 // These exercise blockd's own config parsing; nbdkit has no equivalent, so
 // with BLOCKD_TEST_SERVER=nbdkit they only report that they do not apply.
 
-fn config_case(name: &str, text: &str, node: &str) -> (tools::Output, std::path::PathBuf, TempDir) {
+/// Writes `text` (with @DISK@, @SOCK@, @PORT@, @CTL@ substituted) as the
+/// config in a fresh temp dir. Returns (config path, unix socket, port, dir).
+fn write_config(name: &str, text: &str) -> (std::path::PathBuf, std::path::PathBuf, u16, TempDir) {
     let dir = TempDir::new(name);
     let disk = dir.join("alpha.img");
     sparse_file(&disk, 16 * MIB);
     let cfg = dir.join("r0.toml");
+    let sock = dir.join("nbd.sock");
+    let port = free_port();
     let text = text
         .replace("@DISK@", &disk.display().to_string())
-        .replace("@SOCK@", &dir.join("nbd.sock").display().to_string())
-        .replace("@PORT@", &free_port().to_string())
+        .replace("@SOCK@", &sock.display().to_string())
+        .replace("@PORT@", &port.to_string())
         .replace("@CTL@", &dir.join("alpha.ctl").display().to_string());
     std::fs::write(&cfg, text).expect("write config");
+    (cfg, sock, port, dir)
+}
+
+/// Runs `blockd run` on a config that must be refused (bounded wait).
+fn config_case(name: &str, text: &str, node: &str) -> (tools::Output, std::path::PathBuf, TempDir) {
+    let (cfg, _, _, dir) = write_config(name, text);
     let out = run_capture(
         Command::new(blockd_bin())
             .arg("run")
@@ -274,8 +284,28 @@ fn config_valid_file_starts() {
     if not_for_nbdkit("config_valid_file_starts") {
         return;
     }
-    // The same template without the error starts and serves (so the error
-    // cases above fail for the reason they claim).
-    let srv = Server::start(ServerKind::Blockd(Engine::Posix), "cfg-valid", Opts::new());
-    nbdcheck("info", &[srv.uri(), srv.size().to_string()]);
+    // The template of the error cases, without the error, starts and serves
+    // on both addresses (so those cases fail for the reason they claim).
+    let text = format!("[resource]\nname = \"r0\"\n\n{GOOD_NODE}");
+    let (cfg, sock, port, dir) = write_config("cfg-valid", &text);
+    let tcp = Addr::Tcp(format!("127.0.0.1:{port}").parse().expect("addr"));
+    let unix = Addr::Unix(sock);
+    let mut d = Daemon::start(
+        "blockd",
+        &blockd_bin(),
+        vec![
+            "run".into(),
+            "--config".into(),
+            cfg.display().to_string(),
+            "--node".into(),
+            NODE.into(),
+        ],
+        dir.join("server.log"),
+        vec![tcp.clone(), unix.clone()],
+        vec![],
+    );
+    for a in [&tcp, &unix] {
+        tool("nbdinfo", ["--size", &a.uri(EXPORT)]);
+    }
+    d.stop_ok();
 }
