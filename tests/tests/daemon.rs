@@ -23,7 +23,7 @@ engine_tests! {
         let fio = require("fio");
         let mut load = Background::spawn(
             "fio",
-            Command::new(fio).args([
+            Command::new(fio).current_dir(srv.dir.path()).args([
                 "--name=load", "--ioengine=nbd", &format!("--uri={}", srv.uri()),
                 "--rw=randrw", "--bs=4k", "--iodepth=16", "--numjobs=2",
                 "--offset=128M", "--size=64M", "--offset_increment=64M",
@@ -49,6 +49,7 @@ engine_tests! {
         let mut writer = Background::spawn(
             "writer",
             Command::new(PYTHON)
+                .current_dir(srv.dir.path())
                 .arg("-u")
                 .arg(py_script("nbdcheck.py"))
                 .args(["sigterm-writer", &srv.uri(), &WRITER_REGION.to_string()])

@@ -19,7 +19,14 @@ fn fio(srv: &Server, extra: &[&str]) -> Value {
         "--runtime=180",
     ];
     args.extend(extra);
-    let out = tool("fio", &args);
+    // fio leaves verify state files in its working directory: use the
+    // test's temp dir.
+    let out = run_ok(
+        std::process::Command::new(require("fio"))
+            .current_dir(srv.dir.path())
+            .args(&args),
+        blockd_tests::tools::TOOL_TIMEOUT,
+    );
     let json_start = out.stdout.find('{').expect("fio JSON output");
     let v: Value = serde_json::from_str(&out.stdout[json_start..])
         .unwrap_or_else(|e| panic!("fio JSON ({e})\n{}", out.describe()));
