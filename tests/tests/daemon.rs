@@ -207,9 +207,9 @@ fn config_unknown_key_exits_2_naming_file_line_key() {
     if not_for_nbdkit("config_unknown_key") {
         return;
     }
-    // Line 9 holds the unknown key.
+    // Line 11 holds the unknown key.
     let text = format!("[resource]\nname = \"r0\"\n\n{GOOD_NODE}bogus-key = 1\n");
-    assert_eq!(text.lines().nth(11), Some("bogus-key = 1"));
+    assert_eq!(text.lines().nth(10), Some("bogus-key = 1"));
     let (out, cfg, _dir) = config_case("cfg-unknown-key", &text, "alpha");
     assert_eq!(
         out.status.code(),
@@ -229,8 +229,8 @@ fn config_unknown_key_exits_2_naming_file_line_key() {
         out.describe()
     );
     assert!(
-        out.stderr.contains(":12") || out.stderr.contains("line 12"),
-        "stderr does not name line 12\n{}",
+        out.stderr.contains(":11:") || out.stderr.contains("line 11"),
+        "stderr does not name line 11\n{}",
         out.describe()
     );
 }
