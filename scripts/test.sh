@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project on a fresh machine of this kind:
+# installs the external tools the tests drive, builds once (release), then runs
+# formatting, lints, unit tests and the integration suites in one cargo invocation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests use: real NBD clients and servers written by others, and
+# the filesystem tools. qemu-utils (qemu-io, qemu-img) is preinstalled on this machine
+# kind; installing it from Debian is the fallback.
+need=()
+command -v fio >/dev/null || need+=(fio)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v nbdfuse >/dev/null || need+=(libnbd-bin)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v qemu-io >/dev/null || need+=(qemu-utils)
+command -v losetup >/dev/null || need+=(mount)
+if ((${#need[@]})); then
+    echo "installing: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --release -q -- -D warnings
+echo "== build (release)"
+cargo build --workspace --release -q
+echo "== tests"
+# Unit tests and integration suites (real blockd processes) in one run; the
+# integration tests find target/release/blockd built above.
+cargo test --workspace --release -q -- --test-threads "${BLOCKD_TEST_THREADS:-4}"
