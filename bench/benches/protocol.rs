@@ -29,7 +29,13 @@ fn export() -> ExportInfo {
 }
 
 fn protocol(c: &mut Criterion) {
-    let header = RequestHeader { flags: cmd_flags::FUA, command: cmd::WRITE, cookie: 42, offset: 1 << 30, length: 4096 };
+    let header = RequestHeader {
+        flags: cmd_flags::FUA,
+        command: cmd::WRITE,
+        cookie: 42,
+        offset: 1 << 30,
+        length: 4096,
+    };
     let raw = encode_request(&header);
     let info = export();
     c.bench_function("decode_request", |b| b.iter(|| decode_request(black_box(&raw))));

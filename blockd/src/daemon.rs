@@ -46,7 +46,8 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
         .with_context(|| format!("node {}: cannot serve NBD", node.name))?;
         listeners.push(listener);
     }
-    let uris: Vec<String> = listeners.iter().map(|l| nbd_uri(&l.local_addr(), &config.resource.name)).collect();
+    let uris: Vec<String> =
+        listeners.iter().map(|l| nbd_uri(&l.local_addr(), &config.resource.name)).collect();
     tracing::info!(
         resource = %config.resource.name,
         node = %node.name,

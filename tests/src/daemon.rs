@@ -154,9 +154,7 @@ impl Daemon {
 
     /// The whole log (all starts).
     pub fn log(&self) -> String {
-        fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     /// The last `n` lines of the log.
@@ -175,13 +173,7 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()));
-        let _ = writeln!(
-            log,
-            "=== harness: start #{} of {}: {}",
-            self.starts,
-            self.name,
-            self.cmdline()
-        );
+        let _ = writeln!(log, "=== harness: start #{} of {}: {}", self.starts, self.name, self.cmdline());
         let err = log.try_clone().expect("dup log");
         let child = Command::new(&self.program)
             .args(&self.args)
@@ -201,11 +193,7 @@ impl Daemon {
         let mut pending: Vec<Addr> = self.addrs.clone();
         let mut pause = Duration::from_millis(5);
         while !pending.is_empty() {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;
                 panic!(
                     "{} exited with {st} before answering on {:?}\n--- log ---\n{}",
@@ -257,10 +245,7 @@ impl Daemon {
         match crate::tools::wait_deadline(&mut child, STOP_TIMEOUT) {
             Some(st) => st,
             None => {
-                eprintln!(
-                    "{} ignored SIGTERM for {STOP_TIMEOUT:?}; it was SIGKILLed",
-                    self.name
-                );
+                eprintln!("{} ignored SIGTERM for {STOP_TIMEOUT:?}; it was SIGKILLed", self.name);
                 child.wait().expect("wait after SIGKILL")
             }
         }

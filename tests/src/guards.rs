@@ -20,12 +20,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
     let canon = canon.to_string_lossy().into_owned();
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|s| {
-            s.lines().any(|l| {
-                l.split(' ')
-                    .nth(4)
-                    .map(|m| m.replace("\\040", " ") == canon)
-                    .unwrap_or(false)
-            })
+            s.lines().any(|l| l.split(' ').nth(4).map(|m| m.replace("\\040", " ") == canon).unwrap_or(false))
         })
         .unwrap_or(false)
 }
@@ -36,10 +31,7 @@ pub fn require_fs_privileges() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(euid, 0, "this test needs root (FUSE, loop devices, mount)");
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse missing: this test needs FUSE"
-    );
+    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse missing: this test needs FUSE");
     assert!(
         Path::new("/dev/loop-control").exists(),
         "/dev/loop-control missing: this test needs loop devices"
@@ -70,10 +62,7 @@ impl FuseMount {
             .stderr(Stdio::from(logf))
             .spawn()
             .expect("spawn nbdfuse");
-        let mut g = FuseMount {
-            mountpoint: mountpoint.to_path_buf(),
-            child: Some(child),
-        };
+        let mut g = FuseMount { mountpoint: mountpoint.to_path_buf(), child: Some(child) };
         let file = g.file();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -108,10 +97,7 @@ impl FuseMount {
 
     /// `fusermount3 -u`, then nbdfuse must exit 0 (bounded wait).
     pub fn unmount(mut self) {
-        tool(
-            "fusermount3",
-            [std::ffi::OsStr::new("-u"), self.mountpoint.as_os_str()],
-        );
+        tool("fusermount3", [std::ffi::OsStr::new("-u"), self.mountpoint.as_os_str()]);
         let mut child = self.child.take().expect("nbdfuse child");
         let st = wait_deadline(&mut child, Duration::from_secs(30))
             .expect("nbdfuse did not exit within 30s after fusermount3 -u");
@@ -123,17 +109,11 @@ impl Drop for FuseMount {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             if is_mountpoint(&self.mountpoint) {
-                let _ = Command::new("fusermount3")
-                    .arg("-u")
-                    .arg(&self.mountpoint)
-                    .status();
+                let _ = Command::new("fusermount3").arg("-u").arg(&self.mountpoint).status();
             }
             if wait_deadline(&mut child, Duration::from_secs(10)).is_none() {
                 // wait_deadline killed it; lazily detach what is left.
-                let _ = Command::new("fusermount3")
-                    .arg("-uz")
-                    .arg(&self.mountpoint)
-                    .status();
+                let _ = Command::new("fusermount3").arg("-uz").arg(&self.mountpoint).status();
             }
         }
     }
@@ -147,20 +127,9 @@ pub struct LoopDev {
 
 impl LoopDev {
     pub fn attach(file: &Path) -> LoopDev {
-        let out = tool(
-            "losetup",
-            [
-                std::ffi::OsStr::new("-f"),
-                "--show".as_ref(),
-                file.as_os_str(),
-            ],
-        );
+        let out = tool("losetup", [std::ffi::OsStr::new("-f"), "--show".as_ref(), file.as_os_str()]);
         let dev = PathBuf::from(out.stdout.trim());
-        assert!(
-            dev.to_string_lossy().starts_with("/dev/loop"),
-            "losetup printed {:?}",
-            out.stdout
-        );
+        assert!(dev.to_string_lossy().starts_with("/dev/loop"), "losetup printed {:?}", out.stdout);
         LoopDev { dev: Some(dev) }
     }
 
@@ -175,18 +144,11 @@ impl LoopDev {
         // times within a bound.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let out = run_capture(
-                Command::new(require("losetup")).arg("-d").arg(&dev),
-                TOOL_TIMEOUT,
-            );
+            let out = run_capture(Command::new(require("losetup")).arg("-d").arg(&dev), TOOL_TIMEOUT);
             if out.status.success() {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "losetup -d failed\n{}",
-                out.describe()
-            );
+            assert!(Instant::now() < deadline, "losetup -d failed\n{}", out.describe());
             thread::sleep(Duration::from_millis(100));
         }
     }
@@ -209,16 +171,8 @@ pub struct Mount {
 impl Mount {
     pub fn new(dev: &Path, target: &Path, fstype: &str) -> Mount {
         std::fs::create_dir_all(target).expect("mkdir mount target");
-        run_ok(
-            Command::new(require("mount"))
-                .args(["-t", fstype])
-                .arg(dev)
-                .arg(target),
-            TOOL_TIMEOUT,
-        );
-        Mount {
-            target: Some(target.to_path_buf()),
-        }
+        run_ok(Command::new(require("mount")).args(["-t", fstype]).arg(dev).arg(target), TOOL_TIMEOUT);
+        Mount { target: Some(target.to_path_buf()) }
     }
 
     pub fn path(&self) -> &Path {
@@ -235,11 +189,7 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if let Some(t) = self.target.take() {
-            let ok = Command::new("umount")
-                .arg(&t)
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
+            let ok = Command::new("umount").arg(&t).status().map(|s| s.success()).unwrap_or(false);
             if !ok {
                 let _ = Command::new("umount").arg("-l").arg(&t).status();
             }

@@ -73,16 +73,8 @@ pub struct OptReply {
 /// One transmission reply (a simple reply, or one structured chunk).
 #[derive(Debug, Clone)]
 pub enum Reply {
-    Simple {
-        error: u32,
-        cookie: u64,
-    },
-    Chunk {
-        flags: u16,
-        typ: u16,
-        cookie: u64,
-        payload: Vec<u8>,
-    },
+    Simple { error: u32, cookie: u64 },
+    Chunk { flags: u16, typ: u16, cookie: u64, payload: Vec<u8> },
 }
 
 impl Reply {
@@ -97,8 +89,7 @@ impl Reply {
         match self {
             Reply::Simple { error, .. } => *error,
             Reply::Chunk { typ, payload, .. }
-                if (*typ == REPLY_TYPE_ERROR || *typ == REPLY_TYPE_ERROR_OFFSET)
-                    && payload.len() >= 4 =>
+                if (*typ == REPLY_TYPE_ERROR || *typ == REPLY_TYPE_ERROR_OFFSET) && payload.len() >= 4 =>
             {
                 u32::from_be_bytes(payload[..4].try_into().unwrap())
             }
@@ -123,23 +114,16 @@ pub struct RawClient {
 
 impl std::fmt::Debug for RawClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawClient")
-            .field("handshake_flags", &self.handshake_flags)
-            .finish()
+        f.debug_struct("RawClient").field("handshake_flags", &self.handshake_flags).finish()
     }
 }
 
 impl RawClient {
     /// Connects and reads the newstyle greeting (asserting its magics).
     pub fn connect(addr: &Addr) -> RawClient {
-        let s = addr
-            .connect()
-            .unwrap_or_else(|e| panic!("connect {addr:?}: {e}"));
+        let s = addr.connect().unwrap_or_else(|e| panic!("connect {addr:?}: {e}"));
         s.set_timeout(Some(IO_TIMEOUT)).expect("set timeout");
-        let mut c = RawClient {
-            s,
-            handshake_flags: 0,
-        };
+        let mut c = RawClient { s, handshake_flags: 0 };
         let magic = c.read_u64().expect("read NBDMAGIC");
         assert_eq!(magic, NBDMAGIC, "bad greeting magic {magic:#x}");
         let ihaveopt = c.read_u64().expect("read IHAVEOPT");
@@ -152,10 +136,7 @@ impl RawClient {
     /// offered).
     pub fn connect_fixed(addr: &Addr) -> RawClient {
         let mut c = RawClient::connect(addr);
-        assert!(
-            c.handshake_flags & FLAG_FIXED_NEWSTYLE != 0,
-            "server does not offer fixed newstyle"
-        );
+        assert!(c.handshake_flags & FLAG_FIXED_NEWSTYLE != 0, "server does not offer fixed newstyle");
         let mut f = CFLAG_FIXED_NEWSTYLE;
         if c.handshake_flags & FLAG_NO_ZEROES != 0 {
             f |= CFLAG_NO_ZEROES;
@@ -221,11 +202,8 @@ impl RawClient {
 
     /// Sends `opt` and reads its single reply, asserting the echoed option.
     pub fn option(&mut self, opt: u32, data: &[u8]) -> OptReply {
-        self.send_option(opt, data)
-            .unwrap_or_else(|e| panic!("send option {opt}: {e}"));
-        let r = self
-            .read_option_reply()
-            .unwrap_or_else(|e| panic!("reply to option {opt}: {e}"));
+        self.send_option(opt, data).unwrap_or_else(|e| panic!("send option {opt}: {e}"));
+        let r = self.read_option_reply().unwrap_or_else(|e| panic!("reply to option {opt}: {e}"));
         assert_eq!(r.opt, opt, "reply echoes option {} not {opt}", r.opt);
         r
     }
@@ -265,13 +243,8 @@ impl RawClient {
 
     /// INFO or GO: collects REP_INFO replies until ACK (Ok) or an error
     /// reply (Err(type)). Returns (size, transmission flags, block sizes).
-    pub fn info_or_go(
-        &mut self,
-        opt: u32,
-        name: &str,
-    ) -> Result<(u64, u16, Option<[u32; 3]>), u32> {
-        self.send_option(opt, &Self::info_data(name, &[INFO_BLOCK_SIZE]))
-            .expect("send INFO/GO");
+    pub fn info_or_go(&mut self, opt: u32, name: &str) -> Result<(u64, u16, Option<[u32; 3]>), u32> {
+        self.send_option(opt, &Self::info_data(name, &[INFO_BLOCK_SIZE])).expect("send INFO/GO");
         let mut export = None;
         let mut sizes = None;
         for _ in 0..1000 {
@@ -309,9 +282,8 @@ impl RawClient {
             let r = c.option(OPT_STRUCTURED_REPLY, &[]);
             assert_eq!(r.typ, REP_ACK, "structured replies refused");
         }
-        let (size, flags, _) = c
-            .info_or_go(OPT_GO, name)
-            .unwrap_or_else(|t| panic!("GO {name:?} refused: {t:#x}"));
+        let (size, flags, _) =
+            c.info_or_go(OPT_GO, name).unwrap_or_else(|t| panic!("GO {name:?} refused: {t:#x}"));
         (c, size, flags)
     }
 
@@ -354,17 +326,9 @@ impl RawClient {
                 assert!(len <= 64 << 20, "chunk length {len}");
                 let mut payload = vec![0u8; len as usize];
                 self.s.read_exact(&mut payload)?;
-                Ok(Reply::Chunk {
-                    flags,
-                    typ,
-                    cookie,
-                    payload,
-                })
+                Ok(Reply::Chunk { flags, typ, cookie, payload })
             }
-            m => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad reply magic {m:#x}"),
-            )),
+            m => Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad reply magic {m:#x}"))),
         }
     }
 

@@ -44,11 +44,7 @@ pub enum ServerKind {
 impl ServerKind {
     /// blockd with `engine`, or nbdkit when `BLOCKD_TEST_SERVER=nbdkit`.
     pub fn for_engine(engine: Engine) -> ServerKind {
-        if nbdkit_selected() {
-            ServerKind::Nbdkit
-        } else {
-            ServerKind::Blockd(engine)
-        }
+        if nbdkit_selected() { ServerKind::Nbdkit } else { ServerKind::Blockd(engine) }
     }
 
     pub fn is_nbdkit(self) -> bool {
@@ -76,10 +72,7 @@ pub fn nbdkit_selected() -> bool {
 
 /// The workspace root (`tests/..`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
 /// `$BLOCKD_BIN`, else `<workspace>/target/release/blockd`, else
@@ -121,10 +114,7 @@ pub struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts {
-            size: 64 * MIB,
-            transport: Transport::Unix,
-        }
+        Opts { size: 64 * MIB, transport: Transport::Unix }
     }
 }
 
@@ -191,8 +181,7 @@ impl Server {
                 let unix = dir.join("nbd.sock");
                 let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
                 let config = dir.join("r0.toml");
-                fs::write(&config, blockd_config(dir.path(), &disk, tcp, &unix))
-                    .expect("write config");
+                fs::write(&config, blockd_config(dir.path(), &disk, tcp, &unix)).expect("write config");
                 let args = vec![
                     "run".to_string(),
                     "--config".to_string(),
@@ -226,14 +215,8 @@ impl Server {
                         (Some(p.clone()), None, Addr::Unix(p))
                     }
                     Transport::Tcp => {
-                        let a: SocketAddr =
-                            format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-                        args.extend([
-                            "-i".into(),
-                            "127.0.0.1".into(),
-                            "-p".into(),
-                            a.port().to_string(),
-                        ]);
+                        let a: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+                        args.extend(["-i".into(), "127.0.0.1".into(), "-p".into(), a.port().to_string()]);
                         (None, Some(a), Addr::Tcp(a))
                     }
                 };
@@ -242,13 +225,8 @@ impl Server {
                 // SEND_FAST_ZERO (the file plugin does not advertise it for
                 // regular files), block sizes 1 / 4096 / 32 MiB.
                 args.extend(
-                    [
-                        "--filter=exportname",
-                        "--filter=nozero",
-                        "--filter=blocksize-policy",
-                        "file",
-                    ]
-                    .map(String::from),
+                    ["--filter=exportname", "--filter=nozero", "--filter=blocksize-policy", "file"]
+                        .map(String::from),
                 );
                 args.push(disk.display().to_string());
                 args.extend(
@@ -268,16 +246,7 @@ impl Server {
                 );
                 let stale = unix.iter().cloned().collect();
                 let daemon = Daemon::start("nbdkit", &bin, args, log, vec![addr], stale);
-                Server {
-                    daemon,
-                    kind,
-                    opts,
-                    disk,
-                    unix,
-                    tcp,
-                    config: None,
-                    dir,
-                }
+                Server { daemon, kind, opts, disk, unix, tcp, config: None, dir }
             }
         }
     }
@@ -292,17 +261,12 @@ impl Server {
 
     pub fn unix_addr(&self) -> Addr {
         Addr::Unix(
-            self.unix
-                .clone()
-                .unwrap_or_else(|| panic!("{} is not listening on a unix socket", self.kind)),
+            self.unix.clone().unwrap_or_else(|| panic!("{} is not listening on a unix socket", self.kind)),
         )
     }
 
     pub fn tcp_addr(&self) -> Addr {
-        Addr::Tcp(
-            self.tcp
-                .unwrap_or_else(|| panic!("{} is not listening on TCP", self.kind)),
-        )
+        Addr::Tcp(self.tcp.unwrap_or_else(|| panic!("{} is not listening on TCP", self.kind)))
     }
 
     /// URI of export `r0` on the configured transport.

@@ -17,19 +17,11 @@ impl TempDir {
     pub fn new(label: &str) -> TempDir {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let label: String = label
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .take(40)
-            .collect();
-        let path = std::env::temp_dir().join(format!(
-            "blockd-test-{label}-{}-{n}-{nanos:x}",
-            std::process::id()
-        ));
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let label: String =
+            label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(40).collect();
+        let path =
+            std::env::temp_dir().join(format!("blockd-test-{label}-{}-{n}-{nanos:x}", std::process::id()));
         fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         TempDir { path }
     }
@@ -66,8 +58,7 @@ pub fn sparse_file(path: &Path, size: u64) {
         .truncate(true)
         .open(path)
         .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    f.set_len(size)
-        .unwrap_or_else(|e| panic!("set_len {}: {e}", path.display()));
+    f.set_len(size).unwrap_or_else(|e| panic!("set_len {}: {e}", path.display()));
 }
 
 /// Writes `size` bytes of seeded pseudo-random data to `path`, leaving an
@@ -112,12 +103,7 @@ pub fn assert_files_equal(a: &Path, b: &Path) {
         fb.read_exact(&mut bb[..n]).expect("read b");
         if ba[..n] != bb[..n] {
             let i = (0..n).find(|&i| ba[i] != bb[i]).unwrap_or(0);
-            panic!(
-                "{} and {} differ at byte {}",
-                a.display(),
-                b.display(),
-                off + i as u64
-            );
+            panic!("{} and {} differ at byte {}", a.display(), b.display(), off + i as u64);
         }
         off += n as u64;
     }

@@ -35,11 +35,7 @@ const PACKAGES: &[(&str, &str)] = &[
 /// Finds `program` on PATH (plus the sbin directories); panics with the
 /// install command when it is missing. Tests never skip for a missing tool.
 pub fn require(program: &str) -> PathBuf {
-    let pkg = PACKAGES
-        .iter()
-        .find(|(p, _)| *p == program)
-        .map(|(_, pkg)| *pkg)
-        .unwrap_or(program);
+    let pkg = PACKAGES.iter().find(|(p, _)| *p == program).map(|(_, pkg)| *pkg).unwrap_or(program);
     let path = std::env::var_os("PATH").unwrap_or_default();
     let extra = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from);
     for dir in std::env::split_paths(&path).chain(extra) {
@@ -74,9 +70,7 @@ pub fn require_python_nbd() -> PathBuf {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// Captured result of a finished command.
@@ -174,12 +168,7 @@ pub fn run_capture(cmd: &mut Command, timeout: Duration) -> Output {
     let stdout = out.join().unwrap_or_default();
     let stderr = err.join().unwrap_or_default();
     match status {
-        Some(status) => Output {
-            cmdline: line,
-            status,
-            stdout,
-            stderr,
-        },
+        Some(status) => Output { cmdline: line, status, stdout, stderr },
         None => panic!(
             "command timed out after {timeout:?} and was killed: {line}\n--- stdout ---\n{}\n--- stderr ---\n{}",
             tail(&stdout, 100),
@@ -217,14 +206,8 @@ pub fn py_script(name: &str) -> PathBuf {
 /// failure and unless the script reports `PASS CASE`. Returns stdout.
 pub fn nbdcheck<S: AsRef<OsStr>>(case: &str, args: &[S]) -> String {
     let py = require_python_nbd();
-    let out = run_ok(
-        Command::new(py)
-            .arg("-u")
-            .arg(py_script("nbdcheck.py"))
-            .arg(case)
-            .args(args),
-        TOOL_TIMEOUT,
-    );
+    let out =
+        run_ok(Command::new(py).arg("-u").arg(py_script("nbdcheck.py")).arg(case).args(args), TOOL_TIMEOUT);
     let want = format!("PASS {case}");
     assert!(
         out.stdout.lines().any(|l| l.trim() == want),
@@ -253,25 +236,16 @@ impl Background {
             .stderr(Stdio::from(f))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {line}: {e}"));
-        Background {
-            name: name.to_string(),
-            child: Some(child),
-            log: log.to_path_buf(),
-        }
+        Background { name: name.to_string(), child: Some(child), log: log.to_path_buf() }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        std::fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     /// Still running?
     pub fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .map(|c| matches!(c.try_wait(), Ok(None)))
-            .unwrap_or(false)
+        self.child.as_mut().map(|c| matches!(c.try_wait(), Ok(None))).unwrap_or(false)
     }
 
     /// Waits up to `timeout`; panics (after killing it) if it is still
@@ -280,11 +254,9 @@ impl Background {
         let mut child = self.child.take().expect("already waited");
         match wait_deadline(&mut child, timeout) {
             Some(st) => st,
-            None => panic!(
-                "{} still running after {timeout:?}; killed\n{}",
-                self.name,
-                tail(&self.log(), 60)
-            ),
+            None => {
+                panic!("{} still running after {timeout:?}; killed\n{}", self.name, tail(&self.log(), 60))
+            }
         }
     }
 }
@@ -296,12 +268,7 @@ impl Drop for Background {
             let _ = c.wait();
         }
         if thread::panicking() {
-            eprintln!(
-                "--- {} log ({}) ---\n{}",
-                self.name,
-                self.log.display(),
-                tail(&self.log(), 40)
-            );
+            eprintln!("--- {} log ({}) ---\n{}", self.name, self.log.display(), tail(&self.log(), 40));
         }
     }
 }

@@ -63,12 +63,12 @@ fn handshake_garbage(addr: &Addr, rng: &mut StdRng) {
 fn bad_requests(addr: &Addr, size: u64, rng: &mut StdRng) {
     let (mut c, _, _) = RawClient::handshake(addr, EXPORT, rng.random_bool(0.5));
     let cases: [(u16, u16, u64, u32, u32); 6] = [
-        (0, 9, 0, 512, EINVAL),                        // unknown command
-        (1 << 9, CMD_READ, 0, 512, EINVAL),            // unknown flag
-        (0, CMD_READ, u64::MAX - 10, 512, EINVAL),     // offset overflow
-        (0, CMD_TRIM, size, 4096, EINVAL),             // past the end
-        (0, CMD_READ, 0, (32 << 20) + 1, EINVAL),      // oversize read
-        (0, CMD_CACHE, size - 1, u32::MAX, EINVAL),    // huge cache past the end
+        (0, 9, 0, 512, EINVAL),                     // unknown command
+        (1 << 9, CMD_READ, 0, 512, EINVAL),         // unknown flag
+        (0, CMD_READ, u64::MAX - 10, 512, EINVAL),  // offset overflow
+        (0, CMD_TRIM, size, 4096, EINVAL),          // past the end
+        (0, CMD_READ, 0, (32 << 20) + 1, EINVAL),   // oversize read
+        (0, CMD_CACHE, size - 1, u32::MAX, EINVAL), // huge cache past the end
     ];
     for (i, (flags, cmd, offset, len, expect)) in cases.into_iter().enumerate() {
         let cookie = 1000 + i as u64;

@@ -176,11 +176,7 @@ fn write_config(name: &str, text: &str) -> (std::path::PathBuf, std::path::PathB
 fn config_case(name: &str, text: &str, node: &str) -> (tools::Output, std::path::PathBuf, TempDir) {
     let (cfg, _, _, dir) = write_config(name, text);
     let out = run_capture(
-        Command::new(blockd_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--node", node]),
+        Command::new(blockd_bin()).arg("run").arg("--config").arg(&cfg).args(["--node", node]),
         TOOL_TIMEOUT,
     );
     (out, cfg, dir)
@@ -211,23 +207,10 @@ fn config_unknown_key_exits_2_naming_file_line_key() {
     let text = format!("[resource]\nname = \"r0\"\n\n{GOOD_NODE}bogus-key = 1\n");
     assert_eq!(text.lines().nth(10), Some("bogus-key = 1"));
     let (out, cfg, _dir) = config_case("cfg-unknown-key", &text, "alpha");
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "unknown key must exit 2\n{}",
-        out.describe()
-    );
+    assert_eq!(out.status.code(), Some(2), "unknown key must exit 2\n{}", out.describe());
     let cfg = cfg.display().to_string();
-    assert!(
-        out.stderr.contains(&cfg),
-        "stderr does not name the file\n{}",
-        out.describe()
-    );
-    assert!(
-        out.stderr.contains("bogus-key"),
-        "stderr does not name the key\n{}",
-        out.describe()
-    );
+    assert!(out.stderr.contains(&cfg), "stderr does not name the file\n{}", out.describe());
+    assert!(out.stderr.contains("bogus-key"), "stderr does not name the key\n{}", out.describe());
     assert!(
         out.stderr.contains(":11:") || out.stderr.contains("line 11"),
         "stderr does not name line 11\n{}",
@@ -242,17 +225,8 @@ fn config_syntax_error_exits_2_naming_file_line() {
     }
     let text = format!("[resource]\nname = \"r0\"\nprotocol = = \"C\"\n\n{GOOD_NODE}");
     let (out, cfg, _dir) = config_case("cfg-syntax", &text, "alpha");
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "syntax error must exit 2\n{}",
-        out.describe()
-    );
-    assert!(
-        out.stderr.contains(&cfg.display().to_string()),
-        "{}",
-        out.describe()
-    );
+    assert_eq!(out.status.code(), Some(2), "syntax error must exit 2\n{}", out.describe());
+    assert!(out.stderr.contains(&cfg.display().to_string()), "{}", out.describe());
     assert!(
         out.stderr.contains(":3") || out.stderr.contains("line 3"),
         "stderr does not name line 3\n{}",
@@ -267,17 +241,8 @@ fn config_unknown_node_exits_2() {
     }
     let text = format!("[resource]\nname = \"r0\"\n\n{GOOD_NODE}");
     let (out, _cfg, _dir) = config_case("cfg-node", &text, "gamma");
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "unknown --node must exit 2\n{}",
-        out.describe()
-    );
-    assert!(
-        out.stderr.contains("gamma"),
-        "stderr does not name the node\n{}",
-        out.describe()
-    );
+    assert_eq!(out.status.code(), Some(2), "unknown --node must exit 2\n{}", out.describe());
+    assert!(out.stderr.contains("gamma"), "stderr does not name the node\n{}", out.describe());
 }
 
 #[test]
@@ -294,13 +259,7 @@ fn config_valid_file_starts() {
     let mut d = Daemon::start(
         "blockd",
         &blockd_bin(),
-        vec![
-            "run".into(),
-            "--config".into(),
-            cfg.display().to_string(),
-            "--node".into(),
-            NODE.into(),
-        ],
+        vec!["run".into(), "--config".into(), cfg.display().to_string(), "--node".into(), NODE.into()],
         dir.join("server.log"),
         vec![tcp.clone(), unix.clone()],
         vec![],

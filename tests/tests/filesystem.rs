@@ -16,16 +16,9 @@ fn files() -> Vec<(String, Vec<u8>)> {
     let mut v = vec![
         ("empty".to_string(), Vec::new()),
         ("one-byte".to_string(), b"x".to_vec()),
-        (
-            "hello.txt".to_string(),
-            b"hello from blockd-tests\n".to_vec(),
-        ),
+        ("hello.txt".to_string(), b"hello from blockd-tests\n".to_vec()),
     ];
-    for (name, len) in [
-        ("4k.bin", 4096usize),
-        ("odd.bin", (1 << 20) + 7),
-        ("big.bin", 24 << 20),
-    ] {
+    for (name, len) in [("4k.bin", 4096usize), ("odd.bin", (1 << 20) + 7), ("big.bin", 24 << 20)] {
         let mut b = vec![0u8; len];
         rng.fill_bytes(&mut b);
         v.push((name.to_string(), b));
@@ -57,12 +50,7 @@ fn check_files(root: &Path) {
     for (name, data) in &want {
         let p = root.join(name);
         let got = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        assert!(
-            got == *data,
-            "{name}: content differs ({} vs {} bytes)",
-            got.len(),
-            data.len()
-        );
+        assert!(got == *data, "{name}: content differs ({} vs {} bytes)", got.len(), data.len());
     }
     let n = walk(root);
     // files + lost+found's absence from the list: count regular files only.

@@ -22,27 +22,17 @@ fn fio(srv: &Server, extra: &[&str]) -> Value {
     // fio leaves verify state files in its working directory: use the
     // test's temp dir.
     let out = run_ok(
-        std::process::Command::new(require("fio"))
-            .current_dir(srv.dir.path())
-            .args(&args),
+        std::process::Command::new(require("fio")).current_dir(srv.dir.path()).args(&args),
         blockd_tests::tools::TOOL_TIMEOUT,
     );
     let json_start = out.stdout.find('{').expect("fio JSON output");
     let v: Value = serde_json::from_str(&out.stdout[json_start..])
         .unwrap_or_else(|e| panic!("fio JSON ({e})\n{}", out.describe()));
     let job = &v["jobs"][0];
-    assert_eq!(
-        job["error"].as_i64(),
-        Some(0),
-        "fio job error\n{}",
-        out.describe()
-    );
+    assert_eq!(job["error"].as_i64(), Some(0), "fio job error\n{}", out.describe());
     let written = job["write"]["io_bytes"].as_u64().unwrap_or(0);
     let read = job["read"]["io_bytes"].as_u64().unwrap_or(0);
-    assert!(
-        written > 0 && read > 0,
-        "no I/O: wrote {written} read {read}"
-    );
+    assert!(written > 0 && read > 0, "no I/O: wrote {written} read {read}");
     v
 }
 

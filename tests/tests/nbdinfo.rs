@@ -19,24 +19,14 @@ fn assert_export_info(top: &Value, e: &Value, size: u64) {
     assert_eq!(top["structured"], true, "structured replies: {top}");
     assert_eq!(top["TLS"], false, "{top}");
     assert_eq!(e["export-size"].as_u64(), Some(size), "{e}");
-    for key in [
-        "can_flush",
-        "can_fua",
-        "can_trim",
-        "can_zero",
-        "can_fast_zero",
-        "can_cache",
-        "can_multi_conn",
-    ] {
+    for key in
+        ["can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero", "can_cache", "can_multi_conn"]
+    {
         assert_eq!(e[key], true, "{key} in {e}");
     }
     assert_eq!(e["is_read_only"], false, "{e}");
-    let ctx: Vec<&str> = e["contexts"]
-        .as_array()
-        .expect("contexts")
-        .iter()
-        .filter_map(|c| c.as_str())
-        .collect();
+    let ctx: Vec<&str> =
+        e["contexts"].as_array().expect("contexts").iter().filter_map(|c| c.as_str()).collect();
     assert!(ctx.contains(&"base:allocation"), "contexts {ctx:?}");
     assert_eq!(e["block_size_minimum"].as_u64(), Some(1), "{e}");
     assert_eq!(e["block_size_preferred"].as_u64(), Some(4096), "{e}");

@@ -17,20 +17,13 @@ const READ_ONLY: u16 = 0x0002;
 
 /// A structured READ: collects data/hole chunks until DONE.
 fn structured_read(c: &mut RawClient, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    c.request(0, CMD_READ, cookie, offset, len, &[])
-        .expect("send READ");
+    c.request(0, CMD_READ, cookie, offset, len, &[]).expect("send READ");
     let mut buf = vec![0xa5u8; len as usize];
     let mut covered = 0u64;
     for _ in 0..100_000 {
         let r = c.read_reply().expect("READ reply");
         assert_eq!(r.cookie(), cookie);
-        let Reply::Chunk {
-            flags,
-            typ,
-            payload,
-            ..
-        } = r
-        else {
+        let Reply::Chunk { flags, typ, payload, .. } = r else {
             panic!("simple reply to a READ after structured replies were negotiated");
         };
         match typ {
@@ -76,8 +69,7 @@ fn assert_bytes(what: &str, got: &[u8], want: &[u8]) {
 }
 
 fn simple_read(c: &mut RawClient, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    c.request(0, CMD_READ, cookie, offset, len, &[])
-        .expect("send READ");
+    c.request(0, CMD_READ, cookie, offset, len, &[]).expect("send READ");
     let r = c.read_reply().expect("READ reply");
     let Reply::Simple { error, cookie: ck } = r else {
         panic!("structured reply without structured replies negotiated: {r:?}");
@@ -89,8 +81,7 @@ fn simple_read(c: &mut RawClient, cookie: u64, offset: u64, len: u32) -> Vec<u8>
 }
 
 fn write(c: &mut RawClient, cookie: u64, offset: u64, data: &[u8]) -> u32 {
-    c.request(0, CMD_WRITE, cookie, offset, data.len() as u32, data)
-        .expect("send WRITE");
+    c.request(0, CMD_WRITE, cookie, offset, data.len() as u32, data).expect("send WRITE");
     c.finish(cookie)
 }
 

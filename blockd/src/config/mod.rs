@@ -182,10 +182,8 @@ pub enum MetaLocation {
 impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|io| ConfigError::Read {
-            path: path.to_owned(),
-            io,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|io| ConfigError::Read { path: path.to_owned(), io })?;
         Config::parse(&text, path)
     }
 
@@ -211,10 +209,8 @@ impl Config {
                 nodes: self.node_names(),
             }),
             None => {
-                let host = nix::unistd::gethostname().map_err(|e| ConfigError::Hostname {
-                    path: self.path.clone(),
-                    io: e.into(),
-                })?;
+                let host = nix::unistd::gethostname()
+                    .map_err(|e| ConfigError::Hostname { path: self.path.clone(), io: e.into() })?;
                 self.node_for_host(&host.to_string_lossy())
             }
         }

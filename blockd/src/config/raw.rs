@@ -20,11 +20,7 @@ pub(super) struct RawConfig {
 
 /// `[resource]`
 #[derive(Debug, Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "kebab-case",
-    expecting = "a [resource] table"
-)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", expecting = "a [resource] table")]
 pub(super) struct RawResource {
     pub name: Option<Spanned<String>>,
     pub protocol: Option<Spanned<RawProtocol>>,
@@ -34,11 +30,7 @@ pub(super) struct RawResource {
 
 /// One `[[node]]`.
 #[derive(Debug, Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "kebab-case",
-    expecting = "a [[node]] table"
-)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", expecting = "a [[node]] table")]
 pub(super) struct RawNode {
     pub name: Option<Spanned<String>>,
     pub replication: Option<Spanned<String>>,

@@ -76,10 +76,7 @@ fn err(text: &str) -> String {
 }
 
 fn tcp(host: &str, port: u16) -> HostPort {
-    HostPort {
-        host: host.into(),
-        port,
-    }
+    HostPort { host: host.into(), port }
 }
 
 fn size(s: &str) -> Result<u64, String> {
@@ -113,10 +110,7 @@ fn spec_example_parses_with_defaults() {
     );
     assert_eq!(c.nodes[1].name, "beta");
     assert_eq!(c.nodes[1].replication.to_string(), "127.0.0.1:7790");
-    assert_eq!(
-        c.nodes[1].control,
-        PathBuf::from("/run/blockd/r0-beta.sock")
-    );
+    assert_eq!(c.nodes[1].control, PathBuf::from("/run/blockd/r0-beta.sock"));
 }
 
 #[test]
@@ -159,22 +153,13 @@ fn nbd_array_with_unix_socket() {
         ]
     );
     let shown: Vec<String> = nbd.iter().map(ToString::to_string).collect();
-    assert_eq!(
-        shown,
-        ["127.0.0.1:10809", "unix:/run/blockd/r0.nbd", "[::]:10811"]
-    );
+    assert_eq!(shown, ["127.0.0.1:10809", "unix:/run/blockd/r0.nbd", "[::]:10811"]);
 }
 
 #[test]
 fn single_unix_nbd() {
-    let c = ok(&spec_with(&[(
-        L_NODE0_NBD,
-        r#"nbd = "unix:/tmp/r0-alpha.nbd""#,
-    )]));
-    assert_eq!(
-        c.nodes[0].nbd,
-        [ListenAddr::Unix("/tmp/r0-alpha.nbd".into())]
-    );
+    let c = ok(&spec_with(&[(L_NODE0_NBD, r#"nbd = "unix:/tmp/r0-alpha.nbd""#)]));
+    assert_eq!(c.nodes[0].nbd, [ListenAddr::Unix("/tmp/r0-alpha.nbd".into())]);
 }
 
 #[test]
@@ -207,10 +192,8 @@ fn sizes_accepted() {
     assert_eq!(size("15TiB"), Ok(15 << 40));
     assert_eq!(parse_size(&RawSize::Int(1048576)), Ok(1 << 20));
 
-    let c = ok(&spec_with(&[
-        (L_SIZE, "size = 1048576"),
-        (L_GRANULARITY, r#"bitmap-granularity = "64 KiB""#),
-    ]));
+    let c =
+        ok(&spec_with(&[(L_SIZE, "size = 1048576"), (L_GRANULARITY, r#"bitmap-granularity = "64 KiB""#)]));
     assert_eq!(c.resource.size_bytes, Some(1 << 20));
     assert_eq!(c.resource.bitmap_granularity_bytes, 64 << 10);
     let c = ok(&spec_with(&[(L_SIZE, r#"size = "10GiB""#)]));
@@ -220,39 +203,18 @@ fn sizes_accepted() {
 #[test]
 fn sizes_rejected() {
     let no = |s: &str| size(s).expect_err(s);
-    assert_eq!(
-        no("10GB"),
-        r#""10GB" is not a size; use a binary suffix such as "10GiB""#
-    );
-    assert_eq!(
-        no("10 G"),
-        r#""10 G" is not a size; use a binary suffix such as "10GiB""#
-    );
-    assert_eq!(
-        no("4kib"),
-        r#""4kib" is not a size; use a binary suffix such as "4KiB""#
-    );
+    assert_eq!(no("10GB"), r#""10GB" is not a size; use a binary suffix such as "10GiB""#);
+    assert_eq!(no("10 G"), r#""10 G" is not a size; use a binary suffix such as "10GiB""#);
+    assert_eq!(no("4kib"), r#""4kib" is not a size; use a binary suffix such as "4KiB""#);
     assert_eq!(no("-1"), r#""-1" is not a size; sizes cannot be negative"#);
-    assert_eq!(
-        parse_size(&RawSize::Int(-1)),
-        Err("-1 is not a size; sizes cannot be negative".into())
-    );
-    assert_eq!(
-        no("1.5GiB"),
-        r#""1.5GiB" is not a size; use a whole number such as "1536MiB""#
-    );
-    assert_eq!(
-        no("0.1KiB"),
-        r#""0.1KiB" is not a size; use a whole number of bytes or of a unit"#
-    );
+    assert_eq!(parse_size(&RawSize::Int(-1)), Err("-1 is not a size; sizes cannot be negative".into()));
+    assert_eq!(no("1.5GiB"), r#""1.5GiB" is not a size; use a whole number such as "1536MiB""#);
+    assert_eq!(no("0.1KiB"), r#""0.1KiB" is not a size; use a whole number of bytes or of a unit"#);
     assert_eq!(
         parse_size(&RawSize::Float(1.5)),
         Err(r#"1.5 is not a size; use a whole number of bytes or a string such as "4KiB""#.into())
     );
-    assert_eq!(
-        no("10PiB"),
-        r#""10PiB" is not a size; the unit must be one of B, KiB, MiB, GiB or TiB"#
-    );
+    assert_eq!(no("10PiB"), r#""10PiB" is not a size; the unit must be one of B, KiB, MiB, GiB or TiB"#);
     let generic = |s: &str| {
         format!(
             "{s:?} is not a size; expected a number of bytes or a number with a unit \
@@ -264,8 +226,7 @@ fn sizes_rejected() {
     }
     // Overflow: 2^64 bytes is one too many; so are absurdly long numbers.
     assert_eq!(size("16777215TiB"), Ok(16777215 << 40));
-    let too_large =
-        |s: &str| format!("{s:?} is too large; the largest size is 18446744073709551615 bytes");
+    let too_large = |s: &str| format!("{s:?} is too large; the largest size is 18446744073709551615 bytes");
     for big in [
         "16777216TiB",
         "18446744073709551616",
@@ -306,11 +267,7 @@ fn size_errors_in_file() {
 
 #[test]
 fn bitmap_granularity_range() {
-    for (text, bytes) in [
-        (r#""4KiB""#, 4096),
-        (r#""1MiB""#, 1 << 20),
-        ("65536", 65536),
-    ] {
+    for (text, bytes) in [(r#""4KiB""#, 4096), (r#""1MiB""#, 1 << 20), ("65536", 65536)] {
         let line = format!("bitmap-granularity = {text}");
         let c = ok(&spec_with(&[(L_GRANULARITY, &line)]));
         assert_eq!(c.resource.bitmap_granularity_bytes, bytes);
@@ -335,10 +292,7 @@ fn bitmap_granularity_range() {
 #[test]
 fn unknown_keys() {
     assert_eq!(
-        err(&spec_with(&[(
-            L_NODE0_NBD,
-            r#"nbd-addr = "127.0.0.1:10809""#
-        )])),
+        err(&spec_with(&[(L_NODE0_NBD, r#"nbd-addr = "127.0.0.1:10809""#)])),
         "r0.toml:10: key `node[0].nbd-addr`: unknown key \
          (expected one of: name, replication, nbd, disk, meta, control)"
     );
@@ -363,17 +317,11 @@ fn missing_required_keys_point_at_table_header() {
         err(&spec_with(&[(L_NODE1_NBD, "")])),
         format!("r0.toml:{L_NODE1}: key `node[1].nbd`: missing required key")
     );
-    assert_eq!(
-        err(&spec_with(&[(2, "")])),
-        "r0.toml:1: key `resource.name`: missing required key"
-    );
+    assert_eq!(err(&spec_with(&[(2, "")])), "r0.toml:1: key `resource.name`: missing required key");
     // Inline tables: the line of the table.
     let inline = "resource = { name = \"r0\" }\n\
                   node = [\n  { name = \"a\", replication = \"h:1\", nbd = \"h:2\", disk = \"/d\" },\n]\n";
-    assert_eq!(
-        err(inline),
-        "r0.toml:3: key `node[0].meta`: missing required key"
-    );
+    assert_eq!(err(inline), "r0.toml:3: key `node[0].meta`: missing required key");
 }
 
 #[test]
@@ -420,10 +368,7 @@ fn duplicate_node_name() {
 #[test]
 fn duplicate_addresses_across_nodes() {
     assert_eq!(
-        err(&spec_with(&[(
-            L_NODE1_REPL,
-            r#"replication = "127.0.0.1:7789""#
-        )])),
+        err(&spec_with(&[(L_NODE1_REPL, r#"replication = "127.0.0.1:7789""#)])),
         "r0.toml:18: key `node[1].replication`: address 127.0.0.1:7789 is already used by \
          node[0].replication (line 9)"
     );
@@ -445,19 +390,13 @@ fn duplicate_addresses_across_nodes() {
     assert_eq!(
         err(&spec_with(&[
             (L_NODE0_NBD, r#"nbd = "unix:/run/blockd/r0.nbd""#),
-            (
-                L_NODE1_NBD,
-                r#"nbd = ["127.0.0.1:10810", "unix:/run/blockd/r0.nbd"]"#
-            ),
+            (L_NODE1_NBD, r#"nbd = ["127.0.0.1:10810", "unix:/run/blockd/r0.nbd"]"#),
         ])),
         r#"r0.toml:19: key `node[1].nbd[1]`: socket path "/run/blockd/r0.nbd" is already used by node[0].nbd (line 10)"#
     );
     // Within one node too.
     assert_eq!(
-        err(&spec_with(&[(
-            L_NODE0_NBD,
-            r#"nbd = ["127.0.0.1:10809", "127.0.0.1:10809"]"#
-        )])),
+        err(&spec_with(&[(L_NODE0_NBD, r#"nbd = ["127.0.0.1:10809", "127.0.0.1:10809"]"#)])),
         "r0.toml:10: key `node[0].nbd[1]`: address 127.0.0.1:10809 is already used by \
          node[0].nbd[0] (line 10)"
     );
@@ -466,9 +405,7 @@ fn duplicate_addresses_across_nodes() {
 #[test]
 fn duplicate_control_socket() {
     assert_eq!(
-        err(&format!(
-            "{SPEC_EXAMPLE}control = \"/run/blockd/r0-alpha.sock\"\n"
-        )),
+        err(&format!("{SPEC_EXAMPLE}control = \"/run/blockd/r0-alpha.sock\"\n")),
         r#"r0.toml:22: key `node[1].control`: socket path "/run/blockd/r0-alpha.sock" is already used by node[0].control (default) (line 7)"#
     );
 }
@@ -484,10 +421,7 @@ fn wrong_types() {
         r#"r0.toml:10: key `node[0].nbd`: expected an address ("host:port" or "unix:/path") or an array of them, found integer `10809`"#
     );
     assert_eq!(
-        err(&spec_with(&[(
-            L_NODE0_NBD,
-            r#"nbd = ["127.0.0.1:10809", 10810]"#
-        )])),
+        err(&spec_with(&[(L_NODE0_NBD, r#"nbd = ["127.0.0.1:10809", 10810]"#)])),
         "r0.toml:10: key `node[0].nbd[1]`: expected a string, found integer `10810`"
     );
     assert_eq!(
@@ -508,10 +442,7 @@ fn wrong_types() {
 #[test]
 fn toml_syntax_errors() {
     assert_eq!(
-        err(&spec_with(&[(
-            L_NODE0_DISK,
-            r#"disk = "/var/lib/blockd/r0-alpha.img"#
-        )])),
+        err(&spec_with(&[(L_NODE0_DISK, r#"disk = "/var/lib/blockd/r0-alpha.img"#)])),
         "r0.toml:12: invalid TOML: invalid basic string, expected `\"`"
     );
     assert_eq!(
@@ -520,10 +451,7 @@ fn toml_syntax_errors() {
     );
     // CRLF line endings count lines the same way.
     let crlf = spec_with(&[(L_PROTOCOL, r#"protocol = "D""#)]).replace('\n', "\r\n");
-    assert_eq!(
-        err(&crlf),
-        r#"r0.toml:3: key `resource.protocol`: expected "A", "B" or "C", found "D""#
-    );
+    assert_eq!(err(&crlf), r#"r0.toml:3: key `resource.protocol`: expected "A", "B" or "C", found "D""#);
 }
 
 #[test]
@@ -564,43 +492,19 @@ fn host_port_errors() {
     };
     let prefix = "r0.toml:9: key `node[0].replication`: ";
     for (value, why) in [
-        (
-            "127.0.0.1:0",
-            r#""127.0.0.1:0": port 0 is not allowed; use a port from 1 to 65535"#,
-        ),
-        (
-            "127.0.0.1:70000",
-            r#""127.0.0.1:70000": port 70000 is out of range; use a port from 1 to 65535"#,
-        ),
+        ("127.0.0.1:0", r#""127.0.0.1:0": port 0 is not allowed; use a port from 1 to 65535"#),
+        ("127.0.0.1:70000", r#""127.0.0.1:70000": port 70000 is out of range; use a port from 1 to 65535"#),
         ("127.0.0.1:", r#""127.0.0.1:": the port is missing"#),
         ("127.0.0.1:x", r#""127.0.0.1:x": port "x" is not a number"#),
         ("127.0.0.1", r#"expected "host:port", found "127.0.0.1""#),
         (":7789", r#"":7789" has no host; expected "host:port""#),
-        (
-            "::1:7789",
-            r#""::1:7789": an IPv6 address must be written in brackets, e.g. "[::1]:7789""#,
-        ),
-        (
-            "fe80::1",
-            r#""fe80::1": an IPv6 address must be written in brackets, e.g. "[fe80::1]:PORT""#,
-        ),
+        ("::1:7789", r#""::1:7789": an IPv6 address must be written in brackets, e.g. "[::1]:7789""#),
+        ("fe80::1", r#""fe80::1": an IPv6 address must be written in brackets, e.g. "[fe80::1]:PORT""#),
         ("[::1]", r#""[::1]" has no port; expected "[::1]:PORT""#),
-        (
-            "[::1:7789",
-            r#""[::1:7789" is missing the closing "]" of its IPv6 address"#,
-        ),
-        (
-            "[alpha]:7789",
-            r#""[alpha]:7789": "alpha" is not an IPv6 address"#,
-        ),
-        (
-            "127.0.0.256:7789",
-            r#""127.0.0.256:7789": "127.0.0.256" is not a valid IPv4 address"#,
-        ),
-        (
-            "bad host:7789",
-            r#""bad host:7789": "bad host" is not a valid host name or IP address"#,
-        ),
+        ("[::1:7789", r#""[::1:7789" is missing the closing "]" of its IPv6 address"#),
+        ("[alpha]:7789", r#""[alpha]:7789": "alpha" is not an IPv6 address"#),
+        ("127.0.0.256:7789", r#""127.0.0.256:7789": "127.0.0.256" is not a valid IPv4 address"#),
+        ("bad host:7789", r#""bad host:7789": "bad host" is not a valid host name or IP address"#),
         (
             "0.0.0.0:7789",
             r#""0.0.0.0:7789": 0.0.0.0 is a wildcard address; peers need an address they can connect to"#,
@@ -617,10 +521,7 @@ fn nbd_errors() {
         r#"r0.toml:10: key `node[0].nbd`: the array is empty; give at least one address such as "127.0.0.1:10809""#
     );
     assert_eq!(
-        err(&spec_with(&[(
-            L_NODE0_NBD,
-            r#"nbd = ["127.0.0.1:10809", "unix:r0.sock"]"#
-        )])),
+        err(&spec_with(&[(L_NODE0_NBD, r#"nbd = ["127.0.0.1:10809", "unix:r0.sock"]"#)])),
         r#"r0.toml:10: key `node[0].nbd[1]`: "unix:r0.sock": "r0.sock" is a relative path; use an absolute path"#
     );
     assert_eq!(
@@ -637,10 +538,8 @@ fn nbd_errors() {
         )
     );
     // Multi-line arrays: each element reports its own line.
-    let text = SPEC_EXAMPLE.replace(
-        "nbd = \"127.0.0.1:10810\"",
-        "nbd = [\n  \"127.0.0.1:10810\",\n  \"127.0.0.1:0\",\n]",
-    );
+    let text = SPEC_EXAMPLE
+        .replace("nbd = \"127.0.0.1:10810\"", "nbd = [\n  \"127.0.0.1:10810\",\n  \"127.0.0.1:0\",\n]");
     assert_eq!(
         err(&text),
         r#"r0.toml:21: key `node[1].nbd[1]`: "127.0.0.1:0": port 0 is not allowed; use a port from 1 to 65535"#
@@ -653,10 +552,7 @@ fn disk_meta_control_paths() {
         (L_NODE0_META, r#"meta = "/var/lib/blockd/r0-alpha.meta""#),
         (L_NODE0_CONTROL, r#"control = "/tmp/alpha.sock""#),
     ]));
-    assert_eq!(
-        c.nodes[0].meta,
-        MetaLocation::External("/var/lib/blockd/r0-alpha.meta".into())
-    );
+    assert_eq!(c.nodes[0].meta, MetaLocation::External("/var/lib/blockd/r0-alpha.meta".into()));
     assert_eq!(c.nodes[0].control, PathBuf::from("/tmp/alpha.sock"));
     assert_eq!(
         err(&spec_with(&[(L_NODE0_DISK, r#"disk = "r0-alpha.img""#)])),
@@ -667,17 +563,11 @@ fn disk_meta_control_paths() {
         r#"r0.toml:13: key `node[0].meta`: expected "internal" or an absolute path, found "external""#
     );
     assert_eq!(
-        err(&spec_with(&[(
-            L_NODE0_META,
-            r#"meta = "/var/lib/blockd/r0-alpha.img""#
-        )])),
+        err(&spec_with(&[(L_NODE0_META, r#"meta = "/var/lib/blockd/r0-alpha.img""#)])),
         r#"r0.toml:13: key `node[0].meta`: "/var/lib/blockd/r0-alpha.img" is also the disk; use "internal" to keep metadata on the disk"#
     );
     assert_eq!(
-        err(&spec_with(&[(
-            L_NODE0_CONTROL,
-            r#"control = "alpha.sock""#
-        )])),
+        err(&spec_with(&[(L_NODE0_CONTROL, r#"control = "alpha.sock""#)])),
         r#"r0.toml:14: key `node[0].control`: "alpha.sock" is a relative path; use an absolute path"#
     );
 }
@@ -685,15 +575,9 @@ fn disk_meta_control_paths() {
 #[test]
 fn local_node_by_name() {
     let c = ok(SPEC_EXAMPLE);
-    assert_eq!(
-        c.local_node(Some("beta")).expect("beta exists").name,
-        "beta"
-    );
+    assert_eq!(c.local_node(Some("beta")).expect("beta exists").name, "beta");
     let e = c.local_node(Some("gamma")).expect_err("no gamma");
-    assert_eq!(
-        e.to_string(),
-        r#"r0.toml: no node named "gamma" (nodes: alpha, beta)"#
-    );
+    assert_eq!(e.to_string(), r#"r0.toml: no node named "gamma" (nodes: alpha, beta)"#);
     let peers: Vec<&str> = c.peers("alpha").map(|n| n.name.as_str()).collect();
     assert_eq!(peers, ["beta"]);
 }
@@ -702,12 +586,7 @@ fn local_node_by_name() {
 fn local_node_by_host_name() {
     let c = ok(SPEC_EXAMPLE);
     assert_eq!(c.node_for_host("alpha").expect("exact").name, "alpha");
-    assert_eq!(
-        c.node_for_host("beta.example.com")
-            .expect("first label")
-            .name,
-        "beta"
-    );
+    assert_eq!(c.node_for_host("beta.example.com").expect("first label").name, "beta");
     assert_eq!(
         c.node_for_host("vm").expect_err("no match").to_string(),
         r#"r0.toml: no node matches this host's name "vm"; pass --node (nodes: alpha, beta)"#
@@ -737,20 +616,14 @@ fn load_reads_files_and_reports_io_errors() {
     std::fs::write(&file, spec_with(&[(L_PROTOCOL, r#"protocol = "D""#)])).expect("write");
     assert_eq!(
         Config::load(&file).expect_err("invalid").to_string(),
-        format!(
-            r#"{}:3: key `resource.protocol`: expected "A", "B" or "C", found "D""#,
-            file.display()
-        )
+        format!(r#"{}:3: key `resource.protocol`: expected "A", "B" or "C", found "D""#, file.display())
     );
 
     let missing = dir.join("nope.toml");
     let e = Config::load(&missing).expect_err("missing");
     assert_eq!(
         e.to_string(),
-        format!(
-            "{}: cannot read: No such file or directory (os error 2)",
-            missing.display()
-        )
+        format!("{}: cannot read: No such file or directory (os error 2)", missing.display())
     );
     assert!(matches!(e, ConfigError::Read { .. }));
     std::fs::remove_dir_all(&dir).expect("cleanup");

@@ -17,8 +17,7 @@ use super::values::{
 };
 use super::{
     Config, ConfigError, DEFAULT_BITMAP_GRANULARITY, DEFAULT_CONTROL_DIR, HostPort, ListenAddr,
-    MAX_BITMAP_GRANULARITY, MIN_BITMAP_GRANULARITY, MetaLocation, NodeConfig, Protocol,
-    ResourceConfig,
+    MAX_BITMAP_GRANULARITY, MIN_BITMAP_GRANULARITY, MetaLocation, NodeConfig, Protocol, ResourceConfig,
 };
 
 /// Sizes must be whole sectors.
@@ -41,11 +40,7 @@ impl Cx<'_> {
     /// 1-based line of a byte offset.
     fn line(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
     }
 
     fn invalid(&self, span: Option<Range<usize>>, key: &str, message: String) -> ConfigError {
@@ -160,19 +155,12 @@ impl Cx<'_> {
             let key = format!("node[{i}]");
             out.push(self.node(&key, node, &resource.name, &mut names, &mut endpoints)?);
         }
-        Ok(Config {
-            path: self.path.to_owned(),
-            resource,
-            nodes: out,
-        })
+        Ok(Config { path: self.path.to_owned(), resource, nodes: out })
     }
 
     fn resource(&self, table: &Spanned<RawResource>) -> Result<ResourceConfig, ConfigError> {
         let raw = table.get_ref();
-        let name = raw
-            .name
-            .as_ref()
-            .ok_or_else(|| self.missing(table, "resource.name"))?;
+        let name = raw.name.as_ref().ok_or_else(|| self.missing(table, "resource.name"))?;
         check_name(name.get_ref()).map_err(|m| self.at(name, "resource.name", m))?;
 
         let protocol = match &raw.protocol {
@@ -204,11 +192,7 @@ impl Cx<'_> {
                         RawSize::Str(s) => format!("{s:?} ({bytes} bytes)"),
                         _ => format!("{bytes} bytes"),
                     };
-                    return Err(self.at(
-                        size,
-                        key,
-                        format!("{shown} is not a multiple of {SECTOR} bytes"),
-                    ));
+                    return Err(self.at(size, key, format!("{shown} is not a multiple of {SECTOR} bytes")));
                 }
                 Some(bytes)
             }
@@ -235,12 +219,7 @@ impl Cx<'_> {
             }
         };
 
-        Ok(ResourceConfig {
-            name: name.get_ref().clone(),
-            protocol,
-            size_bytes,
-            bitmap_granularity_bytes,
-        })
+        Ok(ResourceConfig { name: name.get_ref().clone(), protocol, size_bytes, bitmap_granularity_bytes })
     }
 
     /// One `[[node]]` (`key` is `node[i]`). `names` maps the node names seen so far to
@@ -263,10 +242,7 @@ impl Cx<'_> {
                 return Err(self.at(
                     name_s,
                     &k("name"),
-                    format!(
-                        "duplicate node name {name:?} (first defined at line {})",
-                        first.get()
-                    ),
+                    format!("duplicate node name {name:?} (first defined at line {})", first.get()),
                 ));
             }
             Entry::Vacant(slot) => {
@@ -276,13 +252,8 @@ impl Cx<'_> {
 
         let repl_s = self.required(&raw.replication, table, &k("replication"))?;
         let repl_key = k("replication");
-        let replication =
-            parse_host_port(repl_s.get_ref()).map_err(|m| self.at(repl_s, &repl_key, m))?;
-        if replication
-            .host
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_unspecified())
-        {
+        let replication = parse_host_port(repl_s.get_ref()).map_err(|m| self.at(repl_s, &repl_key, m))?;
+        if replication.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
             return Err(self.at(
                 repl_s,
                 &repl_key,
@@ -306,8 +277,7 @@ impl Cx<'_> {
                 return Err(self.at(
                     nbd_s,
                     &nbd_key,
-                    r#"the array is empty; give at least one address such as "127.0.0.1:10809""#
-                        .into(),
+                    r#"the array is empty; give at least one address such as "127.0.0.1:10809""#.into(),
                 ));
             }
             RawNbd::Many(list) => list
@@ -320,9 +290,7 @@ impl Cx<'_> {
         for (item_key, span, text) in items {
             let err = |m| self.invalid(Some(span.clone()), &item_key, m);
             let addr = parse_listen_addr(text).map_err(err)?;
-            endpoints
-                .add(Endpoint::listen(&addr), &item_key, self.line(span.start))
-                .map_err(err)?;
+            endpoints.add(Endpoint::listen(&addr), &item_key, self.line(span.start)).map_err(err)?;
             nbd.push(addr);
         }
 
@@ -345,9 +313,7 @@ impl Cx<'_> {
                     return Err(self.at(
                         meta_s,
                         &k("meta"),
-                        format!(
-                            r#"{path:?} is also the disk; use "internal" to keep metadata on the disk"#
-                        ),
+                        format!(r#"{path:?} is also the disk; use "internal" to keep metadata on the disk"#),
                     ));
                 }
                 MetaLocation::External(PathBuf::from(path))
@@ -359,11 +325,7 @@ impl Cx<'_> {
             Some(c) => {
                 check_unix_path(c.get_ref()).map_err(|m| self.at(c, &control_key, m))?;
                 endpoints
-                    .add(
-                        Endpoint::Unix(PathBuf::from(c.get_ref())),
-                        &control_key,
-                        self.line(c.span().start),
-                    )
+                    .add(Endpoint::Unix(PathBuf::from(c.get_ref())), &control_key, self.line(c.span().start))
                     .map_err(|m| self.at(c, &control_key, m))?;
                 PathBuf::from(c.get_ref())
             }
@@ -390,14 +352,7 @@ impl Cx<'_> {
             }
         };
 
-        Ok(NodeConfig {
-            name: name.clone(),
-            replication,
-            nbd,
-            disk,
-            meta,
-            control,
-        })
+        Ok(NodeConfig { name: name.clone(), replication, nbd, disk, meta, control })
     }
 }
 
@@ -446,9 +401,7 @@ impl Endpoints {
                     Endpoint::Tcp(host, port) => format!("address {host}:{port}"),
                     Endpoint::Unix(p) => format!("socket path {:?}", p.display().to_string()),
                 };
-                Err(format!(
-                    "{what} is already used by {first_key} (line {first_line})"
-                ))
+                Err(format!("{what} is already used by {first_key} (line {first_line})"))
             }
         }
     }
@@ -504,9 +457,5 @@ fn toml_words(s: &str) -> String {
 
 /// Messages must stay on one line.
 fn one_line(s: &str) -> String {
-    s.trim()
-        .lines()
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join("; ")
+    s.trim().lines().map(str::trim).collect::<Vec<_>>().join("; ")
 }

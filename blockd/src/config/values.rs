@@ -19,9 +19,9 @@ pub(super) fn parse_size(raw: &RawSize) -> Result<u64, String> {
     match raw {
         RawSize::Int(v) if *v < 0 => Err(format!("{v} is not a size; sizes cannot be negative")),
         RawSize::Int(v) => Ok(v.unsigned_abs()),
-        RawSize::Float(v) => Err(format!(
-            "{v} is not a size; use a whole number of bytes or a string such as \"4KiB\""
-        )),
+        RawSize::Float(v) => {
+            Err(format!("{v} is not a size; use a whole number of bytes or a string such as \"4KiB\""))
+        }
         RawSize::Str(s) => parse_size_str(s),
     }
 }
@@ -37,9 +37,7 @@ fn parse_size_str(text: &str) -> Result<u64, String> {
     if s.starts_with('-') {
         return Err(format!("{text:?} is not a size; sizes cannot be negative"));
     }
-    let num_end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let num_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = (&s[..num_end], s[num_end..].trim_start());
     let (int, frac) = match num.split_once('.') {
         Some((i, f)) if !i.is_empty() && !f.is_empty() && !f.contains('.') => (i, Some(f)),
@@ -60,12 +58,7 @@ fn parse_size_str(text: &str) -> Result<u64, String> {
             });
         }
     };
-    let too_large = || {
-        format!(
-            "{text:?} is too large; the largest size is {} bytes",
-            u64::MAX
-        )
-    };
+    let too_large = || format!("{text:?} is too large; the largest size is {} bytes", u64::MAX);
     // u64::MAX has 20 digits; with at most 20 digits and a 2^40 unit, u128 cannot overflow.
     if int.trim_start_matches('0').len() > 20 {
         return Err(too_large());
@@ -83,29 +76,17 @@ fn parse_size_str(text: &str) -> Result<u64, String> {
         return Err(not_whole());
     }
     let scale = 10u128.pow(frac.len() as u32);
-    let frac_val: u128 = if frac.is_empty() {
-        0
-    } else {
-        frac.parse().map_err(|_| generic())?
-    };
+    let frac_val: u128 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| generic())? };
     // int <= 10^20, scale <= 10^18: the product fits; times 2^40 it may not, but then
     // the size is far beyond u64 anyway.
-    let scaled = (int * scale + frac_val)
-        .checked_mul(unit)
-        .ok_or_else(too_large)?;
+    let scaled = (int * scale + frac_val).checked_mul(unit).ok_or_else(too_large)?;
     if scaled % scale != 0 {
         return Err(not_whole());
     }
     let bytes = u64::try_from(scaled / scale).map_err(|_| too_large())?;
-    let (unit, shift) = UNITS
-        .iter()
-        .find(|(_, shift)| bytes % (1u64 << shift) == 0)
-        .copied()
-        .unwrap_or(("B", 0));
-    Err(format!(
-        "{text:?} is not a size; use a whole number such as \"{}{unit}\"",
-        bytes >> shift
-    ))
+    let (unit, shift) =
+        UNITS.iter().find(|(_, shift)| bytes % (1u64 << shift) == 0).copied().unwrap_or(("B", 0));
+    Err(format!("{text:?} is not a size; use a whole number such as \"{}{unit}\"", bytes >> shift))
 }
 
 /// `K`, `kb`, `GB`, `gib`, ... -> the binary IEC spelling; `None` for anything else.
@@ -130,9 +111,7 @@ fn suggest_unit(unit: &str) -> Option<&'static str> {
 pub(super) fn parse_host_port(text: &str) -> Result<HostPort, String> {
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
         let Some((host, after)) = rest.split_once(']') else {
-            return Err(format!(
-                "{text:?} is missing the closing \"]\" of its IPv6 address"
-            ));
+            return Err(format!("{text:?} is missing the closing \"]\" of its IPv6 address"));
         };
         if host.parse::<Ipv6Addr>().is_err() {
             return Err(format!("{text:?}: {host:?} is not an IPv6 address"));
@@ -152,9 +131,7 @@ pub(super) fn parse_host_port(text: &str) -> Result<HostPort, String> {
             } else {
                 format!("[{text}]:PORT")
             };
-            return Err(format!(
-                "{text:?}: an IPv6 address must be written in brackets, e.g. {example:?}"
-            ));
+            return Err(format!("{text:?}: an IPv6 address must be written in brackets, e.g. {example:?}"));
         }
         if host.is_empty() {
             return Err(format!("{text:?} has no host; expected \"host:port\""));
@@ -163,10 +140,7 @@ pub(super) fn parse_host_port(text: &str) -> Result<HostPort, String> {
         (host, port)
     };
     let port = parse_port(port).map_err(|why| format!("{text:?}: {why}"))?;
-    Ok(HostPort {
-        host: host.to_owned(),
-        port,
-    })
+    Ok(HostPort { host: host.to_owned(), port })
 }
 
 fn parse_port(port: &str) -> Result<u16, String> {
@@ -179,9 +153,7 @@ fn parse_port(port: &str) -> Result<u16, String> {
     match port.parse::<u64>() {
         Ok(0) => Err("port 0 is not allowed; use a port from 1 to 65535".into()),
         Ok(p) if p <= u64::from(u16::MAX) => Ok(p as u16),
-        _ => Err(format!(
-            "port {port} is out of range; use a port from 1 to 65535"
-        )),
+        _ => Err(format!("port {port} is out of range; use a port from 1 to 65535")),
     }
 }
 
@@ -199,8 +171,7 @@ fn check_host(host: &str) -> Result<(), String> {
             && l.len() <= 63
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     if name.len() > 253 || !name.split('.').all(label_ok) {
         return Err(format!("{host:?} is not a valid host name or IP address"));
@@ -254,13 +225,8 @@ pub(super) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("the name must not be empty".into());
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(format!(
-            "{name:?} contains {c:?}; names may use letters, digits, '-', '_' and '.'"
-        ));
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("{name:?} contains {c:?}; names may use letters, digits, '-', '_' and '.'"));
     }
     if name.starts_with(['-', '.']) {
         return Err(format!("{name:?} must start with a letter, digit or '_'"));
