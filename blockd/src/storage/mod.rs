@@ -113,12 +113,7 @@ pub struct StorageOptions {
 
 impl Default for StorageOptions {
     fn default() -> Self {
-        StorageOptions {
-            engine: EngineKind::Auto,
-            max_inflight: 8192,
-            posix_threads: 4,
-            read_only: false,
-        }
+        StorageOptions { engine: EngineKind::Auto, max_inflight: 8192, posix_threads: 4, read_only: false }
     }
 }
 
@@ -135,13 +130,7 @@ pub enum IoOp {
     Trim { offset: u64, len: u64, fua: bool },
     /// Make the range read back as zeroes. `may_trim` allows deallocating it;
     /// `fast_only` fails with `ENOTSUP`, changing nothing, unless that is cheap.
-    WriteZeroes {
-        offset: u64,
-        len: u64,
-        may_trim: bool,
-        fast_only: bool,
-        fua: bool,
-    },
+    WriteZeroes { offset: u64, len: u64, may_trim: bool, fast_only: bool, fua: bool },
     /// Prefetch the range into the page cache; errors are ignored.
     Cache { offset: u64, len: u64 },
 }
@@ -149,10 +138,7 @@ pub enum IoOp {
 impl IoOp {
     /// True for ops that change the backing store (refused on a read-only open).
     fn mutates(&self) -> bool {
-        matches!(
-            self,
-            IoOp::Write { .. } | IoOp::Trim { .. } | IoOp::WriteZeroes { .. }
-        )
+        matches!(self, IoOp::Write { .. } | IoOp::Trim { .. } | IoOp::WriteZeroes { .. })
     }
 
     /// Gives the op's buffer back, for a completion that never reached the kernel.
@@ -198,10 +184,7 @@ pub struct Extent {
 #[non_exhaustive]
 pub enum StorageError {
     #[error("cannot open backing store {}: {source}", path.display())]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
     #[error("cannot stat backing store {}: {source}", path.display())]
     Stat { path: PathBuf, source: Errno },
     #[error("backing store {} is neither a regular file nor a block device", path.display())]
@@ -211,10 +194,7 @@ pub enum StorageError {
     #[error("io_uring engine requested but unavailable: {source}")]
     UringUnavailable { source: std::io::Error },
     #[error("cannot start a storage engine thread for {}: {source}", path.display())]
-    Spawn {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Spawn { path: PathBuf, source: std::io::Error },
 }
 
 /// An open backing store and the engine running its I/O.
@@ -235,16 +215,10 @@ enum Engine<S: IoSink> {
 impl<S: IoSink> Storage<S> {
     /// Opens `path` (`O_RDWR`, or `O_RDONLY` when `opts.read_only`) and starts the
     /// engine chosen by `opts.engine`.
-    pub fn open(
-        path: &Path,
-        opts: &StorageOptions,
-        sink: Arc<S>,
-    ) -> Result<Storage<S>, StorageError> {
+    pub fn open(path: &Path, opts: &StorageOptions, sink: Arc<S>) -> Result<Storage<S>, StorageError> {
         let backing = Arc::new(Backing::open(path, opts.read_only)?);
         let engine = match opts.engine {
-            EngineKind::Posix => {
-                Engine::Posix(posix::PosixEngine::start(&backing, path, opts, sink)?)
-            }
+            EngineKind::Posix => Engine::Posix(posix::PosixEngine::start(&backing, path, opts, sink)?),
             EngineKind::Uring => {
                 let ring = uring::Ring::probe(opts.max_inflight)
                     .map_err(|source| StorageError::UringUnavailable { source })?;
@@ -303,12 +277,7 @@ impl<S: IoSink> Storage<S> {
     /// `EINVAL`.
     ///
     /// Synchronous (it makes system calls): run it off the async runtime.
-    pub fn block_status(
-        &self,
-        offset: u64,
-        len: u64,
-        max_extents: usize,
-    ) -> Result<Vec<Extent>, Errno> {
+    pub fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>, Errno> {
         ops::block_status(&self.backing, offset, len, max_extents)
     }
 

@@ -42,14 +42,9 @@ impl Backing {
             .write(!read_only)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
-            .map_err(|source| StorageError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        let stat = nix::sys::stat::fstat(&file).map_err(|source| StorageError::Stat {
-            path: path.to_owned(),
-            source,
-        })?;
+            .map_err(|source| StorageError::Open { path: path.to_owned(), source })?;
+        let stat = nix::sys::stat::fstat(&file)
+            .map_err(|source| StorageError::Stat { path: path.to_owned(), source })?;
         let file_type = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
         let (kind, size_bytes) = if file_type == SFlag::S_IFREG {
             (BackingKind::RegularFile, stat.st_size as u64)
@@ -57,24 +52,13 @@ impl Backing {
             let mut size_bytes = 0u64;
             // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at
             // a live local.
-            unsafe { blkgetsize64(file.as_raw_fd(), &mut size_bytes) }.map_err(|source| {
-                StorageError::DeviceSize {
-                    path: path.to_owned(),
-                    source,
-                }
-            })?;
+            unsafe { blkgetsize64(file.as_raw_fd(), &mut size_bytes) }
+                .map_err(|source| StorageError::DeviceSize { path: path.to_owned(), source })?;
             (BackingKind::BlockDevice, size_bytes)
         } else {
-            return Err(StorageError::NotFileOrDevice {
-                path: path.to_owned(),
-            });
+            return Err(StorageError::NotFileOrDevice { path: path.to_owned() });
         };
-        Ok(Backing {
-            file,
-            kind,
-            size_bytes,
-            read_only,
-        })
+        Ok(Backing { file, kind, size_bytes, read_only })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -109,21 +93,12 @@ pub(crate) fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Res
 
 /// Writes all of `buf` at `offset`; with `fua` each write carries `RWF_DSYNC` so the
 /// data is durable when this returns.
-pub(crate) fn pwrite_full(
-    fd: BorrowedFd<'_>,
-    buf: &[u8],
-    offset: u64,
-    fua: bool,
-) -> Result<(), Errno> {
+pub(crate) fn pwrite_full(fd: BorrowedFd<'_>, buf: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
     let mut done_bytes = 0;
     while done_bytes < buf.len() {
         let at = to_off(offset + done_bytes as u64)?;
         let rest = &buf[done_bytes..];
-        let written = if fua {
-            pwrite_dsync(fd, rest, at)
-        } else {
-            nix::sys::uio::pwrite(fd, rest, at)
-        };
+        let written = if fua { pwrite_dsync(fd, rest, at) } else { nix::sys::uio::pwrite(fd, rest, at) };
         match written {
             // A zero-byte write of a non-empty buffer would loop forever.
             Ok(0) => return Err(Errno::EIO),
@@ -142,10 +117,7 @@ pub(crate) fn pwrite_full(
 
 /// One `pwritev2(RWF_DSYNC)` call (nix has no wrapper for it).
 fn pwrite_dsync(fd: BorrowedFd<'_>, buf: &[u8], offset: libc::off_t) -> Result<usize, Errno> {
-    let iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
+    let iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
     // SAFETY: `iov` describes `buf`, which stays borrowed for the whole call; the
     // kernel only reads through it for a write.
     let n = unsafe { libc::pwritev2(fd.as_raw_fd(), &iov, 1, offset, libc::RWF_DSYNC) };
@@ -165,12 +137,7 @@ pub(crate) fn fdatasync(fd: BorrowedFd<'_>) -> Result<(), Errno> {
 /// reported.
 pub(crate) fn fadvise_willneed(fd: BorrowedFd<'_>, offset: u64, len_bytes: u64) {
     if let (Ok(offset), Ok(len_bytes)) = (to_off(offset), to_off(len_bytes)) {
-        let _ = nix::fcntl::posix_fadvise(
-            fd,
-            offset,
-            len_bytes,
-            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
-        );
+        let _ = nix::fcntl::posix_fadvise(fd, offset, len_bytes, PosixFadviseAdvice::POSIX_FADV_WILLNEED);
     }
 }
 
@@ -178,11 +145,7 @@ pub(crate) fn fadvise_willneed(fd: BorrowedFd<'_>, offset: u64, len_bytes: u64) 
 /// written for a [`Action::WriteZeroes`] step (possibly short) and 0 otherwise.
 pub(crate) fn run_action(fd: BorrowedFd<'_>, action: Action) -> Result<u64, Errno> {
     match action {
-        Action::Fallocate {
-            mode,
-            offset,
-            len_bytes,
-        } => {
+        Action::Fallocate { mode, offset, len_bytes } => {
             let flags = FallocateFlags::from_bits_retain(mode);
             nix::fcntl::fallocate(fd, flags, to_off(offset)?, to_off(len_bytes)?).map(|()| 0)
         }
@@ -216,20 +179,13 @@ pub(crate) fn block_status(
     }
     let end = offset.checked_add(len_bytes).ok_or(Errno::EINVAL)?;
     to_off(end)?;
-    let all_data = vec![Extent {
-        len: len_bytes,
-        hole: false,
-        zero: false,
-    }];
+    let all_data = vec![Extent { len: len_bytes, hole: false, zero: false }];
     if backing.kind == BackingKind::BlockDevice {
         return Ok(all_data);
     }
 
     let fd = backing.fd();
-    let mut extents = Extents {
-        list: Vec::new(),
-        max: max_extents,
-    };
+    let mut extents = Extents { list: Vec::new(), max: max_extents };
     let mut pos = offset;
     while pos < end && !extents.full() {
         let data_start = match seek(fd, pos, Whence::SeekData) {
@@ -287,11 +243,7 @@ impl Extents {
     fn push(&mut self, len_bytes: u64, hole: bool) {
         match self.list.last_mut() {
             Some(last) if last.hole == hole => last.len += len_bytes,
-            _ => self.list.push(Extent {
-                len: len_bytes,
-                hole,
-                zero: hole,
-            }),
+            _ => self.list.push(Extent { len: len_bytes, hole, zero: hole }),
         }
     }
 }

@@ -32,11 +32,7 @@ impl<S: IoSink> PosixEngine<S> {
         // The channel holds at most every op in flight, so `send` never waits while
         // the caller keeps its bound; the array flavour allocates its slots once.
         let (tx, rx) = crossbeam_channel::bounded::<Job<S>>(opts.max_inflight.max(1));
-        let mut engine = PosixEngine {
-            tx: Some(tx),
-            workers: Vec::new(),
-            sink,
-        };
+        let mut engine = PosixEngine { tx: Some(tx), workers: Vec::new(), sink };
         for i in 0..opts.posix_threads.max(1) {
             let (rx, backing, sink) = (rx.clone(), Arc::clone(backing), Arc::clone(&engine.sink));
             let worker = std::thread::Builder::new()
@@ -46,10 +42,7 @@ impl<S: IoSink> PosixEngine<S> {
                 Ok(handle) => engine.workers.push(handle),
                 // Dropping `engine` stops the workers already started.
                 Err(source) => {
-                    return Err(StorageError::Spawn {
-                        path: path.to_owned(),
-                        source,
-                    });
+                    return Err(StorageError::Spawn { path: path.to_owned(), source });
                 }
             }
         }
@@ -99,21 +92,12 @@ pub(crate) fn execute(backing: &Backing, op: IoOp) -> (Result<(), Errno>, IoBuf)
     let fd = backing.fd();
     match op {
         IoOp::Read { offset, mut buf } => (ops::pread_full(fd, &mut buf, offset), IoBuf::Read(buf)),
-        IoOp::Write { offset, buf, fua } => {
-            (ops::pwrite_full(fd, &buf, offset, fua), IoBuf::Write(buf))
-        }
+        IoOp::Write { offset, buf, fua } => (ops::pwrite_full(fd, &buf, offset, fua), IoBuf::Write(buf)),
         IoOp::Flush => (ops::fdatasync(fd), IoBuf::None),
-        IoOp::Trim { offset, len, fua } => (
-            run_job(backing, RangeJob::trim(backing.kind, offset, len, fua)),
-            IoBuf::None,
-        ),
-        IoOp::WriteZeroes {
-            offset,
-            len,
-            may_trim,
-            fast_only,
-            fua,
-        } => {
+        IoOp::Trim { offset, len, fua } => {
+            (run_job(backing, RangeJob::trim(backing.kind, offset, len, fua)), IoBuf::None)
+        }
+        IoOp::WriteZeroes { offset, len, may_trim, fast_only, fua } => {
             let job = RangeJob::write_zeroes(backing.kind, offset, len, may_trim, fast_only, fua);
             (run_job(backing, job), IoBuf::None)
         }

@@ -181,9 +181,7 @@ impl RangeJob {
                 }
                 Ok(_) => self.finish(),
                 Err(Errno::EOPNOTSUPP) if method == Method::Discard => self.finish(),
-                Err(e) if method != Method::Discard && is_unsupported(e) => {
-                    self.start_next_method()
-                }
+                Err(e) if method != Method::Discard && is_unsupported(e) => self.start_next_method(),
                 Err(e) => Next::Done(Err(e)),
             },
             // The range already reads as zeroes; failing to allocate it again only
@@ -221,17 +219,13 @@ impl RangeJob {
         let action = match method {
             Method::Discard => match self.kind {
                 BackingKind::RegularFile => self.fallocate(FALLOC_PUNCH),
-                BackingKind::BlockDevice => Action::BlkDiscard {
-                    offset: self.offset,
-                    len_bytes: self.len_bytes,
-                },
+                BackingKind::BlockDevice => {
+                    Action::BlkDiscard { offset: self.offset, len_bytes: self.len_bytes }
+                }
             },
             Method::Fallocate(mode) => self.fallocate(mode),
             Method::PunchThenAllocate => self.fallocate(FALLOC_PUNCH),
-            Method::BlkZeroout => Action::BlkZeroout {
-                offset: self.offset,
-                len_bytes: self.len_bytes,
-            },
+            Method::BlkZeroout => Action::BlkZeroout { offset: self.offset, len_bytes: self.len_bytes },
             Method::Write => {
                 self.phase = Phase::Writing { done_bytes: 0 };
                 return Next::Run(self.write_chunk(0));
@@ -242,19 +236,12 @@ impl RangeJob {
     }
 
     fn fallocate(&self, mode: i32) -> Action {
-        Action::Fallocate {
-            mode,
-            offset: self.offset,
-            len_bytes: self.len_bytes,
-        }
+        Action::Fallocate { mode, offset: self.offset, len_bytes: self.len_bytes }
     }
 
     fn write_chunk(&self, done_bytes: u64) -> Action {
         let len_bytes = (self.len_bytes - done_bytes).min(ZERO_CHUNK_BYTES as u64) as usize;
-        Action::WriteZeroes {
-            offset: self.offset + done_bytes,
-            len_bytes,
-        }
+        Action::WriteZeroes { offset: self.offset + done_bytes, len_bytes }
     }
 
     fn finish(&mut self) -> Next {
@@ -271,10 +258,7 @@ impl RangeJob {
 /// system or device lacks the mode, or (EINVAL) rejects it for this range, e.g. a
 /// device range not aligned to its sectors.
 fn is_unsupported(e: Errno) -> bool {
-    matches!(
-        e,
-        Errno::EOPNOTSUPP | Errno::EINVAL | Errno::ENOSYS | Errno::ENOTTY
-    )
+    matches!(e, Errno::EOPNOTSUPP | Errno::EINVAL | Errno::ENOSYS | Errno::ENOTTY)
 }
 
 #[cfg(test)]
@@ -314,35 +298,21 @@ mod tests {
         assert_eq!(result, Ok(()));
         assert_eq!(
             actions,
-            [
-                Action::Fallocate {
-                    mode: FALLOC_ZERO_RANGE,
-                    offset: 4096,
-                    len_bytes: 8192
-                },
-                Action::Datasync
-            ]
+            [Action::Fallocate { mode: FALLOC_ZERO_RANGE, offset: 4096, len_bytes: 8192 }, Action::Datasync]
         );
     }
 
     #[test]
     fn no_fallocate_falls_back_to_chunked_writes() {
         let len_bytes = 2 * ZERO_CHUNK_BYTES as u64 + 5;
-        let job =
-            RangeJob::write_zeroes(BackingKind::RegularFile, 10, len_bytes, true, false, false);
+        let job = RangeJob::write_zeroes(BackingKind::RegularFile, 10, len_bytes, true, false, false);
         let (actions, result) = run(job, write_len);
         assert_eq!(result, Ok(()));
-        let writes: Vec<_> = actions
-            .iter()
-            .filter(|a| matches!(a, Action::WriteZeroes { .. }))
-            .collect();
+        let writes: Vec<_> = actions.iter().filter(|a| matches!(a, Action::WriteZeroes { .. })).collect();
         assert_eq!(writes.len(), 3);
         assert_eq!(
             *writes[2],
-            Action::WriteZeroes {
-                offset: 10 + 2 * ZERO_CHUNK_BYTES as u64,
-                len_bytes: 5
-            }
+            Action::WriteZeroes { offset: 10 + 2 * ZERO_CHUNK_BYTES as u64, len_bytes: 5 }
         );
     }
 
@@ -360,13 +330,7 @@ mod tests {
         });
         assert_eq!(result, Ok(()));
         let last = actions.last().copied();
-        assert_eq!(
-            last,
-            Some(Action::WriteZeroes {
-                offset: 90,
-                len_bytes: 10
-            })
-        );
+        assert_eq!(last, Some(Action::WriteZeroes { offset: 90, len_bytes: 10 }));
     }
 
     #[test]
@@ -377,9 +341,7 @@ mod tests {
                 let (actions, result) = run(job, write_len);
                 assert_eq!(result, Err(Errno::ENOTSUP), "{kind:?} may_trim={may_trim}");
                 assert!(
-                    actions
-                        .iter()
-                        .all(|a| matches!(a, Action::Fallocate { .. })),
+                    actions.iter().all(|a| matches!(a, Action::Fallocate { .. })),
                     "{kind:?} may_trim={may_trim}: {actions:?}"
                 );
             }
@@ -390,10 +352,7 @@ mod tests {
     fn punch_then_allocate_when_zero_range_is_missing() {
         let job = RangeJob::write_zeroes(BackingKind::RegularFile, 0, 4096, false, true, false);
         let (actions, result) = run(job, |action| match action {
-            Action::Fallocate {
-                mode: FALLOC_ZERO_RANGE,
-                ..
-            } => Err(Errno::EOPNOTSUPP),
+            Action::Fallocate { mode: FALLOC_ZERO_RANGE, .. } => Err(Errno::EOPNOTSUPP),
             _ => Ok(0),
         });
         assert_eq!(result, Ok(()));

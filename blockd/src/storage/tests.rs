@@ -38,10 +38,7 @@ impl IoSink for Recorder {
         if token != 0 && token == self.panic_on_token.load(Ordering::Relaxed) {
             panic!("test sink panics on token {token} (expected)");
         }
-        self.done
-            .lock()
-            .unwrap()
-            .push(Completion { token, result, buf });
+        self.done.lock().unwrap().push(Completion { token, result, buf });
         self.changed.notify_all();
     }
 }
@@ -53,11 +50,7 @@ impl Recorder {
         let mut done = self.done.lock().unwrap();
         while done.len() < count {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "only {} of {count} completions within {DEADLINE:?}",
-                done.len()
-            );
+            assert!(!left.is_zero(), "only {} of {count} completions within {DEADLINE:?}", done.len());
             done = self.changed.wait_timeout(done, left).unwrap().0;
         }
         done.drain(..count).collect()
@@ -75,11 +68,7 @@ struct TempFile(PathBuf);
 impl TempFile {
     fn sparse(size_bytes: u64) -> TempFile {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let name = format!(
-            "blockd-storage-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("blockd-storage-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let path = std::env::temp_dir().join(name);
         let file = std::fs::File::create_new(&path).unwrap();
         file.set_len(size_bytes).unwrap();
@@ -105,13 +94,7 @@ struct Harness {
 
 impl Harness {
     fn open(engine: EngineKind, file: &TempFile) -> Harness {
-        Harness::open_with(
-            file,
-            &StorageOptions {
-                engine,
-                ..StorageOptions::default()
-            },
-        )
+        Harness::open_with(file, &StorageOptions { engine, ..StorageOptions::default() })
     }
 
     fn open_with(file: &TempFile, opts: &StorageOptions) -> Harness {
@@ -120,11 +103,7 @@ impl Harness {
         if opts.engine != EngineKind::Auto {
             assert_eq!(storage.engine_name(), opts.engine.to_string());
         }
-        Harness {
-            storage,
-            sink,
-            next_token: AtomicU64::new(0),
-        }
+        Harness { storage, sink, next_token: AtomicU64::new(0) }
     }
 
     /// Runs one op to completion and checks that its token came back.
@@ -138,23 +117,13 @@ impl Harness {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) {
-        let (result, buf) = self.run(IoOp::Write {
-            offset,
-            buf: filled(data),
-            fua,
-        });
+        let (result, buf) = self.run(IoOp::Write { offset, buf: filled(data), fua });
         assert_eq!(result, Ok(()), "write of {} bytes at {offset}", data.len());
-        assert!(
-            matches!(buf, IoBuf::Write(b) if b.len() == data.len()),
-            "the write buffer comes back"
-        );
+        assert!(matches!(buf, IoBuf::Write(b) if b.len() == data.len()), "the write buffer comes back");
     }
 
     fn read(&self, offset: u64, len_bytes: usize) -> BufMut {
-        match self.run(IoOp::Read {
-            offset,
-            buf: BufMut::unpooled(len_bytes),
-        }) {
+        match self.run(IoOp::Read { offset, buf: BufMut::unpooled(len_bytes) }) {
             (Ok(()), IoBuf::Read(buf)) => buf,
             (result, buf) => panic!("read at {offset}: {result:?} {buf:?}"),
         }
@@ -174,25 +143,15 @@ fn filled(data: &[u8]) -> Buf {
 
 /// Bytes that differ with position, so misplaced data shows.
 fn pattern(seed: u64, len_bytes: usize) -> Vec<u8> {
-    (0..len_bytes as u64)
-        .map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8 + 1)
-        .collect()
+    (0..len_bytes as u64).map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8 + 1).collect()
 }
 
 fn hole(len: u64) -> Extent {
-    Extent {
-        len,
-        hole: true,
-        zero: true,
-    }
+    Extent { len, hole: true, zero: true }
 }
 
 fn data(len: u64) -> Extent {
-    Extent {
-        len,
-        hole: false,
-        zero: false,
-    }
+    Extent { len, hole: false, zero: false }
 }
 
 macro_rules! engine_tests {
@@ -235,16 +194,10 @@ fn round_trip_at_random_offsets(engine: EngineKind) {
         let bytes = pattern(round, len_bytes);
         h.write(offset, &bytes, false);
         shadow[offset as usize..][..len_bytes].copy_from_slice(&bytes);
-        assert!(
-            *h.read(offset, len_bytes) == bytes[..],
-            "round {round} at {offset}"
-        );
+        assert!(*h.read(offset, len_bytes) == bytes[..], "round {round} at {offset}");
     }
     let whole = h.read(0, size_bytes as usize);
-    assert!(
-        *whole == shadow[..],
-        "the whole file matches the shadow copy"
-    );
+    assert!(*whole == shadow[..], "the whole file matches the shadow copy");
     h.storage.shutdown();
 }
 
@@ -259,47 +212,23 @@ fn fua_write_and_flush(engine: EngineKind) {
     assert!(*h.read(4096, 8192) == bytes[..]);
     h.storage.shutdown();
     // What the engine wrote is in the file as any other reader sees it.
-    assert_eq!(
-        std::fs::read(file.path()).unwrap()[4096..4096 + 8192],
-        bytes[..]
-    );
+    assert_eq!(std::fs::read(file.path()).unwrap()[4096..4096 + 8192], bytes[..]);
 }
 
 fn trim_punches_a_hole(engine: EngineKind) {
     let file = TempFile::sparse(4 * MIB);
     let h = Harness::open(engine, &file);
     h.write(0, &pattern(2, 4 * MIB as usize), false);
+    assert_eq!(h.storage.block_status(0, 4 * MIB, 16), Ok(vec![data(4 * MIB)]));
+    h.ok(IoOp::Trim { offset: MIB, len: MIB, fua: false });
+    h.ok(IoOp::Trim { offset: 3 * MIB, len: MIB / 2, fua: true });
     assert_eq!(
         h.storage.block_status(0, 4 * MIB, 16),
-        Ok(vec![data(4 * MIB)])
-    );
-    h.ok(IoOp::Trim {
-        offset: MIB,
-        len: MIB,
-        fua: false,
-    });
-    h.ok(IoOp::Trim {
-        offset: 3 * MIB,
-        len: MIB / 2,
-        fua: true,
-    });
-    assert_eq!(
-        h.storage.block_status(0, 4 * MIB, 16),
-        Ok(vec![
-            data(MIB),
-            hole(MIB),
-            data(MIB),
-            hole(MIB / 2),
-            data(MIB / 2)
-        ])
+        Ok(vec![data(MIB), hole(MIB), data(MIB), hole(MIB / 2), data(MIB / 2)])
     );
     // A trimmed file range reads back as zeroes (a file-system guarantee, not NBD's).
     assert!(h.read(MIB, MIB as usize).iter().all(|&b| b == 0));
-    h.ok(IoOp::Trim {
-        offset: 0,
-        len: 0,
-        fua: false,
-    });
+    h.ok(IoOp::Trim { offset: 0, len: 0, fua: false });
 }
 
 fn write_zeroes_reads_back_zeroes(engine: EngineKind) {
@@ -307,27 +236,14 @@ fn write_zeroes_reads_back_zeroes(engine: EngineKind) {
     let file = TempFile::sparse(size_bytes);
     let h = Harness::open(engine, &file);
     h.write(0, &vec![0xab; size_bytes as usize], false);
-    let ranges = [
-        (0, MIB, false),
-        (MIB + 100, 5000, false),
-        (2 * MIB, MIB, true),
-        (3 * MIB + 7, 9999, true),
-    ];
+    let ranges = [(0, MIB, false), (MIB + 100, 5000, false), (2 * MIB, MIB, true), (3 * MIB + 7, 9999, true)];
     for (offset, len, may_trim) in ranges {
-        h.ok(IoOp::WriteZeroes {
-            offset,
-            len,
-            may_trim,
-            fast_only: false,
-            fua: may_trim,
-        });
+        h.ok(IoOp::WriteZeroes { offset, len, may_trim, fast_only: false, fua: may_trim });
     }
     let whole = h.read(0, size_bytes as usize);
     for (i, &byte) in whole.iter().enumerate() {
         let i = i as u64;
-        let zeroed = ranges
-            .iter()
-            .any(|&(offset, len, _)| (offset..offset + len).contains(&i));
+        let zeroed = ranges.iter().any(|&(offset, len, _)| (offset..offset + len).contains(&i));
         assert_eq!(byte, if zeroed { 0 } else { 0xab }, "byte {i}");
     }
     // may_trim on a file punches a hole: the range is deallocated.
@@ -339,13 +255,7 @@ fn fast_only_zeroes_succeed_on_this_file_system(engine: EngineKind) {
     let h = Harness::open(engine, &file);
     h.write(0, &vec![0x11; 2 * MIB as usize], false);
     for (offset, may_trim) in [(0, false), (MIB, true)] {
-        h.ok(IoOp::WriteZeroes {
-            offset,
-            len: MIB,
-            may_trim,
-            fast_only: true,
-            fua: false,
-        });
+        h.ok(IoOp::WriteZeroes { offset, len: MIB, may_trim, fast_only: true, fua: false });
     }
     assert!(h.read(0, 2 * MIB as usize).iter().all(|&b| b == 0));
 }
@@ -376,15 +286,10 @@ fn concurrent_ops_complete_exactly_once(engine: EngineKind) {
                     for token in t * PER_THREAD..(t + 1) * PER_THREAD {
                         let offset = token * BLOCK as u64;
                         let op = match phase {
-                            "write" => IoOp::Write {
-                                offset,
-                                buf: filled(&block_of(token)),
-                                fua: token % 50 == 0,
-                            },
-                            _ => IoOp::Read {
-                                offset,
-                                buf: BufMut::unpooled(BLOCK),
-                            },
+                            "write" => {
+                                IoOp::Write { offset, buf: filled(&block_of(token)), fua: token % 50 == 0 }
+                            }
+                            _ => IoOp::Read { offset, buf: BufMut::unpooled(BLOCK) },
                         };
                         storage.submit(op, token);
                     }
@@ -393,11 +298,7 @@ fn concurrent_ops_complete_exactly_once(engine: EngineKind) {
         });
         let done = h.sink.take((THREADS * PER_THREAD) as usize);
         let tokens: HashSet<u64> = done.iter().map(|c| c.token).collect();
-        assert_eq!(
-            tokens,
-            (0..THREADS * PER_THREAD).collect(),
-            "{phase}: every token exactly once"
-        );
+        assert_eq!(tokens, (0..THREADS * PER_THREAD).collect(), "{phase}: every token exactly once");
         for c in done {
             assert_eq!(c.result, Ok(()), "{phase} {}", c.token);
             if let IoBuf::Read(buf) = c.buf {
@@ -414,21 +315,13 @@ fn block_status_follows_allocation(engine: EngineKind) {
     let size_bytes = 8 * MIB;
     let file = TempFile::sparse(size_bytes);
     let h = Harness::open(engine, &file);
-    assert_eq!(
-        h.storage.block_status(0, size_bytes, 16),
-        Ok(vec![hole(size_bytes)])
-    );
+    assert_eq!(h.storage.block_status(0, size_bytes, 16), Ok(vec![hole(size_bytes)]));
     h.write(0, &pattern(4, 64 * 1024), false);
     h.write(4 * MIB, &pattern(5, 4096), false);
     let rest = size_bytes - 4 * MIB - 4096;
     assert_eq!(
         h.storage.block_status(0, size_bytes, 16),
-        Ok(vec![
-            data(64 * 1024),
-            hole(4 * MIB - 64 * 1024),
-            data(4096),
-            hole(rest)
-        ])
+        Ok(vec![data(64 * 1024), hole(4 * MIB - 64 * 1024), data(4096), hole(rest)])
     );
     // Bounded by max_extents and by len; starting inside an extent.
     assert_eq!(
@@ -436,17 +329,11 @@ fn block_status_follows_allocation(engine: EngineKind) {
         Ok(vec![data(64 * 1024), hole(4 * MIB - 64 * 1024)])
     );
     assert_eq!(h.storage.block_status(4096, 4096, 16), Ok(vec![data(4096)]));
-    assert_eq!(
-        h.storage.block_status(MIB, 3 * MIB + 10, 16),
-        Ok(vec![hole(3 * MIB), data(10)])
-    );
+    assert_eq!(h.storage.block_status(MIB, 3 * MIB + 10, 16), Ok(vec![hole(3 * MIB), data(10)]));
     assert_eq!(h.storage.block_status(0, 0, 16), Err(Errno::EINVAL));
     assert_eq!(h.storage.block_status(0, 1, 0), Err(Errno::EINVAL));
     // Past the end of the file (e.g. it shrank) is a hole.
-    assert_eq!(
-        h.storage.block_status(size_bytes, MIB, 16),
-        Ok(vec![hole(MIB)])
-    );
+    assert_eq!(h.storage.block_status(size_bytes, MIB, 16), Ok(vec![hole(MIB)]));
 }
 
 /// Submits a burst of writes and flushes without waiting for any of them.
@@ -455,11 +342,7 @@ fn submit_burst(h: &Harness, count: u64) {
         let op = if token % 10 == 9 {
             IoOp::Flush
         } else {
-            IoOp::Write {
-                offset: token * 4096,
-                buf: filled(&pattern(token, 4096)),
-                fua: false,
-            }
+            IoOp::Write { offset: token * 4096, buf: filled(&pattern(token, 4096)), fua: false }
         };
         h.storage.submit(op, token);
     }
@@ -503,74 +386,28 @@ fn read_past_end_of_file_fills_zeroes(engine: EngineKind) {
 fn read_only_refuses_changes(engine: EngineKind) {
     let file = TempFile::sparse(0);
     std::fs::write(file.path(), vec![0x77; 4096]).unwrap();
-    let h = Harness::open_with(
-        &file,
-        &StorageOptions {
-            engine,
-            read_only: true,
-            ..StorageOptions::default()
-        },
-    );
-    let (result, buf) = h.run(IoOp::Write {
-        offset: 0,
-        buf: filled(&[1; 512]),
-        fua: false,
-    });
+    let h =
+        Harness::open_with(&file, &StorageOptions { engine, read_only: true, ..StorageOptions::default() });
+    let (result, buf) = h.run(IoOp::Write { offset: 0, buf: filled(&[1; 512]), fua: false });
     assert_eq!(result, Err(Errno::EROFS));
-    assert!(
-        matches!(buf, IoBuf::Write(_)),
-        "the buffer still comes back"
-    );
-    assert_eq!(
-        h.run(IoOp::Trim {
-            offset: 0,
-            len: 4096,
-            fua: false
-        })
-        .0,
-        Err(Errno::EROFS)
-    );
-    let zeroes = IoOp::WriteZeroes {
-        offset: 0,
-        len: 4096,
-        may_trim: false,
-        fast_only: false,
-        fua: false,
-    };
+    assert!(matches!(buf, IoBuf::Write(_)), "the buffer still comes back");
+    assert_eq!(h.run(IoOp::Trim { offset: 0, len: 4096, fua: false }).0, Err(Errno::EROFS));
+    let zeroes = IoOp::WriteZeroes { offset: 0, len: 4096, may_trim: false, fast_only: false, fua: false };
     assert_eq!(h.run(zeroes).0, Err(Errno::EROFS));
     assert!(h.read(0, 4096).iter().all(|&b| b == 0x77));
     h.ok(IoOp::Flush);
-    h.ok(IoOp::Cache {
-        offset: 0,
-        len: 4096,
-    });
+    h.ok(IoOp::Cache { offset: 0, len: 4096 });
 }
 
 fn small_inflight_bound_reuses_slots(engine: EngineKind) {
     let file = TempFile::sparse(MIB);
-    let opts = StorageOptions {
-        engine,
-        max_inflight: 2,
-        posix_threads: 1,
-        ..StorageOptions::default()
-    };
+    let opts = StorageOptions { engine, max_inflight: 2, posix_threads: 1, ..StorageOptions::default() };
     let h = Harness::open_with(&file, &opts);
     // Keep exactly two ops in flight: submit the next one as each completes.
-    h.storage.submit(
-        IoOp::Write {
-            offset: 0,
-            buf: filled(&pattern(0, 4096)),
-            fua: false,
-        },
-        0,
-    );
+    h.storage.submit(IoOp::Write { offset: 0, buf: filled(&pattern(0, 4096)), fua: false }, 0);
     for token in 1..100u64 {
         h.storage.submit(
-            IoOp::Write {
-                offset: token * 4096,
-                buf: filled(&pattern(token, 4096)),
-                fua: false,
-            },
+            IoOp::Write { offset: token * 4096, buf: filled(&pattern(token, 4096)), fua: false },
             token,
         );
         let done = h.sink.take(1);
@@ -584,11 +421,7 @@ fn small_inflight_bound_reuses_slots(engine: EngineKind) {
 
 fn a_panicking_sink_does_not_stop_the_engine(engine: EngineKind) {
     let file = TempFile::sparse(MIB);
-    let opts = StorageOptions {
-        engine,
-        posix_threads: 1,
-        ..StorageOptions::default()
-    };
+    let opts = StorageOptions { engine, posix_threads: 1, ..StorageOptions::default() };
     let h = Harness::open_with(&file, &opts);
     h.sink.panic_on_token.store(7, Ordering::Relaxed);
     h.storage.submit(IoOp::Flush, 7);
@@ -606,21 +439,14 @@ fn engine_kind_parses_and_displays() {
         assert_eq!(kind.to_string().parse::<EngineKind>(), Ok(kind));
     }
     let err = "epoll".parse::<EngineKind>().unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "unknown I/O engine `epoll` (expected auto, uring or posix)"
-    );
+    assert_eq!(err.to_string(), "unknown I/O engine `epoll` (expected auto, uring or posix)");
 }
 
 #[test]
 fn auto_uses_uring_where_the_kernel_allows_it() {
     let file = TempFile::sparse(MIB);
     let h = Harness::open(EngineKind::Auto, &file);
-    let expected = if uring::Ring::probe(8).is_ok() {
-        "uring"
-    } else {
-        "posix"
-    };
+    let expected = if uring::Ring::probe(8).is_ok() { "uring" } else { "posix" };
     assert_eq!(h.storage.engine_name(), expected);
     h.write(0, b"auto", false);
     assert_eq!(&*h.read(0, 4), b"auto");
@@ -629,29 +455,15 @@ fn auto_uses_uring_where_the_kernel_allows_it() {
 #[test]
 fn open_errors_name_the_path() {
     let sink = Arc::new(Recorder::default());
-    let missing =
-        std::env::temp_dir().join(format!("blockd-storage-missing-{}", std::process::id()));
-    let err = Storage::open(&missing, &StorageOptions::default(), Arc::clone(&sink))
-        .err()
-        .unwrap();
+    let missing = std::env::temp_dir().join(format!("blockd-storage-missing-{}", std::process::id()));
+    let err = Storage::open(&missing, &StorageOptions::default(), Arc::clone(&sink)).err().unwrap();
     assert!(matches!(err, StorageError::Open { .. }), "{err:?}");
-    assert!(
-        err.to_string().contains(&*missing.to_string_lossy()),
-        "{err}"
-    );
+    assert!(err.to_string().contains(&*missing.to_string_lossy()), "{err}");
 
-    let read_only = StorageOptions {
-        read_only: true,
-        ..StorageOptions::default()
-    };
+    let read_only = StorageOptions { read_only: true, ..StorageOptions::default() };
     for path in [std::env::temp_dir(), PathBuf::from("/dev/null")] {
-        let err = Storage::open(&path, &read_only, Arc::clone(&sink))
-            .err()
-            .unwrap();
-        assert!(
-            matches!(err, StorageError::NotFileOrDevice { .. }),
-            "{err:?}"
-        );
+        let err = Storage::open(&path, &read_only, Arc::clone(&sink)).err().unwrap();
+        assert!(matches!(err, StorageError::NotFileOrDevice { .. }), "{err:?}");
         assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
     }
 }

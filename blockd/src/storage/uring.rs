@@ -87,12 +87,7 @@ impl Ring {
         }
         // SAFETY: `raw` is a fresh descriptor that nothing else owns.
         let wake_fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        Ok(Ring {
-            ring,
-            wake_fd,
-            slot_count,
-            queue_capacity: max_inflight.max(1),
-        })
+        Ok(Ring { ring, wake_fd, slot_count, queue_capacity: max_inflight.max(1) })
     }
 }
 
@@ -133,12 +128,7 @@ impl<S: IoSink> UringEngine<S> {
         path: &Path,
         sink: Arc<S>,
     ) -> Result<UringEngine<S>, StorageError> {
-        let Ring {
-            ring,
-            wake_fd,
-            slot_count,
-            queue_capacity,
-        } = ring;
+        let Ring { ring, wake_fd, slot_count, queue_capacity } = ring;
         let shared = Arc::new(Shared {
             // Sized to the caller's full bound (not the slab's), so a push never
             // finds it full while the caller keeps to max_inflight.
@@ -148,21 +138,13 @@ impl<S: IoSink> UringEngine<S> {
             wake_fd,
         });
         let thread = {
-            let (shared, backing, sink) =
-                (Arc::clone(&shared), Arc::clone(backing), Arc::clone(&sink));
+            let (shared, backing, sink) = (Arc::clone(&shared), Arc::clone(backing), Arc::clone(&sink));
             std::thread::Builder::new()
                 .name("blockd-uring".to_owned())
                 .spawn(move || ring_thread(ring, &shared, &backing, &*sink, slot_count))
-                .map_err(|source| StorageError::Spawn {
-                    path: path.to_owned(),
-                    source,
-                })?
+                .map_err(|source| StorageError::Spawn { path: path.to_owned(), source })?
         };
-        Ok(UringEngine {
-            shared,
-            thread: Some(thread),
-            sink,
-        })
+        Ok(UringEngine { shared, thread: Some(thread), sink })
     }
 
     pub fn submit(&self, op: IoOp, token: S::Token) {
@@ -183,9 +165,7 @@ impl<S: IoSink> UringEngine<S> {
         fence(Ordering::SeqCst);
         // Load first: the swap (a write) happens only when the thread sleeps, and
         // only one submitter wins it, so a burst of submits costs one wake-up.
-        if self.shared.sleeping.load(Ordering::SeqCst)
-            && self.shared.sleeping.swap(false, Ordering::SeqCst)
-        {
+        if self.shared.sleeping.load(Ordering::SeqCst) && self.shared.sleeping.swap(false, Ordering::SeqCst) {
             self.shared.wake();
         }
     }
@@ -258,8 +238,7 @@ impl<S: IoSink> RingLoop<'_, S> {
             self.pull_queued();
             self.reap();
             let stopping = self.shared.stop.load(Ordering::SeqCst);
-            if stopping && !self.wake_armed && self.in_flight() == 0 && self.shared.queue.is_empty()
-            {
+            if stopping && !self.wake_armed && self.in_flight() == 0 && self.shared.queue.is_empty() {
                 return;
             }
             if self.can_pull() || self.cq_ready() {
@@ -376,13 +355,9 @@ impl<S: IoSink> RingLoop<'_, S> {
     }
 
     fn arm_wake(&mut self) {
-        let entry = opcode::Read::new(
-            Fd(self.shared.wake_fd.as_raw_fd()),
-            self.wake_buf.as_mut_ptr(),
-            8,
-        )
-        .build()
-        .user_data(WAKE_USER_DATA);
+        let entry = opcode::Read::new(Fd(self.shared.wake_fd.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE_USER_DATA);
         self.push(&entry);
         self.wake_armed = true;
     }
@@ -406,10 +381,7 @@ impl<S: IoSink> RingLoop<'_, S> {
         if let Err(e) = self.submitter.submit_and_wait(want) {
             // EINTR: a signal; EAGAIN/EBUSY: transient kernel shortage. The loop
             // comes back here either way.
-            if !matches!(
-                e.raw_os_error(),
-                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-            ) {
+            if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) {
                 tracing::error!(error = %e, "io_uring_enter failed");
                 std::thread::yield_now();
             }
@@ -432,22 +404,10 @@ impl<S: IoSink> Drop for RingLoop<'_, S> {
 
 /// An op in flight and how far it got.
 enum Task {
-    Read {
-        offset: u64,
-        buf: BufMut,
-        done_bytes: usize,
-    },
-    Write {
-        offset: u64,
-        buf: Buf,
-        fua: bool,
-        done_bytes: usize,
-    },
+    Read { offset: u64, buf: BufMut, done_bytes: usize },
+    Write { offset: u64, buf: Buf, fua: bool, done_bytes: usize },
     Flush,
-    Cache {
-        offset: u64,
-        len_bytes: u64,
-    },
+    Cache { offset: u64, len_bytes: u64 },
     Range(RangeJob),
 }
 
@@ -459,39 +419,14 @@ enum Step {
 impl Task {
     fn new(op: IoOp, backing: &Backing) -> Task {
         match op {
-            IoOp::Read { offset, buf } => Task::Read {
-                offset,
-                buf,
-                done_bytes: 0,
-            },
-            IoOp::Write { offset, buf, fua } => Task::Write {
-                offset,
-                buf,
-                fua,
-                done_bytes: 0,
-            },
+            IoOp::Read { offset, buf } => Task::Read { offset, buf, done_bytes: 0 },
+            IoOp::Write { offset, buf, fua } => Task::Write { offset, buf, fua, done_bytes: 0 },
             IoOp::Flush => Task::Flush,
-            IoOp::Trim { offset, len, fua } => {
-                Task::Range(RangeJob::trim(backing.kind, offset, len, fua))
+            IoOp::Trim { offset, len, fua } => Task::Range(RangeJob::trim(backing.kind, offset, len, fua)),
+            IoOp::WriteZeroes { offset, len, may_trim, fast_only, fua } => {
+                Task::Range(RangeJob::write_zeroes(backing.kind, offset, len, may_trim, fast_only, fua))
             }
-            IoOp::WriteZeroes {
-                offset,
-                len,
-                may_trim,
-                fast_only,
-                fua,
-            } => Task::Range(RangeJob::write_zeroes(
-                backing.kind,
-                offset,
-                len,
-                may_trim,
-                fast_only,
-                fua,
-            )),
-            IoOp::Cache { offset, len } => Task::Cache {
-                offset,
-                len_bytes: len,
-            },
+            IoOp::Cache { offset, len } => Task::Cache { offset, len_bytes: len },
         }
     }
 
@@ -507,11 +442,7 @@ impl Task {
     /// (`None` to start).
     fn step(&mut self, fd: Fd, backing: &Backing, last: Option<i32>) -> Step {
         match self {
-            Task::Read {
-                offset,
-                buf,
-                done_bytes,
-            } => {
+            Task::Read { offset, buf, done_bytes } => {
                 match last {
                     None => {}
                     Some(res) if is_retry(res) => {}
@@ -529,18 +460,9 @@ impl Task {
                 let rest = &mut buf[*done_bytes..];
                 let len_bytes = rest.len().min(MAX_RW_CHUNK_BYTES) as u32;
                 let at = *offset + *done_bytes as u64;
-                Step::Submit(
-                    opcode::Read::new(fd, rest.as_mut_ptr(), len_bytes)
-                        .offset(at)
-                        .build(),
-                )
+                Step::Submit(opcode::Read::new(fd, rest.as_mut_ptr(), len_bytes).offset(at).build())
             }
-            Task::Write {
-                offset,
-                buf,
-                fua,
-                done_bytes,
-            } => {
+            Task::Write { offset, buf, fua, done_bytes } => {
                 match last {
                     None => {}
                     Some(res) if is_retry(res) => {}
@@ -558,10 +480,7 @@ impl Task {
                 // RWF_DSYNC per write: each piece is durable before it completes.
                 let rw_flags = if *fua { libc::RWF_DSYNC } else { 0 };
                 Step::Submit(
-                    opcode::Write::new(fd, rest.as_ptr(), len_bytes)
-                        .offset(at)
-                        .rw_flags(rw_flags)
-                        .build(),
+                    opcode::Write::new(fd, rest.as_ptr(), len_bytes).offset(at).rw_flags(rw_flags).build(),
                 )
             }
             Task::Flush => match last {
@@ -575,11 +494,7 @@ impl Task {
                     // first 4 GiB of a larger range is plenty.
                     let len = (*len_bytes).min(u64::from(u32::MAX)) as libc::off_t;
                     let advice = libc::POSIX_FADV_WILLNEED;
-                    Step::Submit(
-                        opcode::Fadvise::new(fd, len, advice)
-                            .offset(*offset)
-                            .build(),
-                    )
+                    Step::Submit(opcode::Fadvise::new(fd, len, advice).offset(*offset).build())
                 }
                 Some(_) => Step::Done(Ok(())),
             },
@@ -591,18 +506,11 @@ impl Task {
                         Next::Done(result) => return Step::Done(result),
                     };
                     let entry = match action {
-                        Action::Fallocate {
-                            mode,
-                            offset,
-                            len_bytes,
-                        } => opcode::Fallocate::new(fd, len_bytes)
-                            .offset(offset)
-                            .mode(mode)
-                            .build(),
+                        Action::Fallocate { mode, offset, len_bytes } => {
+                            opcode::Fallocate::new(fd, len_bytes).offset(offset).mode(mode).build()
+                        }
                         Action::WriteZeroes { offset, len_bytes } => {
-                            opcode::Write::new(fd, ZEROES.as_ptr(), len_bytes as u32)
-                                .offset(offset)
-                                .build()
+                            opcode::Write::new(fd, ZEROES.as_ptr(), len_bytes as u32).offset(offset).build()
                         }
                         Action::Datasync => datasync(fd),
                         // io_uring has no opcode for these block-device ioctls, so they
@@ -625,11 +533,7 @@ fn datasync(fd: Fd) -> squeue::Entry {
 }
 
 fn errno_result(res: i32) -> Result<u64, Errno> {
-    if res < 0 {
-        Err(Errno::from_raw(-res))
-    } else {
-        Ok(res as u64)
-    }
+    if res < 0 { Err(Errno::from_raw(-res)) } else { Ok(res as u64) }
 }
 
 /// Results after which the same request is simply issued again.
