@@ -272,7 +272,9 @@ impl<S: IoSink> Storage<S> {
     /// Allocation map for NBD BLOCK_STATUS: consecutive extents starting at
     /// `offset`, covering at least 1 and at most `len` bytes in at most
     /// `max_extents` extents. Regular files answer from `SEEK_DATA`/`SEEK_HOLE`; a
-    /// block device (or a file system without them) reports one data extent.
+    /// block device (or a file system without them) reports one data extent. Past
+    /// the end of a regular file is a hole. `len == 0` or `max_extents == 0` is
+    /// `EINVAL`.
     ///
     /// Synchronous (it makes system calls): run it off the async runtime.
     pub fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>, Errno> {
@@ -292,6 +294,6 @@ impl<S: IoSink> Storage<S> {
 fn deliver<S: IoSink>(sink: &S, token: S::Token, result: Result<(), Errno>, buf: IoBuf) {
     let call = std::panic::AssertUnwindSafe(|| sink.complete(token, result, buf));
     if std::panic::catch_unwind(call).is_err() {
-        tracing::error!("the storage completion callback panicked; the op is dropped");
+        tracing::error!("the storage completion callback panicked; the engine carries on");
     }
 }

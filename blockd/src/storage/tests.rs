@@ -28,11 +28,19 @@ struct Completion {
 struct Recorder {
     done: Mutex<Vec<Completion>>,
     changed: Condvar,
+    /// Panic instead of recording this token (0 = never; such tests start at 1).
+    panic_on_token: AtomicU64,
 }
 
 impl IoSink for Recorder {
     type Token = u64;
     fn complete(&self, token: u64, result: Result<(), Errno>, buf: IoBuf) {
+<<<<<<< HEAD
+=======
+        if token != 0 && token == self.panic_on_token.load(Ordering::Relaxed) {
+            panic!("test sink panics on token {token} (expected)");
+        }
+>>>>>>> wt-storage
         self.done.lock().unwrap().push(Completion { token, result, buf });
         self.changed.notify_all();
     }
@@ -174,6 +182,7 @@ engine_tests!(
     read_past_end_of_file_fills_zeroes,
     read_only_refuses_changes,
     small_inflight_bound_reuses_slots,
+    a_panicking_sink_does_not_stop_the_engine,
 );
 
 fn round_trip_at_random_offsets(engine: EngineKind) {
@@ -411,6 +420,20 @@ fn small_inflight_bound_reuses_slots(engine: EngineKind) {
     for token in [0, 42, 99] {
         assert!(*h.read(token * 4096, 4096) == pattern(token, 4096)[..]);
     }
+}
+
+fn a_panicking_sink_does_not_stop_the_engine(engine: EngineKind) {
+    let file = TempFile::sparse(MIB);
+    let opts = StorageOptions { engine, posix_threads: 1, ..StorageOptions::default() };
+    let h = Harness::open_with(&file, &opts);
+    h.sink.panic_on_token.store(7, Ordering::Relaxed);
+    h.storage.submit(IoOp::Flush, 7);
+    // The only worker thread (or the ring thread) still serves the next ops.
+    for token in 8..20 {
+        h.storage.submit(IoOp::Flush, token);
+    }
+    let tokens: HashSet<u64> = h.sink.take(12).iter().map(|c| c.token).collect();
+    assert_eq!(tokens, (8..20).collect());
 }
 
 #[test]
