@@ -35,12 +35,9 @@ struct Recorder {
 impl IoSink for Recorder {
     type Token = u64;
     fn complete(&self, token: u64, result: Result<(), Errno>, buf: IoBuf) {
-<<<<<<< HEAD
-=======
         if token != 0 && token == self.panic_on_token.load(Ordering::Relaxed) {
             panic!("test sink panics on token {token} (expected)");
         }
->>>>>>> wt-storage
         self.done.lock().unwrap().push(Completion { token, result, buf });
         self.changed.notify_all();
     }
