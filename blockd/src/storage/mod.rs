@@ -23,7 +23,10 @@
 //! INTERFACE CONTRACT (fixed; engines implement it):
 //! - `submit` never blocks on I/O; the caller bounds the number of ops in flight
 //!   (at most `StorageOptions::max_inflight`), so the engine queues are sized to that.
-//! - Every submitted op completes exactly once through the sink, from an engine thread.
+//! - Every submitted op completes exactly once through the sink: from an engine
+//!   thread, or — for a read fully served from the page cache — on the submitting
+//!   thread before `submit` returns. Sinks must therefore not take locks the
+//!   submitter holds.
 //! - Errors are reported as `nix::errno::Errno` (the caller maps them to NBD errors).
 //! - Ops in flight at the same time are unordered; a FLUSH covers the writes that
 //!   completed before it was submitted.
@@ -164,8 +167,9 @@ pub enum IoBuf {
 pub trait IoSink: Send + Sync + 'static {
     /// Identifies an op to its submitter (e.g. the NBD handle and connection slot).
     type Token: Send + 'static;
-    /// Called exactly once per submitted op, from an engine thread. Must not block
-    /// for long: it stalls every other op of that engine thread.
+    /// Called exactly once per submitted op, from an engine thread (or inline from
+    /// `submit` for a cached read). Must not block for long: it stalls every other op
+    /// of that engine thread.
     fn complete(&self, token: Self::Token, result: Result<(), Errno>, buf: IoBuf);
 }
 
@@ -205,6 +209,7 @@ pub enum StorageError {
 pub struct Storage<S: IoSink> {
     backing: Arc<Backing>,
     engine: Engine<S>,
+    sink: Arc<S>,
 }
 
 enum Engine<S: IoSink> {
@@ -217,26 +222,27 @@ impl<S: IoSink> Storage<S> {
     /// engine chosen by `opts.engine`.
     pub fn open(path: &Path, opts: &StorageOptions, sink: Arc<S>) -> Result<Storage<S>, StorageError> {
         let backing = Arc::new(Backing::open(path, opts.read_only)?);
+        let engine_sink = sink.clone();
         let engine = match opts.engine {
-            EngineKind::Posix => Engine::Posix(posix::PosixEngine::start(&backing, path, opts, sink)?),
+            EngineKind::Posix => Engine::Posix(posix::PosixEngine::start(&backing, path, opts, engine_sink.clone())?),
             EngineKind::Uring => {
                 let ring = uring::Ring::probe(opts.max_inflight)
                     .map_err(|source| StorageError::UringUnavailable { source })?;
-                Engine::Uring(uring::UringEngine::start(ring, &backing, path, sink)?)
+                Engine::Uring(uring::UringEngine::start(ring, &backing, path, engine_sink.clone())?)
             }
             EngineKind::Auto => match uring::Ring::probe(opts.max_inflight) {
-                Ok(ring) => Engine::Uring(uring::UringEngine::start(ring, &backing, path, sink)?),
+                Ok(ring) => Engine::Uring(uring::UringEngine::start(ring, &backing, path, engine_sink.clone())?),
                 Err(reason) => {
                     tracing::warn!(
                         path = %path.display(),
                         %reason,
                         "io_uring is unavailable; using the posix storage engine"
                     );
-                    Engine::Posix(posix::PosixEngine::start(&backing, path, opts, sink)?)
+                    Engine::Posix(posix::PosixEngine::start(&backing, path, opts, engine_sink.clone())?)
                 }
             },
         };
-        Ok(Storage { backing, engine })
+        Ok(Storage { backing, engine, sink })
     }
 
     /// Size of the backing store at open time: the file length, or `BLKGETSIZE64`
@@ -262,7 +268,21 @@ impl<S: IoSink> Storage<S> {
     /// Never blocks on I/O and can be called from any thread, including async
     /// runtime workers. It can wait for queue space only if the caller breaks the
     /// `max_inflight` bound.
+    ///
+    /// A read whose bytes are all in the page cache is served right here with
+    /// `preadv2(RWF_NOWAIT)` (which never waits for the disk) and completes before
+    /// `submit` returns: on this machine kind a hand-off to an engine thread and back
+    /// costs more than the copy itself. Anything else goes to the engine.
     pub fn submit(&self, op: IoOp, token: S::Token) {
+        let op = match op {
+            IoOp::Read { offset, mut buf } => {
+                if ops::pread_cached(self.backing.fd(), &mut buf, offset) {
+                    return deliver(&*self.sink, token, Ok(()), IoBuf::Read(buf));
+                }
+                IoOp::Read { offset, buf }
+            }
+            other => other,
+        };
         match &self.engine {
             Engine::Posix(engine) => engine.submit(op, token),
             Engine::Uring(engine) => engine.submit(op, token),

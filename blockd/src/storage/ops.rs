@@ -91,6 +91,18 @@ pub(crate) fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Res
     Ok(())
 }
 
+/// Reads all of `buf` at `offset` only if every byte is already in the page cache
+/// (`preadv2(RWF_NOWAIT)`): never blocks on the disk. False means "use the engine".
+pub(crate) fn pread_cached(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> bool {
+    let Ok(at) = to_off(offset) else { return false };
+    let iov = [std::io::IoSliceMut::new(buf)];
+    let want = iov[0].len();
+    // SAFETY: the iovec points into `buf`, which is valid and exclusively borrowed for
+    // the duration of the call.
+    let n = unsafe { libc::preadv2(fd.as_raw_fd(), iov.as_ptr().cast(), 1, at, libc::RWF_NOWAIT) };
+    n >= 0 && n as usize == want
+}
+
 /// Writes all of `buf` at `offset`; with `fua` each write carries `RWF_DSYNC` so the
 /// data is durable when this returns.
 pub(crate) fn pwrite_full(fd: BorrowedFd<'_>, buf: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {

@@ -180,6 +180,7 @@ engine_tests!(
     read_only_refuses_changes,
     small_inflight_bound_reuses_slots,
     a_panicking_sink_does_not_stop_the_engine,
+    cached_reads_complete_inline_and_cold_reads_use_the_engine,
 );
 
 fn round_trip_at_random_offsets(engine: EngineKind) {
@@ -472,4 +473,25 @@ fn open_errors_name_the_path() {
 fn storage_can_be_shared_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Storage<Recorder>>();
+}
+
+fn cached_reads_complete_inline_and_cold_reads_use_the_engine(engine: EngineKind) {
+    let file = TempFile::sparse(4 * MIB);
+    let h = Harness::open(engine, &file);
+    let bytes = pattern(9, 2 * MIB as usize);
+    h.write(MIB, &bytes, false);
+    // Just written, so in the page cache: served before submit() returns.
+    h.storage.submit(IoOp::Read { offset: MIB, buf: BufMut::unpooled(bytes.len()) }, 77);
+    assert_eq!(h.sink.untaken(), 1, "a cached read completes inline");
+    let c = h.sink.take(1).pop().unwrap();
+    assert!(c.token == 77 && c.result.is_ok());
+    assert!(matches!(c.buf, IoBuf::Read(b) if *b == bytes[..]));
+    // Evicted from the cache: the engine reads it from the disk, same bytes.
+    h.ok(IoOp::Flush);
+    let f = std::fs::File::open(file.path()).unwrap();
+    nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+    assert!(*h.read(MIB, bytes.len()) == bytes[..], "a cold read returns the same data");
+    // A read straddling the end of the file falls back to the engine, which zero-fills.
+    let tail = h.read(4 * MIB - 4096, 8192);
+    assert!(tail.iter().all(|&b| b == 0));
 }
