@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::buf::BufPool;
@@ -221,56 +221,105 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Reply>,
     structured: bool,
 ) -> std::io::Result<()> {
-    let mut out = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, writer);
+    let mut out = ReplyOut { writer, pending: Vec::with_capacity(SOCKET_BUFFER_BYTES) };
     while let Some(first) = rx.recv().await {
-        encode_reply(&mut out, first, structured).await?;
+        out.encode(first, structured).await?;
         while let Ok(next) = rx.try_recv() {
-            encode_reply(&mut out, next, structured).await?;
+            out.encode(next, structured).await?;
         }
         out.flush().await?;
     }
-    let _ = out.shutdown().await;
+    let _ = out.writer.shutdown().await;
     Ok(())
 }
 
-async fn encode_reply<W: AsyncWrite + Unpin>(
-    out: &mut BufWriter<W>,
-    r: Reply,
-    structured: bool,
-) -> std::io::Result<()> {
-    let structured_command = matches!(r.command, cmd::READ | cmd::BLOCK_STATUS);
-    match r.body {
-        ReplyBody::Ok => out.write_all(&encode_simple_reply(r.cookie, 0)).await,
-        ReplyBody::Error(e) if structured && structured_command => {
-            let h = encode_structured_header(r.cookie, reply::FLAG_DONE, reply::TYPE_ERROR, 6);
-            out.write_all(&h).await?;
-            out.write_all(&e.code().to_be_bytes()).await?;
-            out.write_all(&0u16.to_be_bytes()).await
-        }
-        ReplyBody::Error(e) => out.write_all(&encode_simple_reply(r.cookie, e.code())).await,
-        ReplyBody::ReadData(buf) if structured => {
-            let len = u32::try_from(8 + buf.len()).expect("payload ≤ 32 MiB");
-            let h = encode_structured_header(r.cookie, reply::FLAG_DONE, reply::TYPE_OFFSET_DATA, len);
-            out.write_all(&h).await?;
-            out.write_all(&r.offset.to_be_bytes()).await?;
-            out.write_all(&buf).await
-        }
-        ReplyBody::ReadData(buf) => {
-            out.write_all(&encode_simple_reply(r.cookie, 0)).await?;
-            out.write_all(&buf).await
-        }
-        ReplyBody::BlockStatus { context_id, extents, request_len, req_one } => {
-            let extents = sanitize_extents(extents, request_len, req_one);
-            let len = u32::try_from(4 + 8 * extents.len()).expect("bounded extent count");
-            let h = encode_structured_header(r.cookie, reply::FLAG_DONE, reply::TYPE_BLOCK_STATUS, len);
-            out.write_all(&h).await?;
-            out.write_all(&context_id.to_be_bytes()).await?;
-            for e in &extents {
-                out.write_all(&e.len_bytes.to_be_bytes()).await?;
-                out.write_all(&e.flags.to_be_bytes()).await?;
+/// Reply bytes on their way to the socket. Headers and small payloads are gathered in
+/// `pending` (one write for many replies); a large payload goes out in the same
+/// `writev` as everything gathered before it, so its header never travels as a tiny
+/// segment of its own (the spirit of `MSG_MORE`) and the payload is not copied.
+struct ReplyOut<W> {
+    writer: W,
+    pending: Vec<u8>,
+}
+
+/// Payloads at least this large are written from their own buffer, not copied.
+const DIRECT_PAYLOAD_BYTES: usize = 32 << 10;
+
+impl<W: AsyncWrite + Unpin> ReplyOut<W> {
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.write_all(&self.pending).await?;
+        self.pending.clear();
+        self.writer.flush().await
+    }
+
+    async fn payload(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if data.len() < DIRECT_PAYLOAD_BYTES {
+            self.pending.extend_from_slice(data);
+            if self.pending.len() >= SOCKET_BUFFER_BYTES {
+                self.flush().await?;
             }
-            Ok(())
+            return Ok(());
         }
+        let mut slices = [std::io::IoSlice::new(&self.pending), std::io::IoSlice::new(data)];
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = self.writer.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            std::io::IoSlice::advance_slices(&mut rest, n);
+        }
+        self.pending.clear();
+        Ok(())
+    }
+
+    async fn encode(&mut self, r: Reply, structured: bool) -> std::io::Result<()> {
+        let structured_command = matches!(r.command, cmd::READ | cmd::BLOCK_STATUS);
+        let out = &mut self.pending;
+        match r.body {
+            ReplyBody::Ok => out.extend_from_slice(&encode_simple_reply(r.cookie, 0)),
+            ReplyBody::Error(e) if structured && structured_command => {
+                out.extend_from_slice(&encode_structured_header(
+                    r.cookie,
+                    reply::FLAG_DONE,
+                    reply::TYPE_ERROR,
+                    6,
+                ));
+                out.extend_from_slice(&e.code().to_be_bytes());
+                out.extend_from_slice(&0u16.to_be_bytes());
+            }
+            ReplyBody::Error(e) => out.extend_from_slice(&encode_simple_reply(r.cookie, e.code())),
+            ReplyBody::ReadData(buf) if structured => {
+                let len = u32::try_from(8 + buf.len()).expect("payload ≤ 32 MiB");
+                let h = encode_structured_header(r.cookie, reply::FLAG_DONE, reply::TYPE_OFFSET_DATA, len);
+                out.extend_from_slice(&h);
+                out.extend_from_slice(&r.offset.to_be_bytes());
+                return self.payload(&buf).await;
+            }
+            ReplyBody::ReadData(buf) => {
+                out.extend_from_slice(&encode_simple_reply(r.cookie, 0));
+                return self.payload(&buf).await;
+            }
+            ReplyBody::BlockStatus { context_id, extents, request_len, req_one } => {
+                let extents = sanitize_extents(extents, request_len, req_one);
+                let len = u32::try_from(4 + 8 * extents.len()).expect("bounded extent count");
+                out.extend_from_slice(&encode_structured_header(
+                    r.cookie,
+                    reply::FLAG_DONE,
+                    reply::TYPE_BLOCK_STATUS,
+                    len,
+                ));
+                out.extend_from_slice(&context_id.to_be_bytes());
+                for e in &extents {
+                    out.extend_from_slice(&e.len_bytes.to_be_bytes());
+                    out.extend_from_slice(&e.flags.to_be_bytes());
+                }
+            }
+        }
+        if self.pending.len() >= SOCKET_BUFFER_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
     }
 }
 

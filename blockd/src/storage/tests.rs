@@ -478,7 +478,7 @@ fn storage_can_be_shared_across_threads() {
 fn cached_reads_complete_inline_and_cold_reads_use_the_engine(engine: EngineKind) {
     let file = TempFile::sparse(4 * MIB);
     let h = Harness::open(engine, &file);
-    let bytes = pattern(9, 2 * MIB as usize);
+    let bytes = pattern(9, INLINE_READ_MAX_BYTES);
     h.write(MIB, &bytes, false);
     // Just written, so in the page cache: served before submit() returns.
     h.storage.submit(IoOp::Read { offset: MIB, buf: BufMut::unpooled(bytes.len()) }, 77);
