@@ -8,6 +8,8 @@
 //!   [`storage::IoOp`] with a token, get the token back through an [`storage::IoSink`].
 //! - [`device`]: [`device::LocalDevice`], the `nbd_server::BlockDevice` that serves the
 //!   local store directly, using each request's responder as the storage token.
+//! - [`state`]: the replication vocabulary: [`state::Role`], [`state::DiskState`],
+//!   [`state::Generations`] (data generation ids).
 //! - [`daemon`]: `blockd run`: open, serve NBD on the node's addresses, shut down
 //!   gracefully on SIGTERM/SIGINT.
 //!
@@ -17,4 +19,5 @@
 pub mod config;
 pub mod daemon;
 pub mod device;
+pub mod state;
 pub mod storage;

@@ -239,3 +239,38 @@ impl Config {
         self.nodes.iter().map(|n| n.name.clone()).collect()
     }
 }
+
+impl Config {
+    /// The effective config as TOML: every key with its value after defaults (sizes
+    /// in bytes), in file order. `blockctl show` prints it; parsing it again yields
+    /// the same config.
+    pub fn effective_toml(&self) -> String {
+        use std::fmt::Write as _;
+        let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
+        let mut out = String::new();
+        let r = &self.resource;
+        let _ = writeln!(out, "[resource]\nname = {}\nprotocol = {}", q(&r.name), q(&r.protocol.to_string()));
+        if let Some(size) = r.size_bytes {
+            let _ = writeln!(out, "size = {size}");
+        }
+        let _ = writeln!(out, "bitmap-granularity = {}", r.bitmap_granularity_bytes);
+        for n in &self.nodes {
+            let nbd: Vec<String> = n.nbd.iter().map(|a| q(&a.to_string())).collect();
+            let meta = match &n.meta {
+                MetaLocation::Internal => q("internal"),
+                MetaLocation::External(p) => q(&p.display().to_string()),
+            };
+            let _ = writeln!(
+                out,
+                "\n[[node]]\nname = {}\nreplication = {}\nnbd = [{}]\ndisk = {}\nmeta = {}\ncontrol = {}",
+                q(&n.name),
+                q(&n.replication.to_string()),
+                nbd.join(", "),
+                q(&n.disk.display().to_string()),
+                meta,
+                q(&n.control.display().to_string()),
+            );
+        }
+        out
+    }
+}

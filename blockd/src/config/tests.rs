@@ -638,3 +638,16 @@ fn error_accessors() {
     assert_eq!(e.line(), Some(1));
     assert_eq!(e.key(), None);
 }
+
+#[test]
+fn effective_toml_round_trips_with_defaults_filled() {
+    let text = "[resource]\nname = \"r0\"\nsize = \"1GiB\"\n\n[[node]]\nname = \"alpha\"\n\
+                replication = \"127.0.0.1:7789\"\nnbd = \"unix:/tmp/a b.sock\"\n\
+                disk = \"/var/lib/blockd/a.img\"\nmeta = \"internal\"\n";
+    let cfg = Config::parse(text, Path::new("r0.toml")).unwrap();
+    let shown = cfg.effective_toml();
+    assert!(shown.contains("protocol = \"C\"\nsize = 1073741824\nbitmap-granularity = 4096\n"), "{shown}");
+    assert!(shown.contains("control = \"/run/blockd/r0-alpha.sock\""), "{shown}");
+    let again = Config::parse(&shown, Path::new("shown.toml")).unwrap();
+    assert_eq!((again.resource, again.nodes), (cfg.resource, cfg.nodes));
+}
