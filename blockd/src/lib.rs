@@ -8,6 +8,8 @@
 //!   [`storage::IoOp`] with a token, get the token back through an [`storage::IoSink`].
 //! - [`device`]: [`device::LocalDevice`], the `nbd_server::BlockDevice` that serves the
 //!   local store directly, using each request's responder as the storage token.
+//! - [`repl`]: replication building blocks: the connect-time sync decision from
+//!   generation ids, and the in-flight write table that serializes overlapping writes.
 //! - [`state`]: the replication vocabulary: [`state::Role`], [`state::DiskState`],
 //!   [`state::Generations`] (data generation ids).
 //! - [`daemon`]: `blockd run`: open, serve NBD on the node's addresses, shut down
@@ -19,5 +21,6 @@
 pub mod config;
 pub mod daemon;
 pub mod device;
+pub mod repl;
 pub mod state;
 pub mod storage;
