@@ -19,6 +19,7 @@
 //! `BlockDevice` that wraps the same storage; see `ARCHITECTURE.md`.
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod repl;

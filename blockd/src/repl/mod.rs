@@ -9,4 +9,5 @@
 //! builds on these.
 
 pub mod decide;
+pub mod dirty;
 pub mod inflight;

@@ -1,0 +1,222 @@
+//! The control socket: a Unix socket speaking JSON lines, one request and one reply
+//! per line (SPEC §8). `blockctl` and tests use it; it is versioned so either side can
+//! refuse a peer it does not understand.
+//!
+//! Request: `{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"primary","force":false}`, ...
+//! Reply: `{"ok":true,"status":{...}}` or `{"ok":false,"error":"why, and what to do"}`.
+//!
+//! The socket is created with mode 0600 (root only; SPEC: only root or the socket's
+//! group may connect). A malformed or oversized request gets an error reply and the
+//! connection is closed; the daemon is never disturbed. Lines are bounded to
+//! [`MAX_REQUEST_BYTES`]; connections to [`MAX_CONNECTIONS`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// The control protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// Concurrent control connections.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// A request, as sent on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Command {
+    Status,
+    Primary {
+        #[serde(default)]
+        force: bool,
+    },
+    Secondary {
+        #[serde(default)]
+        force: bool,
+    },
+    /// Stop the daemon cleanly (`blockctl down`).
+    Down,
+}
+
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    v: u32,
+    #[serde(flatten)]
+    command: serde_json::Value,
+}
+
+/// One request handed to the daemon, with where its answer goes.
+#[derive(Debug)]
+pub struct ControlRequest {
+    pub command: Command,
+    pub reply: oneshot::Sender<Result<serde_json::Value, String>>,
+}
+
+/// Binds `path` (replacing a stale socket) and serves it until `shutdown`.
+pub fn spawn(
+    path: &Path,
+    requests: mpsc::Sender<ControlRequest>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if std::fs::symlink_metadata(path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+    {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let path = path.to_path_buf();
+    Ok(tokio::spawn(accept_loop(listener, path, requests, shutdown)))
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    path: PathBuf,
+    requests: mpsc::Sender<ControlRequest>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                if active.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+                    active.fetch_sub(1, Ordering::Relaxed);
+                    continue; // dropped: the client sees EOF
+                }
+                let (requests, active) = (requests.clone(), active.clone());
+                tokio::spawn(async move {
+                    serve(stream, requests).await;
+                    active.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Parses one request line; errors are the reply text.
+pub fn parse_request(line: &str) -> Result<Command, String> {
+    let env: Envelope = serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))?;
+    if env.v != PROTOCOL_VERSION {
+        return Err(format!(
+            "control protocol version {} not supported (this daemon speaks {PROTOCOL_VERSION})",
+            env.v
+        ));
+    }
+    serde_json::from_value(env.command).map_err(|e| format!("unknown or malformed command: {e}"))
+}
+
+async fn serve(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) {
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    loop {
+        let line = match read_line_bounded(&mut reader, MAX_REQUEST_BYTES).await {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(why) => {
+                let _ = write_reply(&mut w, Err(why)).await;
+                return;
+            }
+        };
+        let reply = match parse_request(&line) {
+            Err(why) => Err(why),
+            Ok(command) => {
+                let (tx, rx) = oneshot::channel();
+                if requests.send(ControlRequest { command, reply: tx }).await.is_err() {
+                    Err("the daemon is shutting down".to_string())
+                } else {
+                    rx.await.unwrap_or_else(|_| Err("the daemon is shutting down".to_string()))
+                }
+            }
+        };
+        if write_reply(&mut w, reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one `\n`-terminated line of at most `max_bytes`; `None` at a clean EOF.
+/// Memory use stays bounded however long the client's line is.
+pub async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    max_bytes: usize,
+) -> Result<Option<String>, String> {
+    let mut line = Vec::new();
+    loop {
+        let chunk = r.fill_buf().await.map_err(|e| format!("unreadable request: {e}"))?;
+        if chunk.is_empty() {
+            return if line.is_empty() { Ok(None) } else { Err("request ended without a newline".into()) };
+        }
+        let (part, done) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (&chunk[..i], i + 1),
+            None => (chunk, chunk.len()),
+        };
+        if line.len() + part.len() > max_bytes {
+            return Err(format!("request longer than {max_bytes} bytes"));
+        }
+        line.extend_from_slice(part);
+        let newline = done > part.len();
+        r.consume(done);
+        if newline {
+            return String::from_utf8(line).map(Some).map_err(|_| "request is not UTF-8".into());
+        }
+    }
+}
+
+async fn write_reply(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: Result<serde_json::Value, String>,
+) -> std::io::Result<()> {
+    let body = match reply {
+        Ok(value) => serde_json::json!({ "ok": true, "result": value }),
+        Err(error) => serde_json::json!({ "ok": false, "error": error }),
+    };
+    let mut line = body.to_string();
+    line.push('\n');
+    w.write_all(line.as_bytes()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_explain_why() {
+        assert_eq!(parse_request(r#"{"v":1,"cmd":"status"}"#), Ok(Command::Status));
+        assert_eq!(
+            parse_request(r#"{"v":1,"cmd":"primary","force":true}"#),
+            Ok(Command::Primary { force: true })
+        );
+        assert_eq!(parse_request(r#"{"v":1,"cmd":"secondary"}"#), Ok(Command::Secondary { force: false }));
+        assert!(parse_request("garbage").unwrap_err().starts_with("malformed request"));
+        assert!(parse_request(r#"{"v":2,"cmd":"status"}"#).unwrap_err().contains("version 2"));
+        assert!(
+            parse_request(r#"{"v":1,"cmd":"explode"}"#)
+                .unwrap_err()
+                .starts_with("unknown or malformed command")
+        );
+        assert!(parse_request(r#"{"v":1,"cmd":"primary","forse":true}"#).is_err(), "typos are not ignored");
+    }
+
+    #[tokio::test]
+    async fn lines_are_bounded() {
+        let mut ok = &b"{\"v\":1}\nrest"[..];
+        assert_eq!(read_line_bounded(&mut ok, 100).await, Ok(Some("{\"v\":1}".to_string())));
+        assert!(read_line_bounded(&mut ok, 100).await.unwrap_err().contains("without a newline"));
+        let huge = vec![b'x'; 1 << 20];
+        let mut r = &huge[..];
+        assert!(read_line_bounded(&mut r, 1000).await.unwrap_err().contains("longer than 1000"));
+        let mut empty = &b""[..];
+        assert_eq!(read_line_bounded(&mut empty, 10).await, Ok(None));
+    }
+}
