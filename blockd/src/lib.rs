@@ -8,6 +8,8 @@
 //!   [`storage::IoOp`] with a token, get the token back through an [`storage::IoSink`].
 //! - [`device`]: [`device::LocalDevice`], the `nbd_server::BlockDevice` that serves the
 //!   local store directly, using each request's responder as the storage token.
+//! - [`meta`]: the per-node metadata: superblock (two checksummed slots, generations,
+//!   flags, disk state), layout of the bitmap and activity-log areas, `create-md`.
 //! - [`repl`]: replication building blocks: the connect-time sync decision from
 //!   generation ids, and the in-flight write table that serializes overlapping writes.
 //! - [`state`]: the replication vocabulary: [`state::Role`], [`state::DiskState`],
@@ -22,6 +24,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod device;
+pub mod meta;
 pub mod repl;
 pub mod state;
 pub mod storage;

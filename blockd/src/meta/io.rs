@@ -1,0 +1,162 @@
+//! Small synchronous file I/O for the metadata: opening (and locking) the metadata
+//! file, its length, positional reads and writes, zeroing ranges, `fdatasync`.
+//!
+//! Metadata I/O is rare (create, open, a flag or generation change), so it is plain
+//! blocking `pread`/`pwrite` on its own descriptor, not the storage engine; what
+//! matters is that every write is durable before the caller acts on it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{FallocateFlags, Flock, FlockArg};
+
+use super::MetaError;
+
+/// Zeroes are written in chunks of this size where holes cannot be punched.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// An open, exclusively locked metadata file (or backing store).
+#[derive(Debug)]
+pub(crate) struct MetaFile {
+    file: Flock<File>,
+    /// Regular file (holes can be punched) rather than a block device.
+    pub regular: bool,
+    /// For messages.
+    pub at: String,
+}
+
+/// Opens `path` for reading (and writing unless `read_only`) and checks that it is a
+/// regular file or a block device. `create`: make a missing regular file (mode 0600).
+pub(crate) fn open_checked(
+    path: &Path,
+    at: &str,
+    read_only: bool,
+    create: bool,
+) -> Result<(File, bool), MetaError> {
+    // O_CLOEXEC is std's default; spelled out because the fd must not leak into the
+    // scripts the daemon may spawn.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .create(create)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| MetaError::io(at, "opening", e))?;
+    let file_type = file.metadata().map_err(|e| MetaError::io(at, "stat", e))?.file_type();
+    if !file_type.is_file() && !file_type.is_block_device() {
+        return Err(MetaError::NotFileOrDevice { at: at.to_owned() });
+    }
+    Ok((file, file_type.is_file()))
+}
+
+/// The length of a regular file or block device (seeking to the end works for both,
+/// without a `BLKGETSIZE64` ioctl).
+pub(crate) fn len_bytes(file: &File, at: &str) -> Result<u64, MetaError> {
+    let mut f = file;
+    f.seek(SeekFrom::End(0)).map_err(|e| MetaError::io(at, "finding its size", e))
+}
+
+impl MetaFile {
+    /// Opens read-write and takes an exclusive `flock`, so `create-md` cannot run
+    /// under a live daemon and two daemons cannot share one metadata area.
+    pub fn open(path: &Path, at: &str, create: bool) -> Result<MetaFile, MetaError> {
+        let (file, regular) = open_checked(path, at, false, create)?;
+        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+            if errno == Errno::EWOULDBLOCK {
+                MetaError::Busy { at: at.to_owned() }
+            } else {
+                MetaError::io(at, "locking", errno.into())
+            }
+        })?;
+        Ok(MetaFile { file, regular, at: at.to_owned() })
+    }
+
+    pub fn len_bytes(&self) -> Result<u64, MetaError> {
+        len_bytes(&self.file, &self.at)
+    }
+
+    /// Grows a regular file to `len_bytes` (sparse).
+    pub fn grow(&self, len_bytes: u64) -> Result<(), MetaError> {
+        self.file.set_len(len_bytes).map_err(|e| MetaError::io(&self.at, "growing the file", e))
+    }
+
+    /// Fills `buf` from `offset`; bytes past the end of the file read as zeroes (a
+    /// slot that was never written has no magic).
+    pub fn read(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<(), MetaError> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(MetaError::io(&self.at, format!("reading {what}"), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` at `offset` (not yet durable: see [`Self::sync`]).
+    pub fn write(&self, buf: &[u8], offset: u64, what: &str) -> Result<(), MetaError> {
+        self.file.write_all_at(buf, offset).map_err(|e| MetaError::io(&self.at, format!("writing {what}"), e))
+    }
+
+    /// `fdatasync`: everything written so far is on stable storage.
+    pub fn sync(&self) -> Result<(), MetaError> {
+        self.file.sync_data().map_err(|e| MetaError::io(&self.at, "fdatasync", e))
+    }
+
+    /// Makes `len_bytes` at `offset` read as zeroes: a punched hole in a regular
+    /// file (no writes for a 512 MiB bitmap), written zeroes otherwise.
+    pub fn zero(&self, offset: u64, len_bytes: u64, what: &str) -> Result<(), MetaError> {
+        if self.regular {
+            let punched = nix::fcntl::fallocate(
+                &*self.file,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len_bytes as libc::off_t,
+            );
+            // Filesystems without hole punching fall through to writing.
+            if punched.is_ok() {
+                return Ok(());
+            }
+        }
+        let zeroes = vec![0u8; ZERO_CHUNK_BYTES.min(len_bytes as usize)];
+        let mut done = 0u64;
+        while done < len_bytes {
+            let n = (len_bytes - done).min(zeroes.len() as u64) as usize;
+            self.write(&zeroes[..n], offset + done, what)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Makes a newly created file's directory entry durable.
+pub(crate) fn sync_parent_dir(path: &Path, at: &str) -> Result<(), MetaError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent).and_then(|d| d.sync_all()).map_err(|e| MetaError::io(at, "syncing its directory", e))
+}
+
+/// A random non-zero 64-bit id (resource ids here; generation ids for the core),
+/// from the kernel's CSPRNG.
+pub fn random_id() -> io::Result<u64> {
+    let mut urandom = File::open("/dev/urandom")?;
+    loop {
+        let mut b = [0u8; 8];
+        urandom.read_exact(&mut b)?;
+        let id = u64::from_le_bytes(b);
+        if id != 0 {
+            return Ok(id);
+        }
+    }
+}
