@@ -7,12 +7,23 @@
 //! * [`tools`] — external programs with captured output and deadlines.
 //! * [`guards`] — FUSE mount / loop device / mount guards.
 //! * [`raw`] — a raw NBD client for protocol corner cases.
+//! * [`loadgen`] — acknowledged-write load generator and verifier.
+//! * [`chain`] — ordered dependent writer and prefix (crash-consistency)
+//!   verifier.
+//! * [`proxy`] — fault-injecting TCP proxy (cut, pause, delay, bandwidth,
+//!   bit flips).
+//! * [`pattern`] — the self-describing block patterns both writers use, and
+//!   block readers (NBD, file).
 //!
 //! Environment: `BLOCKD_BIN` (binary path), `BLOCKD_TEST_SERVER`
 //! (`blockd`|`nbdkit`), `BLOCKD_KEEP_TMP=1` (keep temp dirs).
 
+pub mod chain;
 pub mod daemon;
 pub mod guards;
+pub mod loadgen;
+pub mod pattern;
+pub mod proxy;
 pub mod raw;
 pub mod server;
 pub mod tmp;
