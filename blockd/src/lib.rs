@@ -19,5 +19,6 @@
 pub mod config;
 pub mod daemon;
 pub mod device;
+pub mod peer;
 pub mod state;
 pub mod storage;
