@@ -25,6 +25,7 @@ pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod meta;
+pub mod peer;
 pub mod repl;
 pub mod state;
 pub mod storage;

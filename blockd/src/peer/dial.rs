@@ -1,0 +1,414 @@
+//! The connection supervisor: keeps one connection to the peer up for the life of the
+//! daemon and hands each new one to the core as a [`PeerConn`].
+//!
+//! Exactly one side dials: the node whose name sorts lower. The other only accepts.
+//! Both sides know both names from the shared config, so they agree without talking,
+//! and there is never a pair of crossing connections to reconcile.
+//!
+//! - **Dialer**: resolves the peer's host name again on every attempt (an address
+//!   change is picked up without a restart), tries each address, handshakes, hands
+//!   the `PeerConn` over and waits until the link is down before dialing again.
+//!   Failed attempts back off exponentially (`backoff_min_ms`..`backoff_max_ms`,
+//!   ±25% jitter so two restarting pairs do not dial in lockstep); a connection that
+//!   stayed up longer than [`STABLE_CONNECTION`] resets the backoff.
+//! - **Acceptor**: listens on its replication address for its whole life. While a
+//!   link is up, a new connection gets `Bye("already connected")` and is closed. Up
+//!   to [`MAX_PENDING_HANDSHAKES`] handshakes run at once, so one silent client cannot
+//!   keep the real peer out.
+//!
+//! `shutdown` (or the core dropping its receiver) stops everything: pending
+//! handshakes are dropped and a live link is closed (the core gets
+//! `Closed(LocalClosed)`).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nbd_server::buf::BufPool;
+use rand::Rng;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+use super::error::bump;
+use super::frame::{FrameReader, FrameWriter};
+use super::handshake::{Established, HandshakeError, HandshakeParams, handshake, say_bye};
+use super::link::{LinkHandle, LinkSettings, PeerConn, spawn_link};
+use super::msg::Hello;
+use super::{LinkError, PeerStats};
+use crate::config::{Config, HostPort};
+
+/// A connection that lasted longer than this resets the reconnect backoff.
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// Handshakes the acceptor runs at once; more connections wait in the backlog.
+pub const MAX_PENDING_HANDSHAKES: usize = 4;
+/// What the acceptor tells a connection that arrives while a link is up.
+pub const BUSY_REASON: &str = "already connected";
+
+/// Where and how to reach the peer.
+#[derive(Clone, Debug)]
+pub struct PeerSettings {
+    /// This node's name.
+    pub local_name: String,
+    /// The peer's name (what its Hello must say).
+    pub peer_name: String,
+    /// This node's replication address (the acceptor listens here).
+    pub listen: HostPort,
+    /// The peer's replication address (the dialer connects here).
+    pub peer_addr: HostPort,
+    /// See [`LinkSettings::ping_interval_ms`].
+    pub ping_interval_ms: u64,
+    /// See [`LinkSettings::ping_timeout_ms`]; keep it a few times the interval.
+    pub ping_timeout_ms: u64,
+    /// Bound on connecting to one address, and on the Hello exchange.
+    pub handshake_timeout_ms: u64,
+    /// First retry delay.
+    pub backoff_min_ms: u64,
+    /// Largest retry delay (before jitter).
+    pub backoff_max_ms: u64,
+}
+
+impl PeerSettings {
+    /// Settings with the default timings (ping 1 s, timeout 5 s, handshake 5 s,
+    /// backoff 100 ms..5 s).
+    pub fn new(local_name: &str, peer_name: &str, listen: HostPort, peer_addr: HostPort) -> PeerSettings {
+        PeerSettings {
+            local_name: local_name.to_owned(),
+            peer_name: peer_name.to_owned(),
+            listen,
+            peer_addr,
+            ping_interval_ms: 1000,
+            ping_timeout_ms: 5000,
+            handshake_timeout_ms: 5000,
+            backoff_min_ms: 100,
+            backoff_max_ms: 5000,
+        }
+    }
+
+    /// Settings (default timings) for node `local` of a two-node resource; `None`
+    /// if `local` is not in the config or the config does not have exactly one other
+    /// node (more peers are not supported yet).
+    pub fn from_config(config: &Config, local: &str) -> Option<PeerSettings> {
+        let me = config.node(local)?;
+        let mut peers = config.peers(local);
+        let (peer, None) = (peers.next()?, peers.next()) else { return None };
+        Some(PeerSettings::new(local, &peer.name, me.replication.clone(), peer.replication.clone()))
+    }
+
+    /// True if this node dials (its name sorts lower); false if it accepts.
+    pub fn dials(&self) -> bool {
+        self.local_name < self.peer_name
+    }
+
+    fn link(&self) -> LinkSettings {
+        LinkSettings {
+            ping_interval_ms: self.ping_interval_ms,
+            ping_timeout_ms: self.ping_timeout_ms,
+            ..LinkSettings::default()
+        }
+    }
+
+    fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+/// Handshakes in progress on accepted connections.
+type Pending = JoinSet<(SocketAddr, Result<Established<OwnedReadHalf, OwnedWriteHalf>, HandshakeError>)>;
+
+type Resolved = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>;
+
+/// Turns the peer's host name into addresses; DNS in production, scripted in tests.
+#[derive(Clone)]
+pub(crate) struct Resolver(Arc<dyn Fn(&HostPort) -> Resolved + Send + Sync>);
+
+impl Resolver {
+    fn dns() -> Resolver {
+        Resolver(Arc::new(|hp: &HostPort| {
+            let hp = hp.clone();
+            Box::pin(async move { Ok(tokio::net::lookup_host((hp.host.as_str(), hp.port)).await?.collect()) })
+        }))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn new(f: impl Fn(&HostPort) -> Resolved + Send + Sync + 'static) -> Resolver {
+        Resolver(Arc::new(f))
+    }
+}
+
+/// Starts the supervisor. It runs until `shutdown` turns true (or its sender or
+/// `events`' receiver is dropped). `local_hello` is read afresh for every connection,
+/// so role, disk state and generations are current.
+pub fn spawn_supervisor(
+    settings: PeerSettings,
+    local_hello: watch::Receiver<Hello>,
+    pool: BufPool,
+    stats: Arc<PeerStats>,
+    events: mpsc::Sender<PeerConn>,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let sup = Supervisor { settings, hello: local_hello, pool, stats, events, resolver: Resolver::dns() };
+    tokio::spawn(sup.run(shutdown))
+}
+
+pub(crate) struct Supervisor {
+    pub(crate) settings: PeerSettings,
+    pub(crate) hello: watch::Receiver<Hello>,
+    pub(crate) pool: BufPool,
+    pub(crate) stats: Arc<PeerStats>,
+    pub(crate) events: mpsc::Sender<PeerConn>,
+    pub(crate) resolver: Resolver,
+}
+
+/// Resolves when shutdown is asked for, or can no longer be asked for.
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|&stop| stop).await;
+}
+
+impl Supervisor {
+    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let s = &self.settings;
+        if s.local_name == s.peer_name {
+            tracing::error!(node = %s.local_name, "peer has this node's own name; not connecting");
+            return;
+        }
+        if s.dials() {
+            tracing::info!(peer = %s.peer_name, addr = %s.peer_addr, "connecting to peer (this node dials)");
+            self.dial_loop(&mut shutdown).await;
+        } else {
+            tracing::info!(peer = %s.peer_name, listen = %s.listen, "waiting for peer (this node accepts)");
+            self.accept_loop(&mut shutdown).await;
+        }
+    }
+
+    fn params(&self, remote_addr: String) -> HandshakeParams {
+        HandshakeParams {
+            local: self.hello.borrow().clone(),
+            expected_peer: self.settings.peer_name.clone(),
+            timeout: self.settings.handshake_timeout(),
+            remote_addr,
+        }
+    }
+
+    /// Starts the link and hands it to the core; `None` if the core is gone.
+    async fn deliver(
+        &self,
+        est: Established<OwnedReadHalf, OwnedWriteHalf>,
+        addr: SocketAddr,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<LinkHandle> {
+        let Established { reader, writer, remote } = est;
+        let node = remote.node.clone();
+        let (conn, mut link) = spawn_link(reader, writer, remote, &self.settings.link(), self.stats.clone());
+        bump(&self.stats.connects);
+        tracing::info!(peer = %node, %addr, "peer connected");
+        let delivered = tokio::select! {
+            r = self.events.send(conn) => r.is_ok(),
+            () = stopping(shutdown) => false,
+        };
+        if delivered {
+            Some(link)
+        } else {
+            link.close();
+            link.closed().await;
+            None
+        }
+    }
+
+    async fn dial_loop(&self, shutdown: &mut watch::Receiver<bool>) {
+        let s = &self.settings;
+        let mut backoff = Backoff::new(s.backoff_min_ms, s.backoff_max_ms);
+        loop {
+            let attempt = tokio::select! {
+                r = self.dial_once() => r,
+                () = stopping(shutdown) => return,
+            };
+            match attempt {
+                Ok((est, addr)) => {
+                    let Some(mut link) = self.deliver(est, addr, shutdown).await else { return };
+                    let up_since = Instant::now();
+                    tokio::select! {
+                        () = link.closed() => {}
+                        () = stopping(shutdown) => {
+                            link.close();
+                            link.closed().await;
+                            return;
+                        }
+                    }
+                    if up_since.elapsed() > STABLE_CONNECTION {
+                        backoff.reset();
+                    }
+                }
+                Err(e) => tracing::info!(peer = %s.peer_name, addr = %s.peer_addr, "connecting failed: {e}"),
+            }
+            let delay = backoff.next_delay();
+            tracing::debug!(delay_ms = delay.as_millis() as u64, "next connection attempt");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stopping(shutdown) => return,
+            }
+        }
+    }
+
+    async fn dial_once(&self) -> Result<(Established<OwnedReadHalf, OwnedWriteHalf>, SocketAddr), DialError> {
+        bump(&self.stats.dial_attempts);
+        let s = &self.settings;
+        let addrs = (self.resolver.0)(&s.peer_addr).await.map_err(DialError::Resolve)?;
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
+        let mut connected = None;
+        for addr in addrs {
+            match tokio::time::timeout(s.handshake_timeout(), TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    connected = Some((stream, addr));
+                    break;
+                }
+                Ok(Err(e)) => last = e,
+                Err(_) => {
+                    last = io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr} timed out"))
+                }
+            }
+        }
+        let (stream, addr) = connected.ok_or(DialError::Connect(last))?;
+        // Small control frames (acks, barriers) must not wait for Nagle.
+        stream.set_nodelay(true).map_err(DialError::Connect)?;
+        let (r, w) = stream.into_split();
+        let est = handshake(r, w, &self.params(addr.to_string()), self.pool.clone(), self.stats.clone())
+            .await
+            .map_err(|e| DialError::Handshake(addr, e))?;
+        Ok((est, addr))
+    }
+
+    async fn accept_loop(&self, shutdown: &mut watch::Receiver<bool>) {
+        let s = &self.settings;
+        let mut backoff = Backoff::new(s.backoff_min_ms, s.backoff_max_ms);
+        let listener = loop {
+            let bound = tokio::select! {
+                r = TcpListener::bind((s.listen.host.as_str(), s.listen.port)) => r,
+                () = stopping(shutdown) => return,
+            };
+            match bound {
+                Ok(l) => break l,
+                Err(e) => tracing::warn!(listen = %s.listen, "cannot listen for the peer: {e}; retrying"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+                () = stopping(shutdown) => return,
+            }
+        };
+        let mut pending: Pending = JoinSet::new();
+        let mut active: Option<LinkHandle> = None;
+        loop {
+            tokio::select! {
+                () = stopping(shutdown) => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, addr)) => self.on_accept(stream, addr, active.is_some(), &mut pending),
+                    Err(e) => {
+                        // Usually out of file descriptors: pause instead of spinning.
+                        tracing::warn!("accepting a peer connection failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(s.backoff_min_ms)).await;
+                    }
+                },
+                Some(done) = pending.join_next() => {
+                    let Ok((addr, result)) = done else { continue };
+                    match result {
+                        Ok(est) if active.is_some() => refuse_busy(est.reader, est.writer, addr, &self.stats),
+                        Ok(est) => match self.deliver(est, addr, shutdown).await {
+                            Some(link) => active = Some(link),
+                            None => break,
+                        },
+                        Err(e) => log_handshake_failure(addr, &e),
+                    }
+                }
+                () = async { active.as_mut().expect("guarded").closed().await }, if active.is_some() => {
+                    active = None;
+                }
+            }
+        }
+        pending.abort_all();
+        if let Some(mut link) = active {
+            link.close();
+            link.closed().await;
+        }
+    }
+
+    fn on_accept(&self, stream: TcpStream, addr: SocketAddr, busy: bool, pending: &mut Pending) {
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        if busy {
+            let reader = FrameReader::new(r, self.pool.clone(), self.stats.clone());
+            refuse_busy(reader, FrameWriter::new(w), addr, &self.stats);
+        } else if pending.len() >= MAX_PENDING_HANDSHAKES {
+            tracing::warn!(%addr, "too many peer handshakes in progress; dropping connection");
+        } else {
+            let (params, pool, stats) =
+                (self.params(addr.to_string()), self.pool.clone(), self.stats.clone());
+            pending.spawn(async move { (addr, handshake(r, w, &params, pool, stats).await) });
+        }
+    }
+}
+
+/// Tells a connection that arrived while a link is up to go away, in the background.
+fn refuse_busy(
+    mut reader: FrameReader<OwnedReadHalf>,
+    mut writer: FrameWriter<OwnedWriteHalf>,
+    addr: SocketAddr,
+    stats: &PeerStats,
+) {
+    bump(&stats.busy_refused);
+    tracing::info!(%addr, "refusing a second peer connection: {BUSY_REASON}");
+    tokio::spawn(async move {
+        let bye = say_bye(&mut reader, &mut writer, BUSY_REASON.to_owned());
+        let _ = tokio::time::timeout(Duration::from_secs(5), bye).await;
+    });
+}
+
+fn log_handshake_failure(addr: SocketAddr, e: &HandshakeError) {
+    match e {
+        // Already logged with both values by the handshake.
+        HandshakeError::Refused(_) => {}
+        HandshakeError::Link(LinkError::Eof) => tracing::debug!(%addr, "connection closed before its Hello"),
+        e => tracing::info!(%addr, "peer handshake failed: {e}"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("cannot resolve the peer's address: {0}")]
+    Resolve(io::Error),
+    #[error("{0}")]
+    Connect(io::Error),
+    #[error("handshake with {0} failed: {1}")]
+    Handshake(SocketAddr, HandshakeError),
+}
+
+/// Exponential backoff with ±25% jitter.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min_ms: u64, max_ms: u64) -> Backoff {
+        let min = Duration::from_millis(min_ms.max(1));
+        let max = Duration::from_millis(max_ms).max(min);
+        Backoff { min, max, next: min }
+    }
+
+    /// The delay before the next attempt; doubles the one after.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        base.mul_f64(rand::rng().random_range(0.75..=1.25))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = self.min;
+    }
+}

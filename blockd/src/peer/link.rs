@@ -1,0 +1,284 @@
+//! The link: one established connection as channels the replication core uses
+//! ([`PeerConn`]), driven by a reader task, a writer task and a small coordinator.
+//!
+//! - The **writer** drains `outgoing`, batching everything that is ready into one
+//!   vectored write and one flush, then reports `Sent { bytes }` for the batch (only
+//!   the caller's messages: keepalive frames are the link's own business). When
+//!   nothing was sent for `ping_interval` it sends a Ping; it answers Pings with Pongs.
+//! - The **reader** decodes frames into `LinkEvent::Message`. Ping, Pong and Bye stay
+//!   inside the link. It waits for room in `incoming` before reading on, so a slow
+//!   core slows the peer through TCP instead of growing a queue. If nothing at all
+//!   arrives for `ping_timeout`, the read fails with [`LinkError::Timeout`].
+//! - The **coordinator** waits for the first of the two to end (or for
+//!   [`LinkHandle::close`]), stops the other, closes the socket by dropping both
+//!   halves, and only then sends `Closed`: so `Closed` is delivered exactly once and
+//!   nothing follows it. Its task ending is what [`LinkHandle::closed`] waits for.
+//!
+//! Reader and writer are separate tasks so that receiving and sending (each with a
+//! crc over up to 32 MiB) use both cores.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::error::bump;
+use super::frame::{FrameReader, FrameWriter};
+use super::msg::{Hello, Message};
+use super::{LinkError, PeerStats};
+
+/// Keepalive timing and queue bound of a link.
+#[derive(Clone, Debug)]
+pub struct LinkSettings {
+    /// Send a Ping after this long without sending anything.
+    pub ping_interval_ms: u64,
+    /// Close the link after this long without receiving anything.
+    pub ping_timeout_ms: u64,
+    /// Capacity of `PeerConn::incoming`, in events.
+    pub incoming_capacity: usize,
+}
+
+impl Default for LinkSettings {
+    fn default() -> Self {
+        LinkSettings { ping_interval_ms: 1000, ping_timeout_ms: 5000, incoming_capacity: 1024 }
+    }
+}
+
+/// An established connection to the peer, as the core sees it.
+#[derive(Debug)]
+pub struct PeerConn {
+    /// The peer's Hello (the core decides the sync direction from `remote.gens`).
+    pub remote: Hello,
+    /// Messages to send. Unbounded here because the caller bounds it by bytes, using
+    /// `Sent`. Dropping it (after queuing, say, a `Bye`) sends what is queued and
+    /// closes the connection.
+    pub outgoing: mpsc::UnboundedSender<Message>,
+    /// What happened on the link, in order; `Closed` comes exactly once, last.
+    pub incoming: mpsc::Receiver<LinkEvent>,
+}
+
+/// One thing that happened on a link.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A message from the peer (never Hello, Ping, Pong or Bye).
+    Message(Message),
+    /// This many bytes of the caller's frames (see [`Message::wire_len`]) were
+    /// written to the socket, summed per flush. Bytes of a batch the link died
+    /// writing are never reported: after `Closed` the accounting starts over.
+    Sent {
+        /// Frame bytes, headers included.
+        bytes: u64,
+    },
+    /// The link is down; nothing follows. A peer's `Bye` arrives as
+    /// [`LinkError::Bye`].
+    Closed(LinkError),
+}
+
+/// The supervisor's side of a link: wait for it to end, or end it. Dropping it
+/// leaves the link running.
+#[derive(Debug)]
+pub struct LinkHandle {
+    task: JoinHandle<()>,
+    close: Option<oneshot::Sender<()>>,
+    done: bool,
+}
+
+impl LinkHandle {
+    /// Asks the link to close; the core still gets `Closed(LocalClosed)`.
+    pub fn close(&mut self) {
+        if let Some(tx) = self.close.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits until the link is down: socket closed and `Closed` handed to the core
+    /// (or the core dropped `incoming`). Safe to use in `select!` and to call again.
+    pub async fn closed(&mut self) {
+        if !self.done {
+            let _ = (&mut self.task).await;
+            self.done = true;
+        }
+    }
+
+    /// True once [`LinkHandle::closed`] would return at once.
+    pub fn is_closed(&self) -> bool {
+        self.done || self.task.is_finished()
+    }
+}
+
+/// Starts a link over a connection whose handshake is done (`reader`/`writer` carry
+/// on with the sequence numbers after the Hellos).
+pub fn spawn_link<R, W>(
+    mut reader: FrameReader<R>,
+    writer: FrameWriter<W>,
+    remote: Hello,
+    settings: &LinkSettings,
+    stats: Arc<PeerStats>,
+) -> (PeerConn, LinkHandle)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) = mpsc::channel(settings.incoming_capacity.max(1));
+    let (close_tx, close_rx) = oneshot::channel();
+    reader.set_idle_timeout(Some(Duration::from_millis(settings.ping_timeout_ms)));
+    let ping_interval = Duration::from_millis(settings.ping_interval_ms);
+    // The reader records a Ping's nonce here; the writer answers the latest one. A
+    // watch never blocks the reader, and a burst of Pings collapses into one Pong.
+    let (pong_tx, pong_rx) = watch::channel(0u64);
+    let read_task = tokio::spawn(read_loop(reader, events_tx.clone(), pong_tx, stats.clone()));
+    let write_task = tokio::spawn(write_loop(writer, out_rx, events_tx.clone(), pong_rx, ping_interval));
+    let peer = remote.node.clone();
+    let task = tokio::spawn(coordinate(read_task, write_task, events_tx, close_rx, stats, peer));
+    let conn = PeerConn { remote, outgoing: out_tx, incoming: events_rx };
+    (conn, LinkHandle { task, close: Some(close_tx), done: false })
+}
+
+/// Ends the link once: stops the surviving task, then reports `Closed` last.
+async fn coordinate(
+    mut read_task: JoinHandle<LinkError>,
+    mut write_task: JoinHandle<LinkError>,
+    events: mpsc::Sender<LinkEvent>,
+    close: oneshot::Receiver<()>,
+    stats: Arc<PeerStats>,
+    peer: String,
+) {
+    let error = tokio::select! {
+        r = &mut read_task => {
+            write_task.abort();
+            let _ = write_task.await;
+            joined(r)
+        }
+        w = &mut write_task => {
+            read_task.abort();
+            let _ = read_task.await;
+            joined(w)
+        }
+        Ok(()) = close => {
+            read_task.abort();
+            write_task.abort();
+            let _ = read_task.await;
+            let _ = write_task.await;
+            LinkError::LocalClosed
+        }
+    };
+    // Both tasks are gone, and with them both socket halves: the connection is closed.
+    bump(&stats.disconnects);
+    match &error {
+        LinkError::LocalClosed => tracing::info!(%peer, "peer link closed locally"),
+        LinkError::Bye { reason } => tracing::info!(%peer, %reason, "peer closed the link"),
+        e => tracing::warn!(%peer, "peer link failed: {e}"),
+    }
+    let _ = events.send(LinkEvent::Closed(error)).await;
+}
+
+fn joined(r: Result<LinkError, tokio::task::JoinError>) -> LinkError {
+    r.unwrap_or_else(|e| LinkError::Io(std::io::Error::other(format!("peer link task failed: {e}"))))
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: FrameReader<R>,
+    events: mpsc::Sender<LinkEvent>,
+    pong: watch::Sender<u64>,
+    stats: Arc<PeerStats>,
+) -> LinkError {
+    loop {
+        let msg = match reader.read().await {
+            Ok(msg) => msg,
+            Err(e) => return e,
+        };
+        match msg {
+            Message::Ping { nonce } => {
+                pong.send_replace(nonce);
+            }
+            // Its arrival already reset the idle timer; nothing else to do.
+            Message::Pong { .. } => {}
+            Message::Bye { reason } => return LinkError::Bye { reason },
+            Message::Hello(_) => {
+                let e = LinkError::Unexpected { kind: "Hello" };
+                stats.record(&e);
+                return e;
+            }
+            msg => {
+                if events.send(LinkEvent::Message(msg)).await.is_err() {
+                    return LinkError::LocalClosed;
+                }
+            }
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: FrameWriter<W>,
+    mut outgoing: mpsc::UnboundedReceiver<Message>,
+    events: mpsc::Sender<LinkEvent>,
+    mut pong: watch::Receiver<u64>,
+    ping_interval: Duration,
+) -> LinkError {
+    match write_batches(&mut writer, &mut outgoing, &events, &mut pong, ping_interval).await {
+        Ok(()) => {
+            // `outgoing` was dropped and everything queued is written: say we are done
+            // (FIN) so the peer sees an orderly end rather than a reset.
+            let _ = writer.shutdown().await;
+            LinkError::LocalClosed
+        }
+        Err(e) => e,
+    }
+}
+
+/// Returns `Ok` when `outgoing` is closed and drained.
+async fn write_batches<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    outgoing: &mut mpsc::UnboundedReceiver<Message>,
+    events: &mpsc::Sender<LinkEvent>,
+    pong: &mut watch::Receiver<u64>,
+    ping_interval: Duration,
+) -> Result<(), LinkError> {
+    let mut last_sent = Instant::now();
+    let mut ping_nonce = 0u64;
+    loop {
+        let mut caller_bytes = 0u64;
+        let mut closing = false;
+        tokio::select! {
+            // The caller's messages first: a keepalive never delays data.
+            biased;
+            m = outgoing.recv() => match m {
+                Some(m) => caller_bytes += writer.queue(m)?,
+                None => closing = true,
+            },
+            Ok(()) = pong.changed() => {
+                let nonce = *pong.borrow_and_update();
+                writer.queue(Message::Pong { nonce })?;
+            }
+            () = tokio::time::sleep_until(last_sent + ping_interval) => {
+                ping_nonce += 1;
+                writer.queue(Message::Ping { nonce: ping_nonce })?;
+            }
+        }
+        // Gather whatever else is ready into the same write.
+        while !closing && !writer.batch_full() {
+            match outgoing.try_recv() {
+                Ok(m) => caller_bytes += writer.queue(m)?,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => closing = true,
+            }
+        }
+        if pong.has_changed().unwrap_or(false) {
+            let nonce = *pong.borrow_and_update();
+            writer.queue(Message::Pong { nonce })?;
+        }
+        writer.flush().await?;
+        last_sent = Instant::now();
+        if caller_bytes > 0 && events.send(LinkEvent::Sent { bytes: caller_bytes }).await.is_err() {
+            // The core dropped `incoming`: it is not listening any more.
+            return Err(LinkError::LocalClosed);
+        }
+        if closing {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! The peer protocol (SPEC §6): how two nodes of a resource talk.
+//!
+//! Layers, bottom up:
+//! - [`frame`]: 24-byte headers with magic, type, sequence number and crc32c;
+//!   [`FrameReader`] checks and decodes, [`FrameWriter`] batches and writes. Data
+//!   travels in pool buffers ([`nbd_server::buf::Buf`]) and is never copied into a
+//!   frame buffer.
+//! - [`msg`]: the messages ([`Message`], [`Hello`]) and their payload layouts.
+//! - [`handshake`](mod@handshake): Hello exchange with a timeout and [`check_compatible`].
+//! - [`link`]: an established connection as channels ([`PeerConn`]): batching
+//!   writer, back-pressured reader, keepalive, exactly one `Closed` at the end.
+//! - [`dial`]: the supervisor that keeps one connection up (the lower name dials,
+//!   the other accepts), reconnecting with backoff and re-resolving the peer's name.
+//! - [`error`]: [`LinkError`] and the [`PeerStats`] counters.
+//!
+//! The replication core consumes [`PeerConn`]s from [`spawn_supervisor`]; it decides
+//! sync direction, epochs and acks. Nothing here applies anything to a disk: a frame
+//! that fails any check ends the link before it becomes a [`Message`].
+
+pub mod dial;
+pub mod error;
+pub mod frame;
+pub mod handshake;
+pub mod link;
+pub mod msg;
+
+#[cfg(test)]
+mod tests;
+
+pub use dial::{PeerSettings, spawn_supervisor};
+pub use error::{LinkError, PeerStats, PeerStatsSnapshot};
+pub use frame::{FRAME_HEADER_BYTES, FRAME_MAGIC, FrameReader, FrameWriter, MAX_FRAME_PAYLOAD_BYTES};
+pub use handshake::{Established, HandshakeError, HandshakeParams, Refusal, check_compatible, handshake};
+pub use link::{LinkEvent, LinkHandle, LinkSettings, PeerConn, spawn_link};
+pub use msg::{Hello, Kind, Message, PROTOCOL_VERSION};

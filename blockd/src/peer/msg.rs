@@ -1,0 +1,558 @@
+//! Peer protocol messages (version 1) and the encoding of their payloads.
+//!
+//! A frame's payload is the message's fixed fields, big-endian, then (for `Write`
+//! and `ResyncData` only) the data bytes. The data never passes through this module:
+//! encoding writes the fixed part and hands the [`Buf`] to the frame writer, and
+//! decoding gets the data already read into a pool buffer by the frame reader.
+//!
+//! Layout of each type's fixed part (sizes in bytes):
+//!
+//! | type | code | fixed part |
+//! |---|---|---|
+//! | Hello | 0x01 | version 4, features 8, size 8, granularity 4, protocol 1 (`A`/`B`/`C`), role 1, disk 1, gens 48, flags 4, resource str, node str |
+//! | Ping / Pong | 0x02 / 0x03 | nonce 8 |
+//! | Bye | 0x04 | reason str |
+//! | Write | 0x10 | id 8, epoch 8, offset 8, flags 1 (bit 0 fua) + data |
+//! | Trim | 0x11 | id 8, epoch 8, offset 8, len 8, flags 1 (bit 0 fua) |
+//! | WriteZeroes | 0x12 | id 8, epoch 8, offset 8, len 8, flags 1 (bit 0 fua, bit 1 may_trim) |
+//! | RecvAck | 0x13 | id 8 |
+//! | WriteAck | 0x14 | id 8, errno 4 |
+//! | Barrier | 0x15 | epoch 8, flags 1 (bit 0 flush) |
+//! | BarrierAck | 0x16 | epoch 8, errno 4 |
+//! | State | 0x17 | role 1, disk 1 |
+//! | ResyncData | 0x20 | offset 8 + data |
+//! | ResyncAck | 0x21 | offset 8, len 8, errno 4 |
+//! | ResyncDone | 0x22 | gens 48 |
+//!
+//! A string is a u16 byte length and UTF-8 bytes; gens are current, bitmap and the
+//! four history ids, 8 bytes each. Unknown enum codes and unknown flag bits are
+//! rejected, never ignored: a newer peer must bump the version or a feature bit.
+
+use nbd_server::buf::Buf;
+
+use super::LinkError;
+use crate::config::Protocol;
+use crate::state::{DiskState, Generations, HISTORY_LEN, Role};
+
+/// The protocol version this node speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest resource or node name on the wire, in bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest `Bye` reason on the wire, in bytes (longer reasons are cut when sent).
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Largest data part of a `Write` or `ResyncData` (the buffer pool's largest size).
+pub const MAX_DATA_BYTES: usize = nbd_server::buf::MAX_BUF_BYTES;
+
+const GENS_BYTES: usize = 8 * (2 + HISTORY_LEN);
+/// Hello's fixed part without the two strings' bytes (but with their length prefixes).
+const HELLO_MIN_BYTES: usize = 4 + 8 + 8 + 4 + 1 + 1 + 1 + GENS_BYTES + 4 + 2 + 2;
+
+/// The first frame each way: who this node is and what it serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Optional-feature bits; none are defined in version 1.
+    pub features: u64,
+    /// Resource name (≤ 255 bytes).
+    pub resource: String,
+    /// This node's name (≤ 255 bytes).
+    pub node: String,
+    /// Device size in bytes.
+    pub size_bytes: u64,
+    /// Bitmap granularity in bytes.
+    pub granularity_bytes: u32,
+    /// Replication protocol; the wire carries the letter.
+    pub protocol: Protocol,
+    /// The sender's role now.
+    pub role: Role,
+    /// The sender's disk state now.
+    pub disk: DiskState,
+    /// The sender's generation ids (the core decides the sync direction from them).
+    pub gens: Generations,
+    /// Flags for the core; carried, not interpreted, here.
+    pub flags: u32,
+}
+
+/// One peer protocol message.
+#[derive(Clone, Debug)]
+#[allow(missing_docs)] // the fields are described in the module table
+pub enum Message {
+    /// First frame each way.
+    Hello(Hello),
+    /// Keepalive probe; handled inside the link.
+    Ping { nonce: u64 },
+    /// Keepalive answer; handled inside the link.
+    Pong { nonce: u64 },
+    /// Application write: `data` at `offset`, in epoch `epoch`.
+    Write { id: u64, epoch: u64, offset: u64, fua: bool, data: Buf },
+    /// Discard `len` bytes at `offset`.
+    Trim { id: u64, epoch: u64, offset: u64, len: u64, fua: bool },
+    /// Zero `len` bytes at `offset` (by discarding if `may_trim`).
+    WriteZeroes { id: u64, epoch: u64, offset: u64, len: u64, may_trim: bool, fua: bool },
+    /// Protocol B: write `id` was received.
+    RecvAck { id: u64 },
+    /// Protocol C: write `id` was written; `errno` 0 means success.
+    WriteAck { id: u64, errno: i32 },
+    /// Closes epoch `epoch`; `flush` asks for a flush before the ack.
+    Barrier { epoch: u64, flush: bool },
+    /// Every write of `epoch` is done (and flushed if asked).
+    BarrierAck { epoch: u64, errno: i32 },
+    /// Role or disk state changed.
+    State { role: Role, disk: DiskState },
+    /// Sync source → target: `data` at `offset`.
+    ResyncData { offset: u64, data: Buf },
+    /// Sync target → source: the range was written (`errno` 0) or not.
+    ResyncAck { offset: u64, len: u64, errno: i32 },
+    /// Sync source → target: resync finished; adopt these generations.
+    ResyncDone { gens: Generations },
+    /// Orderly close with a reason (≤ 1 KiB).
+    Bye { reason: String },
+}
+
+/// A message type: its wire code and payload layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(missing_docs)]
+pub enum Kind {
+    Hello,
+    Ping,
+    Pong,
+    Bye,
+    Write,
+    Trim,
+    WriteZeroes,
+    RecvAck,
+    WriteAck,
+    Barrier,
+    BarrierAck,
+    State,
+    ResyncData,
+    ResyncAck,
+    ResyncDone,
+}
+
+/// How a type's payload is laid out, which is all the frame reader needs to know
+/// before reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// Exactly this many bytes.
+    Fixed(usize),
+    /// Between `min` and `max` bytes (strings); the decoder checks the exact length.
+    Var { min: usize, max: usize },
+    /// A fixed part of this many bytes, then up to [`MAX_DATA_BYTES`] of data.
+    Data { fixed: usize },
+}
+
+impl Kind {
+    /// Every type, for tests and tables.
+    pub const ALL: [Kind; 15] = [
+        Kind::Hello,
+        Kind::Ping,
+        Kind::Pong,
+        Kind::Bye,
+        Kind::Write,
+        Kind::Trim,
+        Kind::WriteZeroes,
+        Kind::RecvAck,
+        Kind::WriteAck,
+        Kind::Barrier,
+        Kind::BarrierAck,
+        Kind::State,
+        Kind::ResyncData,
+        Kind::ResyncAck,
+        Kind::ResyncDone,
+    ];
+
+    /// The type code in the frame header.
+    pub fn code(self) -> u16 {
+        match self {
+            Kind::Hello => 0x01,
+            Kind::Ping => 0x02,
+            Kind::Pong => 0x03,
+            Kind::Bye => 0x04,
+            Kind::Write => 0x10,
+            Kind::Trim => 0x11,
+            Kind::WriteZeroes => 0x12,
+            Kind::RecvAck => 0x13,
+            Kind::WriteAck => 0x14,
+            Kind::Barrier => 0x15,
+            Kind::BarrierAck => 0x16,
+            Kind::State => 0x17,
+            Kind::ResyncData => 0x20,
+            Kind::ResyncAck => 0x21,
+            Kind::ResyncDone => 0x22,
+        }
+    }
+
+    /// Decodes [`Kind::code`]; `None` for an unknown code.
+    pub fn from_code(code: u16) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.code() == code)
+    }
+
+    /// The type's name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Hello => "Hello",
+            Kind::Ping => "Ping",
+            Kind::Pong => "Pong",
+            Kind::Bye => "Bye",
+            Kind::Write => "Write",
+            Kind::Trim => "Trim",
+            Kind::WriteZeroes => "WriteZeroes",
+            Kind::RecvAck => "RecvAck",
+            Kind::WriteAck => "WriteAck",
+            Kind::Barrier => "Barrier",
+            Kind::BarrierAck => "BarrierAck",
+            Kind::State => "State",
+            Kind::ResyncData => "ResyncData",
+            Kind::ResyncAck => "ResyncAck",
+            Kind::ResyncDone => "ResyncDone",
+        }
+    }
+
+    pub(crate) fn layout(self) -> Layout {
+        match self {
+            Kind::Hello => Layout::Var { min: HELLO_MIN_BYTES, max: HELLO_MIN_BYTES + 2 * MAX_NAME_BYTES },
+            Kind::Bye => Layout::Var { min: 2, max: 2 + MAX_REASON_BYTES },
+            Kind::Ping | Kind::Pong | Kind::RecvAck => Layout::Fixed(8),
+            Kind::Write => Layout::Data { fixed: 25 },
+            Kind::Trim | Kind::WriteZeroes => Layout::Fixed(33),
+            Kind::WriteAck | Kind::BarrierAck => Layout::Fixed(12),
+            Kind::Barrier => Layout::Fixed(9),
+            Kind::State => Layout::Fixed(2),
+            Kind::ResyncData => Layout::Data { fixed: 8 },
+            Kind::ResyncAck => Layout::Fixed(20),
+            Kind::ResyncDone => Layout::Fixed(GENS_BYTES),
+        }
+    }
+
+    /// Smallest and largest payload this type allows, in bytes.
+    pub(crate) fn payload_bounds(self) -> (usize, usize) {
+        match self.layout() {
+            Layout::Fixed(n) => (n, n),
+            Layout::Var { min, max } => (min, max),
+            Layout::Data { fixed } => (fixed, fixed + MAX_DATA_BYTES),
+        }
+    }
+}
+
+impl Message {
+    /// This message's type.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello(_) => Kind::Hello,
+            Message::Ping { .. } => Kind::Ping,
+            Message::Pong { .. } => Kind::Pong,
+            Message::Write { .. } => Kind::Write,
+            Message::Trim { .. } => Kind::Trim,
+            Message::WriteZeroes { .. } => Kind::WriteZeroes,
+            Message::RecvAck { .. } => Kind::RecvAck,
+            Message::WriteAck { .. } => Kind::WriteAck,
+            Message::Barrier { .. } => Kind::Barrier,
+            Message::BarrierAck { .. } => Kind::BarrierAck,
+            Message::State { .. } => Kind::State,
+            Message::ResyncData { .. } => Kind::ResyncData,
+            Message::ResyncAck { .. } => Kind::ResyncAck,
+            Message::ResyncDone { .. } => Kind::ResyncDone,
+            Message::Bye { .. } => Kind::Bye,
+        }
+    }
+
+    /// The data part of a `Write` or `ResyncData`.
+    pub fn data(&self) -> Option<&Buf> {
+        match self {
+            Message::Write { data, .. } | Message::ResyncData { data, .. } => Some(data),
+            _ => None,
+        }
+    }
+
+    /// Bytes this message takes on the wire (header, fixed part and data): what a
+    /// `LinkEvent::Sent` counts for it.
+    pub fn wire_len(&self) -> u64 {
+        let data = self.data().map_or(0, |d| d.len());
+        (super::frame::FRAME_HEADER_BYTES + self.fixed_len() + data) as u64
+    }
+
+    /// Length of the fixed part as [`Message::encode_fixed`] writes it.
+    pub(crate) fn fixed_len(&self) -> usize {
+        match self {
+            Message::Hello(h) => {
+                HELLO_MIN_BYTES + cut(&h.resource, MAX_NAME_BYTES).len() + cut(&h.node, MAX_NAME_BYTES).len()
+            }
+            Message::Bye { reason } => 2 + cut(reason, MAX_REASON_BYTES).len(),
+            _ => match self.kind().layout() {
+                Layout::Fixed(n) | Layout::Data { fixed: n } => n,
+                Layout::Var { .. } => unreachable!("only Hello and Bye are variable"),
+            },
+        }
+    }
+
+    /// Appends the fixed part. Strings longer than their limit are cut at a character
+    /// boundary (the handshake validates names first, so only a `Bye` reason is ever
+    /// cut).
+    pub(crate) fn encode_fixed(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        match self {
+            Message::Hello(h) => {
+                put(out, h.version);
+                put(out, h.features);
+                put(out, h.size_bytes);
+                put(out, h.granularity_bytes);
+                out.push(protocol_code(h.protocol));
+                out.push(h.role.code());
+                out.push(h.disk.code());
+                put_gens(out, &h.gens);
+                put(out, h.flags);
+                put_str(out, &h.resource, MAX_NAME_BYTES);
+                put_str(out, &h.node, MAX_NAME_BYTES);
+            }
+            Message::Ping { nonce } | Message::Pong { nonce } => put(out, *nonce),
+            Message::Write { id, epoch, offset, fua, data: _ } => {
+                put(out, *id);
+                put(out, *epoch);
+                put(out, *offset);
+                out.push(u8::from(*fua));
+            }
+            Message::Trim { id, epoch, offset, len, fua } => {
+                put(out, *id);
+                put(out, *epoch);
+                put(out, *offset);
+                put(out, *len);
+                out.push(u8::from(*fua));
+            }
+            Message::WriteZeroes { id, epoch, offset, len, may_trim, fua } => {
+                put(out, *id);
+                put(out, *epoch);
+                put(out, *offset);
+                put(out, *len);
+                out.push(u8::from(*fua) | u8::from(*may_trim) << 1);
+            }
+            Message::RecvAck { id } => put(out, *id),
+            Message::WriteAck { id, errno } => {
+                put(out, *id);
+                put(out, *errno);
+            }
+            Message::Barrier { epoch, flush } => {
+                put(out, *epoch);
+                out.push(u8::from(*flush));
+            }
+            Message::BarrierAck { epoch, errno } => {
+                put(out, *epoch);
+                put(out, *errno);
+            }
+            Message::State { role, disk } => {
+                out.push(role.code());
+                out.push(disk.code());
+            }
+            Message::ResyncData { offset, data: _ } => put(out, *offset),
+            Message::ResyncAck { offset, len, errno } => {
+                put(out, *offset);
+                put(out, *len);
+                put(out, *errno);
+            }
+            Message::ResyncDone { gens } => put_gens(out, gens),
+            Message::Bye { reason } => put_str(out, reason, MAX_REASON_BYTES),
+        }
+        debug_assert_eq!(out.len() - start, self.fixed_len(), "{:?}", self.kind());
+    }
+
+    /// Decodes a payload whose length already fits `kind`'s layout. `data` is the
+    /// data part for data-carrying types (already split off by the frame reader).
+    pub(crate) fn decode(kind: Kind, fixed: &[u8], data: Option<Buf>) -> Result<Message, LinkError> {
+        let mut c = Cursor { bytes: fixed };
+        let msg = decode_fields(kind, &mut c, data).map_err(|e| e.into_link(kind, fixed.len()))?;
+        if !c.bytes.is_empty() {
+            return Err(Field::Length.into_link(kind, fixed.len()));
+        }
+        Ok(msg)
+    }
+}
+
+fn decode_fields(kind: Kind, c: &mut Cursor<'_>, data: Option<Buf>) -> Result<Message, Field> {
+    let data = || data.ok_or(Field::Length);
+    Ok(match kind {
+        Kind::Hello => {
+            let version = c.u32()?;
+            if version != PROTOCOL_VERSION {
+                // A later version may lay the rest out differently: stop here.
+                return Err(Field::Version(version));
+            }
+            Message::Hello(Hello {
+                version,
+                features: c.u64()?,
+                size_bytes: c.u64()?,
+                granularity_bytes: c.u32()?,
+                protocol: protocol_from_code(c.u8()?)?,
+                role: Role::from_code(c.u8()?).ok_or(Field::Bad("unknown role code"))?,
+                disk: DiskState::from_code(c.u8()?).ok_or(Field::Bad("unknown disk state code"))?,
+                gens: c.gens()?,
+                flags: c.u32()?,
+                resource: c.string(MAX_NAME_BYTES, "resource name longer than 255 bytes")?,
+                node: c.string(MAX_NAME_BYTES, "node name longer than 255 bytes")?,
+            })
+        }
+        Kind::Ping => Message::Ping { nonce: c.u64()? },
+        Kind::Pong => Message::Pong { nonce: c.u64()? },
+        Kind::Bye => Message::Bye { reason: c.string(MAX_REASON_BYTES, "reason longer than 1024 bytes")? },
+        Kind::Write => {
+            let (id, epoch, offset) = (c.u64()?, c.u64()?, c.u64()?);
+            let fua = c.flags(1)? & 1 != 0;
+            Message::Write { id, epoch, offset, fua, data: data()? }
+        }
+        Kind::Trim => {
+            let (id, epoch, offset, len) = (c.u64()?, c.u64()?, c.u64()?, c.u64()?);
+            Message::Trim { id, epoch, offset, len, fua: c.flags(1)? & 1 != 0 }
+        }
+        Kind::WriteZeroes => {
+            let (id, epoch, offset, len) = (c.u64()?, c.u64()?, c.u64()?, c.u64()?);
+            let f = c.flags(0b11)?;
+            Message::WriteZeroes { id, epoch, offset, len, fua: f & 1 != 0, may_trim: f & 2 != 0 }
+        }
+        Kind::RecvAck => Message::RecvAck { id: c.u64()? },
+        Kind::WriteAck => Message::WriteAck { id: c.u64()?, errno: c.i32()? },
+        Kind::Barrier => Message::Barrier { epoch: c.u64()?, flush: c.flags(1)? & 1 != 0 },
+        Kind::BarrierAck => Message::BarrierAck { epoch: c.u64()?, errno: c.i32()? },
+        Kind::State => Message::State {
+            role: Role::from_code(c.u8()?).ok_or(Field::Bad("unknown role code"))?,
+            disk: DiskState::from_code(c.u8()?).ok_or(Field::Bad("unknown disk state code"))?,
+        },
+        Kind::ResyncData => Message::ResyncData { offset: c.u64()?, data: data()? },
+        Kind::ResyncAck => Message::ResyncAck { offset: c.u64()?, len: c.u64()?, errno: c.i32()? },
+        Kind::ResyncDone => Message::ResyncDone { gens: c.gens()? },
+    })
+}
+
+/// What went wrong inside a payload, before the frame context is attached.
+enum Field {
+    /// Ran out of bytes, or bytes were left over.
+    Length,
+    Bad(&'static str),
+    Version(u32),
+}
+
+impl Field {
+    fn into_link(self, kind: Kind, len: usize) -> LinkError {
+        match self {
+            Field::Length => {
+                let (min, max) = kind.payload_bounds();
+                LinkError::BadLength { kind: kind.name(), len: len as u64, min: min as u64, max: max as u64 }
+            }
+            Field::Bad(what) => LinkError::Malformed { kind: kind.name(), what },
+            Field::Version(remote) => LinkError::Version { remote },
+        }
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+}
+
+impl Cursor<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], Field> {
+        let (head, rest) = self.bytes.split_first_chunk::<N>().ok_or(Field::Length)?;
+        self.bytes = rest;
+        Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, Field> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u32(&mut self) -> Result<u32, Field> {
+        self.take().map(u32::from_be_bytes)
+    }
+    fn i32(&mut self) -> Result<i32, Field> {
+        self.take().map(i32::from_be_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, Field> {
+        self.take().map(u64::from_be_bytes)
+    }
+    /// A flags byte with only `allowed` bits set.
+    fn flags(&mut self, allowed: u8) -> Result<u8, Field> {
+        let f = self.u8()?;
+        if f & !allowed != 0 {
+            return Err(Field::Bad("unknown flag bits"));
+        }
+        Ok(f)
+    }
+    fn gens(&mut self) -> Result<Generations, Field> {
+        let current = self.u64()?;
+        let bitmap = self.u64()?;
+        let mut history = [0; HISTORY_LEN];
+        for h in &mut history {
+            *h = self.u64()?;
+        }
+        Ok(Generations { current, bitmap, history })
+    }
+    fn string(&mut self, max: usize, too_long: &'static str) -> Result<String, Field> {
+        let len = usize::from(u16::from_be_bytes(self.take()?));
+        if len > max {
+            return Err(Field::Bad(too_long));
+        }
+        let bytes = self.bytes.get(..len).ok_or(Field::Length)?;
+        self.bytes = &self.bytes[len..];
+        String::from_utf8(bytes.to_vec()).map_err(|_| Field::Bad("string is not UTF-8"))
+    }
+}
+
+fn put<const N: usize>(out: &mut Vec<u8>, v: impl ToBe<N>) {
+    out.extend_from_slice(&v.to_be());
+}
+
+trait ToBe<const N: usize> {
+    fn to_be(self) -> [u8; N];
+}
+impl ToBe<4> for u32 {
+    fn to_be(self) -> [u8; 4] {
+        self.to_be_bytes()
+    }
+}
+impl ToBe<4> for i32 {
+    fn to_be(self) -> [u8; 4] {
+        self.to_be_bytes()
+    }
+}
+impl ToBe<8> for u64 {
+    fn to_be(self) -> [u8; 8] {
+        self.to_be_bytes()
+    }
+}
+
+fn put_gens(out: &mut Vec<u8>, g: &Generations) {
+    put(out, g.current);
+    put(out, g.bitmap);
+    for h in g.history {
+        put(out, h);
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
+    let s = cut(s, max);
+    // `cut` bounds the length by a limit far below u16::MAX.
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+pub(crate) fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn protocol_code(p: Protocol) -> u8 {
+    match p {
+        Protocol::A => b'A',
+        Protocol::B => b'B',
+        Protocol::C => b'C',
+    }
+}
+
+fn protocol_from_code(code: u8) -> Result<Protocol, Field> {
+    match code {
+        b'A' => Ok(Protocol::A),
+        b'B' => Ok(Protocol::B),
+        b'C' => Ok(Protocol::C),
+        _ => Err(Field::Bad("unknown replication protocol letter")),
+    }
+}
