@@ -20,9 +20,16 @@ pub struct RunOptions {
 }
 
 /// Runs the node until a termination signal; errors carry the context an operator
-/// needs (which file, which address).
+/// needs (which file, which address). A resource with a peer in its config runs
+/// replicated (it needs metadata: `blockctl create-md`); a resource with one node is
+/// a standalone export of the whole disk.
 pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::Result<()> {
     let storage_opts = StorageOptions { engine: opts.engine, ..StorageOptions::default() };
+    let stop = stop_on_signals()?;
+    let peer = config.peers(&node.name).next().cloned();
+    if let Some(peer) = peer {
+        return crate::repl::node::run(config, node, peer, storage_opts, stop).await;
+    }
     let storage = Storage::open(&node.disk, &storage_opts, Arc::new(ReplySink))
         .with_context(|| format!("cannot open disk {}", node.disk.display()))?;
     let backing_bytes = storage.size_bytes();
@@ -57,22 +64,27 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
         uris.join(" ")
     );
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
+    server.serve(listeners, stop.subscribe()).await;
+    device.flush().await.context("final flush of the backing store failed")?;
+    tracing::info!("clean shutdown");
+    Ok(())
+}
+
+/// A stop signal that SIGTERM or SIGINT raises.
+fn stop_on_signals() -> anyhow::Result<watch::Sender<bool>> {
+    let (stop_tx, _) = watch::channel(false);
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    let tx = stop_tx.clone();
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
-        stop_tx.send_replace(true);
+        tx.send_replace(true);
     });
-
-    let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
-    server.serve(listeners, stop_rx).await;
-    device.flush().await.context("final flush of the backing store failed")?;
-    tracing::info!("clean shutdown");
-    Ok(())
+    Ok(stop_tx)
 }
 
 /// The NBD URI clients use for an address as printed by [`Listener::local_addr`].

@@ -1,13 +1,15 @@
-//! `blockctl`: the operator CLI (SPEC §8.1). Today it has `show`, which prints the
-//! effective config of a resource; the verbs that talk to a running node (`status`,
-//! `primary`, `secondary`, ...) arrive with the control socket.
+//! `blockctl`: the operator CLI (SPEC §8.1). It talks to a running node through its
+//! control socket (JSON lines) and never touches the disks of a running resource;
+//! `create-md` and `show` work on a stopped node.
 //!
-//! Exit codes: 0 done; 1 refused or failed; 2 usage or config error.
+//! Exit codes: 0 done; 1 refused or failed (stderr says why); 2 usage or config error.
+
+mod client;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use blockd::config::Config;
+use blockd::config::{Config, NodeConfig};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -25,53 +27,141 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Verb {
-    /// Print the effective config (every key, defaults filled in) after validating it.
-    Show {
-        /// Resource name; selects /etc/blockd/RESOURCE.toml when --config is absent.
+    /// Initialize this node's metadata (the node must be stopped).
+    CreateMd {
         resource: Option<String>,
+        /// Overwrite existing metadata.
+        #[arg(long)]
+        force: bool,
+        /// The disks of both nodes are known to be identical (e.g. both empty): skip
+        /// the initial full sync. Use on both nodes.
+        #[arg(long)]
+        clear_bitmap: bool,
     },
+    /// Start blockd for this node in the background; returns once it answers.
+    Up {
+        resource: Option<String>,
+        /// Where blockd logs (default /var/log/blockd/RESOURCE-NODE.log).
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
+    /// Stop this node's blockd cleanly.
+    Down { resource: Option<String> },
+    /// Make this node Primary (refused while the peer is Primary or the local disk is
+    /// not UpToDate, unless --force).
+    Primary {
+        resource: Option<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make this node Secondary (refused while NBD clients are connected, unless --force).
+    Secondary {
+        resource: Option<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show role, disk, connection and replication state.
+    Status {
+        resource: Option<String>,
+        /// One JSON object (SPEC §8.1 fields).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the effective config (every key, defaults filled in) after validating it.
+    Show { resource: Option<String> },
 }
 
-/// The config file: `--config`, else `/etc/blockd/RESOURCE.toml`.
-fn config_path(config: Option<PathBuf>, resource: Option<&str>) -> Result<PathBuf, String> {
-    match (config, resource) {
-        (Some(path), _) => Ok(path),
-        (None, Some(res)) => Ok(PathBuf::from(format!("/etc/blockd/{res}.toml"))),
-        (None, None) => Err("name a RESOURCE or pass --config FILE".to_string()),
-    }
+/// A failure with its exit code.
+struct Fail(u8, String);
+
+fn usage(msg: impl std::fmt::Display) -> Fail {
+    Fail(2, msg.to_string())
+}
+
+fn refused(msg: impl std::fmt::Display) -> Fail {
+    Fail(1, msg.to_string())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.verb {
-        Verb::Show { resource } => {
-            let path = match config_path(cli.config, resource.as_deref()) {
-                Ok(p) => p,
-                Err(e) => return usage(&e),
-            };
-            let config = match Config::load(&path) {
-                Ok(c) => c,
-                Err(e) => return usage(&e),
-            };
-            if let Some(res) = resource.filter(|r| *r != config.resource.name) {
-                return usage(&format!(
-                    "{}: defines resource {:?}, not {res:?}",
-                    path.display(),
-                    config.resource.name
-                ));
-            }
-            if let Some(node) = cli.node.as_deref()
-                && let Err(e) = config.local_node(Some(node))
-            {
-                return usage(&e);
-            }
-            print!("{}", config.effective_toml());
-            ExitCode::SUCCESS
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("blockctl: {msg}");
+            ExitCode::from(code)
         }
     }
 }
 
-fn usage(e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("blockctl: {e}");
-    ExitCode::from(2)
+/// Loads the config (`--config`, else `/etc/blockd/RESOURCE.toml`) and checks that
+/// a named resource matches it.
+fn load(config: Option<PathBuf>, resource: Option<&str>) -> Result<Config, Fail> {
+    let path = match (config, resource) {
+        (Some(path), _) => path,
+        (None, Some(res)) => PathBuf::from(format!("/etc/blockd/{res}.toml")),
+        (None, None) => return Err(usage("name a RESOURCE or pass --config FILE")),
+    };
+    let config = Config::load(&path).map_err(usage)?;
+    if let Some(res) = resource.filter(|r| *r != config.resource.name) {
+        return Err(usage(format!(
+            "{}: defines resource {:?}, not {res:?}",
+            path.display(),
+            config.resource.name
+        )));
+    }
+    Ok(config)
+}
+
+fn local(config: &Config, node: Option<&str>) -> Result<NodeConfig, Fail> {
+    config.local_node(node).cloned().map_err(usage)
+}
+
+fn run(cli: Cli) -> Result<(), Fail> {
+    let node_arg = cli.node.as_deref();
+    match cli.verb {
+        Verb::Show { resource } => {
+            let config = load(cli.config, resource.as_deref())?;
+            if node_arg.is_some() {
+                local(&config, node_arg)?;
+            }
+            print!("{}", config.effective_toml());
+            Ok(())
+        }
+        Verb::CreateMd { resource, force, clear_bitmap } => {
+            let config = load(cli.config, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            client::create_md(&config, &node, force, clear_bitmap)
+        }
+        Verb::Up { resource, log } => {
+            let config = load(cli.config, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            client::up(&config, &node, log)
+        }
+        Verb::Down { resource } => {
+            let config = load(cli.config, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            client::down(&node)
+        }
+        Verb::Primary { resource, force } => {
+            let config = load(cli.config, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            client::request(&node, &serde_json::json!({"cmd": "primary", "force": force})).map(drop)
+        }
+        Verb::Secondary { resource, force } => {
+            let config = load(cli.config, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            client::request(&node, &serde_json::json!({"cmd": "secondary", "force": force})).map(drop)
+        }
+        Verb::Status { resource, json } => {
+            let config = load(cli.config, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            let status = client::request(&node, &serde_json::json!({"cmd": "status"}))?;
+            if json {
+                println!("{status}");
+            } else {
+                print!("{}", client::human_status(&status));
+            }
+            Ok(())
+        }
+    }
 }

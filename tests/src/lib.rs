@@ -22,6 +22,7 @@ pub mod chain;
 pub mod daemon;
 pub mod guards;
 pub mod loadgen;
+pub mod pair;
 pub mod pattern;
 pub mod proxy;
 pub mod raw;

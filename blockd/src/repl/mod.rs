@@ -8,6 +8,9 @@
 //! The event-driven core that owns the replication state (see `ARCHITECTURE.md`)
 //! builds on these.
 
+pub mod core;
 pub mod decide;
 pub mod dirty;
 pub mod inflight;
+pub mod node;
+pub mod shell;

@@ -1,0 +1,755 @@
+//! The replication core: one owner of all replication state, driven by events.
+//!
+//! [`Core::handle`] takes one [`Event`] and returns the [`Action`]s it causes; it does
+//! no I/O, reads no clock and spawns nothing, so it is tested with scripted event
+//! streams. The I/O shell (`repl::shell`) feeds it NBD requests, storage completions,
+//! peer messages and link events, and executes the actions: storage submits, peer
+//! sends, NBD replies (the shell keeps each request's responder under its job id),
+//! and durable metadata updates.
+//!
+//! What it implements (SPEC §4, `ARCHITECTURE.md` "Replication"):
+//! - Primary: the ack table for protocols A, B, C (FUA and FLUSH included),
+//!   overlapping writes serialized through [`InFlight`], epochs closed by barriers
+//!   when a write may depend on an acknowledged one, and a bounded send buffer for A.
+//! - Secondary: writes of one epoch applied concurrently, none of the next epoch
+//!   before the barrier's epoch is complete (and flushed when asked).
+//! - Peer loss while Primary: writes waiting for the peer complete locally and are
+//!   recorded dirty; a new generation is made durable before any write is
+//!   acknowledged without the peer.
+
+use std::collections::{HashMap, VecDeque};
+
+use nbd_server::NbdError;
+use nbd_server::buf::{Buf, BufMut};
+use nix::errno::Errno;
+
+use crate::config::Protocol;
+use crate::peer::msg::Message;
+use crate::repl::dirty::DirtySet;
+use crate::repl::inflight::InFlight;
+use crate::state::{DiskState, Generations, Role};
+use crate::storage::IoOp;
+
+/// Identifies a job: an NBD request (id chosen by the shell), or work the core
+/// starts itself (ids from a separate range, see [`INTERNAL_JOB_BASE`]).
+pub type JobId = u64;
+
+/// Jobs the core creates for itself (Secondary writes) get ids from here up, so they
+/// never collide with the shell's NBD job ids.
+pub const INTERNAL_JOB_BASE: JobId = 1 << 62;
+
+/// The Secondary's epoch flush.
+const APPLIER_FLUSH_JOB: JobId = u64::MAX;
+
+/// Writes per epoch before a barrier is forced (DRBD's `max-epoch-size` default), so
+/// the transfer log is trimmed regularly even under a stream of independent writes.
+const MAX_EPOCH_WRITES: u64 = 2048;
+
+/// An NBD request as the core sees it (validated by nbd-server).
+#[derive(Debug)]
+pub enum Request {
+    Read { offset: u64, buf: BufMut },
+    Write { offset: u64, data: Buf, fua: bool },
+    Trim { offset: u64, len: u64, fua: bool },
+    WriteZeroes { offset: u64, len: u64, may_trim: bool, fast_only: bool, fua: bool },
+    Flush,
+}
+
+/// Everything that can happen to the core.
+#[derive(Debug)]
+pub enum Event {
+    /// A client request (the shell holds its responder under `job`).
+    Nbd { job: JobId, request: Request },
+    /// A local storage op of `job` finished; `buf` is the op's buffer coming back.
+    LocalDone { job: JobId, result: Result<(), Errno>, buf: Option<BufMut> },
+    /// A link to the peer is up; its handshake state.
+    PeerUp { role: Role, disk: DiskState, gens: Generations },
+    /// A message from the peer.
+    PeerMessage(Message),
+    /// The link wrote `bytes` of queued frames to the socket.
+    PeerSent { bytes: u64 },
+    /// The link is gone.
+    PeerDown,
+    /// The metadata update with this sequence number is durable.
+    MetaDurable { seq: u64 },
+    /// Before a clean stop: make every write so far durable locally and on the peer
+    /// under any protocol; `Reply { job }` comes when done (or the peer is gone).
+    Drain { job: JobId },
+}
+
+/// How an NBD request ends.
+#[derive(Debug)]
+pub enum Outcome {
+    Ok,
+    ReadData(BufMut),
+    Error(NbdError),
+}
+
+/// What the shell must do.
+#[derive(Debug)]
+pub enum Action {
+    /// Submit `op` to local storage; its completion comes back as `LocalDone { job }`.
+    Local { job: JobId, op: IoOp },
+    /// Queue `msg` for the peer (its frame size counts against the send buffer).
+    Send(Message),
+    /// Answer the NBD request `job`.
+    Reply { job: JobId, outcome: Outcome },
+    /// Make this state durable (metadata update + fsync), then send
+    /// `MetaDurable { seq }`.
+    Persist { seq: u64, gens: Generations, disk: DiskState, was_primary: bool },
+}
+
+/// The core's fixed settings.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub protocol: Protocol,
+    /// Protocol A: bytes of frames queued but not yet written to the socket beyond
+    /// which writes wait for their acknowledgement.
+    pub send_buffer_bytes: u64,
+    /// Dirty-set granularity (bytes per tracked unit).
+    pub granularity_bytes: u64,
+}
+
+/// Whether and how the peer takes part in the data path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// No peer connection.
+    Disconnected,
+    /// Connected and replicating every write.
+    Replicating,
+}
+
+/// What a Primary write still waits for from the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeerPart {
+    /// Not replicated (disconnected): the range is dirty.
+    NotSent,
+    /// Sent; waiting for `RecvAck` (B) or `WriteAck` (C).
+    Awaiting,
+    /// Protocol A: queued; acknowledged once the send buffer has drained below the
+    /// bound past this frame's end (in bytes ever queued).
+    Queued { queued_end_bytes: u64 },
+    /// Done (acked, or the peer was lost and the range marked dirty).
+    Done,
+}
+
+#[derive(Debug)]
+struct WriteJob {
+    range: std::ops::Range<u64>,
+    op: Option<IoOp>,
+    message: Option<Message>,
+    local: Option<Result<(), Errno>>,
+    peer: PeerPart,
+    epoch: u64,
+    /// Started while the new generation was not yet durable.
+    needs_durable_gens: bool,
+}
+
+#[derive(Debug)]
+struct FlushJob {
+    local: Option<Result<(), Errno>>,
+    /// The barrier epoch whose ack this flush waits for (B and C while connected).
+    barrier: Option<u64>,
+}
+
+/// A Secondary's write being applied.
+#[derive(Debug)]
+struct ApplyJob {
+    peer_id: u64,
+    epoch: u64,
+}
+
+/// Epoch state on the Secondary.
+#[derive(Debug, Default)]
+struct Applier {
+    /// The epoch whose writes are being applied.
+    epoch: u64,
+    /// Writes of `epoch` not yet complete.
+    outstanding: u64,
+    /// The barrier closing `epoch` arrived: (flush asked).
+    closing: Option<bool>,
+    /// A flush for the closing barrier is running.
+    flushing: bool,
+    /// Messages of later epochs, held until `epoch` is closed.
+    held: VecDeque<Message>,
+}
+
+/// The replication state of one node.
+pub struct Core {
+    cfg: CoreConfig,
+    role: Role,
+    disk: DiskState,
+    gens: Generations,
+    link: Link,
+    /// Generations durable up to this metadata sequence.
+    durable_seq: u64,
+    next_meta_seq: u64,
+    /// A new generation was started and is not durable yet.
+    gens_pending: bool,
+    /// Source of fresh generation ids (seeded: deterministic in tests).
+    rng: rand::rngs::StdRng,
+    next_internal: JobId,
+    writes: HashMap<JobId, WriteJob>,
+    flushes: HashMap<JobId, FlushJob>,
+    inflight: InFlight,
+    /// Protocol A jobs waiting for the send buffer to drain, in send order.
+    send_waiters: VecDeque<JobId>,
+    queued_bytes_total: u64,
+    sent_bytes_total: u64,
+    /// Primary: the open epoch, whether a write of it was acknowledged, its size.
+    epoch: u64,
+    epoch_acked: bool,
+    epoch_writes: u64,
+    /// Primary: ranges sent to the peer whose epoch is not yet barrier-acked, in send
+    /// order (DRBD's transfer log). An acknowledged write stays here until the peer
+    /// confirms its epoch, so a lost link marks every range the peer may lack.
+    transfer_log: VecDeque<(u64, std::ops::Range<u64>)>,
+    dirty: DirtySet,
+    /// Secondary.
+    applier: Applier,
+    applying: HashMap<JobId, ApplyJob>,
+}
+
+impl Core {
+    /// A node starting with the given persisted state (role from `blockctl`/OCF).
+    pub fn new(cfg: CoreConfig, role: Role, disk: DiskState, gens: Generations, seed: u64) -> Core {
+        use rand::SeedableRng;
+        let dirty = DirtySet::new(cfg.granularity_bytes);
+        Core {
+            cfg,
+            role,
+            disk,
+            gens,
+            link: Link::Disconnected,
+            durable_seq: 0,
+            next_meta_seq: 1,
+            gens_pending: false,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            next_internal: INTERNAL_JOB_BASE,
+            writes: HashMap::new(),
+            flushes: HashMap::new(),
+            inflight: InFlight::new(),
+            send_waiters: VecDeque::new(),
+            queued_bytes_total: 0,
+            sent_bytes_total: 0,
+            epoch: 1,
+            epoch_acked: false,
+            epoch_writes: 0,
+            transfer_log: VecDeque::new(),
+            dirty,
+            applier: Applier { epoch: 1, ..Applier::default() },
+            applying: HashMap::new(),
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn disk(&self) -> DiskState {
+        self.disk
+    }
+
+    pub fn generations(&self) -> Generations {
+        self.gens
+    }
+
+    pub fn link(&self) -> Link {
+        self.link
+    }
+
+    /// Bytes recorded as changed without the peer.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty.bytes()
+    }
+
+    /// Frames queued for the peer and not yet written to its socket.
+    pub fn unsent_bytes(&self) -> u64 {
+        self.queued_bytes_total - self.sent_bytes_total
+    }
+
+    /// Applies one event.
+    pub fn handle(&mut self, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::Nbd { job, request } => self.on_request(job, request, &mut out),
+            Event::Drain { job } => self.start_flush(job, true, &mut out),
+            Event::LocalDone { job, result, buf } => self.on_local_done(job, result, buf, &mut out),
+            Event::PeerUp { .. } => self.on_peer_up(),
+            Event::PeerMessage(msg) => self.on_peer_message(msg, &mut out),
+            Event::PeerSent { bytes } => {
+                self.sent_bytes_total = (self.sent_bytes_total + bytes).min(self.queued_bytes_total);
+                self.release_send_waiters(&mut out);
+            }
+            Event::PeerDown => self.on_peer_down(&mut out),
+            Event::MetaDurable { seq } => {
+                self.durable_seq = self.durable_seq.max(seq);
+                if seq + 1 >= self.next_meta_seq {
+                    self.gens_pending = false;
+                }
+                let ready: Vec<JobId> = self.writes.keys().copied().collect();
+                for job in ready {
+                    self.try_finish_write(job, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    fn on_request(&mut self, job: JobId, request: Request, out: &mut Vec<Action>) {
+        assert!(job < INTERNAL_JOB_BASE, "NBD job ids stay below the internal range");
+        match request {
+            Request::Read { offset, buf } => out.push(Action::Local { job, op: IoOp::Read { offset, buf } }),
+            Request::Flush => self.start_flush(job, false, out),
+            Request::Write { offset, data, fua } => {
+                let range = offset..offset + data.len() as u64;
+                let message = Message::Write { id: job, epoch: 0, offset, fua, data: data.clone() };
+                self.start_write(job, range, IoOp::Write { offset, buf: data, fua }, message, out);
+            }
+            Request::Trim { offset, len, fua } => {
+                let message = Message::Trim { id: job, epoch: 0, offset, len, fua };
+                self.start_write(job, offset..offset + len, IoOp::Trim { offset, len, fua }, message, out);
+            }
+            Request::WriteZeroes { offset, len, may_trim, fast_only, fua } => {
+                let message = Message::WriteZeroes { id: job, epoch: 0, offset, len, may_trim, fua };
+                let op = IoOp::WriteZeroes { offset, len, may_trim, fast_only, fua };
+                self.start_write(job, offset..offset + len, op, message, out);
+            }
+        }
+    }
+
+    fn start_write(
+        &mut self,
+        job: JobId,
+        range: std::ops::Range<u64>,
+        op: IoOp,
+        message: Message,
+        out: &mut Vec<Action>,
+    ) {
+        let admitted = self.inflight.admit(job, range.clone());
+        let w = WriteJob {
+            range,
+            op: Some(op),
+            message: Some(message),
+            local: None,
+            peer: PeerPart::NotSent,
+            epoch: 0,
+            needs_durable_gens: false,
+        };
+        self.writes.insert(job, w);
+        if admitted {
+            self.dispatch_write(job, out);
+        }
+    }
+
+    /// Sends an admitted write to the local disk and, when replicating, to the peer.
+    fn dispatch_write(&mut self, job: JobId, out: &mut Vec<Action>) {
+        if self.link == Link::Replicating && (self.epoch_acked || self.epoch_writes >= MAX_EPOCH_WRITES) {
+            // This write may depend on one already acknowledged: close the epoch so
+            // the Secondary cannot apply them out of order.
+            self.close_epoch(false, out);
+        }
+        let epoch = self.epoch;
+        let replicating = self.link == Link::Replicating;
+        let needs_durable_gens = self.gens_pending;
+        let w = self.writes.get_mut(&job).expect("dispatching a known job");
+        w.epoch = epoch;
+        w.needs_durable_gens = needs_durable_gens;
+        let op = w.op.take().expect("dispatched once");
+        let mut message = w.message.take().expect("dispatched once");
+        out.push(Action::Local { job, op });
+        if !replicating {
+            self.dirty.insert(self.writes[&job].range.clone());
+            return;
+        }
+        set_epoch(&mut message, epoch);
+        let frame_bytes = frame_bytes(&message);
+        self.send(message, out);
+        self.epoch_writes += 1;
+        self.transfer_log.push_back((epoch, self.writes[&job].range.clone()));
+        let peer = match self.cfg.protocol {
+            Protocol::A => PeerPart::Queued { queued_end_bytes: self.queued_bytes_total },
+            Protocol::B | Protocol::C => PeerPart::Awaiting,
+        };
+        debug_assert!(frame_bytes > 0);
+        self.writes.get_mut(&job).expect("known").peer = peer;
+        if matches!(peer, PeerPart::Queued { .. }) {
+            self.send_waiters.push_back(job);
+            self.release_send_waiters(out);
+        }
+    }
+
+    fn send(&mut self, message: Message, out: &mut Vec<Action>) {
+        self.queued_bytes_total += frame_bytes(&message);
+        out.push(Action::Send(message));
+    }
+
+    /// Protocol A: writes whose frame is within the send-buffer bound count as sent.
+    fn release_send_waiters(&mut self, out: &mut Vec<Action>) {
+        while let Some(&job) = self.send_waiters.front() {
+            let Some(w) = self.writes.get_mut(&job) else {
+                self.send_waiters.pop_front();
+                continue;
+            };
+            let PeerPart::Queued { queued_end_bytes } = w.peer else {
+                self.send_waiters.pop_front();
+                continue;
+            };
+            if queued_end_bytes.saturating_sub(self.sent_bytes_total) > self.cfg.send_buffer_bytes {
+                break;
+            }
+            w.peer = PeerPart::Done;
+            self.send_waiters.pop_front();
+            self.try_finish_write(job, out);
+        }
+    }
+
+    /// A FLUSH (or, with `wait_peer`, a drain that waits for the peer under any
+    /// protocol).
+    fn start_flush(&mut self, job: JobId, wait_peer: bool, out: &mut Vec<Action>) {
+        let barrier = if self.link == Link::Replicating {
+            let epoch = self.close_epoch(true, out);
+            // Protocol A only keeps the peer ordered; B and C wait for its flush.
+            (wait_peer || self.cfg.protocol != Protocol::A).then_some(epoch)
+        } else {
+            None
+        };
+        self.flushes.insert(job, FlushJob { local: None, barrier });
+        out.push(Action::Local { job, op: IoOp::Flush });
+    }
+
+    /// Sends the barrier closing the open epoch; returns that epoch.
+    fn close_epoch(&mut self, flush: bool, out: &mut Vec<Action>) -> u64 {
+        let epoch = self.epoch;
+        self.send(Message::Barrier { epoch, flush }, out);
+        self.epoch += 1;
+        self.epoch_acked = false;
+        self.epoch_writes = 0;
+        epoch
+    }
+
+    fn on_local_done(
+        &mut self,
+        job: JobId,
+        result: Result<(), Errno>,
+        buf: Option<BufMut>,
+        out: &mut Vec<Action>,
+    ) {
+        if let Some(w) = self.writes.get_mut(&job) {
+            w.local = Some(result);
+            self.try_finish_write(job, out);
+        } else if let Some(f) = self.flushes.get_mut(&job) {
+            f.local = Some(result);
+            self.try_finish_flush(job, out);
+        } else if let Some(apply) = self.applying.remove(&job) {
+            self.on_applied(apply, result, out);
+        } else if job == APPLIER_FLUSH_JOB {
+            self.on_applier_flushed(result, out);
+        } else {
+            // A read (reads are not tracked: they finish with their local op).
+            let outcome = match (result, buf) {
+                (Ok(()), Some(data)) => Outcome::ReadData(data),
+                (Ok(()), None) => Outcome::Ok,
+                (Err(e), _) => Outcome::Error(NbdError::from_errno(e as i32, false)),
+            };
+            out.push(Action::Reply { job, outcome });
+        }
+    }
+
+    fn try_finish_write(&mut self, job: JobId, out: &mut Vec<Action>) {
+        let Some(w) = self.writes.get(&job) else { return };
+        let peer_done = matches!(w.peer, PeerPart::Done | PeerPart::NotSent);
+        let gens_ok = !w.needs_durable_gens || !self.gens_pending;
+        let Some(local) = w.local else { return };
+        if !(peer_done && gens_ok) || w.op.is_some() {
+            return;
+        }
+        let w = self.writes.remove(&job).expect("present");
+        if w.epoch == self.epoch {
+            self.epoch_acked = true;
+        }
+        let outcome = match local {
+            Ok(()) => Outcome::Ok,
+            Err(e) => Outcome::Error(NbdError::from_errno(e as i32, false)),
+        };
+        out.push(Action::Reply { job, outcome });
+        for next in self.inflight.complete(job, w.range.start) {
+            self.dispatch_write(next, out);
+        }
+    }
+
+    fn try_finish_flush(&mut self, job: JobId, out: &mut Vec<Action>) {
+        let Some(f) = self.flushes.get(&job) else { return };
+        let (Some(local), None) = (f.local, f.barrier) else { return };
+        self.flushes.remove(&job);
+        let outcome = match local {
+            Ok(()) => Outcome::Ok,
+            Err(e) => Outcome::Error(NbdError::from_errno(e as i32, false)),
+        };
+        out.push(Action::Reply { job, outcome });
+    }
+
+    fn on_peer_up(&mut self) {
+        // Replication starts on an established connection; the decision about data
+        // (in sync, resync direction, refusal) is taken by the caller with
+        // `repl::decide` before it reports the link replicating. Both sides number
+        // the epochs of a link from 1.
+        self.link = Link::Replicating;
+        self.epoch = 1;
+        self.epoch_acked = false;
+        self.epoch_writes = 0;
+        self.applier = Applier { epoch: 1, ..Applier::default() };
+    }
+
+    fn on_peer_message(&mut self, msg: Message, out: &mut Vec<Action>) {
+        match msg {
+            Message::WriteAck { id, errno } => self.on_peer_ack(id, errno, out),
+            Message::RecvAck { id } => self.on_peer_ack(id, 0, out),
+            Message::BarrierAck { epoch, errno } => {
+                if errno != 0 {
+                    tracing::warn!(epoch, errno, "peer failed to complete a barrier");
+                }
+                // Everything of this epoch and before is on the peer's disk.
+                while self.transfer_log.front().is_some_and(|(e, _)| *e <= epoch) {
+                    let (_, range) = self.transfer_log.pop_front().expect("checked");
+                    if errno != 0 {
+                        self.dirty.insert(range);
+                    }
+                }
+                let waiting: Vec<JobId> =
+                    self.flushes.iter().filter(|(_, f)| f.barrier == Some(epoch)).map(|(j, _)| *j).collect();
+                for job in waiting {
+                    self.flushes.get_mut(&job).expect("present").barrier = None;
+                    self.try_finish_flush(job, out);
+                }
+            }
+            Message::Write { .. }
+            | Message::Trim { .. }
+            | Message::WriteZeroes { .. }
+            | Message::Barrier { .. } => self.on_replicated(msg, out),
+            other => tracing::debug!(?other, "message not handled by the data path"),
+        }
+    }
+
+    fn on_peer_ack(&mut self, id: JobId, errno: i32, out: &mut Vec<Action>) {
+        let Some(w) = self.writes.get_mut(&id) else { return };
+        if w.peer != PeerPart::Awaiting {
+            return;
+        }
+        if errno != 0 {
+            // The peer could not write it: its copy of the range is stale.
+            tracing::warn!(job = id, errno, "peer failed a replicated write; range marked out of sync");
+            self.dirty.insert(w.range.clone());
+        }
+        w.peer = PeerPart::Done;
+        self.try_finish_write(id, out);
+    }
+
+    fn on_peer_down(&mut self, out: &mut Vec<Action>) {
+        if self.link == Link::Disconnected {
+            return;
+        }
+        self.link = Link::Disconnected;
+        self.send_waiters.clear();
+        self.queued_bytes_total = self.sent_bytes_total;
+        if self.role == Role::Primary {
+            // SPEC §5: a Primary that loses its peer starts a new generation, durable
+            // before any write is acknowledged without the peer.
+            let fresh = self.fresh_id();
+            self.gens.start_new(fresh);
+            self.gens_pending = true;
+            self.persist(out);
+        }
+        // Everything sent whose epoch the peer has not confirmed may be missing there,
+        // including writes already acknowledged under protocols A and B.
+        for (_, range) in self.transfer_log.drain(..) {
+            self.dirty.insert(range);
+        }
+        let gens_pending = self.gens_pending;
+        for w in self.writes.values_mut() {
+            if w.peer != PeerPart::NotSent {
+                w.peer = PeerPart::Done;
+            }
+            w.needs_durable_gens = gens_pending;
+        }
+        let flushes: Vec<JobId> = self.flushes.keys().copied().collect();
+        for job in flushes {
+            self.flushes.get_mut(&job).expect("present").barrier = None;
+            self.try_finish_flush(job, out);
+        }
+        let writes: Vec<JobId> = self.writes.keys().copied().collect();
+        for job in writes {
+            self.try_finish_write(job, out);
+        }
+        // A Secondary drops what it had not applied; the Primary resyncs it later.
+        self.applier.held.clear();
+    }
+
+    /// Queues a durable update of the persistent state; returns its sequence number.
+    fn persist(&mut self, out: &mut Vec<Action>) -> u64 {
+        let seq = self.next_meta_seq;
+        self.next_meta_seq += 1;
+        let was_primary = self.role == Role::Primary;
+        out.push(Action::Persist { seq, gens: self.gens, disk: self.disk, was_primary });
+        seq
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        loop {
+            let id: u64 = rand::Rng::random(&mut self.rng);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    /// `blockctl primary [--force]`. `peer_role` is the connected peer's role, if any.
+    /// On success the returned actions include a `Persist`; the caller opens the NBD
+    /// export only after it is durable.
+    pub fn promote(&mut self, force: bool, peer_role: Option<Role>) -> Result<Vec<Action>, String> {
+        if self.role == Role::Primary {
+            return Ok(Vec::new());
+        }
+        if peer_role == Some(Role::Primary) {
+            return Err("the peer is Primary; demote it first (`blockctl secondary` there)".to_string());
+        }
+        if self.disk != DiskState::UpToDate && !force {
+            return Err(format!(
+                "the local disk is {}; only an UpToDate node can be promoted                  (use --force to make this node's data the authoritative copy)",
+                self.disk
+            ));
+        }
+        let mut out = Vec::new();
+        if force && self.disk != DiskState::UpToDate {
+            // This copy becomes the reference: a generation of its own, so the peer
+            // sees it as newer and takes a full sync from it.
+            let fresh = self.fresh_id();
+            self.gens.start_new(fresh);
+            self.disk = DiskState::UpToDate;
+        } else if self.link == Link::Disconnected {
+            // SPEC §5: promoted while disconnected starts a new generation.
+            let fresh = self.fresh_id();
+            self.gens.start_new(fresh);
+        }
+        self.role = Role::Primary;
+        self.persist(&mut out);
+        Ok(out)
+    }
+
+    /// `blockctl secondary`: the caller has already closed the NBD export and drained
+    /// its clients. Refused while writes are in flight.
+    pub fn demote(&mut self) -> Result<Vec<Action>, String> {
+        if self.role == Role::Secondary {
+            return Ok(Vec::new());
+        }
+        if !self.writes.is_empty() || !self.flushes.is_empty() {
+            return Err("writes are still in flight; retry in a moment".to_string());
+        }
+        self.role = Role::Secondary;
+        let mut out = Vec::new();
+        self.persist(&mut out);
+        Ok(out)
+    }
+
+    // ---- Secondary: applying replicated writes in epochs ----
+
+    fn on_replicated(&mut self, msg: Message, out: &mut Vec<Action>) {
+        let epoch = match &msg {
+            Message::Write { epoch, .. }
+            | Message::Trim { epoch, .. }
+            | Message::WriteZeroes { epoch, .. } => *epoch,
+            Message::Barrier { epoch, .. } => *epoch,
+            _ => return,
+        };
+        if self.applier.closing.is_some() || epoch > self.applier.epoch {
+            // Epoch N+1 must not start before epoch N is complete.
+            self.applier.held.push_back(msg);
+            return;
+        }
+        self.apply_now(msg, out);
+    }
+
+    fn apply_now(&mut self, msg: Message, out: &mut Vec<Action>) {
+        let (peer_id, op) = match msg {
+            Message::Barrier { epoch, flush } => {
+                debug_assert_eq!(epoch, self.applier.epoch);
+                self.applier.closing = Some(flush);
+                self.maybe_close_epoch(out);
+                return;
+            }
+            Message::Write { id, offset, fua, data, .. } => (id, IoOp::Write { offset, buf: data, fua }),
+            Message::Trim { id, offset, len, fua, .. } => (id, IoOp::Trim { offset, len, fua }),
+            Message::WriteZeroes { id, offset, len, may_trim, fua, .. } => {
+                (id, IoOp::WriteZeroes { offset, len, may_trim, fast_only: false, fua })
+            }
+            _ => return,
+        };
+        if self.cfg.protocol == Protocol::B {
+            self.send(Message::RecvAck { id: peer_id }, out);
+        }
+        let job = self.next_internal;
+        self.next_internal += 1;
+        self.applier.outstanding += 1;
+        self.applying.insert(job, ApplyJob { peer_id, epoch: self.applier.epoch });
+        out.push(Action::Local { job, op });
+    }
+
+    fn on_applied(&mut self, apply: ApplyJob, result: Result<(), Errno>, out: &mut Vec<Action>) {
+        debug_assert_eq!(apply.epoch, self.applier.epoch);
+        if self.cfg.protocol == Protocol::C {
+            let errno = result.err().map_or(0, |e| e as i32);
+            self.send(Message::WriteAck { id: apply.peer_id, errno }, out);
+        }
+        self.applier.outstanding -= 1;
+        self.maybe_close_epoch(out);
+    }
+
+    fn maybe_close_epoch(&mut self, out: &mut Vec<Action>) {
+        let Some(flush) = self.applier.closing else { return };
+        if self.applier.outstanding > 0 || self.applier.flushing {
+            return;
+        }
+        if flush {
+            self.applier.flushing = true;
+            out.push(Action::Local { job: APPLIER_FLUSH_JOB, op: IoOp::Flush });
+            return;
+        }
+        self.finish_epoch(0, out);
+    }
+
+    fn on_applier_flushed(&mut self, result: Result<(), Errno>, out: &mut Vec<Action>) {
+        self.applier.flushing = false;
+        self.finish_epoch(result.err().map_or(0, |e| e as i32), out);
+    }
+
+    fn finish_epoch(&mut self, errno: i32, out: &mut Vec<Action>) {
+        let epoch = self.applier.epoch;
+        self.send(Message::BarrierAck { epoch, errno }, out);
+        self.applier.epoch += 1;
+        self.applier.closing = None;
+        // Release the next epoch's writes, up to its own barrier.
+        while self.applier.closing.is_none() {
+            let Some(msg) = self.applier.held.pop_front() else { break };
+            self.apply_now(msg, out);
+        }
+    }
+}
+
+/// Bytes a message occupies in the send buffer: its whole frame, as the link counts
+/// it in `Sent`.
+fn frame_bytes(m: &Message) -> u64 {
+    m.wire_len()
+}
+
+fn set_epoch(m: &mut Message, new: u64) {
+    match m {
+        Message::Write { epoch, .. } | Message::Trim { epoch, .. } | Message::WriteZeroes { epoch, .. } => {
+            *epoch = new
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

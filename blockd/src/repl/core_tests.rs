@@ -1,0 +1,266 @@
+//! Scripted event streams through the core: the ack table, epochs, flushes, peer loss
+//! and the Secondary's epoch ordering.
+
+use nbd_server::buf::BufMut;
+
+use super::*;
+
+const G: u64 = 4096;
+
+fn core(protocol: Protocol, role: Role, send_buffer_bytes: u64) -> Core {
+    let cfg = CoreConfig { protocol, send_buffer_bytes, granularity_bytes: G };
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut c = Core::new(cfg, role, DiskState::UpToDate, gens, 1);
+    assert!(c.handle(Event::PeerUp { role: Role::Secondary, disk: DiskState::UpToDate, gens }).is_empty());
+    c
+}
+
+fn data(len: usize) -> Buf {
+    BufMut::unpooled(len).freeze()
+}
+
+fn write(c: &mut Core, job: JobId, offset: u64, len: usize) -> Vec<Action> {
+    c.handle(Event::Nbd { job, request: Request::Write { offset, data: data(len), fua: false } })
+}
+
+fn local_done(c: &mut Core, job: JobId) -> Vec<Action> {
+    c.handle(Event::LocalDone { job, result: Ok(()), buf: None })
+}
+
+fn peer(c: &mut Core, m: Message) -> Vec<Action> {
+    c.handle(Event::PeerMessage(m))
+}
+
+/// A compact picture of actions, for readable assertions.
+fn show(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .map(|a| match a {
+            Action::Local { job, op } => format!("local {job} {}", op_name(op)),
+            Action::Send(m) => match m {
+                Message::Write { id, epoch, .. } => format!("send write {id} e{epoch}"),
+                Message::Barrier { epoch, flush } => format!("send barrier e{epoch} flush={flush}"),
+                Message::BarrierAck { epoch, errno } => format!("send barrier-ack e{epoch} {errno}"),
+                Message::WriteAck { id, errno } => format!("send write-ack {id} {errno}"),
+                Message::RecvAck { id } => format!("send recv-ack {id}"),
+                other => format!("send {other:?}"),
+            },
+            Action::Reply { job, outcome } => format!("reply {job} {}", outcome_name(outcome)),
+            Action::Persist { seq, .. } => format!("persist {seq}"),
+        })
+        .collect()
+}
+
+fn op_name(op: &IoOp) -> &'static str {
+    match op {
+        IoOp::Read { .. } => "read",
+        IoOp::Write { .. } => "write",
+        IoOp::Flush => "flush",
+        IoOp::Trim { .. } => "trim",
+        IoOp::WriteZeroes { .. } => "zeroes",
+        IoOp::Cache { .. } => "cache",
+    }
+}
+
+fn outcome_name(o: &Outcome) -> String {
+    match o {
+        Outcome::Ok => "ok".into(),
+        Outcome::ReadData(b) => format!("data {}", b.len()),
+        Outcome::Error(e) => format!("error {e}"),
+    }
+}
+
+#[test]
+fn protocol_c_acks_after_local_and_peer_write() {
+    let mut c = core(Protocol::C, Role::Primary, 0);
+    assert_eq!(show(&write(&mut c, 1, 0, 4096)), ["local 1 write", "send write 1 e1"]);
+    assert!(local_done(&mut c, 1).is_empty(), "the peer has not written it yet");
+    assert_eq!(show(&peer(&mut c, Message::WriteAck { id: 1, errno: 0 })), ["reply 1 ok"]);
+    // Either order works.
+    write(&mut c, 2, 8192, 4096);
+    assert!(peer(&mut c, Message::WriteAck { id: 2, errno: 0 }).is_empty());
+    assert_eq!(show(&local_done(&mut c, 2)), ["reply 2 ok"]);
+}
+
+#[test]
+fn protocol_b_acks_on_receipt() {
+    let mut c = core(Protocol::B, Role::Primary, 0);
+    write(&mut c, 1, 0, 4096);
+    local_done(&mut c, 1);
+    assert_eq!(show(&peer(&mut c, Message::RecvAck { id: 1 })), ["reply 1 ok"]);
+}
+
+#[test]
+fn protocol_a_acks_when_queued_within_the_send_buffer() {
+    let mut c = core(Protocol::A, Role::Primary, 1 << 20);
+    write(&mut c, 1, 0, 4096);
+    assert_eq!(show(&local_done(&mut c, 1)), ["reply 1 ok"], "fits in the buffer");
+    // A buffer of zero bytes: the write waits until its frame reached the socket.
+    let mut c = core(Protocol::A, Role::Primary, 0);
+    write(&mut c, 1, 0, 4096);
+    assert!(local_done(&mut c, 1).is_empty(), "buffer full: the write blocks");
+    let frame = Message::Write { id: 1, epoch: 1, offset: 0, fua: false, data: data(4096) }.wire_len();
+    assert_eq!(c.unsent_bytes(), frame);
+    assert!(c.handle(Event::PeerSent { bytes: frame - 1 }).is_empty());
+    assert_eq!(show(&c.handle(Event::PeerSent { bytes: 1 })), ["reply 1 ok"]);
+}
+
+#[test]
+fn overlapping_writes_are_serialized() {
+    let mut c = core(Protocol::C, Role::Primary, 0);
+    write(&mut c, 1, 0, 8192);
+    assert!(write(&mut c, 2, 4096, 4096).is_empty(), "waits for 1");
+    local_done(&mut c, 1);
+    let after = peer(&mut c, Message::WriteAck { id: 1, errno: 0 });
+    // 1 is acknowledged, so 2 (which may depend on it) opens a new epoch.
+    assert_eq!(
+        show(&after),
+        ["reply 1 ok", "send barrier e1 flush=false", "local 2 write", "send write 2 e2"]
+    );
+}
+
+#[test]
+fn a_write_after_an_ack_starts_a_new_epoch() {
+    let mut c = core(Protocol::C, Role::Primary, 0);
+    write(&mut c, 1, 0, 4096);
+    assert_eq!(
+        show(&write(&mut c, 2, 4096, 4096)),
+        ["local 2 write", "send write 2 e1"],
+        "independent: same epoch"
+    );
+    local_done(&mut c, 1);
+    peer(&mut c, Message::WriteAck { id: 1, errno: 0 });
+    assert_eq!(
+        show(&write(&mut c, 3, 8192, 4096)),
+        ["send barrier e1 flush=false", "local 3 write", "send write 3 e2"]
+    );
+}
+
+#[test]
+fn flush_waits_for_local_and_peer_flush_except_under_a() {
+    let mut c = core(Protocol::C, Role::Primary, 0);
+    let f = c.handle(Event::Nbd { job: 5, request: Request::Flush });
+    assert_eq!(show(&f), ["send barrier e1 flush=true", "local 5 flush"]);
+    assert!(local_done(&mut c, 5).is_empty());
+    assert_eq!(show(&peer(&mut c, Message::BarrierAck { epoch: 1, errno: 0 })), ["reply 5 ok"]);
+
+    let mut a = core(Protocol::A, Role::Primary, 1 << 20);
+    let f = a.handle(Event::Nbd { job: 5, request: Request::Flush });
+    assert_eq!(show(&f), ["send barrier e1 flush=true", "local 5 flush"], "A still orders the peer");
+    assert_eq!(show(&local_done(&mut a, 5)), ["reply 5 ok"]);
+}
+
+#[test]
+fn peer_loss_completes_locally_after_a_durable_new_generation() {
+    let mut c = core(Protocol::C, Role::Primary, 0);
+    write(&mut c, 1, 0, 4096);
+    local_done(&mut c, 1);
+    let down = c.handle(Event::PeerDown);
+    assert_eq!(show(&down), ["persist 1"], "no ack before the new generation is durable");
+    let g = c.generations();
+    assert_eq!((g.bitmap, g.current != 10 && g.current != 0), (10, true));
+    assert_eq!(c.dirty_bytes(), 4096, "the peer may lack write 1");
+    assert_eq!(show(&c.handle(Event::MetaDurable { seq: 1 })), ["reply 1 ok"]);
+    // Disconnected: local only, recorded dirty.
+    assert_eq!(show(&write(&mut c, 2, 1 << 20, 8192)), ["local 2 write"]);
+    assert_eq!(show(&local_done(&mut c, 2)), ["reply 2 ok"]);
+    assert_eq!(c.dirty_bytes(), 4096 + 8192);
+}
+
+#[test]
+fn acknowledged_protocol_a_writes_are_dirty_after_peer_loss() {
+    let mut c = core(Protocol::A, Role::Primary, 1 << 20);
+    write(&mut c, 1, 0, 4096);
+    assert_eq!(show(&local_done(&mut c, 1)), ["reply 1 ok"]);
+    c.handle(Event::PeerDown);
+    assert_eq!(c.dirty_bytes(), 4096, "acked to the client but never confirmed by the peer");
+}
+
+#[test]
+fn barrier_ack_trims_the_transfer_log() {
+    let mut c = core(Protocol::C, Role::Primary, 0);
+    write(&mut c, 1, 0, 4096);
+    local_done(&mut c, 1);
+    peer(&mut c, Message::WriteAck { id: 1, errno: 0 });
+    c.handle(Event::Nbd { job: 2, request: Request::Flush });
+    local_done(&mut c, 2);
+    peer(&mut c, Message::BarrierAck { epoch: 1, errno: 0 });
+    c.handle(Event::PeerDown);
+    assert_eq!(c.dirty_bytes(), 0, "the peer confirmed write 1's epoch");
+}
+
+#[test]
+fn secondary_applies_epochs_in_order() {
+    let mut s = core(Protocol::C, Role::Secondary, 0);
+    let w = |id, epoch, offset| Message::Write { id, epoch, offset, fua: false, data: data(4096) };
+    let base = INTERNAL_JOB_BASE;
+    assert_eq!(show(&peer(&mut s, w(1, 1, 0))), [format!("local {base} write")]);
+    assert_eq!(show(&peer(&mut s, w(2, 1, 4096))), [format!("local {} write", base + 1)]);
+    assert!(peer(&mut s, Message::Barrier { epoch: 1, flush: true }).is_empty(), "epoch 1 still running");
+    assert!(peer(&mut s, w(3, 2, 8192)).is_empty(), "epoch 2 waits for epoch 1");
+    assert_eq!(show(&local_done(&mut s, base)), ["send write-ack 1 0"]);
+    assert_eq!(
+        show(&local_done(&mut s, base + 1)),
+        ["send write-ack 2 0".to_string(), format!("local {APPLIER_FLUSH_JOB} flush")]
+    );
+    assert_eq!(
+        show(&local_done(&mut s, APPLIER_FLUSH_JOB)),
+        ["send barrier-ack e1 0".to_string(), format!("local {} write", base + 2)],
+        "after the flush, epoch 2 starts"
+    );
+}
+
+#[test]
+fn secondary_under_b_acks_receipt_and_under_a_stays_silent() {
+    let mut s = core(Protocol::B, Role::Secondary, 0);
+    let m = Message::Write { id: 7, epoch: 1, offset: 0, fua: false, data: data(512) };
+    assert_eq!(
+        show(&peer(&mut s, m)),
+        ["send recv-ack 7".to_string(), format!("local {INTERNAL_JOB_BASE} write")]
+    );
+    assert!(local_done(&mut s, INTERNAL_JOB_BASE).is_empty());
+    let mut a = core(Protocol::A, Role::Secondary, 0);
+    let m = Message::Write { id: 7, epoch: 1, offset: 0, fua: false, data: data(512) };
+    assert_eq!(show(&peer(&mut a, m)), [format!("local {INTERNAL_JOB_BASE} write")]);
+    assert!(local_done(&mut a, INTERNAL_JOB_BASE).is_empty());
+}
+
+#[test]
+fn reads_go_to_the_local_disk() {
+    let mut c = core(Protocol::C, Role::Primary, 0);
+    let r = c.handle(Event::Nbd { job: 9, request: Request::Read { offset: 0, buf: BufMut::unpooled(512) } });
+    assert_eq!(show(&r), ["local 9 read"]);
+    let done = c.handle(Event::LocalDone { job: 9, result: Ok(()), buf: Some(BufMut::unpooled(512)) });
+    assert_eq!(show(&done), ["reply 9 data 512"]);
+}
+
+#[test]
+fn promotion_rules() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let cfg = CoreConfig { protocol: Protocol::C, send_buffer_bytes: 0, granularity_bytes: G };
+    let mut c = Core::new(cfg.clone(), Role::Secondary, DiskState::Inconsistent, gens, 1);
+    assert!(c.promote(false, None).unwrap_err().contains("local disk is Inconsistent"));
+    assert!(c.promote(true, Some(Role::Primary)).unwrap_err().contains("peer is Primary"));
+    let a = c.promote(true, None).expect("forced");
+    assert_eq!(show(&a), ["persist 1"]);
+    assert_eq!((c.role(), c.disk()), (Role::Primary, DiskState::UpToDate));
+    assert_eq!(c.generations().bitmap, 10, "a new generation of its own");
+    assert!(c.promote(false, None).expect("idempotent").is_empty());
+    // Promoted while disconnected: a new generation too.
+    let mut d = Core::new(cfg, Role::Secondary, DiskState::UpToDate, gens, 2);
+    d.promote(false, None).expect("UpToDate");
+    assert_eq!(d.generations().bitmap, 10);
+    assert_eq!(show(&d.demote().expect("idle")), ["persist 2"], "after the promotion's persist 1");
+    assert_eq!(d.role(), Role::Secondary);
+}
+
+#[test]
+fn drain_waits_for_the_peer_even_under_a() {
+    let mut a = core(Protocol::A, Role::Primary, 1 << 20);
+    write(&mut a, 1, 0, 4096);
+    local_done(&mut a, 1);
+    let d = a.handle(Event::Drain { job: 99 });
+    assert_eq!(show(&d), ["send barrier e1 flush=true", "local 99 flush"]);
+    assert!(local_done(&mut a, 99).is_empty(), "the peer has not confirmed yet");
+    assert_eq!(show(&peer(&mut a, Message::BarrierAck { epoch: 1, errno: 0 })), ["reply 99 ok"]);
+}

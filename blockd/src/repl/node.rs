@@ -1,0 +1,152 @@
+//! Running one node of a replicated resource (`blockd run` with a peer in the
+//! config): metadata, storage, the core task, the NBD server (which refuses clients
+//! while Secondary), the control socket and the peer supervisor; and an orderly stop.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use nbd_server::{Listener, Server, ServerConfig};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{Config, ListenAddr, NodeConfig};
+use crate::control;
+use crate::meta::{MetaStore, MetaTarget};
+use crate::peer::dial::{PeerSettings, spawn_supervisor};
+use crate::peer::msg::Hello;
+use crate::repl::core::{Core, CoreConfig};
+use crate::repl::shell::{CoreTask, Input, Token, new_device, new_shared, new_sink};
+use crate::state::Role;
+use crate::storage::{IoOp, Storage, StorageOptions};
+
+/// How long a stopping Primary waits for the peer to confirm its last writes.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Protocol A's send buffer when the config does not set one.
+pub const DEFAULT_SEND_BUFFER_BYTES: u64 = 64 << 20;
+
+/// Runs the node until `stop` turns true (signals, or `blockctl down` through the
+/// control socket, which sets it too).
+pub async fn run(
+    config: Config,
+    node: NodeConfig,
+    peer: NodeConfig,
+    storage_opts: StorageOptions,
+    stop: watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let target = MetaTarget { backing: node.disk.clone(), location: node.meta.clone() };
+    let mut meta = MetaStore::open(&target)?;
+    meta.verify_identity(&config.resource.name, &node.name)?;
+    // Cleared while running, set at a clean stop: after a crash it stays false.
+    meta.update(|sb| sb.flags.clean_shutdown = false).context("cannot update the metadata")?;
+    let sb = meta.superblock().clone();
+    let size_bytes =
+        config.resource.size_bytes.map_or(meta.data_size_bytes(), |s| s.min(meta.data_size_bytes()));
+    let meta = Arc::new(std::sync::Mutex::new(meta));
+
+    let (sink, inputs_tx, inputs_rx) = new_sink();
+    let storage = Arc::new(
+        Storage::open(&node.disk, &storage_opts, sink)
+            .with_context(|| format!("cannot open disk {}", node.disk.display()))?,
+    );
+    let shared = new_shared(&node.name, &peer.name);
+    let device = Arc::new(new_device(storage.clone(), inputs_tx.clone(), shared.clone(), size_bytes));
+
+    let cfg = CoreConfig {
+        protocol: config.resource.protocol,
+        send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
+        granularity_bytes: sb.bitmap_granularity_bytes,
+    };
+    // A node always starts as Secondary, as with `drbdadm up`.
+    let seed = crate::meta::random_id().context("cannot read random bytes for generation ids")?;
+    let core = Core::new(cfg, Role::Secondary, sb.disk, sb.generations, seed);
+
+    let hello = Hello {
+        version: 1,
+        features: 0,
+        resource: config.resource.name.clone(),
+        node: node.name.clone(),
+        size_bytes,
+        granularity_bytes: u32::try_from(sb.bitmap_granularity_bytes).unwrap_or(u32::MAX),
+        protocol: config.resource.protocol,
+        role: Role::Secondary,
+        disk: sb.disk,
+        gens: sb.generations,
+        flags: 0,
+    };
+    let (hello_tx, hello_rx) = watch::channel(hello);
+
+    let mut listeners = Vec::with_capacity(node.nbd.len());
+    for addr in &node.nbd {
+        let listener = match addr {
+            ListenAddr::Tcp(hp) => Listener::bind_tcp(&hp.to_string()).await,
+            ListenAddr::Unix(path) => Listener::bind_unix(path),
+        }
+        .with_context(|| format!("node {}: cannot serve NBD", node.name))?;
+        listeners.push(listener);
+    }
+    let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
+    let nbd_clients = server.stats();
+
+    let (control_tx, control_rx) = mpsc::channel(16);
+    let (core_stop_tx, core_stop_rx) = watch::channel(false);
+    let control_task = control::spawn(&node.control, control_tx, core_stop_rx.clone())
+        .with_context(|| format!("cannot create control socket {}", node.control.display()))?;
+
+    let (conns_tx, conns_rx) = mpsc::channel(1);
+    let settings =
+        PeerSettings::new(&node.name, &peer.name, node.replication.clone(), peer.replication.clone());
+    let supervisor = spawn_supervisor(
+        settings,
+        hello_rx,
+        nbd_server::buf::BufPool::default(),
+        Arc::default(),
+        conns_tx,
+        core_stop_rx.clone(),
+    );
+
+    let task = CoreTask {
+        core,
+        storage: storage.clone(),
+        inputs: inputs_rx,
+        inputs_tx: inputs_tx.clone(),
+        conns: conns_rx,
+        control: control_rx,
+        meta: meta.clone(),
+        shared,
+        hello: hello_tx,
+        nbd_clients,
+        resource: config.resource.name.clone(),
+        shutdown: core_stop_rx,
+        stop_daemon: stop.clone(),
+    };
+    tracing::info!(
+        resource = %config.resource.name, node = %node.name, peer = %peer.name, size_bytes,
+        disk = %sb.disk, "node up as Secondary"
+    );
+    let inputs_for_drain = inputs_tx;
+    let core_task = tokio::spawn(task.run());
+    server.serve(listeners, stop.subscribe()).await;
+    // NBD clients are gone. Before the core stops, every write must be on the peer
+    // too (protocol A may still have frames queued); bounded, since the peer may be
+    // gone or slow.
+    let (done_tx, done_rx) = oneshot::channel();
+    if inputs_for_drain.send(Input::Drain { done: done_tx }).is_ok()
+        && tokio::time::timeout(DRAIN_TIMEOUT, done_rx).await.is_err()
+    {
+        tracing::warn!("the peer did not confirm the last writes within {DRAIN_TIMEOUT:?}");
+    }
+    core_stop_tx.send_replace(true);
+    let _ = core_task.await;
+    let _ = supervisor.await;
+    let _ = control_task.await;
+
+    let (tx, rx) = oneshot::channel();
+    storage.submit(IoOp::Flush, Token::Internal(tx));
+    rx.await.unwrap_or(Err(nix::errno::Errno::EIO)).context("final flush of the backing store failed")?;
+    meta.lock()
+        .map_err(|_| anyhow::anyhow!("metadata lock poisoned"))?
+        .update(|sb| sb.flags.clean_shutdown = true)
+        .context("cannot record the clean shutdown in the metadata")?;
+    tracing::info!("clean shutdown");
+    Ok(())
+}

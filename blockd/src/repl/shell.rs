@@ -1,0 +1,534 @@
+//! The I/O shell around the [`Core`]: the replicated NBD device, the core task that
+//! feeds events in and executes the actions that come out, and the metadata writer.
+//!
+//! Channels into the core task (all bounded by something upstream, see each):
+//! - `inputs`: NBD writes/flushes (bounded by nbd-server's per-connection limits) and
+//!   storage completions (bounded by the ops in flight);
+//! - peer connections from the supervisor (one at a time);
+//! - the live link's events (bounded channel inside the link);
+//! - control requests (bounded channel);
+//! - metadata completions (one per persist action).
+//!
+//! Reads, CACHE and BLOCK_STATUS bypass the core: they touch only the local disk,
+//! which on a Primary is UpToDate, so they cost what they cost standalone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use nbd_server::{BlockDevice, ExportInfo, Extent, NbdError, Request as NbdRequest, Responder, proto};
+use nix::errno::Errno;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::control::{Command, ControlRequest};
+use crate::meta::MetaStore;
+use crate::peer::link::{LinkEvent, PeerConn};
+use crate::peer::msg::{Hello, Message};
+use crate::repl::core::{Action, Core, Event, JobId, Outcome, Request};
+use crate::repl::decide::{Decision, SideState, decide};
+use crate::state::{DiskState, Generations, Role};
+use crate::storage::{IoBuf, IoOp, IoSink, Storage};
+
+/// Extents per BLOCK_STATUS reply.
+const MAX_STATUS_EXTENTS: usize = 64 << 10;
+
+/// What flows into the core task from the device and the storage engine.
+pub enum Input {
+    Nbd {
+        job: JobId,
+        request: Request,
+        responder: Responder,
+    },
+    Disk {
+        job: JobId,
+        result: Result<(), Errno>,
+        buf: IoBuf,
+    },
+    MetaDurable {
+        seq: u64,
+        result: Result<(), String>,
+    },
+    /// Before a clean stop (see `Event::Drain`).
+    Drain {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The job id of the stop-time drain (NBD job ids count up from 1 and never get here).
+const DRAIN_JOB: JobId = crate::repl::core::INTERNAL_JOB_BASE - 1;
+
+/// Storage completion token: through the core, straight back to the client, or to
+/// the daemon itself (the final flush).
+pub enum Token {
+    Core(JobId),
+    Direct { responder: Responder },
+    Internal(oneshot::Sender<Result<(), Errno>>),
+}
+
+/// Storage completions: core jobs go back to the core task; direct reads reply here.
+pub struct CoreSink {
+    inputs: mpsc::UnboundedSender<Input>,
+}
+
+impl IoSink for CoreSink {
+    type Token = Token;
+
+    fn complete(&self, token: Token, result: Result<(), Errno>, buf: IoBuf) {
+        match token {
+            Token::Core(job) => {
+                let _ = self.inputs.send(Input::Disk { job, result, buf });
+            }
+            Token::Internal(tx) => {
+                let _ = tx.send(result);
+            }
+            Token::Direct { responder } => match (result, buf) {
+                (Ok(()), IoBuf::Read(data)) => responder.read_done(data),
+                (Ok(()), _) => responder.ok(),
+                (Err(e), _) => responder.error(NbdError::from_errno(e as i32, false)),
+            },
+        }
+    }
+}
+
+/// State the device reads without asking the core (kept current by the core task).
+pub struct Shared {
+    role: AtomicU8,
+    peer_role: AtomicU8,
+    pub local_name: String,
+    pub peer_name: String,
+}
+
+impl Shared {
+    fn role(&self) -> Role {
+        Role::from_code(self.role.load(Ordering::Acquire)).unwrap_or(Role::Secondary)
+    }
+}
+
+/// The NBD device of a replicated node.
+pub struct ReplicatedDevice {
+    storage: Arc<Storage<CoreSink>>,
+    inputs: mpsc::UnboundedSender<Input>,
+    shared: Arc<Shared>,
+    next_job: AtomicU64,
+    size_bytes: u64,
+    runtime: tokio::runtime::Handle,
+}
+
+impl BlockDevice for ReplicatedDevice {
+    fn export_info(&self) -> ExportInfo {
+        ExportInfo {
+            size_bytes: self.size_bytes,
+            read_only: false,
+            can_flush: true,
+            can_trim: true,
+            can_write_zeroes: true,
+            // FAST_ZERO would need the peer's answer too; not offered.
+            can_fast_zero: false,
+            can_cache: true,
+            can_multi_conn: true,
+            rotational: false,
+            min_block_bytes: 1,
+            preferred_block_bytes: 4096,
+            max_payload_bytes: proto::MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    fn check_open(&self) -> Result<(), String> {
+        if self.shared.role() == Role::Primary {
+            return Ok(());
+        }
+        let primary = match Role::from_code(self.shared.peer_role.load(Ordering::Acquire)) {
+            Some(Role::Primary) => format!("the Primary is {}", self.shared.peer_name),
+            _ => "no Primary is known".to_string(),
+        };
+        Err(format!("node {} is Secondary; {primary}", self.shared.local_name))
+    }
+
+    fn submit(&self, request: NbdRequest, responder: Responder) {
+        let job = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let request = match request {
+            NbdRequest::Read { offset, buf } => {
+                return self.storage.submit(IoOp::Read { offset, buf }, Token::Direct { responder });
+            }
+            NbdRequest::Cache { offset, len_bytes } => {
+                let op = IoOp::Cache { offset, len: len_bytes.into() };
+                return self.storage.submit(op, Token::Direct { responder });
+            }
+            NbdRequest::BlockStatus { offset, len_bytes, .. } => {
+                return self.block_status(offset, len_bytes, responder);
+            }
+            NbdRequest::Write { offset, data, fua } => Request::Write { offset, data, fua },
+            NbdRequest::Flush => Request::Flush,
+            NbdRequest::Trim { offset, len_bytes, fua } => {
+                Request::Trim { offset, len: len_bytes.into(), fua }
+            }
+            NbdRequest::WriteZeroes { offset, len_bytes, no_hole, fast_only, fua } => {
+                Request::WriteZeroes { offset, len: len_bytes.into(), may_trim: !no_hole, fast_only, fua }
+            }
+        };
+        if let Err(mpsc::error::SendError(Input::Nbd { responder, .. })) =
+            self.inputs.send(Input::Nbd { job, request, responder })
+        {
+            responder.error(NbdError::Shutdown);
+        }
+    }
+}
+
+impl ReplicatedDevice {
+    fn block_status(&self, offset: u64, len_bytes: u32, responder: Responder) {
+        let storage = self.storage.clone();
+        self.runtime.spawn_blocking(move || {
+            match storage.block_status(offset, len_bytes.into(), MAX_STATUS_EXTENTS) {
+                Ok(extents) => responder.block_status(
+                    extents
+                        .into_iter()
+                        .map(|e| Extent {
+                            len_bytes: u32::try_from(e.len).unwrap_or(u32::MAX),
+                            flags: if e.hole { proto::state::HOLE } else { 0 }
+                                | if e.zero { proto::state::ZERO } else { 0 },
+                        })
+                        .collect(),
+                ),
+                Err(e) => responder.error(NbdError::from_errno(e as i32, false)),
+            }
+        });
+    }
+}
+
+/// A snapshot for `status --json`.
+#[derive(Clone, Debug, Default)]
+pub struct PeerSnapshot {
+    pub connection: &'static str,
+    pub replication: &'static str,
+    pub role: Option<Role>,
+    pub disk: Option<DiskState>,
+    pub refusal: Option<String>,
+}
+
+/// Everything the core task needs.
+pub struct CoreTask {
+    pub core: Core,
+    pub storage: Arc<Storage<CoreSink>>,
+    pub inputs: mpsc::UnboundedReceiver<Input>,
+    pub inputs_tx: mpsc::UnboundedSender<Input>,
+    pub conns: mpsc::Receiver<PeerConn>,
+    pub control: mpsc::Receiver<ControlRequest>,
+    pub meta: Arc<std::sync::Mutex<MetaStore>>,
+    pub shared: Arc<Shared>,
+    pub hello: watch::Sender<Hello>,
+    pub nbd_clients: Arc<nbd_server::ServerStats>,
+    pub resource: String,
+    /// Stops this task (sent by the daemon once NBD clients are drained).
+    pub shutdown: watch::Receiver<bool>,
+    /// Asks the whole daemon to stop (`blockctl down`).
+    pub stop_daemon: watch::Sender<bool>,
+}
+
+struct Running {
+    t: CoreTask,
+    link: Option<PeerConn>,
+    peer: PeerSnapshot,
+    responders: HashMap<JobId, Responder>,
+    /// Control replies waiting for a metadata update to be durable.
+    waiting_durable: Vec<(u64, oneshot::Sender<Result<serde_json::Value, String>>)>,
+    drain: Option<oneshot::Sender<()>>,
+}
+
+impl CoreTask {
+    /// Runs until shutdown; returns the core (for a final flush by the caller).
+    pub async fn run(self) -> Core {
+        let mut shutdown = self.shutdown.clone();
+        let mut r = Running {
+            t: self,
+            link: None,
+            peer: PeerSnapshot { connection: "Connecting", replication: "Off", ..PeerSnapshot::default() },
+            responders: HashMap::new(),
+            waiting_durable: Vec::new(),
+            drain: None,
+        };
+        r.publish();
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                Some(input) = r.t.inputs.recv() => match input {
+                    Input::Nbd { job, request, responder } => {
+                        r.responders.insert(job, responder);
+                        Event::Nbd { job, request }
+                    }
+                    Input::Disk { job, result, buf } => {
+                        let buf = match buf { IoBuf::Read(b) => Some(b), _ => None };
+                        Event::LocalDone { job, result, buf }
+                    }
+                    Input::MetaDurable { seq, result } => {
+                        r.meta_done(seq, result);
+                        Event::MetaDurable { seq }
+                    }
+                    Input::Drain { done } => {
+                        r.drain = Some(done);
+                        Event::Drain { job: DRAIN_JOB }
+                    }
+                },
+                Some(conn) = r.t.conns.recv() => match r.accept_link(conn) {
+                    Some(event) => event,
+                    None => continue,
+                },
+                Some(ev) = next_link_event(&mut r.link) => match ev {
+                    LinkEvent::Message(Message::State { role, disk }) => {
+                        r.peer.role = Some(role);
+                        r.peer.disk = Some(disk);
+                        r.t.shared.peer_role.store(role.code(), Ordering::Release);
+                        continue;
+                    }
+                    LinkEvent::Message(m) => Event::PeerMessage(m),
+                    LinkEvent::Sent { bytes } => Event::PeerSent { bytes },
+                    LinkEvent::Closed(e) => {
+                        tracing::warn!(peer = %r.t.shared.peer_name, error = %e, "peer link lost");
+                        r.link = None;
+                        r.peer = PeerSnapshot { connection: "Connecting", replication: "Off", ..PeerSnapshot::default() };
+                        r.t.shared.peer_role.store(0, Ordering::Release);
+                        Event::PeerDown
+                    }
+                },
+                Some(req) = r.t.control.recv() => {
+                    r.control(req);
+                    continue;
+                }
+            };
+            let actions = r.t.core.handle(event);
+            r.execute(actions);
+            r.publish();
+        }
+        r.t.core
+    }
+}
+
+async fn next_link_event(link: &mut Option<PeerConn>) -> Option<LinkEvent> {
+    match link {
+        Some(l) => l.incoming.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Running {
+    fn side(&self) -> SideState {
+        SideState { gens: self.t.core.generations(), disk: self.t.core.disk(), role: self.t.core.role() }
+    }
+
+    /// A fresh link: decide from generations whether to replicate.
+    fn accept_link(&mut self, conn: PeerConn) -> Option<Event> {
+        if self.link.is_some() {
+            return None; // the supervisor only hands over one link at a time
+        }
+        let remote = SideState { gens: conn.remote.gens, disk: conn.remote.disk, role: conn.remote.role };
+        self.peer.role = Some(remote.role);
+        self.peer.disk = Some(remote.disk);
+        self.t.shared.peer_role.store(remote.role.code(), Ordering::Release);
+        match decide(&self.side(), &remote) {
+            Decision::InSync => {
+                tracing::info!(peer = %self.t.shared.peer_name, "connected; data in sync");
+                self.peer.connection = "Connected";
+                self.peer.replication = "Established";
+                self.peer.refusal = None;
+                self.link = Some(conn);
+                Some(Event::PeerUp { role: remote.role, disk: remote.disk, gens: remote.gens })
+            }
+            other => {
+                // Resync is not built yet: stay disconnected and say why.
+                let why = match &other {
+                    Decision::Refuse(r) => r.to_string(),
+                    Decision::WaitForPromotion => {
+                        "both disks are Inconsistent; promote one with --force".into()
+                    }
+                    d => format!("{d:?} needed: resync is not implemented in this build"),
+                };
+                tracing::warn!(peer = %self.t.shared.peer_name, reason = %why, "not replicating");
+                self.peer.connection = "StandAlone";
+                self.peer.replication = "Off";
+                self.peer.refusal = Some(why);
+                let _ = conn.outgoing.send(Message::Bye { reason: "not replicating".into() });
+                None
+            }
+        }
+    }
+
+    fn execute(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Local { job, op } => self.t.storage.submit(op, Token::Core(job)),
+                Action::Send(m) => {
+                    if let Some(link) = &self.link {
+                        let _ = link.outgoing.send(m);
+                    }
+                }
+                Action::Reply { job: DRAIN_JOB, .. } => {
+                    if let Some(done) = self.drain.take() {
+                        let _ = done.send(());
+                    }
+                }
+                Action::Reply { job, outcome } => {
+                    let Some(responder) = self.responders.remove(&job) else { continue };
+                    match outcome {
+                        Outcome::Ok => responder.ok(),
+                        Outcome::ReadData(buf) => responder.read_done(buf),
+                        Outcome::Error(e) => responder.error(e),
+                    }
+                }
+                Action::Persist { seq, gens, disk, was_primary } => {
+                    self.persist(seq, gens, disk, was_primary)
+                }
+            }
+        }
+    }
+
+    fn persist(&self, seq: u64, gens: Generations, disk: DiskState, was_primary: bool) {
+        let meta = self.t.meta.clone();
+        let inputs = self.t.inputs_tx.clone();
+        // The metadata file is written and fsynced off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let result = meta.lock().map_err(|_| "metadata lock poisoned".to_string()).and_then(|mut m| {
+                m.update(|sb| {
+                    sb.generations = gens;
+                    sb.disk = disk;
+                    sb.flags.consistent = disk >= DiskState::Outdated;
+                    sb.flags.was_primary = was_primary;
+                })
+                .map_err(|e| e.to_string())
+            });
+            let _ = inputs.send(Input::MetaDurable { seq, result });
+        });
+    }
+
+    fn meta_done(&mut self, seq: u64, result: Result<(), String>) {
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "metadata update failed");
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) = self.waiting_durable.drain(..).partition(|(s, _)| *s <= seq);
+        self.waiting_durable = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(result.clone().map(|()| serde_json::json!({})));
+        }
+    }
+
+    fn control(&mut self, req: ControlRequest) {
+        let result = match req.command {
+            Command::Status => Ok(self.status_json()),
+            Command::Down => {
+                self.t.stop_daemon.send_replace(true);
+                Ok(serde_json::json!({}))
+            }
+            Command::Primary { force } => match self.t.core.promote(force, self.peer.role) {
+                Ok(actions) => return self.after_role_change(actions, req.reply),
+                Err(e) => Err(e),
+            },
+            Command::Secondary { force } => {
+                let clients = self.t.nbd_clients.active_connections.load(Ordering::Relaxed);
+                if clients > 0 && !force {
+                    Err(format!("{clients} NBD client(s) connected; disconnect them first or use --force"))
+                } else {
+                    match self.t.core.demote() {
+                        Ok(actions) => return self.after_role_change(actions, req.reply),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+        };
+        let _ = req.reply.send(result);
+    }
+
+    /// Executes a role change's actions; replies once its persist is durable.
+    fn after_role_change(
+        &mut self,
+        actions: Vec<Action>,
+        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    ) {
+        let seq = actions.iter().find_map(|a| match a {
+            Action::Persist { seq, .. } => Some(*seq),
+            _ => None,
+        });
+        self.execute(actions);
+        let role = self.t.core.role();
+        self.t.shared.role.store(role.code(), Ordering::Release);
+        if let Some(link) = &self.link {
+            let _ = link.outgoing.send(Message::State { role, disk: self.t.core.disk() });
+        }
+        self.publish();
+        match seq {
+            Some(seq) => self.waiting_durable.push((seq, reply)),
+            None => {
+                let _ = reply.send(Ok(serde_json::json!({})));
+            }
+        }
+    }
+
+    /// Keeps the handshake `Hello` current for the next connection.
+    fn publish(&self) {
+        let (gens, disk, role) = (self.t.core.generations(), self.t.core.disk(), self.t.core.role());
+        self.t.hello.send_modify(|h| {
+            h.gens = gens;
+            h.disk = disk;
+            h.role = role;
+        });
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let dirty = self.t.core.dirty_bytes();
+        serde_json::json!({
+            "resource": self.t.resource,
+            "pid": std::process::id(),
+            "node": self.t.shared.local_name,
+            "role": self.t.core.role().as_str(),
+            "disk": self.t.core.disk().as_str(),
+            "peers": [{
+                "node": self.t.shared.peer_name,
+                "connection": self.peer.connection,
+                "replication": self.peer.replication,
+                "role": self.peer.role.map_or("Unknown", Role::as_str),
+                "disk": self.peer.disk.map_or("DUnknown", DiskState::as_str),
+                "out_of_sync_bytes": dirty,
+                "resync_done_bytes": 0,
+                "resync_total_bytes": 0,
+                "replicated_bytes": 0,
+                "resync_sent_bytes": 0,
+                "reason": self.peer.refusal,
+            }],
+            "generations": {
+                "current": format!("{:016x}", self.t.core.generations().current),
+                "bitmap": format!("{:016x}", self.t.core.generations().bitmap),
+            },
+            "unsent_bytes": self.t.core.unsent_bytes(),
+        })
+    }
+}
+
+/// Builds the device and the pieces of the core task that share channels.
+pub fn new_device(
+    storage: Arc<Storage<CoreSink>>,
+    inputs: mpsc::UnboundedSender<Input>,
+    shared: Arc<Shared>,
+    size_bytes: u64,
+) -> ReplicatedDevice {
+    ReplicatedDevice {
+        storage,
+        inputs,
+        shared,
+        next_job: AtomicU64::new(1),
+        size_bytes,
+        runtime: tokio::runtime::Handle::current(),
+    }
+}
+
+/// The sink and the channel its completions travel on.
+pub fn new_sink() -> (Arc<CoreSink>, mpsc::UnboundedSender<Input>, mpsc::UnboundedReceiver<Input>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Arc::new(CoreSink { inputs: tx.clone() }), tx, rx)
+}
+
+/// Shared role state, starting as Secondary.
+pub fn new_shared(local_name: &str, peer_name: &str) -> Arc<Shared> {
+    Arc::new(Shared {
+        role: AtomicU8::new(Role::Secondary.code()),
+        peer_role: AtomicU8::new(0),
+        local_name: local_name.to_string(),
+        peer_name: peer_name.to_string(),
+    })
+}

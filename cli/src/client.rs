@@ -1,0 +1,173 @@
+//! What the verbs do: control-socket requests, starting and stopping the daemon,
+//! creating metadata, formatting status.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockd::config::{Config, NodeConfig};
+use blockd::meta::{CreateOptions, MetaStore, MetaTarget};
+use serde_json::Value;
+
+use crate::{Fail, refused};
+
+/// How long `up` waits for the daemon to answer, and `down` for it to go.
+const DAEMON_DEADLINE: Duration = Duration::from_secs(30);
+/// Poll interval while waiting for the daemon (a poll with a deadline, not a sleep
+/// standing in for synchronization).
+const POLL: Duration = Duration::from_millis(50);
+/// How long one control request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends one request to the node's control socket; returns the `result` object, or
+/// the daemon's refusal as exit code 1.
+pub fn request(node: &NodeConfig, body: &Value) -> Result<Value, Fail> {
+    let mut req = body.clone();
+    req["v"] = Value::from(blockd::control::PROTOCOL_VERSION);
+    let reply = exchange(&node.control, &req).map_err(|e| {
+        refused(format!(
+            "node {} is not running (control socket {}: {e}); start it with `blockctl up`",
+            node.name,
+            node.control.display()
+        ))
+    })?;
+    if reply["ok"] == Value::Bool(true) {
+        Ok(reply["result"].clone())
+    } else {
+        Err(refused(reply["error"].as_str().unwrap_or("the daemon refused without a reason")))
+    }
+}
+
+fn exchange(socket: &Path, req: &Value) -> std::io::Result<Value> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply)?;
+    serde_json::from_str(&reply).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+pub fn create_md(config: &Config, node: &NodeConfig, force: bool, clear_bitmap: bool) -> Result<(), Fail> {
+    let target = MetaTarget { backing: node.disk.clone(), location: node.meta.clone() };
+    let opts = CreateOptions {
+        resource: config.resource.name.clone(),
+        node: node.name.clone(),
+        granularity_bytes: config.resource.bitmap_granularity_bytes,
+        force,
+        clear_bitmap,
+        size_bytes: config.resource.size_bytes,
+    };
+    let sb = MetaStore::create(&target, &opts).map_err(refused)?;
+    println!(
+        "created metadata for {} on node {}: data size {} bytes, disk {}",
+        config.resource.name, node.name, sb.data_size_bytes, sb.disk
+    );
+    Ok(())
+}
+
+/// The `blockd` binary: `$BLOCKD_BIN`, else next to this `blockctl`, else `blockd` on PATH.
+fn blockd_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("BLOCKD_BIN") {
+        return PathBuf::from(p);
+    }
+    let sibling = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|d| d.join("blockd")));
+    sibling.filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("blockd"))
+}
+
+pub fn up(config: &Config, node: &NodeConfig, log: Option<PathBuf>) -> Result<(), Fail> {
+    if exchange(&node.control, &serde_json::json!({"v": 1, "cmd": "status"})).is_ok() {
+        return Err(refused(format!("node {} is already running", node.name)));
+    }
+    let log = log.unwrap_or_else(|| {
+        PathBuf::from(format!("/var/log/blockd/{}-{}.log", config.resource.name, node.name))
+    });
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| refused(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| refused(format!("cannot open log {}: {e}", log.display())))?;
+    let err = out.try_clone().map_err(|e| refused(format!("log {}: {e}", log.display())))?;
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        Command::new(blockd_binary())
+            .arg("run")
+            .arg("--config")
+            .arg(&config.path)
+            .arg("--node")
+            .arg(&node.name)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            // Its own session: it outlives this command and its terminal.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| refused(format!("cannot start blockd: {e}")))?
+    };
+    let deadline = Instant::now() + DAEMON_DEADLINE;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            return Err(refused(format!(
+                "blockd exited with {status} before answering; last log lines ({}):\n{}",
+                log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )));
+        }
+        if exchange(&node.control, &serde_json::json!({"v": 1, "cmd": "status"})).is_ok() {
+            println!("node {} up (pid {}, log {})", node.name, child.id(), log.display());
+            return Ok(());
+        }
+        std::thread::sleep(POLL);
+    }
+    Err(refused(format!("blockd did not answer within {DAEMON_DEADLINE:?}; see {}", log.display())))
+}
+
+pub fn down(node: &NodeConfig) -> Result<(), Fail> {
+    let status = request(node, &serde_json::json!({"cmd": "status"}))?;
+    let pid = status["pid"].as_u64().unwrap_or(0);
+    request(node, &serde_json::json!({"cmd": "down"}))?;
+    // Done when the process is gone: it flushes and records a clean shutdown after
+    // its control socket closes.
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let deadline = Instant::now() + DAEMON_DEADLINE;
+    while Instant::now() < deadline {
+        let alive =
+            pid != 0 && std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|s| !s.contains(") Z "));
+        if !alive && !node.control.exists() {
+            println!("node {} down", node.name);
+            return Ok(());
+        }
+        std::thread::sleep(POLL);
+    }
+    Err(refused(format!("node {} did not stop within {DAEMON_DEADLINE:?}", node.name)))
+}
+
+/// `drbdadm status`-like text.
+pub fn human_status(s: &Value) -> String {
+    let text = |v: &Value| v.as_str().unwrap_or("?").to_string();
+    let mut out =
+        format!("{} role:{}\n  disk:{}\n", text(&s["resource"]), text(&s["role"]), text(&s["disk"]));
+    for p in s["peers"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {} connection:{} role:{}\n    replication:{} peer-disk:{} out-of-sync:{} bytes\n",
+            text(&p["node"]),
+            text(&p["connection"]),
+            text(&p["role"]),
+            text(&p["replication"]),
+            text(&p["disk"]),
+            p["out_of_sync_bytes"].as_u64().unwrap_or(0)
+        ));
+        if let Some(reason) = p["reason"].as_str() {
+            out.push_str(&format!("    reason: {reason}\n"));
+        }
+    }
+    out
+}

@@ -1,0 +1,215 @@
+//! A replicated pair on this machine: two `blockd` nodes (`alpha`, `beta`) on
+//! loopback, each with its own sparse backing file, metadata, control socket and NBD
+//! Unix socket, driven through `blockctl` like an operator would.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::daemon::{Addr, Daemon, free_port};
+use crate::server::{EXPORT, workspace_root};
+use crate::tmp::TempDir;
+use crate::tools::{Output, run_capture};
+
+/// The two node names; `alpha` sorts first, so it is the one that dials.
+pub const NODES: [&str; 2] = ["alpha", "beta"];
+
+/// How a pair is set up.
+#[derive(Clone, Debug)]
+pub struct PairOpts {
+    pub protocol: char,
+    /// Size of each backing file (metadata takes a little at its end).
+    pub disk_bytes: u64,
+    /// Run `create-md --clear-bitmap` (identical empty disks: no initial sync).
+    pub clear_bitmap: bool,
+}
+
+impl Default for PairOpts {
+    fn default() -> Self {
+        PairOpts { protocol: 'C', disk_bytes: 64 << 20, clear_bitmap: true }
+    }
+}
+
+/// One node's files and process.
+pub struct Node {
+    pub name: &'static str,
+    pub disk: PathBuf,
+    pub control: PathBuf,
+    pub nbd: PathBuf,
+    pub daemon: Option<Daemon>,
+}
+
+/// Two nodes of resource `r0`.
+pub struct Pair {
+    pub dir: TempDir,
+    pub config: PathBuf,
+    pub nodes: [Node; 2],
+}
+
+fn binary(name: &str) -> PathBuf {
+    let root = workspace_root();
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{name} binary not found under {}/target: build it first: cargo build --release", root.display());
+}
+
+impl Pair {
+    /// Writes the config and creates both nodes' metadata (nodes not started).
+    pub fn create(label: &str, opts: &PairOpts) -> Pair {
+        let dir = TempDir::new(label);
+        let ports = [free_port(), free_port()];
+        let mut text = format!("[resource]\nname = \"{EXPORT}\"\nprotocol = \"{}\"\n", opts.protocol);
+        let nodes = NODES.map(|name| {
+            let disk = dir.join(&format!("{name}.img"));
+            std::fs::File::create(&disk).and_then(|f| f.set_len(opts.disk_bytes)).expect("create disk");
+            Node {
+                name,
+                disk,
+                control: dir.join(&format!("{name}.ctl")),
+                nbd: dir.join(&format!("{name}.nbd")),
+                daemon: None,
+            }
+        });
+        for (node, port) in nodes.iter().zip(ports) {
+            text.push_str(&format!(
+                "\n[[node]]\nname = \"{}\"\nreplication = \"127.0.0.1:{port}\"\nnbd = \"unix:{}\"\n\
+                 disk = \"{}\"\nmeta = \"internal\"\ncontrol = \"{}\"\n",
+                node.name,
+                node.nbd.display(),
+                node.disk.display(),
+                node.control.display()
+            ));
+        }
+        let config = dir.join("r0.toml");
+        std::fs::write(&config, text).expect("write config");
+        let pair = Pair { dir, config, nodes };
+        for n in 0..2 {
+            let mut args = vec!["create-md"];
+            if opts.clear_bitmap {
+                args.push("--clear-bitmap");
+            }
+            pair.ctl_ok(n, &args);
+        }
+        pair
+    }
+
+    /// Creates the pair and starts both nodes.
+    pub fn start(label: &str, opts: &PairOpts) -> Pair {
+        let mut pair = Pair::create(label, opts);
+        pair.start_node(0);
+        pair.start_node(1);
+        pair
+    }
+
+    /// Starts node `n` (as `blockd run` in the foreground, so the test owns its PID).
+    pub fn start_node(&mut self, n: usize) {
+        let node = &self.nodes[n];
+        let args = vec![
+            "run".to_string(),
+            "--config".to_string(),
+            self.config.display().to_string(),
+            "--node".to_string(),
+            node.name.to_string(),
+        ];
+        let log = self.dir.join(&format!("{}.log", node.name));
+        let addrs = vec![Addr::Unix(node.nbd.clone())];
+        let daemon = Daemon::start(node.name, &binary("blockd"), args, log, addrs, vec![]);
+        self.nodes[n].daemon = Some(daemon);
+        self.wait(Duration::from_secs(30), |p| p.try_status(n).is_some(), &format!("{} answers", NODES[n]));
+    }
+
+    pub fn daemon(&mut self, n: usize) -> &mut Daemon {
+        self.nodes[n].daemon.as_mut().expect("node started")
+    }
+
+    /// Runs `blockctl --config C --node N ARGS`.
+    pub fn ctl(&self, n: usize, args: &[&str]) -> Output {
+        let mut cmd = Command::new(binary("blockctl"));
+        cmd.arg("--config").arg(&self.config).arg("--node").arg(self.nodes[n].name).args(args);
+        run_capture(&mut cmd, Duration::from_secs(120))
+    }
+
+    /// `ctl` that must succeed.
+    pub fn ctl_ok(&self, n: usize, args: &[&str]) -> Output {
+        let out = self.ctl(n, args);
+        assert!(
+            out.status.success(),
+            "blockctl {args:?} on {} failed\n{}",
+            self.nodes[n].name,
+            out.describe()
+        );
+        out
+    }
+
+    fn try_status(&self, n: usize) -> Option<Value> {
+        let out = self.ctl(n, &["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_str(&out.stdout).ok()
+    }
+
+    /// `status --json` of node `n`.
+    pub fn status(&self, n: usize) -> Value {
+        self.try_status(n).unwrap_or_else(|| panic!("status of {} failed", self.nodes[n].name))
+    }
+
+    /// Polls `cond` every 50 ms until it holds or `timeout` passes (then panics with
+    /// both nodes' status and log tails).
+    pub fn wait(&mut self, timeout: Duration, mut cond: impl FnMut(&mut Pair) -> bool, what: &str) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if cond(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut report = String::new();
+        for n in 0..2 {
+            let status = self.try_status(n).map_or("(no answer)".to_string(), |s| s.to_string());
+            let log = self.nodes[n].daemon.as_ref().map_or(String::new(), |d| d.log_tail(30));
+            report.push_str(&format!("--- {} status: {status}\n--- log:\n{log}\n", self.nodes[n].name));
+        }
+        panic!("timed out after {timeout:?} waiting for: {what}\n{report}");
+    }
+
+    /// Waits until both nodes report the peer connected and replicating.
+    pub fn wait_established(&mut self) {
+        self.wait(
+            Duration::from_secs(30),
+            |p| {
+                (0..2).all(|n| p.try_status(n).is_some_and(|s| s["peers"][0]["replication"] == "Established"))
+            },
+            "both nodes Established",
+        );
+    }
+
+    /// The NBD URI of node `n`.
+    pub fn uri(&self, n: usize) -> String {
+        Addr::Unix(self.nodes[n].nbd.clone()).uri(EXPORT)
+    }
+
+    /// Stops node `n` cleanly (SIGTERM), asserting exit status 0.
+    pub fn stop_node(&mut self, n: usize) {
+        if let Some(mut d) = self.nodes[n].daemon.take() {
+            d.stop_ok();
+        }
+    }
+
+    /// The first `len` bytes of node `n`'s backing file.
+    pub fn disk_bytes(&self, n: usize, len: u64) -> Vec<u8> {
+        let mut data = std::fs::read(&self.nodes[n].disk).expect("read disk");
+        data.truncate(len as usize);
+        data
+    }
+
+    pub fn disk_path(&self, n: usize) -> &Path {
+        &self.nodes[n].disk
+    }
+}
