@@ -165,13 +165,16 @@ fn chain_wraps_and_survives_kill9() {
     assert!(p.len >= log.acked && p.len <= log.issued, "{p:?} {log:?}");
     assert_eq!(p.blocks_scanned, 64);
 
-    // Zero the block of region index 5: the newest write there is a hole.
+    // Zero the block holding an older write (not the newest one, whichever region
+    // index the kill left it in): that write is a hole.
     srv.daemon.stop_ok();
-    let block = MIB / BS as u64 + 5;
+    let newest = p.len - 1;
+    let victim = newest - 10;
+    let block = MIB / BS as u64 + victim % 64;
     write_block_file(&srv.disk, BS, block, &vec![0u8; BS as usize]);
     match log.verify_prefix(file_reader(&srv.disk, BS), log.issued) {
-        Err(PrefixError::Hole { k, block: b, newest, found: Decoded::Zeros }) => {
-            assert_eq!((b, k % 64, newest), (block, 5, p.len - 1));
+        Err(PrefixError::Hole { k, block: b, newest: n, found: Decoded::Zeros }) => {
+            assert_eq!((b, k, n), (block, victim, newest));
         }
         r => panic!("expected a hole at block {block}: {r:?}"),
     }
