@@ -23,6 +23,7 @@
 //! | ResyncData | 0x20 | offset 8 + data |
 //! | ResyncAck | 0x21 | offset 8, len 8, errno 4 |
 //! | ResyncDone | 0x22 | gens 48 |
+//! | ResyncZeroes | 0x23 | offset 8, len 8 |
 //!
 //! A string is a u16 byte length and UTF-8 bytes; gens are current, bitmap and the
 //! four history ids, 8 bytes each. Unknown enum codes and unknown flag bits are
@@ -106,6 +107,8 @@ pub enum Message {
     ResyncAck { offset: u64, len: u64, errno: i32 },
     /// Sync source → target: resync finished; adopt these generations.
     ResyncDone { gens: Generations },
+    /// Sync source → target: the range reads as zero on the source (no data sent).
+    ResyncZeroes { offset: u64, len: u64 },
     /// Orderly close with a reason (≤ 1 KiB).
     Bye { reason: String },
 }
@@ -129,6 +132,7 @@ pub enum Kind {
     ResyncData,
     ResyncAck,
     ResyncDone,
+    ResyncZeroes,
 }
 
 /// How a type's payload is laid out, which is all the frame reader needs to know
@@ -145,7 +149,7 @@ pub(crate) enum Layout {
 
 impl Kind {
     /// Every type, for tests and tables.
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Pong,
@@ -161,6 +165,7 @@ impl Kind {
         Kind::ResyncData,
         Kind::ResyncAck,
         Kind::ResyncDone,
+        Kind::ResyncZeroes,
     ];
 
     /// The type code in the frame header.
@@ -181,6 +186,7 @@ impl Kind {
             Kind::ResyncData => 0x20,
             Kind::ResyncAck => 0x21,
             Kind::ResyncDone => 0x22,
+            Kind::ResyncZeroes => 0x23,
         }
     }
 
@@ -207,6 +213,7 @@ impl Kind {
             Kind::ResyncData => "ResyncData",
             Kind::ResyncAck => "ResyncAck",
             Kind::ResyncDone => "ResyncDone",
+            Kind::ResyncZeroes => "ResyncZeroes",
         }
     }
 
@@ -223,6 +230,7 @@ impl Kind {
             Kind::ResyncData => Layout::Data { fixed: 8 },
             Kind::ResyncAck => Layout::Fixed(20),
             Kind::ResyncDone => Layout::Fixed(GENS_BYTES),
+            Kind::ResyncZeroes => Layout::Fixed(16),
         }
     }
 
@@ -254,6 +262,7 @@ impl Message {
             Message::ResyncData { .. } => Kind::ResyncData,
             Message::ResyncAck { .. } => Kind::ResyncAck,
             Message::ResyncDone { .. } => Kind::ResyncDone,
+            Message::ResyncZeroes { .. } => Kind::ResyncZeroes,
             Message::Bye { .. } => Kind::Bye,
         }
     }
@@ -351,6 +360,10 @@ impl Message {
                 put(out, *errno);
             }
             Message::ResyncDone { gens } => put_gens(out, gens),
+            Message::ResyncZeroes { offset, len } => {
+                put(out, *offset);
+                put(out, *len);
+            }
             Message::Bye { reason } => put_str(out, reason, MAX_REASON_BYTES),
         }
         debug_assert_eq!(out.len() - start, self.fixed_len(), "{:?}", self.kind());
@@ -419,6 +432,7 @@ fn decode_fields(kind: Kind, c: &mut Cursor<'_>, data: Option<Buf>) -> Result<Me
         Kind::ResyncData => Message::ResyncData { offset: c.u64()?, data: data()? },
         Kind::ResyncAck => Message::ResyncAck { offset: c.u64()?, len: c.u64()?, errno: c.i32()? },
         Kind::ResyncDone => Message::ResyncDone { gens: c.gens()? },
+        Kind::ResyncZeroes => Message::ResyncZeroes { offset: c.u64()?, len: c.u64()? },
     })
 }
 

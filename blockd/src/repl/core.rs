@@ -62,8 +62,6 @@ pub enum Event {
     Nbd { job: JobId, request: Request },
     /// A local storage op of `job` finished; `buf` is the op's buffer coming back.
     LocalDone { job: JobId, result: Result<(), Errno>, buf: Option<BufMut> },
-    /// A link to the peer is up; its handshake state.
-    PeerUp { role: Role, disk: DiskState, gens: Generations },
     /// A message from the peer.
     PeerMessage(Message),
     /// The link wrote `bytes` of queued frames to the socket.
@@ -108,6 +106,8 @@ pub struct CoreConfig {
     pub send_buffer_bytes: u64,
     /// Dirty-set granularity (bytes per tracked unit).
     pub granularity_bytes: u64,
+    /// The replicated device's size (a full sync covers it all).
+    pub size_bytes: u64,
 }
 
 /// Whether and how the peer takes part in the data path.
@@ -208,11 +208,35 @@ pub struct Core {
     /// Secondary.
     applier: Applier,
     applying: HashMap<JobId, ApplyJob>,
+    /// Replication state toward the peer, and resync in progress.
+    repl: ReplState,
+    source: Option<SourceSync>,
+    target: Option<TargetSync>,
+    /// Source chunks of a dropped resync still held by the in-flight table.
+    abandoned_chunks: HashMap<JobId, std::ops::Range<u64>>,
+    /// The dirty set covers every change since the peer's generation (false after a
+    /// restart: the in-memory set was lost, so a resync must be full).
+    dirty_complete: bool,
+    /// It crashed while Primary and was not resynced since (see `repl::decide`).
+    crashed_primary: bool,
+    /// Buffers for resync reads.
+    pool: nbd_server::buf::BufPool,
+    /// Payload bytes of application writes sent to the peer.
+    replicated_bytes: u64,
 }
 
 impl Core {
     /// A node starting with the given persisted state (role from `blockctl`/OCF).
-    pub fn new(cfg: CoreConfig, role: Role, disk: DiskState, gens: Generations, seed: u64) -> Core {
+    /// `crashed_primary`: the metadata says it was Primary and did not shut down
+    /// cleanly.
+    pub fn new(
+        cfg: CoreConfig,
+        role: Role,
+        disk: DiskState,
+        gens: Generations,
+        crashed_primary: bool,
+        seed: u64,
+    ) -> Core {
         use rand::SeedableRng;
         let dirty = DirtySet::new(cfg.granularity_bytes);
         Core {
@@ -239,6 +263,15 @@ impl Core {
             dirty,
             applier: Applier { epoch: 1, ..Applier::default() },
             applying: HashMap::new(),
+            repl: ReplState::Off,
+            source: None,
+            target: None,
+            abandoned_chunks: HashMap::new(),
+            // Nothing is known about changes before this process started.
+            dirty_complete: gens.bitmap == 0,
+            crashed_primary,
+            pool: nbd_server::buf::BufPool::new(8 << 20),
+            replicated_bytes: 0,
         }
     }
 
@@ -263,6 +296,11 @@ impl Core {
         self.dirty.bytes()
     }
 
+    /// Payload bytes of application writes sent to the peer since start.
+    pub fn replicated_bytes(&self) -> u64 {
+        self.replicated_bytes
+    }
+
     /// Frames queued for the peer and not yet written to its socket.
     pub fn unsent_bytes(&self) -> u64 {
         self.queued_bytes_total - self.sent_bytes_total
@@ -275,7 +313,6 @@ impl Core {
             Event::Nbd { job, request } => self.on_request(job, request, &mut out),
             Event::Drain { job } => self.start_flush(job, true, &mut out),
             Event::LocalDone { job, result, buf } => self.on_local_done(job, result, buf, &mut out),
-            Event::PeerUp { .. } => self.on_peer_up(),
             Event::PeerMessage(msg) => self.on_peer_message(msg, &mut out),
             Event::PeerSent { bytes } => {
                 self.sent_bytes_total = (self.sent_bytes_total + bytes).min(self.queued_bytes_total);
@@ -283,6 +320,7 @@ impl Core {
             }
             Event::PeerDown => self.on_peer_down(&mut out),
             Event::MetaDurable { seq } => {
+                self.on_target_durable(seq, &mut out);
                 self.durable_seq = self.durable_seq.max(seq);
                 if seq + 1 >= self.next_meta_seq {
                     self.gens_pending = false;
@@ -363,6 +401,7 @@ impl Core {
             return;
         }
         set_epoch(&mut message, epoch);
+        self.replicated_bytes += message.data().map_or(0, |d| d.len() as u64);
         let frame_bytes = frame_bytes(&message);
         self.send(message, out);
         self.epoch_writes += 1;
@@ -445,6 +484,12 @@ impl Core {
             self.on_applied(apply, result, out);
         } else if job == APPLIER_FLUSH_JOB {
             self.on_applier_flushed(result, out);
+        } else if self.source.as_ref().is_some_and(|s| s.is_chunk(job))
+            || self.abandoned_chunks.contains_key(&job)
+        {
+            self.on_chunk_read(job, result, buf, out);
+        } else if self.on_target_local(job, result, out) || job >= INTERNAL_JOB_BASE {
+            // A resync write, or an internal op of a link or resync that is gone.
         } else {
             // A read (reads are not tracked: they finish with their local op).
             let outcome = match (result, buf) {
@@ -473,9 +518,8 @@ impl Core {
             Err(e) => Outcome::Error(NbdError::from_errno(e as i32, false)),
         };
         out.push(Action::Reply { job, outcome });
-        for next in self.inflight.complete(job, w.range.start) {
-            self.dispatch_write(next, out);
-        }
+        let next = self.inflight.complete(job, w.range.start);
+        self.start_released(next, out);
     }
 
     fn try_finish_flush(&mut self, job: JobId, out: &mut Vec<Action>) {
@@ -487,18 +531,6 @@ impl Core {
             Err(e) => Outcome::Error(NbdError::from_errno(e as i32, false)),
         };
         out.push(Action::Reply { job, outcome });
-    }
-
-    fn on_peer_up(&mut self) {
-        // Replication starts on an established connection; the decision about data
-        // (in sync, resync direction, refusal) is taken by the caller with
-        // `repl::decide` before it reports the link replicating. Both sides number
-        // the epochs of a link from 1.
-        self.link = Link::Replicating;
-        self.epoch = 1;
-        self.epoch_acked = false;
-        self.epoch_writes = 0;
-        self.applier = Applier { epoch: 1, ..Applier::default() };
     }
 
     fn on_peer_message(&mut self, msg: Message, out: &mut Vec<Action>) {
@@ -527,6 +559,10 @@ impl Core {
             | Message::Trim { .. }
             | Message::WriteZeroes { .. }
             | Message::Barrier { .. } => self.on_replicated(msg, out),
+            Message::ResyncData { .. } | Message::ResyncZeroes { .. } | Message::ResyncDone { .. } => {
+                self.on_resync_message(msg, out)
+            }
+            Message::ResyncAck { offset, len, errno } => self.on_resync_ack(offset, len, errno, out),
             other => tracing::debug!(?other, "message not handled by the data path"),
         }
     }
@@ -550,6 +586,7 @@ impl Core {
             return;
         }
         self.link = Link::Disconnected;
+        self.abandon_resync(out);
         self.send_waiters.clear();
         self.queued_bytes_total = self.sent_bytes_total;
         if self.role == Role::Primary {
@@ -589,7 +626,8 @@ impl Core {
     fn persist(&mut self, out: &mut Vec<Action>) -> u64 {
         let seq = self.next_meta_seq;
         self.next_meta_seq += 1;
-        let was_primary = self.role == Role::Primary;
+        // A crashed Primary keeps the flag until a resync made it consistent again.
+        let was_primary = self.role == Role::Primary || self.crashed_primary;
         out.push(Action::Persist { seq, gens: self.gens, disk: self.disk, was_primary });
         seq
     }
@@ -749,6 +787,11 @@ fn set_epoch(m: &mut Message, new: u64) {
         _ => {}
     }
 }
+
+#[path = "resync.rs"]
+mod resync;
+pub use resync::{RESYNC_CHUNK_BYTES, RESYNC_PARALLEL, ReplState};
+use resync::{SourceSync, TargetSync};
 
 #[cfg(test)]
 #[path = "core_tests.rs"]

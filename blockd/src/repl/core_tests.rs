@@ -4,14 +4,32 @@
 use nbd_server::buf::BufMut;
 
 use super::*;
+use crate::repl::decide::SideState;
 
 const G: u64 = 4096;
 
+const SIZE: u64 = 64 << 20;
+
+fn cfg(protocol: Protocol, send_buffer_bytes: u64) -> CoreConfig {
+    CoreConfig { protocol, send_buffer_bytes, granularity_bytes: G, size_bytes: SIZE }
+}
+
+fn remote(current: u64, bitmap: u64, role: Role) -> SideState {
+    SideState {
+        gens: Generations { current, bitmap, ..Generations::default() },
+        disk: DiskState::UpToDate,
+        role,
+        crashed_primary: false,
+    }
+}
+
+/// A node at generation 10, connected to an in-sync peer.
 fn core(protocol: Protocol, role: Role, send_buffer_bytes: u64) -> Core {
-    let cfg = CoreConfig { protocol, send_buffer_bytes, granularity_bytes: G };
     let gens = Generations { current: 10, ..Generations::default() };
-    let mut c = Core::new(cfg, role, DiskState::UpToDate, gens, 1);
-    assert!(c.handle(Event::PeerUp { role: Role::Secondary, disk: DiskState::UpToDate, gens }).is_empty());
+    let mut c = Core::new(cfg(protocol, send_buffer_bytes), role, DiskState::UpToDate, gens, false, 1);
+    let peer_role = if role == Role::Primary { Role::Secondary } else { Role::Primary };
+    assert!(c.connect(remote(10, 0, peer_role)).expect("in sync").is_empty());
+    assert_eq!(c.repl_state(), ReplState::Established);
     c
 }
 
@@ -38,6 +56,12 @@ fn show(actions: &[Action]) -> Vec<String> {
         .map(|a| match a {
             Action::Local { job, op } => format!("local {job} {}", op_name(op)),
             Action::Send(m) => match m {
+                Message::ResyncData { offset, data } => format!("send resync-data {offset} {}", data.len()),
+                Message::ResyncZeroes { offset, len } => format!("send resync-zeroes {offset} {len}"),
+                Message::ResyncAck { offset, len, errno } => {
+                    format!("send resync-ack {offset} {len} {errno}")
+                }
+                Message::ResyncDone { gens } => format!("send resync-done {} {}", gens.current, gens.bitmap),
                 Message::Write { id, epoch, .. } => format!("send write {id} e{epoch}"),
                 Message::Barrier { epoch, flush } => format!("send barrier e{epoch} flush={flush}"),
                 Message::BarrierAck { epoch, errno } => format!("send barrier-ack e{epoch} {errno}"),
@@ -237,8 +261,8 @@ fn reads_go_to_the_local_disk() {
 #[test]
 fn promotion_rules() {
     let gens = Generations { current: 10, ..Generations::default() };
-    let cfg = CoreConfig { protocol: Protocol::C, send_buffer_bytes: 0, granularity_bytes: G };
-    let mut c = Core::new(cfg.clone(), Role::Secondary, DiskState::Inconsistent, gens, 1);
+    let cfg = cfg(Protocol::C, 0);
+    let mut c = Core::new(cfg.clone(), Role::Secondary, DiskState::Inconsistent, gens, false, 1);
     assert!(c.promote(false, None).unwrap_err().contains("local disk is Inconsistent"));
     assert!(c.promote(true, Some(Role::Primary)).unwrap_err().contains("peer is Primary"));
     let a = c.promote(true, None).expect("forced");
@@ -247,7 +271,7 @@ fn promotion_rules() {
     assert_eq!(c.generations().bitmap, 10, "a new generation of its own");
     assert!(c.promote(false, None).expect("idempotent").is_empty());
     // Promoted while disconnected: a new generation too.
-    let mut d = Core::new(cfg, Role::Secondary, DiskState::UpToDate, gens, 2);
+    let mut d = Core::new(cfg, Role::Secondary, DiskState::UpToDate, gens, false, 2);
     d.promote(false, None).expect("UpToDate");
     assert_eq!(d.generations().bitmap, 10);
     assert_eq!(show(&d.demote().expect("idle")), ["persist 2"], "after the promotion's persist 1");
@@ -263,4 +287,93 @@ fn drain_waits_for_the_peer_even_under_a() {
     assert_eq!(show(&d), ["send barrier e1 flush=true", "local 99 flush"]);
     assert!(local_done(&mut a, 99).is_empty(), "the peer has not confirmed yet");
     assert_eq!(show(&peer(&mut a, Message::BarrierAck { epoch: 1, errno: 0 })), ["reply 99 ok"]);
+}
+
+/// A Primary at generation 20 whose peer is still at 10 (the peer missed changes),
+/// restarted since (so its dirty set is unknown: full sync).
+fn source_core(size_bytes: u64) -> (Core, Vec<Action>) {
+    let gens = Generations { current: 20, bitmap: 10, ..Generations::default() };
+    let cfg = CoreConfig { size_bytes, ..cfg(Protocol::C, 0) };
+    let mut c = Core::new(cfg, Role::Primary, DiskState::UpToDate, gens, false, 3);
+    let a = c.connect(remote(10, 0, Role::Secondary)).expect("source");
+    assert_eq!(c.repl_state(), ReplState::SyncSource);
+    (c, a)
+}
+
+fn read_done(c: &mut Core, job: JobId, len: usize, fill: u8) -> Vec<Action> {
+    let mut buf = BufMut::unpooled(len);
+    buf.fill(fill);
+    c.handle(Event::LocalDone { job, result: Ok(()), buf: Some(buf) })
+}
+
+#[test]
+fn full_resync_sends_data_and_zeroes_then_done() {
+    let mib = RESYNC_CHUNK_BYTES;
+    let (mut c, a) = source_core(2 * mib + 4096);
+    let j = INTERNAL_JOB_BASE;
+    assert_eq!(
+        show(&a),
+        [format!("local {j} read"), format!("local {} read", j + 1), format!("local {} read", j + 2)]
+    );
+    assert_eq!(c.resync_progress(), Some((0, 2 * mib + 4096, 0)));
+    assert_eq!(show(&read_done(&mut c, j, mib as usize, 7)), [format!("send resync-data 0 {mib}")]);
+    assert_eq!(show(&read_done(&mut c, j + 1, mib as usize, 0)), [format!("send resync-zeroes {mib} {mib}")]);
+    assert_eq!(show(&read_done(&mut c, j + 2, 4096, 1)), [format!("send resync-data {} 4096", 2 * mib)]);
+    assert!(peer(&mut c, Message::ResyncAck { offset: 0, len: mib, errno: 0 }).is_empty());
+    assert!(peer(&mut c, Message::ResyncAck { offset: 2 * mib, len: 4096, errno: 0 }).is_empty());
+    let done = peer(&mut c, Message::ResyncAck { offset: mib, len: mib, errno: 0 });
+    assert_eq!(show(&done), ["persist 1", "send resync-done 20 0"], "in sync: the bitmap generation retires");
+    assert_eq!(c.generations().history[0], 10);
+    assert_eq!(c.repl_state(), ReplState::Established);
+    assert_eq!(c.resync_progress(), None);
+}
+
+#[test]
+fn an_application_write_waits_for_an_overlapping_chunk() {
+    let (mut c, _) = source_core(RESYNC_CHUNK_BYTES);
+    let chunk = INTERNAL_JOB_BASE;
+    assert!(write(&mut c, 1, 4096, 4096).is_empty(), "the chunk holds the range");
+    read_done(&mut c, chunk, RESYNC_CHUNK_BYTES as usize, 3);
+    let after = peer(&mut c, Message::ResyncAck { offset: 0, len: RESYNC_CHUNK_BYTES, errno: 0 });
+    let shown = show(&after);
+    assert_eq!(&shown[..2], ["local 1 write", "send write 1 e1"], "released after the target has the chunk");
+}
+
+#[test]
+fn losing_the_link_mid_resync_releases_chunk_ranges() {
+    let (mut c, _) = source_core(RESYNC_CHUNK_BYTES);
+    read_done(&mut c, INTERNAL_JOB_BASE, RESYNC_CHUNK_BYTES as usize, 3);
+    assert!(write(&mut c, 1, 0, 4096).is_empty());
+    let down = c.handle(Event::PeerDown);
+    assert!(show(&down).contains(&"local 1 write".to_string()), "{:?}", show(&down));
+    assert_eq!(c.repl_state(), ReplState::Off);
+}
+
+#[test]
+fn target_waits_for_durable_inconsistency_then_adopts_generations() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut t = Core::new(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, false, 4);
+    let a = t.connect(remote(20, 10, Role::Primary)).expect("target");
+    assert_eq!(show(&a), ["persist 1"]);
+    assert_eq!((t.repl_state(), t.disk()), (ReplState::SyncTarget, DiskState::Inconsistent));
+    let data = Message::ResyncData { offset: 0, data: data(4096) };
+    assert!(peer(&mut t, data).is_empty(), "held until Inconsistent is durable");
+    let j = INTERNAL_JOB_BASE;
+    assert_eq!(show(&t.handle(Event::MetaDurable { seq: 1 })), [format!("local {j} write")]);
+    assert!(peer(&mut t, Message::ResyncZeroes { offset: 4096, len: 8192 }).len() == 1);
+    assert_eq!(show(&local_done(&mut t, j)), ["send resync-ack 0 4096 0"]);
+    let done_gens = Generations { current: 20, bitmap: 0, history: [10, 0, 0, 0] };
+    assert!(
+        peer(&mut t, Message::ResyncDone { gens: done_gens }).is_empty(),
+        "a chunk is still being written"
+    );
+    assert_eq!(
+        show(&local_done(&mut t, j + 1)),
+        ["send resync-ack 4096 8192 0".to_string(), format!("local {} flush", u64::MAX - 1)]
+    );
+    assert_eq!(show(&local_done(&mut t, u64::MAX - 1)), ["persist 2"]);
+    assert_eq!(
+        (t.disk(), t.generations(), t.repl_state()),
+        (DiskState::UpToDate, done_gens, ReplState::Established)
+    );
 }

@@ -18,6 +18,13 @@
 //!
 //! A node that is Primary never becomes a sync target (its data is what clients see),
 //! and a would-be source must hold consistent data.
+//!
+//! Crashed Primary (DRBD's rule of the same name): a node that died while Primary may
+//! have written blocks locally that never reached its peer, and nobody knows which
+//! (until the activity log exists). So when it is a sync target the scope is Full, and
+//! when both sides are at the same generation the crashed Primary is the source of a
+//! full sync: its copy holds every acknowledged write plus possibly some that were in
+//! flight, and copying it makes both equal.
 
 use crate::state::{DiskState, Generations, Role};
 
@@ -27,6 +34,8 @@ pub struct SideState {
     pub gens: Generations,
     pub disk: DiskState,
     pub role: Role,
+    /// It crashed while Primary and has not been resynced since.
+    pub crashed_primary: bool,
 }
 
 /// How much must be transferred.
@@ -94,7 +103,17 @@ pub fn decide(me: &SideState, peer: &SideState) -> Decision {
     if me.role == Role::Primary && peer.role == Role::Primary {
         return Decision::Refuse(Refusal::BothPrimary);
     }
-    let direction = direction(&me.gens, &peer.gens, me.disk, peer.disk);
+    let direction = match direction(&me.gens, &peer.gens, me.disk, peer.disk) {
+        Direction::Equal => match (me.crashed_primary, peer.crashed_primary) {
+            (true, false) => Direction::Source(SyncScope::Full),
+            (false, true) => Direction::Target(SyncScope::Full),
+            (true, true) => Direction::Refuse(Refusal::SplitBrain),
+            (false, false) => Direction::Equal,
+        },
+        Direction::Source(_) if peer.crashed_primary => Direction::Source(SyncScope::Full),
+        Direction::Target(_) if me.crashed_primary => Direction::Target(SyncScope::Full),
+        other => other,
+    };
     match direction {
         Direction::Source(_) if me.role == Role::Secondary && peer.role == Role::Primary => {
             Decision::Refuse(Refusal::PeerPrimaryWouldBeTarget)
@@ -173,7 +192,7 @@ mod tests {
     use Role::{Primary, Secondary};
 
     fn side(current: u64, bitmap: u64, history: [u64; 4], disk: DiskState, role: Role) -> SideState {
-        SideState { gens: Generations { current, bitmap, history }, disk, role }
+        SideState { gens: Generations { current, bitmap, history }, disk, role, crashed_primary: false }
     }
 
     fn sec(current: u64, bitmap: u64) -> SideState {
@@ -267,6 +286,16 @@ mod tests {
     }
 
     #[test]
+    fn a_crashed_primary_is_synced_in_full() {
+        let crashed = SideState { crashed_primary: true, ..sec(10, 0) };
+        // Same generation: the crashed Primary's copy (a superset of what was
+        // acknowledged) is copied over.
+        check(crashed, sec(10, 0), Decision::SyncSource(SyncScope::Full));
+        // The other node was promoted meanwhile: the crashed one is a full target.
+        check(side(30, 10, [0; 4], UpToDate, Primary), crashed, Decision::SyncSource(SyncScope::Full));
+    }
+
+    #[test]
     fn two_primaries_are_refused() {
         let p = side(10, 0, [0; 4], UpToDate, Primary);
         check(p, p, Decision::Refuse(Refusal::BothPrimary));
@@ -294,7 +323,10 @@ mod tests {
                 for h in ids {
                     for d in disks {
                         for r in roles {
-                            sides.push(side(c, b, [h, 0, 0, 0], d, r));
+                            for crashed in [false, true] {
+                                let s = side(c, b, [h, 0, 0, 0], d, r);
+                                sides.push(SideState { crashed_primary: crashed, ..s });
+                            }
                         }
                     }
                 }

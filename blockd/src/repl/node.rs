@@ -14,7 +14,7 @@ use crate::meta::{MetaStore, MetaTarget};
 use crate::peer::dial::{PeerSettings, spawn_supervisor};
 use crate::peer::msg::Hello;
 use crate::repl::core::{Core, CoreConfig};
-use crate::repl::shell::{CoreTask, Input, Token, new_device, new_shared, new_sink};
+use crate::repl::shell::{CoreTask, HELLO_CRASHED_PRIMARY, Input, Token, new_device, new_shared, new_sink};
 use crate::state::Role;
 use crate::storage::{IoOp, Storage, StorageOptions};
 
@@ -36,9 +36,9 @@ pub async fn run(
     let target = MetaTarget { backing: node.disk.clone(), location: node.meta.clone() };
     let mut meta = MetaStore::open(&target)?;
     meta.verify_identity(&config.resource.name, &node.name)?;
+    let sb = meta.superblock().clone();
     // Cleared while running, set at a clean stop: after a crash it stays false.
     meta.update(|sb| sb.flags.clean_shutdown = false).context("cannot update the metadata")?;
-    let sb = meta.superblock().clone();
     let size_bytes =
         config.resource.size_bytes.map_or(meta.data_size_bytes(), |s| s.min(meta.data_size_bytes()));
     let meta = Arc::new(std::sync::Mutex::new(meta));
@@ -55,10 +55,16 @@ pub async fn run(
         protocol: config.resource.protocol,
         send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
         granularity_bytes: sb.bitmap_granularity_bytes,
+        size_bytes,
     };
+    // Was Primary and did not stop cleanly: it may hold writes its peer lacks.
+    let crashed_primary = sb.flags.was_primary && !sb.flags.clean_shutdown;
+    if crashed_primary {
+        tracing::warn!("this node crashed while Primary; its next resync with the peer is a full one");
+    }
     // A node always starts as Secondary, as with `drbdadm up`.
     let seed = crate::meta::random_id().context("cannot read random bytes for generation ids")?;
-    let core = Core::new(cfg, Role::Secondary, sb.disk, sb.generations, seed);
+    let core = Core::new(cfg, Role::Secondary, sb.disk, sb.generations, crashed_primary, seed);
 
     let hello = Hello {
         version: 1,
@@ -71,7 +77,7 @@ pub async fn run(
         role: Role::Secondary,
         disk: sb.disk,
         gens: sb.generations,
-        flags: 0,
+        flags: if crashed_primary { HELLO_CRASHED_PRIMARY } else { 0 },
     };
     let (hello_tx, hello_rx) = watch::channel(hello);
 

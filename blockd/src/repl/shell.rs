@@ -25,9 +25,12 @@ use crate::meta::MetaStore;
 use crate::peer::link::{LinkEvent, PeerConn};
 use crate::peer::msg::{Hello, Message};
 use crate::repl::core::{Action, Core, Event, JobId, Outcome, Request};
-use crate::repl::decide::{Decision, SideState, decide};
+use crate::repl::decide::SideState;
 use crate::state::{DiskState, Generations, Role};
 use crate::storage::{IoBuf, IoOp, IoSink, Storage};
+
+/// `Hello.flags` bit: the sender crashed while Primary and was not resynced since.
+pub const HELLO_CRASHED_PRIMARY: u32 = 1 << 0;
 
 /// Extents per BLOCK_STATUS reply.
 const MAX_STATUS_EXTENTS: usize = 64 << 10;
@@ -195,11 +198,10 @@ impl ReplicatedDevice {
     }
 }
 
-/// A snapshot for `status --json`.
+/// What the shell knows about the peer, for `status --json`.
 #[derive(Clone, Debug, Default)]
 pub struct PeerSnapshot {
     pub connection: &'static str,
-    pub replication: &'static str,
     pub role: Option<Role>,
     pub disk: Option<DiskState>,
     pub refusal: Option<String>,
@@ -241,7 +243,7 @@ impl CoreTask {
         let mut r = Running {
             t: self,
             link: None,
-            peer: PeerSnapshot { connection: "Connecting", replication: "Off", ..PeerSnapshot::default() },
+            peer: PeerSnapshot { connection: "Connecting", ..PeerSnapshot::default() },
             responders: HashMap::new(),
             waiting_durable: Vec::new(),
             drain: None,
@@ -268,10 +270,13 @@ impl CoreTask {
                         Event::Drain { job: DRAIN_JOB }
                     }
                 },
-                Some(conn) = r.t.conns.recv() => match r.accept_link(conn) {
-                    Some(event) => event,
-                    None => continue,
-                },
+                Some(conn) = r.t.conns.recv() => {
+                    if let Some(actions) = r.accept_link(conn) {
+                        r.execute(actions);
+                        r.publish();
+                    }
+                    continue;
+                }
                 Some(ev) = next_link_event(&mut r.link) => match ev {
                     LinkEvent::Message(Message::State { role, disk }) => {
                         r.peer.role = Some(role);
@@ -284,7 +289,7 @@ impl CoreTask {
                     LinkEvent::Closed(e) => {
                         tracing::warn!(peer = %r.t.shared.peer_name, error = %e, "peer link lost");
                         r.link = None;
-                        r.peer = PeerSnapshot { connection: "Connecting", replication: "Off", ..PeerSnapshot::default() };
+                        r.peer = PeerSnapshot { connection: "Connecting", ..PeerSnapshot::default() };
                         r.t.shared.peer_role.store(0, Ordering::Release);
                         Event::PeerDown
                     }
@@ -310,40 +315,38 @@ async fn next_link_event(link: &mut Option<PeerConn>) -> Option<LinkEvent> {
 }
 
 impl Running {
-    fn side(&self) -> SideState {
-        SideState { gens: self.t.core.generations(), disk: self.t.core.disk(), role: self.t.core.role() }
-    }
-
-    /// A fresh link: decide from generations whether to replicate.
-    fn accept_link(&mut self, conn: PeerConn) -> Option<Event> {
+    /// A fresh link: the core decides from both sides' generations whether and how
+    /// to replicate (in sync, resync direction, or a refusal).
+    fn accept_link(&mut self, conn: PeerConn) -> Option<Vec<Action>> {
         if self.link.is_some() {
             return None; // the supervisor only hands over one link at a time
         }
-        let remote = SideState { gens: conn.remote.gens, disk: conn.remote.disk, role: conn.remote.role };
+        let h = &conn.remote;
+        let remote = SideState {
+            gens: h.gens,
+            disk: h.disk,
+            role: h.role,
+            crashed_primary: h.flags & HELLO_CRASHED_PRIMARY != 0,
+        };
         self.peer.role = Some(remote.role);
         self.peer.disk = Some(remote.disk);
         self.t.shared.peer_role.store(remote.role.code(), Ordering::Release);
-        match decide(&self.side(), &remote) {
-            Decision::InSync => {
-                tracing::info!(peer = %self.t.shared.peer_name, "connected; data in sync");
+        match self.t.core.connect(remote) {
+            Ok(actions) => {
+                tracing::info!(peer = %self.t.shared.peer_name, state = self.t.core.repl_state().as_str(), "connected");
                 self.peer.connection = "Connected";
-                self.peer.replication = "Established";
                 self.peer.refusal = None;
                 self.link = Some(conn);
-                Some(Event::PeerUp { role: remote.role, disk: remote.disk, gens: remote.gens })
+                // A role or disk change since the handshake is news to the peer.
+                let (role, disk) = (self.t.core.role(), self.t.core.disk());
+                if let Some(link) = &self.link {
+                    let _ = link.outgoing.send(Message::State { role, disk });
+                }
+                Some(actions)
             }
-            other => {
-                // Resync is not built yet: stay disconnected and say why.
-                let why = match &other {
-                    Decision::Refuse(r) => r.to_string(),
-                    Decision::WaitForPromotion => {
-                        "both disks are Inconsistent; promote one with --force".into()
-                    }
-                    d => format!("{d:?} needed: resync is not implemented in this build"),
-                };
+            Err(why) => {
                 tracing::warn!(peer = %self.t.shared.peer_name, reason = %why, "not replicating");
                 self.peer.connection = "StandAlone";
-                self.peer.replication = "Off";
                 self.peer.refusal = Some(why);
                 let _ = conn.outgoing.send(Message::Bye { reason: "not replicating".into() });
                 None
@@ -472,6 +475,7 @@ impl Running {
 
     fn status_json(&self) -> serde_json::Value {
         let dirty = self.t.core.dirty_bytes();
+        let (done, total, sent) = self.t.core.resync_progress().unwrap_or((0, 0, 0));
         serde_json::json!({
             "resource": self.t.resource,
             "pid": std::process::id(),
@@ -481,14 +485,14 @@ impl Running {
             "peers": [{
                 "node": self.t.shared.peer_name,
                 "connection": self.peer.connection,
-                "replication": self.peer.replication,
+                "replication": self.t.core.repl_state().as_str(),
                 "role": self.peer.role.map_or("Unknown", Role::as_str),
                 "disk": self.peer.disk.map_or("DUnknown", DiskState::as_str),
                 "out_of_sync_bytes": dirty,
-                "resync_done_bytes": 0,
-                "resync_total_bytes": 0,
-                "replicated_bytes": 0,
-                "resync_sent_bytes": 0,
+                "resync_done_bytes": done,
+                "resync_total_bytes": total,
+                "replicated_bytes": self.t.core.replicated_bytes(),
+                "resync_sent_bytes": sent,
                 "reason": self.peer.refusal,
             }],
             "generations": {

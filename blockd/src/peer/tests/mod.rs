@@ -170,6 +170,7 @@ fn random_messages(rng: &mut StdRng, data_len: usize) -> Vec<Message> {
         Message::ResyncData { offset: rng.random(), data: random_data(rng, data_len) },
         Message::ResyncAck { offset: rng.random(), len: rng.random(), errno: rng.random() },
         Message::ResyncDone { gens: gens(rng) },
+        Message::ResyncZeroes { offset: rng.random(), len: rng.random() },
         Message::Bye { reason: random_string(rng, 1024) },
     ]
 }
