@@ -162,7 +162,8 @@ impl Core {
                 .filter(|r| !r.is_empty())
                 .collect()
         } else {
-            vec![0..self.cfg.size_bytes]
+            // One region: the whole device.
+            std::iter::once(0..self.cfg.size_bytes).collect()
         };
         let mut sync = SourceSync::default();
         for region in regions {
