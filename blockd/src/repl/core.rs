@@ -534,6 +534,9 @@ impl Core {
     }
 
     fn on_peer_message(&mut self, msg: Message, out: &mut Vec<Action>) {
+        if self.hold_for_target(&msg) {
+            return;
+        }
         match msg {
             Message::WriteAck { id, errno } => self.on_peer_ack(id, errno, out),
             Message::RecvAck { id } => self.on_peer_ack(id, 0, out),
@@ -664,11 +667,15 @@ impl Core {
             let fresh = self.fresh_id();
             self.gens.start_new(fresh);
             self.disk = DiskState::UpToDate;
+            self.gens_pending = true;
         } else if self.link == Link::Disconnected {
             // SPEC §5: promoted while disconnected starts a new generation.
             let fresh = self.fresh_id();
             self.gens.start_new(fresh);
+            self.gens_pending = true;
         }
+        // The export may open before the persist below is durable: writes acknowledged
+        // under the new generation wait for it (`needs_durable_gens`).
         self.role = Role::Primary;
         self.persist(&mut out);
         Ok(out)

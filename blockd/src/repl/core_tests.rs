@@ -377,3 +377,23 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
         (DiskState::UpToDate, done_gens, ReplState::Established)
     );
 }
+
+#[test]
+fn writes_after_a_promotion_wait_for_its_durable_generation() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut c = Core::new(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, false, 5);
+    assert_eq!(show(&c.promote(false, None).expect("promote")), ["persist 1"]);
+    write(&mut c, 1, 0, 4096);
+    assert!(local_done(&mut c, 1).is_empty(), "not before the new generation is durable");
+    assert_eq!(show(&c.handle(Event::MetaDurable { seq: 1 })), ["reply 1 ok"]);
+}
+
+#[test]
+fn a_sync_target_applies_nothing_before_it_is_durably_inconsistent() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut t = Core::new(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, false, 6);
+    t.connect(remote(20, 10, Role::Primary)).expect("target");
+    let w = Message::Write { id: 5, epoch: 1, offset: 0, fua: false, data: data(512) };
+    assert!(peer(&mut t, w).is_empty(), "an application write waits too");
+    assert_eq!(show(&t.handle(Event::MetaDurable { seq: 1 })), [format!("local {INTERNAL_JOB_BASE} write")]);
+}

@@ -112,6 +112,9 @@ impl Core {
             Decision::InSync => {
                 self.start_link();
                 self.repl = ReplState::Established;
+                // Same generation, nothing to copy: tracking starts from nothing.
+                self.dirty.clear();
+                self.dirty_complete = true;
             }
             Decision::SyncSource(scope) => {
                 self.start_link();
@@ -319,16 +322,37 @@ impl Core {
         }
     }
 
-    /// Target: resync messages, held until the Inconsistent state is durable.
+    /// Target: until the Inconsistent state is durable, every data-path message
+    /// (application writes and barriers too, not just resync data) waits: applying
+    /// anything newer first could leave, after a crash, a disk that mixes generations
+    /// while its metadata still claims the old one is consistent. True if held.
+    pub(super) fn hold_for_target(&mut self, msg: &Message) -> bool {
+        let Some(t) = self.target.as_mut() else { return false };
+        if t.ready {
+            return false;
+        }
+        let data_path = matches!(
+            msg,
+            Message::Write { .. }
+                | Message::Trim { .. }
+                | Message::WriteZeroes { .. }
+                | Message::Barrier { .. }
+                | Message::ResyncData { .. }
+                | Message::ResyncZeroes { .. }
+                | Message::ResyncDone { .. }
+        );
+        if data_path {
+            t.held.push_back(msg.clone());
+        }
+        data_path
+    }
+
+    /// Target: resync data, zeroes and the end of the resync.
     pub(super) fn on_resync_message(&mut self, msg: Message, out: &mut Vec<Action>) {
         let Some(t) = self.target.as_mut() else {
             tracing::warn!("resync message while not a sync target; ignored");
             return;
         };
-        if !t.ready {
-            t.held.push_back(msg);
-            return;
-        }
         let (offset, len, op) = match msg {
             Message::ResyncData { offset, data } => {
                 let len = data.len() as u64;
@@ -363,7 +387,7 @@ impl Core {
         t.ready = true;
         let held: Vec<Message> = t.held.drain(..).collect();
         for m in held {
-            self.on_resync_message(m, out);
+            self.on_peer_message(m, out);
         }
     }
 
