@@ -37,7 +37,7 @@ mod transmission;
 pub use device::{BlockDevice, ExportInfo, Extent, Request, Responder};
 pub use error::{Error, NbdError};
 pub use handshake::ExportName;
-pub use server::{IntoHalves, Listener, Server, ServerConfig, ServerStats};
+pub use server::{Disconnector, IntoHalves, Listener, Server, ServerConfig, ServerStats};
 pub use transmission::{
     MAX_EXTENTS, MAX_INFLIGHT_PAYLOAD_BYTES, MAX_INFLIGHT_REQUESTS, validate as validate_request,
 };

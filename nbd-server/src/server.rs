@@ -123,17 +123,41 @@ impl IntoHalves for UnixStream {
     }
 }
 
+/// Closes every open connection on request (e.g. a node being demoted): each stops
+/// reading new requests, answers the ones in flight, and closes. New connections are
+/// unaffected (the device's `check_open` decides about those).
+#[derive(Clone, Debug)]
+pub struct Disconnector(watch::Sender<u64>);
+
+impl Disconnector {
+    pub fn disconnect_all(&self) {
+        self.0.send_modify(|generation| *generation += 1);
+    }
+}
+
 /// An NBD server for one export backed by `D`.
 pub struct Server<D> {
     device: Arc<D>,
     config: Arc<ServerConfig>,
     pool: BufPool,
     stats: Arc<ServerStats>,
+    kick: watch::Sender<u64>,
 }
 
 impl<D: BlockDevice> Server<D> {
     pub fn new(device: Arc<D>, config: ServerConfig) -> Server<D> {
-        Server { device, config: Arc::new(config), pool: BufPool::default(), stats: Arc::default() }
+        Server {
+            device,
+            config: Arc::new(config),
+            pool: BufPool::default(),
+            stats: Arc::default(),
+            kick: watch::channel(0).0,
+        }
+    }
+
+    /// A handle that disconnects every open connection.
+    pub fn disconnector(&self) -> Disconnector {
+        Disconnector(self.kick.clone())
     }
 
     /// Shared live counters.
@@ -160,6 +184,7 @@ impl<D: BlockDevice> Server<D> {
                 pool: self.pool.clone(),
                 stats: self.stats.clone(),
                 shutdown: shutdown.clone(),
+                kick: self.kick.clone(),
                 alive: alive.clone(),
             };
             accept_loops.push(tokio::spawn(accept_loop(listener, ctx)));
@@ -178,6 +203,7 @@ struct Ctx<D> {
     pool: BufPool,
     stats: Arc<ServerStats>,
     shutdown: watch::Receiver<bool>,
+    kick: watch::Sender<u64>,
     alive: mpsc::Sender<()>,
 }
 
@@ -189,6 +215,7 @@ impl<D> Clone for Ctx<D> {
             pool: self.pool.clone(),
             stats: self.stats.clone(),
             shutdown: self.shutdown.clone(),
+            kick: self.kick.clone(),
             alive: self.alive.clone(),
         }
     }
@@ -280,5 +307,8 @@ async fn serve_stream<S: IntoHalves, D: BlockDevice>(
     let Outcome::Transmission(negotiated) = outcome else { return Ok(()) };
     tracing::debug!(%peer, structured = negotiated.structured_replies, "transmission phase");
     let (r, w) = stream.into_halves();
-    transmission::run(r, w, ctx.device.clone(), negotiated, ctx.pool.clone(), ctx.shutdown.clone()).await
+    // Subscribed now: a disconnect requested from here on ends this connection.
+    let kick = ctx.kick.subscribe();
+    transmission::run(r, w, ctx.device.clone(), negotiated, ctx.pool.clone(), ctx.shutdown.clone(), kick)
+        .await
 }

@@ -73,6 +73,7 @@ struct Running {
     addr: String,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
+    kick: crate::Disconnector,
 }
 
 async fn start(refuse: Option<&str>) -> Running {
@@ -82,8 +83,9 @@ async fn start(refuse: Option<&str>) -> Running {
     let addr = listener.local_addr();
     let (stop, rx) = watch::channel(false);
     let server = Server::new(device, ServerConfig::new("r0"));
+    let kick = server.disconnector();
     let done = tokio::spawn(server.serve(vec![listener], rx));
-    Running { addr, stop, done }
+    Running { addr, stop, done, kick }
 }
 
 impl Running {
@@ -290,5 +292,19 @@ async fn pipelined_requests_all_answered_then_disc() {
     drop(s);
     let mut c = srv.client().await;
     assert_eq!(c.read(8 * 299, 8).await.unwrap().unwrap(), 299u64.to_le_bytes());
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn disconnect_all_closes_open_connections_only() {
+    let srv = start(None).await;
+    let mut a = srv.client().await;
+    a.write(0, b"x", 0).await.unwrap().unwrap();
+    srv.kick.disconnect_all();
+    let mut s = a.into_inner();
+    let mut buf = [0u8; 1];
+    assert_eq!(s.read(&mut buf).await.unwrap(), 0, "closed by the server");
+    let mut b = srv.client().await;
+    assert_eq!(b.read(0, 1).await.unwrap().unwrap(), b"x", "new connections still work");
     srv.shutdown().await;
 }

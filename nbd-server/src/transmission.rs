@@ -97,6 +97,7 @@ pub(crate) async fn run<R, W, D>(
     negotiated: Negotiated,
     pool: BufPool,
     shutdown: watch::Receiver<bool>,
+    kick: watch::Receiver<u64>,
 ) -> Result<(), Error>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -114,7 +115,7 @@ where
         tx,
         budget: Arc::new(Semaphore::new(MAX_INFLIGHT_PAYLOAD_BYTES / BUDGET_UNIT_BYTES)),
     };
-    let read_result = conn.read_requests(shutdown).await;
+    let read_result = conn.read_requests(shutdown, kick).await;
     // Dropping the sender lets the writer finish once the device has answered every
     // request still in flight (each holds its own sender through its permit).
     drop(conn);
@@ -136,7 +137,11 @@ where
     R: AsyncRead + Unpin,
     D: BlockDevice,
 {
-    async fn read_requests(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+    async fn read_requests(
+        &mut self,
+        mut shutdown: watch::Receiver<bool>,
+        mut kick: watch::Receiver<u64>,
+    ) -> Result<(), Error> {
         loop {
             let mut raw = [0u8; REQUEST_HEADER_BYTES];
             tokio::select! {
@@ -148,6 +153,7 @@ where
                     Err(e) => return Err(e.into()),
                 },
                 _ = crate::server::stopped(&mut shutdown) => return Ok(()),
+                _ = kicked(&mut kick) => return Ok(()),
             }
             let header =
                 decode_request(&raw).map_err(|m| Error::Protocol(format!("bad request magic {:#x}", m.0)))?;
@@ -212,6 +218,13 @@ where
         };
         self.device.submit(request, responder);
         Ok(())
+    }
+}
+
+/// Resolves when the server asks every connection to close (never, if it is gone).
+async fn kicked(kick: &mut watch::Receiver<u64>) {
+    if kick.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -90,3 +90,25 @@ fn secondary_refuses_clients_and_roles_are_exclusive() {
     p.stop_node(0);
     p.stop_node(1);
 }
+
+/// `secondary` is refused while an NBD client is connected; `--force` disconnects the
+/// client (after its writes are answered and flushed) and demotes.
+#[test]
+fn demote_with_a_client_attached() {
+    let mut p = Pair::start("repl-demote", &PairOpts::default());
+    p.wait_established();
+    p.ctl_ok(0, &["primary"]);
+    let (mut client, _, _) = RawClient::handshake(&Addr::Unix(p.nodes[0].nbd.clone()), EXPORT, false);
+    client.request(0, blockd_tests::raw::CMD_WRITE, 1, 0, 4, b"abcd").expect("write");
+    assert_eq!(client.finish(1), 0);
+    let out = p.ctl(0, &["secondary"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.describe());
+    assert!(out.stderr.contains("1 NBD client(s) connected"), "{}", out.describe());
+    assert_eq!(p.status(0)["role"], "Primary");
+    p.ctl_ok(0, &["secondary", "--force"]);
+    assert!(client.closed_by_server(), "the client was disconnected");
+    assert_eq!(p.status(0)["role"], "Secondary");
+    p.stop_node(0);
+    p.stop_node(1);
+    assert_eq!(&p.disk_bytes(1, 4)[..], b"abcd", "the write reached the peer before the demotion");
+}

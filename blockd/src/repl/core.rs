@@ -336,6 +336,13 @@ impl Core {
 
     fn on_request(&mut self, job: JobId, request: Request, out: &mut Vec<Action>) {
         assert!(job < INTERNAL_JOB_BASE, "NBD job ids stay below the internal range");
+        if self.role != Role::Primary && !matches!(request, Request::Read { .. }) {
+            // Only a client connected before a demotion can get here; a Secondary
+            // never writes on its own behalf.
+            tracing::warn!(job, "write request on a Secondary refused");
+            out.push(Action::Reply { job, outcome: Outcome::Error(NbdError::Perm) });
+            return;
+        }
         match request {
             Request::Read { offset, buf } => out.push(Action::Local { job, op: IoOp::Read { offset, buf } }),
             Request::Flush => self.start_flush(job, false, out),

@@ -92,10 +92,11 @@ pub async fn run(
     }
     let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
     let nbd_clients = server.stats();
+    let disconnector = server.disconnector();
 
     let (control_tx, control_rx) = mpsc::channel(16);
     let (core_stop_tx, core_stop_rx) = watch::channel(false);
-    let control_task = control::spawn(&node.control, control_tx, core_stop_rx.clone())
+    let control_task = control::spawn(&node.control, control_tx.clone(), core_stop_rx.clone())
         .with_context(|| format!("cannot create control socket {}", node.control.display()))?;
 
     let (conns_tx, conns_rx) = mpsc::channel(1);
@@ -121,6 +122,8 @@ pub async fn run(
         shared,
         hello: hello_tx,
         nbd_clients,
+        disconnector,
+        control_tx,
         resource: config.resource.name.clone(),
         shutdown: core_stop_rx,
         stop_daemon: stop.clone(),

@@ -32,6 +32,9 @@ use crate::storage::{IoBuf, IoOp, IoSink, Storage};
 /// `Hello.flags` bit: the sender crashed while Primary and was not resynced since.
 pub const HELLO_CRASHED_PRIMARY: u32 = 1 << 0;
 
+/// How long `secondary --force` waits for clients to go and for the final flush.
+const FORCE_DEMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Extents per BLOCK_STATUS reply.
 const MAX_STATUS_EXTENTS: usize = 64 << 10;
 
@@ -219,6 +222,10 @@ pub struct CoreTask {
     pub shared: Arc<Shared>,
     pub hello: watch::Sender<Hello>,
     pub nbd_clients: Arc<nbd_server::ServerStats>,
+    /// Closes NBD clients (`secondary --force`).
+    pub disconnector: nbd_server::Disconnector,
+    /// This task's own control channel (to finish a forced demotion later).
+    pub control_tx: mpsc::Sender<ControlRequest>,
     pub resource: String,
     /// Stops this task (sent by the daemon once NBD clients are drained).
     pub shutdown: watch::Receiver<bool>,
@@ -425,7 +432,10 @@ impl Running {
             },
             Command::Secondary { force } => {
                 let clients = self.t.nbd_clients.active_connections.load(Ordering::Relaxed);
-                if clients > 0 && !force {
+                if clients > 0 && force {
+                    return self.force_demote(req.reply);
+                }
+                if clients > 0 {
                     Err(format!("{clients} NBD client(s) connected; disconnect them first or use --force"))
                 } else {
                     match self.t.core.demote() {
@@ -436,6 +446,33 @@ impl Running {
             }
         };
         let _ = req.reply.send(result);
+    }
+
+    /// `secondary --force` with clients connected: close them (each answers what it
+    /// has in flight first), wait until they are gone (bounded), flush locally and on
+    /// the peer, then demote as usual.
+    fn force_demote(&mut self, reply: oneshot::Sender<Result<serde_json::Value, String>>) {
+        tracing::info!("secondary --force: disconnecting NBD clients");
+        self.t.disconnector.disconnect_all();
+        let clients = self.t.nbd_clients.clone();
+        let inputs = self.t.inputs_tx.clone();
+        let control = self.t.control_tx.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + FORCE_DEMOTE_TIMEOUT;
+            while clients.active_connections.load(Ordering::Relaxed) > 0 {
+                if tokio::time::Instant::now() >= deadline {
+                    let _ = reply.send(Err("NBD clients did not disconnect in time; retry".into()));
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            let (done_tx, done_rx) = oneshot::channel();
+            if inputs.send(Input::Drain { done: done_tx }).is_ok() {
+                let _ = tokio::time::timeout(FORCE_DEMOTE_TIMEOUT, done_rx).await;
+            }
+            let again = ControlRequest { command: Command::Secondary { force: false }, reply };
+            let _ = control.send(again).await;
+        });
     }
 
     /// Executes a role change's actions; replies once its persist is durable.
