@@ -247,11 +247,11 @@ fn split_brain_is_detected_and_refused() {
     p.ctl_ok(1, &["primary"]);
     w(&p, 1, 0xbb);
     p.start_node(0);
-    for n in 0..2 {
+    for (n, name) in NODES.iter().enumerate() {
         p.wait(
             WAIT,
             |p| p.status(n)["peers"][0]["reason"].as_str().is_some_and(|r| r.starts_with("split brain")),
-            &format!("{} reports split brain", NODES[n]),
+            &format!("{name} reports split brain"),
         );
         assert_eq!(p.status(n)["peers"][0]["connection"], "StandAlone");
     }
