@@ -7,6 +7,8 @@
 //! protocol = "C"                  # "A" | "B" | "C"; default "C"
 //! # size = "10GiB"                # default: the smallest backing store
 //! # bitmap-granularity = "4KiB"   # power of two, 4KiB..1MiB; default 4KiB
+//! # send-buffer = "64MiB"         # protocol A: frames queued for the peer before
+//! #                               # writes wait for acknowledgement; 64KiB..4GiB
 //!
 //! [[node]]
 //! name = "alpha"
@@ -57,6 +59,12 @@ pub const DEFAULT_BITMAP_GRANULARITY: u64 = 4096;
 pub const MIN_BITMAP_GRANULARITY: u64 = 4096;
 /// Largest allowed bitmap granularity.
 pub const MAX_BITMAP_GRANULARITY: u64 = 1 << 20;
+/// Default protocol A send buffer.
+pub const DEFAULT_SEND_BUFFER_BYTES: u64 = 64 << 20;
+/// Smallest allowed send buffer.
+pub const MIN_SEND_BUFFER_BYTES: u64 = 64 << 10;
+/// Largest allowed send buffer.
+pub const MAX_SEND_BUFFER_BYTES: u64 = 4 << 30;
 /// Directory of the default control sockets.
 pub const DEFAULT_CONTROL_DIR: &str = "/run/blockd";
 
@@ -82,6 +90,9 @@ pub struct ResourceConfig {
     pub size_bytes: Option<u64>,
     /// Bytes per dirty-bitmap bit: a power of two from 4 KiB to 1 MiB; default 4 KiB.
     pub bitmap_granularity_bytes: u64,
+    /// Protocol A: bytes of replication frames queued but not yet sent beyond which
+    /// writes wait for their acknowledgement (SPEC §9 bounded send buffer).
+    pub send_buffer_bytes: u64,
 }
 
 /// Replication protocol (SPEC §4).
@@ -254,6 +265,7 @@ impl Config {
             let _ = writeln!(out, "size = {size}");
         }
         let _ = writeln!(out, "bitmap-granularity = {}", r.bitmap_granularity_bytes);
+        let _ = writeln!(out, "send-buffer = {}", r.send_buffer_bytes);
         for n in &self.nodes {
             let nbd: Vec<String> = n.nbd.iter().map(|a| q(&a.to_string())).collect();
             let meta = match &n.meta {

@@ -26,6 +26,7 @@ pub(super) struct RawResource {
     pub protocol: Option<Spanned<RawProtocol>>,
     pub size: Option<Spanned<RawSize>>,
     pub bitmap_granularity: Option<Spanned<RawSize>>,
+    pub send_buffer: Option<Spanned<RawSize>>,
 }
 
 /// One `[[node]]`.

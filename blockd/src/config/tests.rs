@@ -94,6 +94,7 @@ fn spec_example_parses_with_defaults() {
             protocol: Protocol::C,
             size_bytes: None,
             bitmap_granularity_bytes: 4096,
+            send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
         }
     );
     assert_eq!(c.nodes.len(), 2);
@@ -299,7 +300,7 @@ fn unknown_keys() {
     assert_eq!(
         err(&spec_with(&[(L_GRANULARITY, "bitmap_granularity = 4096")])),
         "r0.toml:5: key `resource.bitmap_granularity`: unknown key \
-         (expected one of: name, protocol, size, bitmap-granularity)"
+         (expected one of: name, protocol, size, bitmap-granularity, send-buffer)"
     );
     assert_eq!(
         err(&spec_with(&[(1, "[resources]")])),
@@ -646,8 +647,26 @@ fn effective_toml_round_trips_with_defaults_filled() {
                 disk = \"/var/lib/blockd/a.img\"\nmeta = \"internal\"\n";
     let cfg = Config::parse(text, Path::new("r0.toml")).unwrap();
     let shown = cfg.effective_toml();
-    assert!(shown.contains("protocol = \"C\"\nsize = 1073741824\nbitmap-granularity = 4096\n"), "{shown}");
+    assert!(
+        shown.contains(
+            "protocol = \"C\"\nsize = 1073741824\nbitmap-granularity = 4096\nsend-buffer = 67108864\n"
+        ),
+        "{shown}"
+    );
     assert!(shown.contains("control = \"/run/blockd/r0-alpha.sock\""), "{shown}");
     let again = Config::parse(&shown, Path::new("shown.toml")).unwrap();
     assert_eq!((again.resource, again.nodes), (cfg.resource, cfg.nodes));
+}
+
+#[test]
+fn send_buffer_is_a_bounded_size() {
+    let base = "[resource]\nname = \"r0\"\nsend-buffer = SIZE\n\n[[node]]\nname = \"alpha\"\n\
+                replication = \"127.0.0.1:7789\"\nnbd = \"127.0.0.1:10809\"\ndisk = \"/d.img\"\nmeta = \"internal\"\n";
+    let cfg = Config::parse(&base.replace("SIZE", "\"8MiB\""), Path::new("r0.toml")).unwrap();
+    assert_eq!(cfg.resource.send_buffer_bytes, 8 << 20);
+    let err = Config::parse(&base.replace("SIZE", "\"1KiB\""), Path::new("r0.toml")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "r0.toml:3: key `resource.send-buffer`: \"1KiB\" is not allowed; use 64KiB to 4GiB"
+    );
 }

@@ -16,8 +16,9 @@ use super::values::{
     parse_size,
 };
 use super::{
-    Config, ConfigError, DEFAULT_BITMAP_GRANULARITY, DEFAULT_CONTROL_DIR, HostPort, ListenAddr,
-    MAX_BITMAP_GRANULARITY, MIN_BITMAP_GRANULARITY, MetaLocation, NodeConfig, Protocol, ResourceConfig,
+    Config, ConfigError, DEFAULT_BITMAP_GRANULARITY, DEFAULT_CONTROL_DIR, DEFAULT_SEND_BUFFER_BYTES,
+    HostPort, ListenAddr, MAX_BITMAP_GRANULARITY, MAX_SEND_BUFFER_BYTES, MIN_BITMAP_GRANULARITY,
+    MIN_SEND_BUFFER_BYTES, MetaLocation, NodeConfig, Protocol, ResourceConfig,
 };
 
 /// Sizes must be whole sectors.
@@ -219,7 +220,26 @@ impl Cx<'_> {
             }
         };
 
-        Ok(ResourceConfig { name: name.get_ref().clone(), protocol, size_bytes, bitmap_granularity_bytes })
+        let send_buffer_bytes = match &raw.send_buffer {
+            None => DEFAULT_SEND_BUFFER_BYTES,
+            Some(b) => {
+                let key = "resource.send-buffer";
+                let bytes = parse_size(b.get_ref()).map_err(|m| self.at(b, key, m))?;
+                if !(MIN_SEND_BUFFER_BYTES..=MAX_SEND_BUFFER_BYTES).contains(&bytes) {
+                    let why = format!("{} is not allowed; use 64KiB to 4GiB", describe(b.get_ref()));
+                    return Err(self.at(b, key, why));
+                }
+                bytes
+            }
+        };
+
+        Ok(ResourceConfig {
+            name: name.get_ref().clone(),
+            protocol,
+            size_bytes,
+            bitmap_granularity_bytes,
+            send_buffer_bytes,
+        })
     }
 
     /// One `[[node]]` (`key` is `node[i]`). `names` maps the node names seen so far to

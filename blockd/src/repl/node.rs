@@ -21,9 +21,6 @@ use crate::storage::{IoOp, Storage, StorageOptions};
 /// How long a stopping Primary waits for the peer to confirm its last writes.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Protocol A's send buffer when the config does not set one.
-pub const DEFAULT_SEND_BUFFER_BYTES: u64 = 64 << 20;
-
 /// Runs the node until `stop` turns true (signals, or `blockctl down` through the
 /// control socket, which sets it too).
 pub async fn run(
@@ -53,7 +50,7 @@ pub async fn run(
 
     let cfg = CoreConfig {
         protocol: config.resource.protocol,
-        send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
+        send_buffer_bytes: config.resource.send_buffer_bytes,
         granularity_bytes: sb.bitmap_granularity_bytes,
         size_bytes,
     };
