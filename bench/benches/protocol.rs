@@ -12,20 +12,7 @@ use nbd_server::proto::{
 use nbd_server::{ExportInfo, validate_request};
 
 fn export() -> ExportInfo {
-    ExportInfo {
-        size_bytes: 1 << 40,
-        read_only: false,
-        can_flush: true,
-        can_trim: true,
-        can_write_zeroes: true,
-        can_fast_zero: true,
-        can_cache: true,
-        can_multi_conn: true,
-        rotational: false,
-        min_block_bytes: 1,
-        preferred_block_bytes: 4096,
-        max_payload_bytes: 32 << 20,
-    }
+    ExportInfo::writable(1 << 40)
 }
 
 fn protocol(c: &mut Criterion) {

@@ -75,44 +75,42 @@ impl LocalDevice {
     }
 
     fn block_status(&self, offset: u64, len_bytes: u32, responder: Responder) {
-        let storage = self.storage.clone();
-        // lseek(SEEK_DATA/SEEK_HOLE) can block on metadata reads: keep it off the
-        // async workers. BLOCK_STATUS is not a hot path, so the task allocation is fine.
-        self.runtime.spawn_blocking(move || {
-            match storage.block_status(offset, u64::from(len_bytes), MAX_STATUS_EXTENTS) {
-                Ok(extents) => responder.block_status(
-                    extents
-                        .into_iter()
-                        .map(|e| Extent {
-                            len_bytes: u32::try_from(e.len).unwrap_or(u32::MAX),
-                            flags: if e.hole { proto::state::HOLE } else { 0 }
-                                | if e.zero { proto::state::ZERO } else { 0 },
-                        })
-                        .collect(),
-                ),
-                Err(errno) => responder.error(NbdError::from_errno(errno as i32, false)),
-            }
-        });
+        spawn_block_status(&self.runtime, self.storage.clone(), offset, len_bytes, responder);
     }
+}
+
+/// Answers BLOCK_STATUS from the backing store's allocation map. `lseek(SEEK_DATA/
+/// SEEK_HOLE)` can block on metadata reads, so it runs on the blocking pool; BLOCK_STATUS
+/// is not a hot path, so the task allocation is fine. Shared by every device kind.
+pub fn spawn_block_status<S: IoSink>(
+    runtime: &tokio::runtime::Handle,
+    storage: Arc<Storage<S>>,
+    offset: u64,
+    len_bytes: u32,
+    responder: Responder,
+) {
+    runtime.spawn_blocking(move || {
+        match storage.block_status(offset, u64::from(len_bytes), MAX_STATUS_EXTENTS) {
+            Ok(extents) => responder.block_status(
+                extents
+                    .into_iter()
+                    .map(|e| Extent {
+                        len_bytes: u32::try_from(e.len).unwrap_or(u32::MAX),
+                        flags: if e.hole { proto::state::HOLE } else { 0 }
+                            | if e.zero { proto::state::ZERO } else { 0 },
+                    })
+                    .collect(),
+            ),
+            Err(errno) => responder.error(NbdError::from_errno(errno as i32, false)),
+        }
+    });
 }
 
 impl BlockDevice for LocalDevice {
     fn export_info(&self) -> ExportInfo {
-        ExportInfo {
-            size_bytes: self.size_bytes,
-            read_only: false,
-            can_flush: true,
-            can_trim: true,
-            can_write_zeroes: true,
-            can_fast_zero: true,
-            can_cache: true,
-            // One backing store and one page cache behind every connection.
-            can_multi_conn: true,
-            rotational: false,
-            min_block_bytes: 1,
-            preferred_block_bytes: 4096,
-            max_payload_bytes: proto::MAX_PAYLOAD_BYTES,
-        }
+        // One backing store and one page cache behind every connection: FLUSH/FUA
+        // effects are visible to all of them, so multi-conn is honest.
+        ExportInfo::writable(self.size_bytes)
     }
 
     fn submit(&self, request: Request, responder: Responder) {

@@ -33,6 +33,27 @@ pub struct ExportInfo {
 }
 
 impl ExportInfo {
+    /// A writable export of `size_bytes` with every capability on (FLUSH/FUA, TRIM,
+    /// WRITE_ZEROES with FAST_ZERO, CACHE, multi-conn) and the default block sizes:
+    /// minimum 1, preferred 4 KiB, maximum payload 32 MiB. Devices turn off what
+    /// they cannot honour.
+    pub fn writable(size_bytes: u64) -> ExportInfo {
+        ExportInfo {
+            size_bytes,
+            read_only: false,
+            can_flush: true,
+            can_trim: true,
+            can_write_zeroes: true,
+            can_fast_zero: true,
+            can_cache: true,
+            can_multi_conn: true,
+            rotational: false,
+            min_block_bytes: 1,
+            preferred_block_bytes: 4096,
+            max_payload_bytes: crate::proto::MAX_PAYLOAD_BYTES,
+        }
+    }
+
     /// The transmission flags that describe this export honestly.
     pub fn transmission_flags(&self) -> u16 {
         let mut f = tflags::HAS_FLAGS;
@@ -213,20 +234,7 @@ mod tests {
     use super::*;
 
     fn info() -> ExportInfo {
-        ExportInfo {
-            size_bytes: 1 << 20,
-            read_only: false,
-            can_flush: true,
-            can_trim: true,
-            can_write_zeroes: true,
-            can_fast_zero: true,
-            can_cache: true,
-            can_multi_conn: true,
-            rotational: false,
-            min_block_bytes: 1,
-            preferred_block_bytes: 4096,
-            max_payload_bytes: 32 << 20,
-        }
+        ExportInfo::writable(1 << 20)
     }
 
     #[test]

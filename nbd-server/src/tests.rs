@@ -22,20 +22,7 @@ struct RamDevice {
 
 impl BlockDevice for RamDevice {
     fn export_info(&self) -> ExportInfo {
-        ExportInfo {
-            size_bytes: SIZE,
-            read_only: false,
-            can_flush: true,
-            can_trim: true,
-            can_write_zeroes: true,
-            can_fast_zero: false,
-            can_cache: true,
-            can_multi_conn: true,
-            rotational: false,
-            min_block_bytes: 1,
-            preferred_block_bytes: 4096,
-            max_payload_bytes: proto::MAX_PAYLOAD_BYTES,
-        }
+        ExportInfo { can_fast_zero: false, ..ExportInfo::writable(SIZE) }
     }
 
     fn check_open(&self) -> Result<(), String> {

@@ -362,20 +362,7 @@ mod tests {
     use super::*;
 
     fn info() -> ExportInfo {
-        ExportInfo {
-            size_bytes: 1 << 20,
-            read_only: false,
-            can_flush: true,
-            can_trim: true,
-            can_write_zeroes: true,
-            can_fast_zero: true,
-            can_cache: true,
-            can_multi_conn: true,
-            rotational: false,
-            min_block_bytes: 1,
-            preferred_block_bytes: 4096,
-            max_payload_bytes: MAX_PAYLOAD_BYTES,
-        }
+        ExportInfo::writable(1 << 20)
     }
 
     fn req(command: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {

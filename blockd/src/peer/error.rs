@@ -40,6 +40,9 @@ pub enum LinkError {
     /// UTF-8, unknown flag bits, an over-long name).
     #[error("malformed {kind} frame: {what}")]
     Malformed { kind: &'static str, what: &'static str },
+    /// A data-path frame for bytes outside the device (the handshake fixed its size).
+    #[error("{kind} frame for bytes {offset}..{end} beyond the device end ({size_bytes} bytes)")]
+    OutOfRange { kind: &'static str, offset: u64, end: u128, size_bytes: u64 },
     /// The peer speaks another protocol version (its Hello could not be decoded).
     #[error("peer speaks protocol version {remote}, this node {local}", local = super::PROTOCOL_VERSION)]
     Version { remote: u32 },
@@ -149,9 +152,10 @@ impl PeerStats {
             LinkError::Oversize { .. } => &self.oversize,
             LinkError::BadLength { .. } => &self.bad_length,
             LinkError::SeqGap { .. } => &self.seq_gap,
-            LinkError::Malformed { .. } | LinkError::Version { .. } | LinkError::Unexpected { .. } => {
-                &self.malformed
-            }
+            LinkError::Malformed { .. }
+            | LinkError::OutOfRange { .. }
+            | LinkError::Version { .. }
+            | LinkError::Unexpected { .. } => &self.malformed,
             LinkError::Truncated => &self.truncated,
             LinkError::Timeout { .. } => &self.timeouts,
             _ => return,

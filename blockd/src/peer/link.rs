@@ -130,7 +130,8 @@ where
     // The reader records a Ping's nonce here; the writer answers the latest one. A
     // watch never blocks the reader, and a burst of Pings collapses into one Pong.
     let (pong_tx, pong_rx) = watch::channel(0u64);
-    let read_task = tokio::spawn(read_loop(reader, events_tx.clone(), pong_tx, stats.clone()));
+    let size_bytes = remote.size_bytes;
+    let read_task = tokio::spawn(read_loop(reader, events_tx.clone(), pong_tx, stats.clone(), size_bytes));
     let write_task = tokio::spawn(write_loop(writer, out_rx, events_tx.clone(), pong_rx, ping_interval));
     let peer = remote.node.clone();
     let task = tokio::spawn(coordinate(read_task, write_task, events_tx, close_rx, stats, peer));
@@ -185,12 +186,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
     events: mpsc::Sender<LinkEvent>,
     pong: watch::Sender<u64>,
     stats: Arc<PeerStats>,
+    size_bytes: u64,
 ) -> LinkError {
     loop {
         let msg = match reader.read().await {
             Ok(msg) => msg,
             Err(e) => return e,
         };
+        if let Err(e) = check_range(&msg, size_bytes) {
+            // Applying it would write outside the device: into the metadata area,
+            // or past the end of the backing file.
+            stats.record(&e);
+            return e;
+        }
         match msg {
             Message::Ping { nonce } => {
                 pong.send_replace(nonce);
@@ -210,6 +218,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
     }
+}
+
+/// Data-path frames must stay inside the device whose size both sides agreed on.
+fn check_range(msg: &Message, size_bytes: u64) -> Result<(), LinkError> {
+    let (offset, len) = match msg {
+        Message::Write { offset, data, .. } | Message::ResyncData { offset, data } => {
+            (*offset, data.len() as u64)
+        }
+        Message::Trim { offset, len, .. }
+        | Message::WriteZeroes { offset, len, .. }
+        | Message::ResyncZeroes { offset, len }
+        | Message::ResyncAck { offset, len, .. } => (*offset, *len),
+        _ => return Ok(()),
+    };
+    let end = u128::from(offset) + u128::from(len);
+    if end > u128::from(size_bytes) {
+        return Err(LinkError::OutOfRange { kind: msg.kind().name(), offset, end, size_bytes });
+    }
+    Ok(())
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(

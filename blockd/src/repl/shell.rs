@@ -16,11 +16,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use nbd_server::{BlockDevice, ExportInfo, Extent, NbdError, Request as NbdRequest, Responder, proto};
+use nbd_server::{BlockDevice, ExportInfo, NbdError, Request as NbdRequest, Responder};
 use nix::errno::Errno;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::control::{Command, ControlRequest};
+use crate::device::spawn_block_status;
 use crate::meta::MetaStore;
 use crate::peer::link::{LinkEvent, PeerConn};
 use crate::peer::msg::{Hello, Message};
@@ -34,9 +35,6 @@ pub const HELLO_CRASHED_PRIMARY: u32 = 1 << 0;
 
 /// How long `secondary --force` waits for clients to go and for the final flush.
 const FORCE_DEMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Extents per BLOCK_STATUS reply.
-const MAX_STATUS_EXTENTS: usize = 64 << 10;
 
 /// What flows into the core task from the device and the storage engine.
 pub enum Input {
@@ -122,21 +120,8 @@ pub struct ReplicatedDevice {
 
 impl BlockDevice for ReplicatedDevice {
     fn export_info(&self) -> ExportInfo {
-        ExportInfo {
-            size_bytes: self.size_bytes,
-            read_only: false,
-            can_flush: true,
-            can_trim: true,
-            can_write_zeroes: true,
-            // FAST_ZERO would need the peer's answer too; not offered.
-            can_fast_zero: false,
-            can_cache: true,
-            can_multi_conn: true,
-            rotational: false,
-            min_block_bytes: 1,
-            preferred_block_bytes: 4096,
-            max_payload_bytes: proto::MAX_PAYLOAD_BYTES,
-        }
+        // FAST_ZERO would need the peer's answer too; not offered.
+        ExportInfo { can_fast_zero: false, ..ExportInfo::writable(self.size_bytes) }
     }
 
     fn check_open(&self) -> Result<(), String> {
@@ -161,7 +146,7 @@ impl BlockDevice for ReplicatedDevice {
                 return self.storage.submit(op, Token::Direct { responder });
             }
             NbdRequest::BlockStatus { offset, len_bytes, .. } => {
-                return self.block_status(offset, len_bytes, responder);
+                return spawn_block_status(&self.runtime, self.storage.clone(), offset, len_bytes, responder);
             }
             NbdRequest::Write { offset, data, fua } => Request::Write { offset, data, fua },
             NbdRequest::Flush => Request::Flush,
@@ -177,27 +162,6 @@ impl BlockDevice for ReplicatedDevice {
         {
             responder.error(NbdError::Shutdown);
         }
-    }
-}
-
-impl ReplicatedDevice {
-    fn block_status(&self, offset: u64, len_bytes: u32, responder: Responder) {
-        let storage = self.storage.clone();
-        self.runtime.spawn_blocking(move || {
-            match storage.block_status(offset, len_bytes.into(), MAX_STATUS_EXTENTS) {
-                Ok(extents) => responder.block_status(
-                    extents
-                        .into_iter()
-                        .map(|e| Extent {
-                            len_bytes: u32::try_from(e.len).unwrap_or(u32::MAX),
-                            flags: if e.hole { proto::state::HOLE } else { 0 }
-                                | if e.zero { proto::state::ZERO } else { 0 },
-                        })
-                        .collect(),
-                ),
-                Err(e) => responder.error(NbdError::from_errno(e as i32, false)),
-            }
-        });
     }
 }
 

@@ -249,3 +249,36 @@ async fn second_hello_ends_the_link() {
     assert!(matches!(event, LinkEvent::Closed(LinkError::Unexpected { kind: "Hello" })), "{event:?}");
     assert_eq!(side.stats.snapshot().malformed, 1);
 }
+
+#[tokio::test]
+async fn data_path_frames_beyond_the_device_end_end_the_link() {
+    let size = hello("beta").size_bytes;
+    let cases = [
+        Message::Write {
+            id: 1,
+            epoch: 1,
+            offset: size - 512,
+            fua: false,
+            data: random_data(&mut StdRng::seed_from_u64(1), 1024),
+        },
+        Message::Trim { id: 2, epoch: 1, offset: size, len: 1, fua: false },
+        Message::WriteZeroes { id: 3, epoch: 1, offset: u64::MAX, len: u64::MAX, may_trim: true, fua: false },
+        Message::ResyncZeroes { offset: size - 4096, len: 8192 },
+    ];
+    for bad in cases {
+        let (mut side, _raw_r, mut raw_w) = raw_peer(&LinkSettings::default(), 64 << 10);
+        // The last byte of the device is fine...
+        raw_w.send(Message::Trim { id: 9, epoch: 1, offset: size - 1, len: 1, fua: false }).await.unwrap();
+        assert!(matches!(next(&mut side).await, LinkEvent::Message(Message::Trim { id: 9, .. })));
+        // ...one past it is not, and never reaches the core.
+        let kind = bad.kind().name();
+        raw_w.send(bad).await.unwrap();
+        let event = next(&mut side).await;
+        assert!(
+            matches!(&event, LinkEvent::Closed(LinkError::OutOfRange { kind: k, .. }) if *k == kind),
+            "{event:?}"
+        );
+        assert!(within(side.conn.incoming.recv()).await.is_none());
+        assert_eq!(side.stats.snapshot().malformed, 1);
+    }
+}
