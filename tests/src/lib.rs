@@ -14,14 +14,20 @@
 //!   bit flips).
 //! * [`pattern`] — the self-describing block patterns both writers use, and
 //!   block readers (NBD, file).
+//! * [`pair`] — a replicated two-node pair driven through blockctl.
+//! * [`fakepeer`] — a fake replication peer that sends frames a real node
+//!   never would (blockd's own encoders, then broken on purpose).
+//! * [`netns`] — two network namespaces joined by a veth pair (a link to cut).
 //!
 //! Environment: `BLOCKD_BIN` (binary path), `BLOCKD_TEST_SERVER`
 //! (`blockd`|`nbdkit`), `BLOCKD_KEEP_TMP=1` (keep temp dirs).
 
 pub mod chain;
 pub mod daemon;
+pub mod fakepeer;
 pub mod guards;
 pub mod loadgen;
+pub mod netns;
 pub mod pair;
 pub mod pattern;
 pub mod proxy;

@@ -24,17 +24,32 @@ pub struct PairOpts {
     pub disk_bytes: u64,
     /// Run `create-md --clear-bitmap` (identical empty disks: no initial sync).
     pub clear_bitmap: bool,
+    /// Each node's `replication` address (`host:port`, where it listens and where
+    /// the peer dials). `None`: 127.0.0.1 with a free port each.
+    pub replication: Option<[String; 2]>,
+    /// A command each node's `blockd run` is started under, e.g.
+    /// `ip netns exec NS`. It must exec blockd (not fork), so that the PID the
+    /// harness supervises is blockd's. Empty: blockd is started directly.
+    pub prefix: [Vec<String>; 2],
 }
 
 impl Default for PairOpts {
     fn default() -> Self {
-        PairOpts { protocol: 'C', disk_bytes: 64 << 20, clear_bitmap: true }
+        PairOpts {
+            protocol: 'C',
+            disk_bytes: 64 << 20,
+            clear_bitmap: true,
+            replication: None,
+            prefix: [Vec::new(), Vec::new()],
+        }
     }
 }
 
 /// One node's files and process.
 pub struct Node {
     pub name: &'static str,
+    /// The config's `replication` address (`host:port`).
+    pub replication: String,
     pub disk: PathBuf,
     pub control: PathBuf,
     pub nbd: PathBuf,
@@ -43,9 +58,13 @@ pub struct Node {
 
 /// Two nodes of resource `r0`.
 pub struct Pair {
+    /// Declared before `dir`: fields drop in order, so the nodes are killed (and
+    /// a failing test prints their logs) before the directory is removed.
+    pub nodes: [Node; 2],
     pub dir: TempDir,
     pub config: PathBuf,
-    pub nodes: [Node; 2],
+    /// See [`PairOpts::prefix`].
+    pub prefix: [Vec<String>; 2],
 }
 
 fn binary(name: &str) -> PathBuf {
@@ -63,24 +82,30 @@ impl Pair {
     /// Writes the config and creates both nodes' metadata (nodes not started).
     pub fn create(label: &str, opts: &PairOpts) -> Pair {
         let dir = TempDir::new(label);
-        let ports = [free_port(), free_port()];
+        let replication = opts
+            .replication
+            .clone()
+            .unwrap_or_else(|| [free_port(), free_port()].map(|port| format!("127.0.0.1:{port}")));
         let mut text = format!("[resource]\nname = \"{EXPORT}\"\nprotocol = \"{}\"\n", opts.protocol);
+        let mut replication = replication.into_iter();
         let nodes = NODES.map(|name| {
             let disk = dir.join(&format!("{name}.img"));
             std::fs::File::create(&disk).and_then(|f| f.set_len(opts.disk_bytes)).expect("create disk");
             Node {
                 name,
+                replication: replication.next().expect("two addresses"),
                 disk,
                 control: dir.join(&format!("{name}.ctl")),
                 nbd: dir.join(&format!("{name}.nbd")),
                 daemon: None,
             }
         });
-        for (node, port) in nodes.iter().zip(ports) {
+        for node in &nodes {
             text.push_str(&format!(
-                "\n[[node]]\nname = \"{}\"\nreplication = \"127.0.0.1:{port}\"\nnbd = \"unix:{}\"\n\
+                "\n[[node]]\nname = \"{}\"\nreplication = \"{}\"\nnbd = \"unix:{}\"\n\
                  disk = \"{}\"\nmeta = \"internal\"\ncontrol = \"{}\"\n",
                 node.name,
+                node.replication,
                 node.nbd.display(),
                 node.disk.display(),
                 node.control.display()
@@ -88,7 +113,7 @@ impl Pair {
         }
         let config = dir.join("r0.toml");
         std::fs::write(&config, text).expect("write config");
-        let pair = Pair { dir, config, nodes };
+        let pair = Pair { dir, config, nodes, prefix: opts.prefix.clone() };
         for n in 0..2 {
             let mut args = vec!["create-md"];
             if opts.clear_bitmap {
@@ -119,7 +144,15 @@ impl Pair {
         ];
         let log = self.dir.join(&format!("{}.log", node.name));
         let addrs = vec![Addr::Unix(node.nbd.clone())];
-        let daemon = Daemon::start(node.name, &binary("blockd"), args, log, addrs, vec![]);
+        let blockd = binary("blockd");
+        let (program, args) = match self.prefix[n].split_first() {
+            Some((program, rest)) => {
+                let args = rest.iter().cloned().chain([blockd.display().to_string()]).chain(args).collect();
+                (PathBuf::from(program), args)
+            }
+            None => (blockd, args),
+        };
+        let daemon = Daemon::start(node.name, &program, args, log, addrs, vec![]);
         self.nodes[n].daemon = Some(daemon);
         self.wait(Duration::from_secs(30), |p| p.try_status(n).is_some(), &format!("{} answers", NODES[n]));
     }
