@@ -18,6 +18,7 @@ command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v losetup >/dev/null || need+=(mount)
+command -v ip >/dev/null || need+=(iproute2)
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
