@@ -101,7 +101,9 @@ fn wait_in_sync(p: &mut Pair) {
         |p| {
             (0..2).all(|n| {
                 let s = p.status(n);
-                s["peers"][0]["replication"] == "Established" && s["disk"] == "UpToDate"
+                s["peers"][0]["replication"] == "Established"
+                    && s["disk"] == "UpToDate"
+                    && s["peers"][0]["disk"] == "UpToDate"
             })
         },
         "both nodes Established and UpToDate",

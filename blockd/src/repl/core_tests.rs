@@ -354,7 +354,7 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
     let gens = Generations { current: 10, ..Generations::default() };
     let mut t = Core::new(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, false, 4);
     let a = t.connect(remote(20, 10, Role::Primary)).expect("target");
-    assert_eq!(show(&a), ["persist 1"]);
+    assert_eq!(show(&a), ["persist 1", "send State { role: Secondary, disk: Inconsistent }"]);
     assert_eq!((t.repl_state(), t.disk()), (ReplState::SyncTarget, DiskState::Inconsistent));
     let data = Message::ResyncData { offset: 0, data: data(4096) };
     assert!(peer(&mut t, data).is_empty(), "held until Inconsistent is durable");
@@ -371,7 +371,11 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
         show(&local_done(&mut t, j + 1)),
         ["send resync-ack 4096 8192 0".to_string(), format!("local {} flush", u64::MAX - 1)]
     );
-    assert_eq!(show(&local_done(&mut t, u64::MAX - 1)), ["persist 2"]);
+    assert_eq!(
+        show(&local_done(&mut t, u64::MAX - 1)),
+        ["persist 2", "send State { role: Secondary, disk: UpToDate }"],
+        "the source learns the target is UpToDate"
+    );
     assert_eq!(
         (t.disk(), t.generations(), t.repl_state()),
         (DiskState::UpToDate, done_gens, ReplState::Established)

@@ -126,6 +126,8 @@ impl Core {
                 self.disk = DiskState::Inconsistent;
                 let seq = self.persist(&mut out);
                 self.target = Some(TargetSync { inconsistent_seq: seq, ..TargetSync::default() });
+                // The source's view of this disk (status, promotion decisions).
+                self.send(Message::State { role: self.role, disk: self.disk }, &mut out);
             }
             Decision::WaitForPromotion => {
                 return Err("both disks are Inconsistent; promote one with `blockctl primary --force`".into());
@@ -427,6 +429,7 @@ impl Core {
         self.dirty.clear();
         self.repl = ReplState::Established;
         self.persist(out);
+        self.send(Message::State { role: self.role, disk: self.disk }, out);
     }
 
     /// The link is gone: resync stops (resumable as long as this process keeps its
