@@ -467,10 +467,13 @@ impl Running {
     /// Keeps the handshake `Hello` current for the next connection.
     fn publish(&self) {
         let (gens, disk, role) = (self.t.core.generations(), self.t.core.disk(), self.t.core.role());
-        self.t.hello.send_modify(|h| {
+        // Only a change wakes the supervisor: this runs after every event.
+        self.t.hello.send_if_modified(|h| {
+            let changed = h.gens != gens || h.disk != disk || h.role != role;
             h.gens = gens;
             h.disk = disk;
             h.role = role;
+            changed
         });
     }
 
