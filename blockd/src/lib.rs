@@ -10,15 +10,22 @@
 //!   local store directly, using each request's responder as the storage token.
 //! - [`meta`]: the per-node metadata: superblock (two checksummed slots, generations,
 //!   flags, disk state), layout of the bitmap and activity-log areas, `create-md`.
-//! - [`repl`]: replication building blocks: the connect-time sync decision from
-//!   generation ids, and the in-flight write table that serializes overlapping writes.
+//! - [`peer`]: the replication link: checksummed, sequenced frames; messages; the
+//!   versioned handshake; keepalive; the dial/accept supervisor with reconnect.
+//! - [`repl`]: replication. [`repl::core::Core`] owns all replication state and is
+//!   driven by events (`handle(event) -> actions`, no I/O); `repl::resync` (inside the
+//!   core) copies data after an outage; [`repl::decide`] picks the sync direction from
+//!   generation ids; [`repl::inflight`] serializes overlapping writes;
+//!   [`repl::shell`] runs the core as a task and is the replicated `BlockDevice`;
+//!   [`repl::node`] wires a replicated node for `blockd run`.
+//! - [`control`]: the node's control socket (JSON lines) that `blockctl` talks to.
 //! - [`state`]: the replication vocabulary: [`state::Role`], [`state::DiskState`],
 //!   [`state::Generations`] (data generation ids).
-//! - [`daemon`]: `blockd run`: open, serve NBD on the node's addresses, shut down
+//! - [`daemon`]: `blockd run`: a single-node config serves its disk standalone
+//!   ([`device::LocalDevice`]); with a peer it runs [`repl::node`]. Both stop
 //!   gracefully on SIGTERM/SIGINT.
 //!
-//! Replication (peer protocol, roles, the event-driven core) arrives as a second
-//! `BlockDevice` that wraps the same storage; see `ARCHITECTURE.md`.
+//! `ARCHITECTURE.md` at the repository root has the request paths and invariants.
 
 pub mod config;
 pub mod control;
