@@ -44,15 +44,7 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
     };
     let device = Arc::new(LocalDevice::new(storage, size_bytes));
 
-    let mut listeners = Vec::with_capacity(node.nbd.len());
-    for addr in &node.nbd {
-        let listener = match addr {
-            ListenAddr::Tcp(hp) => Listener::bind_tcp(&hp.to_string()).await,
-            ListenAddr::Unix(path) => Listener::bind_unix(path),
-        }
-        .with_context(|| format!("node {}: cannot serve NBD", node.name))?;
-        listeners.push(listener);
-    }
+    let listeners = bind_nbd(&node).await?;
     let uris: Vec<String> =
         listeners.iter().map(|l| nbd_uri(&l.local_addr(), &config.resource.name)).collect();
     tracing::info!(
@@ -69,6 +61,20 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
     device.flush().await.context("final flush of the backing store failed")?;
     tracing::info!("clean shutdown");
     Ok(())
+}
+
+/// Binds every NBD address of `node` (TCP or Unix).
+pub async fn bind_nbd(node: &NodeConfig) -> anyhow::Result<Vec<Listener>> {
+    let mut listeners = Vec::with_capacity(node.nbd.len());
+    for addr in &node.nbd {
+        let listener = match addr {
+            ListenAddr::Tcp(hp) => Listener::bind_tcp(&hp.to_string()).await,
+            ListenAddr::Unix(path) => Listener::bind_unix(path),
+        }
+        .with_context(|| format!("node {}: cannot serve NBD", node.name))?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
 }
 
 /// A stop signal that SIGTERM or SIGINT raises.

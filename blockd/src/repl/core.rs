@@ -309,29 +309,35 @@ impl Core {
     /// Applies one event.
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
+        self.handle_into(event, &mut out);
+        out
+    }
+
+    /// [`Core::handle`] into a caller's buffer, so the event loop reuses one vector
+    /// instead of allocating one per request.
+    pub fn handle_into(&mut self, event: Event, out: &mut Vec<Action>) {
         match event {
-            Event::Nbd { job, request } => self.on_request(job, request, &mut out),
-            Event::Drain { job } => self.start_flush(job, true, &mut out),
-            Event::LocalDone { job, result, buf } => self.on_local_done(job, result, buf, &mut out),
-            Event::PeerMessage(msg) => self.on_peer_message(msg, &mut out),
+            Event::Nbd { job, request } => self.on_request(job, request, out),
+            Event::Drain { job } => self.start_flush(job, true, out),
+            Event::LocalDone { job, result, buf } => self.on_local_done(job, result, buf, out),
+            Event::PeerMessage(msg) => self.on_peer_message(msg, out),
             Event::PeerSent { bytes } => {
                 self.sent_bytes_total = (self.sent_bytes_total + bytes).min(self.queued_bytes_total);
-                self.release_send_waiters(&mut out);
+                self.release_send_waiters(out);
             }
-            Event::PeerDown => self.on_peer_down(&mut out),
+            Event::PeerDown => self.on_peer_down(out),
             Event::MetaDurable { seq } => {
-                self.on_target_durable(seq, &mut out);
+                self.on_target_durable(seq, out);
                 self.durable_seq = self.durable_seq.max(seq);
                 if seq + 1 >= self.next_meta_seq {
                     self.gens_pending = false;
                 }
                 let ready: Vec<JobId> = self.writes.keys().copied().collect();
                 for job in ready {
-                    self.try_finish_write(job, &mut out);
+                    self.try_finish_write(job, out);
                 }
             }
         }
-        out
     }
 
     fn on_request(&mut self, job: JobId, request: Request, out: &mut Vec<Action>) {

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use nbd_server::{Listener, Server, ServerConfig};
+use nbd_server::{Server, ServerConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{Config, ListenAddr, NodeConfig};
+use crate::config::{Config, NodeConfig};
 use crate::control;
 use crate::meta::{MetaStore, MetaTarget};
 use crate::peer::dial::{PeerSettings, spawn_supervisor};
@@ -78,15 +78,7 @@ pub async fn run(
     };
     let (hello_tx, hello_rx) = watch::channel(hello);
 
-    let mut listeners = Vec::with_capacity(node.nbd.len());
-    for addr in &node.nbd {
-        let listener = match addr {
-            ListenAddr::Tcp(hp) => Listener::bind_tcp(&hp.to_string()).await,
-            ListenAddr::Unix(path) => Listener::bind_unix(path),
-        }
-        .with_context(|| format!("node {}: cannot serve NBD", node.name))?;
-        listeners.push(listener);
-    }
+    let listeners = crate::daemon::bind_nbd(&node).await?;
     let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
     let nbd_clients = server.stats();
     let disconnector = server.disconnector();

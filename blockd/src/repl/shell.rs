@@ -220,6 +220,8 @@ impl CoreTask {
             drain: None,
         };
         r.publish();
+        // Reused for every event: no allocation per request.
+        let mut actions = Vec::with_capacity(16);
         loop {
             let event = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
@@ -270,8 +272,8 @@ impl CoreTask {
                     continue;
                 }
             };
-            let actions = r.t.core.handle(event);
-            r.execute(actions);
+            r.t.core.handle_into(event, &mut actions);
+            r.execute(actions.drain(..));
             r.publish();
         }
         r.t.core
@@ -325,7 +327,7 @@ impl Running {
         }
     }
 
-    fn execute(&mut self, actions: Vec<Action>) {
+    fn execute(&mut self, actions: impl IntoIterator<Item = Action>) {
         for action in actions {
             match action {
                 Action::Local { job, op } => self.t.storage.submit(op, Token::Core(job)),
