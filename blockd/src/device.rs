@@ -30,19 +30,25 @@ impl IoSink for ReplySink {
 
     fn complete(&self, token: Waiter, result: Result<(), Errno>, buf: IoBuf) {
         match token {
-            Waiter::Nbd { responder, fast_zero } => match (result, buf) {
-                (Ok(()), IoBuf::Read(data)) => responder.read_done(data),
-                (Ok(()), _) => responder.ok(),
-                (Err(errno), _) => {
-                    if errno != Errno::ENOTSUP {
-                        tracing::warn!(error = %errno, "local I/O failed");
-                    }
-                    responder.error(NbdError::from_errno(errno as i32, fast_zero));
-                }
-            },
+            Waiter::Nbd { responder, fast_zero } => reply(responder, result, buf, fast_zero),
             Waiter::Internal(tx) => {
                 let _ = tx.send(result);
             }
+        }
+    }
+}
+
+/// Answers an NBD request from its storage completion: the read data, success, or
+/// the errno mapped to an NBD error (`ENOTSUP` passes only for a FAST_ZERO request).
+pub fn reply(responder: Responder, result: Result<(), Errno>, buf: IoBuf, fast_zero: bool) {
+    match (result, buf) {
+        (Ok(()), IoBuf::Read(data)) => responder.read_done(data),
+        (Ok(()), _) => responder.ok(),
+        (Err(errno), _) => {
+            if errno != Errno::ENOTSUP {
+                tracing::warn!(error = %errno, "local I/O failed");
+            }
+            responder.error(NbdError::from_errno(errno as i32, fast_zero));
         }
     }
 }

@@ -48,7 +48,6 @@ const MAX_EPOCH_WRITES: u64 = 2048;
 /// An NBD request as the core sees it (validated by nbd-server).
 #[derive(Debug)]
 pub enum Request {
-    Read { offset: u64, buf: BufMut },
     Write { offset: u64, data: Buf, fua: bool },
     Trim { offset: u64, len: u64, fua: bool },
     WriteZeroes { offset: u64, len: u64, may_trim: bool, fast_only: bool, fua: bool },
@@ -79,7 +78,6 @@ pub enum Event {
 #[derive(Debug)]
 pub enum Outcome {
     Ok,
-    ReadData(BufMut),
     Error(NbdError),
 }
 
@@ -342,7 +340,7 @@ impl Core {
 
     fn on_request(&mut self, job: JobId, request: Request, out: &mut Vec<Action>) {
         assert!(job < INTERNAL_JOB_BASE, "NBD job ids stay below the internal range");
-        if self.role != Role::Primary && !matches!(request, Request::Read { .. }) {
+        if self.role != Role::Primary {
             // Only a client connected before a demotion can get here; a Secondary
             // never writes on its own behalf.
             tracing::warn!(job, "write request on a Secondary refused");
@@ -350,7 +348,6 @@ impl Core {
             return;
         }
         match request {
-            Request::Read { offset, buf } => out.push(Action::Local { job, op: IoOp::Read { offset, buf } }),
             Request::Flush => self.start_flush(job, false, out),
             Request::Write { offset, data, fua } => {
                 let range = offset..offset + data.len() as u64;
@@ -501,16 +498,9 @@ impl Core {
             || self.abandoned_chunks.contains_key(&job)
         {
             self.on_chunk_read(job, result, buf, out);
-        } else if self.on_target_local(job, result, out) || job >= INTERNAL_JOB_BASE {
-            // A resync write, or an internal op of a link or resync that is gone.
-        } else {
-            // A read (reads are not tracked: they finish with their local op).
-            let outcome = match (result, buf) {
-                (Ok(()), Some(data)) => Outcome::ReadData(data),
-                (Ok(()), None) => Outcome::Ok,
-                (Err(e), _) => Outcome::Error(NbdError::from_errno(e as i32, false)),
-            };
-            out.push(Action::Reply { job, outcome });
+        } else if !self.on_target_local(job, result, out) {
+            // An internal op of a link or resync that is gone: nothing waits for it.
+            debug_assert!(job >= INTERNAL_JOB_BASE, "NBD job {job} completed but was not tracked");
         }
     }
 

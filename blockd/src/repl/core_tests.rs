@@ -89,7 +89,6 @@ fn op_name(op: &IoOp) -> &'static str {
 fn outcome_name(o: &Outcome) -> String {
     match o {
         Outcome::Ok => "ok".into(),
-        Outcome::ReadData(b) => format!("data {}", b.len()),
         Outcome::Error(e) => format!("error {e}"),
     }
 }
@@ -247,15 +246,6 @@ fn secondary_under_b_acks_receipt_and_under_a_stays_silent() {
     let m = Message::Write { id: 7, epoch: 1, offset: 0, fua: false, data: data(512) };
     assert_eq!(show(&peer(&mut a, m)), [format!("local {INTERNAL_JOB_BASE} write")]);
     assert!(local_done(&mut a, INTERNAL_JOB_BASE).is_empty());
-}
-
-#[test]
-fn reads_go_to_the_local_disk() {
-    let mut c = core(Protocol::C, Role::Primary, 0);
-    let r = c.handle(Event::Nbd { job: 9, request: Request::Read { offset: 0, buf: BufMut::unpooled(512) } });
-    assert_eq!(show(&r), ["local 9 read"]);
-    let done = c.handle(Event::LocalDone { job: 9, result: Ok(()), buf: Some(BufMut::unpooled(512)) });
-    assert_eq!(show(&done), ["reply 9 data 512"]);
 }
 
 #[test]

@@ -85,11 +85,7 @@ impl IoSink for CoreSink {
             Token::Internal(tx) => {
                 let _ = tx.send(result);
             }
-            Token::Direct { responder } => match (result, buf) {
-                (Ok(()), IoBuf::Read(data)) => responder.read_done(data),
-                (Ok(()), _) => responder.ok(),
-                (Err(e), _) => responder.error(NbdError::from_errno(e as i32, false)),
-            },
+            Token::Direct { responder } => crate::device::reply(responder, result, buf, false),
         }
     }
 }
@@ -345,7 +341,6 @@ impl Running {
                     let Some(responder) = self.responders.remove(&job) else { continue };
                     match outcome {
                         Outcome::Ok => responder.ok(),
-                        Outcome::ReadData(buf) => responder.read_done(buf),
                         Outcome::Error(e) => responder.error(e),
                     }
                 }
