@@ -41,6 +41,20 @@ pub enum Command {
     },
     /// Stop the daemon cleanly (`blockctl down`).
     Down,
+    /// Leave StandAlone and connect to the peer again; with `discard_my_data`, this
+    /// node gives up its changes in a split brain and resyncs from the peer.
+    Connect {
+        #[serde(default)]
+        discard_my_data: bool,
+    },
+    /// Close the peer link and stay StandAlone until `connect`.
+    Disconnect,
+    /// Online verify: compare digests of every granule with the peer; the reply
+    /// comes when it ends. With `repair`, resync what differs.
+    Verify {
+        #[serde(default)]
+        repair: bool,
+    },
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,13 +20,25 @@ const DAEMON_DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
 /// How long one control request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a long job (`verify` of a large device) may take.
+const LONG_REQUEST_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Sends one request to the node's control socket; returns the `result` object, or
 /// the daemon's refusal as exit code 1.
 pub fn request(node: &NodeConfig, body: &Value) -> Result<Value, Fail> {
+    request_within(node, body, REQUEST_TIMEOUT)
+}
+
+/// [`request`] for a verb whose answer comes when a long job ends (`verify`): no
+/// deadline beyond the daemon's own.
+pub fn request_long(node: &NodeConfig, body: &Value) -> Result<Value, Fail> {
+    request_within(node, body, LONG_REQUEST_TIMEOUT)
+}
+
+fn request_within(node: &NodeConfig, body: &Value, timeout: Duration) -> Result<Value, Fail> {
     let mut req = body.clone();
     req["v"] = Value::from(blockd::control::PROTOCOL_VERSION);
-    let reply = exchange(&node.control, &req).map_err(|e| {
+    let reply = exchange(&node.control, &req, timeout).map_err(|e| {
         refused(format!(
             "node {} is not running (control socket {}: {e}); start it with `blockctl up`",
             node.name,
@@ -40,9 +52,9 @@ pub fn request(node: &NodeConfig, body: &Value) -> Result<Value, Fail> {
     }
 }
 
-fn exchange(socket: &Path, req: &Value) -> std::io::Result<Value> {
+fn exchange(socket: &Path, req: &Value, timeout: Duration) -> std::io::Result<Value> {
     let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    s.set_read_timeout(Some(timeout))?;
     let mut line = req.to_string();
     line.push('\n');
     s.write_all(line.as_bytes())?;

@@ -67,6 +67,22 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Connect to the peer again (after a split brain or `disconnect`). With
+    /// --discard-my-data this node drops its changes and resyncs from the peer.
+    Connect {
+        resource: Option<String>,
+        #[arg(long)]
+        discard_my_data: bool,
+    },
+    /// Close the connection to the peer; this node stays StandAlone until `connect`.
+    Disconnect { resource: Option<String> },
+    /// Compare every granule with the peer (digests) while in use; waits until done
+    /// and prints the bytes found out of sync. With --repair, resyncs them.
+    Verify {
+        resource: Option<String>,
+        #[arg(long)]
+        repair: bool,
+    },
     /// Print the effective config (every key, defaults filled in) after validating it.
     Show { resource: Option<String> },
 }
@@ -151,6 +167,30 @@ fn run(cli: Cli) -> Result<(), Fail> {
             let config = load(cli.config, resource.as_deref())?;
             let node = local(&config, node_arg)?;
             client::request(&node, &serde_json::json!({"cmd": "secondary", "force": force})).map(drop)
+        }
+        Verb::Connect { resource, discard_my_data } => {
+            let config = load(cli.config, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            let cmd = serde_json::json!({"cmd": "connect", "discard_my_data": discard_my_data});
+            client::request(&node, &cmd).map(drop)
+        }
+        Verb::Disconnect { resource } => {
+            let config = load(cli.config, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            client::request(&node, &serde_json::json!({"cmd": "disconnect"})).map(drop)
+        }
+        Verb::Verify { resource, repair } => {
+            let config = load(cli.config, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            let result = client::request_long(&node, &serde_json::json!({"cmd": "verify", "repair": repair}))?;
+            let field = |k: &str| result.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            println!(
+                "verify: {} bytes out of sync of {} compared{}",
+                field("out_of_sync_bytes"),
+                field("verified_bytes"),
+                if repair { "; resync started for them" } else { "" }
+            );
+            Ok(())
         }
         Verb::Status { resource, json } => {
             let config = load(cli.config, resource.as_deref())?;
