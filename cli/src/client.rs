@@ -91,7 +91,7 @@ fn blockd_binary() -> PathBuf {
 }
 
 pub fn up(config: &Config, node: &NodeConfig, log: Option<PathBuf>) -> Result<(), Fail> {
-    if exchange(&node.control, &serde_json::json!({"v": 1, "cmd": "status"})).is_ok() {
+    if exchange(&node.control, &serde_json::json!({"v": 1, "cmd": "status"}), REQUEST_TIMEOUT).is_ok() {
         return Err(refused(format!("node {} is already running", node.name)));
     }
     let log = log.unwrap_or_else(|| {
@@ -133,7 +133,7 @@ pub fn up(config: &Config, node: &NodeConfig, log: Option<PathBuf>) -> Result<()
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             )));
         }
-        if exchange(&node.control, &serde_json::json!({"v": 1, "cmd": "status"})).is_ok() {
+        if exchange(&node.control, &serde_json::json!({"v": 1, "cmd": "status"}), REQUEST_TIMEOUT).is_ok() {
             println!("node {} up (pid {}, log {})", node.name, child.id(), log.display());
             return Ok(());
         }
