@@ -81,6 +81,14 @@ pub fn create_md(config: &Config, node: &NodeConfig, force: bool, clear_bitmap: 
     Ok(())
 }
 
+/// `dump-md`: the metadata of a stopped node, one `key: value` per line.
+pub fn dump_md(node: &NodeConfig) -> Result<(), Fail> {
+    let target = MetaTarget { backing: node.disk.clone(), location: node.meta.clone() };
+    let meta = MetaStore::open(&target).map_err(refused)?;
+    print!("{}", meta.dump());
+    Ok(())
+}
+
 /// The `blockd` binary: `$BLOCKD_BIN`, else next to this `blockctl`, else `blockd` on PATH.
 fn blockd_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("BLOCKD_BIN") {

@@ -83,6 +83,8 @@ enum Verb {
         #[arg(long)]
         repair: bool,
     },
+    /// Print this node's metadata (the node must be stopped).
+    DumpMd { resource: Option<String> },
     /// Print the effective config (every key, defaults filled in) after validating it.
     Show { resource: Option<String> },
 }
@@ -173,6 +175,11 @@ fn run(cli: Cli) -> Result<(), Fail> {
             let node = local(&config, node_arg)?;
             let cmd = serde_json::json!({"cmd": "connect", "discard_my_data": discard_my_data});
             client::request(&node, &cmd).map(drop)
+        }
+        Verb::DumpMd { resource } => {
+            let config = load(cli.config, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            client::dump_md(&node)
         }
         Verb::Disconnect { resource } => {
             let config = load(cli.config, resource.as_deref())?;
