@@ -94,7 +94,7 @@ impl Bitmap {
         let mut diff = 0;
         for (i, chunk) in (first..end).zip(data.chunks_exact(8)) {
             let mut theirs = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-            if i == last_word && len_bits % 64 != 0 {
+            if i == last_word && !len_bits.is_multiple_of(64) {
                 theirs &= (1u64 << (len_bits % 64)) - 1;
             }
             let merged = words[i] | theirs;

@@ -619,7 +619,13 @@ impl Core {
     }
 
     /// A settled part of a write (`local` or the peer's), for its intent.
-    fn settle_peer_part(&mut self, job: JobId, range: std::ops::Range<u64>, intent: Intent, out: &mut Vec<Action>) {
+    fn settle_peer_part(
+        &mut self,
+        job: JobId,
+        range: std::ops::Range<u64>,
+        intent: Intent,
+        out: &mut Vec<Action>,
+    ) {
         match intent {
             Intent::Log => self.release_al(&range, out),
             Intent::Bitmap => match self.writes.get_mut(&job) {
@@ -748,7 +754,8 @@ impl Core {
             self.on_applier_flushed(result, out);
         } else if self.source.as_ref().is_some_and(|s| s.is_chunk(job)) {
             self.on_chunk_read(job, result, buf, out);
-        } else if self.verify.as_ref().is_some_and(|v| v.is_chunk(job)) || self.abandoned_chunks.contains_key(&job)
+        } else if self.verify.as_ref().is_some_and(|v| v.is_chunk(job))
+            || self.abandoned_chunks.contains_key(&job)
         {
             self.on_verify_read(job, result, buf, out);
         } else if self.digests.is_read(job) {
@@ -834,7 +841,9 @@ impl Core {
             Message::ResyncAck { offset, len, errno } => self.on_resync_ack(offset, len, errno, out),
             Message::BitmapBlock { index, data } => self.on_bitmap_block(index, &data),
             Message::BitmapDone { blocks } => self.on_bitmap_done(blocks, out),
-            Message::DigestReq { offset, len, after_epoch } => self.on_digest_req(offset, len, after_epoch, out),
+            Message::DigestReq { offset, len, after_epoch } => {
+                self.on_digest_req(offset, len, after_epoch, out)
+            }
             Message::Digests { offset, len, data } => self.on_digests(offset, len, data, out),
             Message::StartRepair { bytes } => self.on_start_repair(bytes, out),
             other => tracing::debug!(?other, "message not handled by the data path"),
@@ -1078,8 +1087,8 @@ mod resync;
 #[path = "verify.rs"]
 mod verify;
 pub use resync::{ConnectRefusal, RESYNC_CHUNK_BYTES, RESYNC_PARALLEL, ReplState, ResyncProgress};
-pub use verify::VerifyStatus;
 use resync::{SourceSync, TargetSync};
+pub use verify::VerifyStatus;
 
 #[cfg(test)]
 #[path = "core_tests.rs"]

@@ -38,14 +38,14 @@ fn new_core(cfg: CoreConfig, role: Role, disk: DiskState, gens: Generations, see
 /// Handles `event`; activity-log transactions and bitmap writes complete at once
 /// (their `MetaDurable` is fed back), so the tests see only the other actions.
 fn h(c: &mut Core, event: Event) -> Vec<Action> {
-    let mut pending = h(&mut c, event);
+    let mut pending = c.handle(event);
     let mut shown = Vec::new();
     while !pending.is_empty() {
         let mut next = Vec::new();
         for a in pending {
             match a {
                 Action::WriteAl { seq, .. } | Action::WriteBitmap { seq, .. } => {
-                    next.extend(h(&mut c, Event::MetaDurable { seq }))
+                    next.extend(c.handle(Event::MetaDurable { seq }))
                 }
                 other => shown.push(other),
             }
@@ -115,6 +115,11 @@ fn show(actions: &[Action]) -> Vec<String> {
             },
             Action::Reply { job, outcome } => format!("reply {job} {}", outcome_name(outcome)),
             Action::Persist { seq, .. } => format!("persist {seq}"),
+            Action::WriteBitmap { seq, blocks } => format!("write-bitmap {seq} {}", blocks.len()),
+            Action::WriteAl { seq, extents } => format!("write-al {seq} {extents:?}"),
+            Action::VerifyDone { verified_bytes, out_of_sync_bytes, error } => {
+                format!("verify-done {verified_bytes} {out_of_sync_bytes} {error:?}")
+            }
         })
         .collect()
 }
@@ -223,11 +228,11 @@ fn peer_loss_completes_locally_after_a_durable_new_generation() {
     write(&mut c, 1, 0, 4096);
     local_done(&mut c, 1);
     let down = h(&mut c, Event::PeerDown);
-    assert_eq!(show(&down), ["persist 1"], "no ack before the new generation is durable");
+    assert_eq!(show(&down), ["persist 2"], "no ack before the new generation is durable");
     let g = c.generations();
     assert_eq!((g.bitmap, g.current != 10 && g.current != 0), (10, true));
     assert_eq!(c.dirty_bytes(), 4096, "the peer may lack write 1");
-    assert_eq!(show(&h(&mut c, Event::MetaDurable { seq: 1 })), ["reply 1 ok"]);
+    assert_eq!(show(&h(&mut c, Event::MetaDurable { seq: 2 })), ["reply 1 ok"]);
     // Disconnected: local only, recorded dirty.
     assert_eq!(show(&write(&mut c, 2, 1 << 20, 8192)), ["local 2 write"]);
     assert_eq!(show(&local_done(&mut c, 2)), ["reply 2 ok"]);
@@ -324,13 +329,17 @@ fn drain_waits_for_the_peer_even_under_a() {
 }
 
 /// A Primary at generation 20 whose peer is still at 10 (the peer missed changes),
-/// restarted since (so its dirty set is unknown: full sync).
+/// with its whole device dirty; the peer's (empty) bitmap has arrived.
 fn source_core(size_bytes: u64) -> (Core, Vec<Action>) {
     let gens = Generations { current: 20, bitmap: 10, ..Generations::default() };
     let cfg = CoreConfig { size_bytes, ..cfg(Protocol::C, 0) };
-    let mut c = new_core(cfg, Role::Primary, DiskState::UpToDate, gens, 3);
+    let mut dirty = bm(size_bytes);
+    dirty.set_all();
+    let mut c = Core::new(cfg, Role::Primary, DiskState::UpToDate, gens, false, dirty, 3);
     let a = c.connect(remote(10, 0, Role::Secondary)).expect("source");
+    assert!(a.is_empty(), "waits for the target's bitmap: {:?}", show(&a));
     assert_eq!(c.repl_state(), ReplState::SyncSource);
+    let a = peer(&mut c, Message::BitmapDone { blocks: 0 });
     (c, a)
 }
 
@@ -349,7 +358,8 @@ fn full_resync_sends_data_and_zeroes_then_done() {
         show(&a),
         [format!("local {j} read"), format!("local {} read", j + 1), format!("local {} read", j + 2)]
     );
-    assert_eq!(c.resync_progress(), Some((0, 2 * mib + 4096, 0)));
+    let p = c.resync_progress();
+    assert_eq!((p.done_bytes, p.total_bytes, p.sent_bytes), (0, 2 * mib + 4096, 0));
     assert_eq!(show(&read_done(&mut c, j, mib as usize, 7)), [format!("send resync-data 0 {mib}")]);
     assert_eq!(show(&read_done(&mut c, j + 1, mib as usize, 0)), [format!("send resync-zeroes {mib} {mib}")]);
     assert_eq!(show(&read_done(&mut c, j + 2, 4096, 1)), [format!("send resync-data {} 4096", 2 * mib)]);
@@ -359,7 +369,8 @@ fn full_resync_sends_data_and_zeroes_then_done() {
     assert_eq!(show(&done), ["persist 1", "send resync-done 20 0"], "in sync: the bitmap generation retires");
     assert_eq!(c.generations().history[0], 10);
     assert_eq!(c.repl_state(), ReplState::Established);
-    assert_eq!(c.resync_progress(), None);
+    assert_eq!(c.resync_progress().total_bytes, 0);
+    assert_eq!(c.dirty_bytes(), 0);
 }
 
 #[test]
@@ -370,7 +381,9 @@ fn an_application_write_waits_for_an_overlapping_chunk() {
     read_done(&mut c, chunk, RESYNC_CHUNK_BYTES as usize, 3);
     let after = peer(&mut c, Message::ResyncAck { offset: 0, len: RESYNC_CHUNK_BYTES, errno: 0 });
     let shown = show(&after);
-    assert_eq!(&shown[..2], ["local 1 write", "send write 1 e1"], "released after the target has the chunk");
+    for expected in ["local 1 write", "send write 1 e1"] {
+        assert!(shown.contains(&expected.to_string()), "released after the target has the chunk: {shown:?}");
+    }
 }
 
 #[test]
@@ -388,7 +401,11 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
     let gens = Generations { current: 10, ..Generations::default() };
     let mut t = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 4);
     let a = t.connect(remote(20, 10, Role::Primary)).expect("target");
-    assert_eq!(show(&a), ["persist 1", "send State { role: Secondary, disk: Inconsistent }"]);
+    assert_eq!(
+        show(&a),
+        ["send BitmapDone { blocks: 0 }", "persist 1", "send State { role: Secondary, disk: Inconsistent }"],
+        "its own bitmap (empty) goes to the source first"
+    );
     assert_eq!((t.repl_state(), t.disk()), (ReplState::SyncTarget, DiskState::Inconsistent));
     let data = Message::ResyncData { offset: 0, data: data(4096) };
     assert!(peer(&mut t, data).is_empty(), "held until Inconsistent is durable");
@@ -421,9 +438,11 @@ fn writes_after_a_promotion_wait_for_its_durable_generation() {
     let gens = Generations { current: 10, ..Generations::default() };
     let mut c = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 5);
     assert_eq!(show(&c.promote(false, None).expect("promote")), ["persist 1"]);
-    write(&mut c, 1, 0, 4096);
-    assert!(local_done(&mut c, 1).is_empty(), "not before the new generation is durable");
-    assert_eq!(show(&h(&mut c, Event::MetaDurable { seq: 1 })), ["reply 1 ok"]);
+    let w = Event::Nbd { job: 1, request: Request::Write { offset: 0, data: data(4096), fua: false } };
+    assert_eq!(show(&c.handle(w)), ["write-al 2 [0]"], "the extent is made hot first");
+    assert!(c.handle(Event::MetaDurable { seq: 1 }).is_empty());
+    assert_eq!(show(&c.handle(Event::MetaDurable { seq: 2 })), ["local 1 write"]);
+    assert_eq!(show(&local_done(&mut c, 1)), ["reply 1 ok"]);
 }
 
 #[test]

@@ -173,7 +173,11 @@ pub async fn run(
 /// The persisted bitmap, plus the activity log's hot extents after a crash, written
 /// back so that the log can be emptied. A corrupt bitmap is never trusted: every bit
 /// is set (a full resync), with an error in the log.
-fn load_bitmap(meta: &mut MetaStore, size_bytes: u64, clean_shutdown: bool) -> anyhow::Result<bitmap::Bitmap> {
+fn load_bitmap(
+    meta: &mut MetaStore,
+    size_bytes: u64,
+    clean_shutdown: bool,
+) -> anyhow::Result<bitmap::Bitmap> {
     let mut bitmap = match meta.read_bitmap(size_bytes) {
         Ok(b) => b,
         Err(e @ MetaError::BitmapCorrupt { .. }) => {
@@ -185,13 +189,17 @@ fn load_bitmap(meta: &mut MetaStore, size_bytes: u64, clean_shutdown: bool) -> a
         }
         Err(e) => return Err(e).context("cannot read the bitmap"),
     };
-    let hot = if clean_shutdown { Vec::new() } else { meta.read_al().context("cannot read the activity log")? };
+    let hot =
+        if clean_shutdown { Vec::new() } else { meta.read_al().context("cannot read the activity log")? };
     for extent in &hot {
         let start = u64::from(*extent) << crate::repl::al::AL_EXTENT_SHIFT;
         bitmap.set_range(start..start + (1 << crate::repl::al::AL_EXTENT_SHIFT));
     }
     if !hot.is_empty() {
-        tracing::warn!(extents = hot.len(), "unclean stop: the activity log's hot extents are marked out of sync");
+        tracing::warn!(
+            extents = hot.len(),
+            "unclean stop: the activity log's hot extents are marked out of sync"
+        );
     }
     let blocks: Vec<u64> = bitmap.changed_blocks().collect();
     if !blocks.is_empty() {

@@ -27,9 +27,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
+use super::verify::{DIGEST_BYTES, digests_of};
 use super::*;
 use crate::repl::decide::{Decision, Refusal, SideState, SyncScope, decide};
-use super::verify::{DIGEST_BYTES, digests_of};
 
 /// Largest resync chunk.
 pub const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
@@ -361,7 +361,12 @@ impl Core {
             total_bytes: self.bitmap.dirty_bytes(),
             ..SourceSync::default()
         };
-        tracing::info!(bytes = sync.total_bytes, full = scope == SyncScope::Full, exchange, "resync as source");
+        tracing::info!(
+            bytes = sync.total_bytes,
+            full = scope == SyncScope::Full,
+            exchange,
+            "resync as source"
+        );
         self.repl = ReplState::SyncSource;
         self.source = Some(sync);
         self.pump_source(out);

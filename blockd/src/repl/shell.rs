@@ -31,8 +31,8 @@ use crate::meta::{BitmapBlock, MetaStore};
 use crate::peer::link::{LinkEvent, PeerConn};
 use crate::peer::msg::{Hello, Message};
 use crate::repl::core::{Action, Core, Event, JobId, Outcome, Request};
-use crate::repl::verify_reply;
 use crate::repl::decide::SideState;
+use crate::repl::verify_reply;
 use crate::state::{DiskState, Generations, Role};
 use crate::storage::{IoBuf, IoOp, IoSink, Storage};
 
@@ -447,7 +447,8 @@ impl Running {
                     self.meta_job(MetaJob::Persist { seq, gens, disk, was_primary })
                 }
                 Action::WriteBitmap { seq, blocks } => {
-                    let blocks = blocks.into_iter().map(|(index, data, crc)| BitmapBlock { index, data, crc });
+                    let blocks =
+                        blocks.into_iter().map(|(index, data, crc)| BitmapBlock { index, data, crc });
                     self.meta_job(MetaJob::Bitmap { seq, blocks: blocks.collect() })
                 }
                 Action::WriteAl { seq, extents } => self.meta_job(MetaJob::Al { seq, extents }),
