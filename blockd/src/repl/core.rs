@@ -30,6 +30,7 @@ use nix::errno::Errno;
 use bitmap::Bitmap;
 
 use crate::config::Protocol;
+use crate::meta::BitmapBlock;
 use crate::peer::msg::Message;
 use crate::repl::al::ActivityLog;
 use crate::repl::inflight::InFlight;
@@ -104,8 +105,8 @@ pub enum Action {
     /// `MetaDurable { seq }`. Every metadata action (`Persist`, `WriteBitmap`,
     /// `WriteAl`) is carried out in the order given.
     Persist { seq: u64, gens: Generations, disk: DiskState, was_primary: bool },
-    /// Write these encoded bitmap blocks `(index, 4 KiB, crc32c)` and fsync.
-    WriteBitmap { seq: u64, blocks: Vec<(u64, Box<[u8; bitmap::BLOCK_BYTES]>, u32)> },
+    /// Write these encoded bitmap blocks and fsync.
+    WriteBitmap { seq: u64, blocks: Vec<BitmapBlock> },
     /// Record this hot-extent set as the activity log and fsync.
     WriteAl { seq: u64, extents: Vec<u32> },
     /// The verify started by `blockctl verify` ended (`error` if it was cut short).
@@ -389,11 +390,11 @@ impl Core {
     /// Before the process stops (after the last event): everything the peer has not
     /// confirmed goes into the bitmap, and the changed bitmap blocks are returned to
     /// be written; after that the activity log may be emptied.
-    pub fn stop_dirty(&mut self) -> Vec<(u64, Box<[u8; bitmap::BLOCK_BYTES]>, u32)> {
+    pub fn stop_dirty(&mut self) -> Vec<BitmapBlock> {
         for sent in self.transfer_log.drain(..) {
             self.bitmap.set_range(sent.range);
         }
-        self.encode_changed()
+        encode_changed(&mut self.bitmap)
     }
 
     /// Payload bytes of application writes sent to the peer since start.
@@ -463,25 +464,9 @@ impl Core {
         seq
     }
 
-    /// The changed bitmap blocks, encoded; they count as written from here on (the
-    /// metadata actions are carried out in order).
-    fn encode_changed(&mut self) -> Vec<(u64, Box<[u8; bitmap::BLOCK_BYTES]>, u32)> {
-        let blocks: Vec<u64> = self.bitmap.changed_blocks().collect();
-        let encoded = blocks
-            .into_iter()
-            .map(|index| {
-                let mut data = Box::new([0u8; bitmap::BLOCK_BYTES]);
-                let crc = self.bitmap.encode_block(index, &mut data);
-                (index, data, crc)
-            })
-            .collect();
-        self.bitmap.mark_persisted();
-        encoded
-    }
-
     /// Queues a write of the changed bitmap blocks; returns its sequence.
     fn write_bitmap(&mut self, out: &mut Vec<Action>) -> u64 {
-        let blocks = self.encode_changed();
+        let blocks = encode_changed(&mut self.bitmap);
         let seq = self.next_seq();
         self.bitmap_write = Some(seq);
         self.ms_since_bitmap_write = 0;
@@ -1065,6 +1050,22 @@ impl Core {
             self.apply_now(msg, out);
         }
     }
+}
+
+/// The changed blocks of `bitmap`, encoded for the metadata; they count as written
+/// from here on (metadata actions are carried out in the order given).
+pub fn encode_changed(bitmap: &mut Bitmap) -> Vec<BitmapBlock> {
+    let blocks: Vec<u64> = bitmap.changed_blocks().collect();
+    let encoded = blocks
+        .into_iter()
+        .map(|index| {
+            let mut data = Box::new([0u8; bitmap::BLOCK_BYTES]);
+            let crc = bitmap.encode_block(index, &mut data);
+            BitmapBlock { index, data, crc }
+        })
+        .collect();
+    bitmap.mark_persisted();
+    encoded
 }
 
 /// Bytes a message occupies in the send buffer: its whole frame, as the link counts

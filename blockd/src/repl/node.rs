@@ -10,10 +10,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, NodeConfig, ResyncRate};
 use crate::control;
-use crate::meta::{BitmapBlock, MetaError, MetaStore, MetaTarget};
+use crate::meta::{MetaError, MetaStore, MetaTarget};
 use crate::peer::dial::{PeerSettings, spawn_supervisor};
 use crate::peer::msg::Hello;
-use crate::repl::core::{Core, CoreConfig};
+use crate::repl::core::{Core, CoreConfig, encode_changed};
 use crate::repl::shell::{CoreTask, HELLO_CRASHED_PRIMARY, Input, Token, new_device, new_shared, new_sink};
 use crate::state::Role;
 use crate::storage::{IoOp, Storage, StorageOptions};
@@ -153,12 +153,7 @@ pub async fn run(
     let mut meta = meta.lock().map_err(|_| anyhow::anyhow!("metadata lock poisoned"))?;
     if let Ok(mut core) = core {
         // The bitmap on disk covers everything now; the activity log is not needed.
-        let blocks: Vec<BitmapBlock> = core
-            .stop_dirty()
-            .into_iter()
-            .map(|(index, data, crc)| BitmapBlock { index, data, crc })
-            .collect();
-        meta.write_bitmap_blocks(&blocks).context("cannot write the bitmap at shutdown")?;
+        meta.write_bitmap_blocks(&core.stop_dirty()).context("cannot write the bitmap at shutdown")?;
         meta.write_al(&[]).context("cannot clear the activity log at shutdown")?;
     } else {
         // The core task died: keep the activity log, and do not claim a clean stop.
@@ -201,18 +196,9 @@ fn load_bitmap(
             "unclean stop: the activity log's hot extents are marked out of sync"
         );
     }
-    let blocks: Vec<u64> = bitmap.changed_blocks().collect();
+    let blocks = encode_changed(&mut bitmap);
     if !blocks.is_empty() {
-        let encoded: Vec<BitmapBlock> = blocks
-            .into_iter()
-            .map(|index| {
-                let mut data = Box::new([0u8; bitmap::BLOCK_BYTES]);
-                let crc = bitmap.encode_block(index, &mut data);
-                BitmapBlock { index, data, crc }
-            })
-            .collect();
-        meta.write_bitmap_blocks(&encoded).context("cannot write the bitmap")?;
-        bitmap.mark_persisted();
+        meta.write_bitmap_blocks(&blocks).context("cannot write the bitmap")?;
     }
     if !hot.is_empty() {
         meta.write_al(&[]).context("cannot clear the activity log")?;

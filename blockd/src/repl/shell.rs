@@ -446,11 +446,7 @@ impl Running {
                 Action::Persist { seq, gens, disk, was_primary } => {
                     self.meta_job(MetaJob::Persist { seq, gens, disk, was_primary })
                 }
-                Action::WriteBitmap { seq, blocks } => {
-                    let blocks =
-                        blocks.into_iter().map(|(index, data, crc)| BitmapBlock { index, data, crc });
-                    self.meta_job(MetaJob::Bitmap { seq, blocks: blocks.collect() })
-                }
+                Action::WriteBitmap { seq, blocks } => self.meta_job(MetaJob::Bitmap { seq, blocks }),
                 Action::WriteAl { seq, extents } => self.meta_job(MetaJob::Al { seq, extents }),
                 Action::VerifyDone { verified_bytes, out_of_sync_bytes, error } => {
                     if let Some(reply) = self.verify_reply.take() {
