@@ -98,8 +98,10 @@ pub async fn run(
         .with_context(|| format!("cannot create control socket {}", node.control.display()))?;
 
     let (conns_tx, conns_rx) = mpsc::channel(1);
-    let settings =
+    let (link_enabled_tx, link_enabled_rx) = watch::channel(true);
+    let mut settings =
         PeerSettings::new(&node.name, &peer.name, node.replication.clone(), peer.replication.clone());
+    settings.enabled = Some(link_enabled_rx);
     let supervisor = spawn_supervisor(
         settings,
         hello_rx,
@@ -119,6 +121,7 @@ pub async fn run(
         meta: meta.clone(),
         shared,
         hello: hello_tx,
+        link_enabled: link_enabled_tx,
         nbd_clients,
         disconnector,
         control_tx,
