@@ -35,7 +35,14 @@ pub async fn run(
     meta.verify_identity(&config.resource.name, &node.name)?;
     let sb = meta.superblock().clone();
     // Cleared while running, set at a clean stop: after a crash it stays false.
-    meta.update(|sb| sb.flags.clean_shutdown = false).context("cannot update the metadata")?;
+    // The activity log's size follows the config (informational in the superblock:
+    // the log itself records its hot set).
+    let al_extents = config.resource.al_extents;
+    meta.update(|sb| {
+        sb.flags.clean_shutdown = false;
+        sb.al_extents = al_extents;
+    })
+    .context("cannot update the metadata")?;
     let size_bytes =
         config.resource.size_bytes.map_or(meta.data_size_bytes(), |s| s.min(meta.data_size_bytes()));
     // Was Primary and did not stop cleanly: it may hold writes its peer lacks.
