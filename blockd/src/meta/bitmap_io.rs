@@ -149,6 +149,41 @@ impl MetaStore {
         })
     }
 
+    /// Like [`MetaStore::read_bitmap`], but a block whose crc does not match is not
+    /// trusted *and not fatal*: all its bits are set (its whole region will be
+    /// resynced). Returns the map and the indexes of such blocks. For the start after
+    /// an unclean stop, when a bitmap write may have been torn between a block and its
+    /// crc table page.
+    pub fn read_bitmap_salvaging(&self, device_bytes: u64) -> Result<(Bitmap, Vec<u64>), MetaError> {
+        let at = self.target.at_meta();
+        if device_bytes > self.layout.data_bytes {
+            let detail = format!(
+                "a bitmap for {device_bytes} bytes does not fit the data area of {} bytes",
+                self.layout.data_bytes
+            );
+            return Err(MetaError::BadBitmapIo { at, detail });
+        }
+        let granularity_bytes = self.sb.bitmap_granularity_bytes;
+        let (bits_bytes, crc_bytes) = Bitmap::on_disk_bytes(device_bytes, granularity_bytes);
+        let mut bits = vec![0u8; bits_bytes as usize];
+        self.file.read(&mut bits, self.layout.bitmap_offset_bytes, "bitmap blocks")?;
+        let mut crcs = vec![0u8; crc_bytes as usize];
+        self.file.read(&mut crcs, self.layout.bitmap_crc_offset_bytes(), "bitmap crc table")?;
+        let mut bad = Vec::new();
+        for (index, (block, crc)) in
+            bits.chunks_exact_mut(BLOCK_BYTES).zip(crcs.chunks_exact_mut(4)).enumerate()
+        {
+            if crc32c::crc32c(block).to_le_bytes() != *crc {
+                block.fill(0xff);
+                crc.copy_from_slice(&crc32c::crc32c(block).to_le_bytes());
+                bad.push(index as u64);
+            }
+        }
+        let map = Bitmap::decode(device_bytes, granularity_bytes, &bits, &crcs)
+            .map_err(|e| MetaError::BadBitmapIo { at, detail: e.to_string() })?;
+        Ok((map, bad))
+    }
+
     /// Writes `blocks` into the bits area and their crcs into the crc table (one 4 KiB
     /// page write per touched page, from the in-memory table), then one `fdatasync`.
     ///

@@ -183,6 +183,18 @@ impl ActivityLog {
         }
     }
 
+    /// Cools every extent if none is in use and no transaction is in flight (a
+    /// demoted node: nothing will write here until it is promoted again). True if it
+    /// did; the caller then records the empty set.
+    pub fn cool_all(&mut self) -> bool {
+        if self.hot.is_empty() || self.in_flight.is_some() || self.hot.values().any(|x| x.refs > 0) {
+            return false;
+        }
+        self.hot.clear();
+        self.wanted.clear();
+        true
+    }
+
     /// Extents currently hot.
     pub fn hot_count(&self) -> usize {
         self.hot.len()
@@ -258,5 +270,9 @@ mod tests {
         assert!(al.release(&(0..1), 1));
         assert_eq!(commit(&mut al, 4).extents, vec![3, 4]);
         assert_eq!(al.hot_count(), 2);
+        assert!(!al.cool_all(), "extent 3 is still in use");
+        al.release(&(3 * E..3 * E + 1), 1);
+        assert!(al.cool_all());
+        assert_eq!(al.hot_count(), 0);
     }
 }

@@ -269,6 +269,10 @@ pub struct Core {
     digests: verify::DigestServer,
     /// `connect --discard-my-data`: in a split brain, this node becomes the target.
     discard_my_data: bool,
+    /// Writes dispatched since start, and at the last tick (an idle Primary closes
+    /// its epoch so the peer confirms it and the transfer log and extents drain).
+    dispatched_writes: u64,
+    dispatched_at_tick: u64,
     /// Secondary.
     applier: Applier,
     applying: HashMap<JobId, ApplyJob>,
@@ -335,6 +339,8 @@ impl Core {
             verify: None,
             digests: verify::DigestServer::default(),
             discard_my_data: false,
+            dispatched_writes: 0,
+            dispatched_at_tick: 0,
             applier: Applier { epoch: 1, ..Applier::default() },
             applying: HashMap::new(),
             repl: ReplState::Off,
@@ -497,6 +503,7 @@ impl Core {
         let epoch = self.epoch;
         let replicating = self.link == Link::Replicating;
         let needs_durable_gens = self.gens_pending;
+        self.dispatched_writes += 1;
         let w = self.writes.get_mut(&job).expect("dispatching a known job");
         w.epoch = epoch;
         w.needs_durable_gens = needs_durable_gens;
@@ -722,9 +729,10 @@ impl Core {
         self.abandon_resync(out);
         self.send_waiters.clear();
         self.queued_bytes_total = self.sent_bytes_total;
-        if self.role == Role::Primary {
+        if self.role == Role::Primary && self.gens.bitmap == 0 {
             // SPEC §5: a Primary that loses its peer starts a new generation, durable
-            // before any write is acknowledged without the peer.
+            // before any write is acknowledged without the peer (unless one already
+            // tracks changes since the peer's, e.g. during a resync).
             let fresh = self.fresh_id();
             self.gens.start_new(fresh);
             self.gens_pending = true;
@@ -804,8 +812,10 @@ impl Core {
             self.gens.start_new(fresh);
             self.disk = DiskState::UpToDate;
             self.gens_pending = true;
-        } else if self.link == Link::Disconnected {
-            // SPEC §5: promoted while disconnected starts a new generation.
+        } else if self.link == Link::Disconnected && self.gens.bitmap == 0 {
+            // SPEC §5: promoted while disconnected starts a new generation — unless
+            // one already tracks changes since the peer's (as DRBD: only when the
+            // bitmap id is 0), or the peer would no longer recognize this node.
             let fresh = self.fresh_id();
             self.gens.start_new(fresh);
             self.gens_pending = true;

@@ -66,6 +66,26 @@ impl Core {
             self.write_bitmap(out);
         }
         self.pump_source(out);
+        self.idle_housekeeping(out);
+    }
+
+    /// An idle Primary closes its open epoch (the peer confirms it, so the transfer
+    /// log drains and extents can cool); a Secondary cools the whole activity log
+    /// once nothing uses it, so a crash as Secondary replays nothing.
+    fn idle_housekeeping(&mut self, out: &mut Vec<Action>) {
+        let idle = self.dispatched_writes == self.dispatched_at_tick;
+        self.dispatched_at_tick = self.dispatched_writes;
+        if idle && self.link == Link::Replicating && self.epoch_writes > 0 && self.role == Role::Primary {
+            self.close_epoch(false, out);
+        }
+        if self.role == Role::Secondary && self.al.cool_all() {
+            if self.bitmap.changed_blocks().next().is_some() {
+                self.write_bitmap(out);
+            }
+            let seq = self.next_seq();
+            self.al.begin(seq);
+            out.push(Action::WriteAl { seq, extents: Vec::new() });
+        }
     }
 
     /// An admitted write: first its write intent (activity log, or the bitmap for a

@@ -183,12 +183,32 @@ fn load_bitmap(
     size_bytes: u64,
     clean_shutdown: bool,
 ) -> anyhow::Result<bitmap::Bitmap> {
+    let granularity_bytes = meta.superblock().bitmap_granularity_bytes;
     let mut bitmap = match meta.read_bitmap(size_bytes) {
         Ok(b) => b,
+        // After an unclean stop a bitmap write may have been torn between a block and
+        // its crc: only the blocks that do not check out are distrusted (their whole
+        // region is resynced).
+        Err(MetaError::BitmapCorrupt { .. }) if !clean_shutdown => {
+            let (mut b, bad) = meta.read_bitmap_salvaging(size_bytes).context("cannot read the bitmap")?;
+            tracing::warn!(
+                blocks = ?bad,
+                "bitmap blocks do not match their crc after an unclean stop (a torn write?); \
+                 their regions are marked out of sync"
+            );
+            let block_bytes = bitmap::BITS_PER_BLOCK * granularity_bytes;
+            for index in bad {
+                // Rewritten below with a matching crc.
+                b.set_range(index * block_bytes..(index + 1) * block_bytes);
+            }
+            b
+        }
+        // After a clean stop every write had completed: a mismatch is corruption at
+        // rest, and nothing in the bitmap is trusted.
         Err(e @ MetaError::BitmapCorrupt { .. }) => {
             tracing::error!(error = %e, "the on-disk bitmap is corrupt; falling back to a full resync");
-            let mut b = bitmap::Bitmap::new(size_bytes, meta.superblock().bitmap_granularity_bytes)
-                .context("cannot size the bitmap")?;
+            let mut b =
+                bitmap::Bitmap::new(size_bytes, granularity_bytes).context("cannot size the bitmap")?;
             b.set_all();
             b
         }
