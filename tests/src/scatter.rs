@@ -62,8 +62,15 @@ impl Plan {
     /// offsets inside `region`, never overlapping, until they add up to at least
     /// `total` bytes. Deterministic for a seed.
     pub fn random(seed: u64, region: Range<u64>, total: u64, min: u64, max: u64) -> Plan {
-        assert!(min >= GRANULE && min <= max && min % GRANULE == 0 && max % GRANULE == 0, "{min}..={max}");
-        assert!(region.start % GRANULE == 0 && region.end % GRANULE == 0 && region.end > region.start);
+        assert!(
+            min >= GRANULE && min <= max && min.is_multiple_of(GRANULE) && max.is_multiple_of(GRANULE),
+            "{min}..={max}"
+        );
+        assert!(
+            region.start.is_multiple_of(GRANULE)
+                && region.end.is_multiple_of(GRANULE)
+                && region.end > region.start
+        );
         assert!(total <= (region.end - region.start) / 2, "a plan may fill at most half of its region");
         let mut state = seed ^ 0x5ca7_7e12_d00d_f00d;
         let granules = (region.end - region.start) / GRANULE;
@@ -95,7 +102,11 @@ impl Plan {
 
     /// Extents of `chunk` bytes tiling `region` in order (the last may be shorter).
     pub fn sequential(seed: u64, region: Range<u64>, chunk: u64) -> Plan {
-        assert!(chunk % GRANULE == 0 && region.start % GRANULE == 0 && region.end % GRANULE == 0);
+        assert!(
+            chunk.is_multiple_of(GRANULE)
+                && region.start.is_multiple_of(GRANULE)
+                && region.end.is_multiple_of(GRANULE)
+        );
         let mut extents = Vec::new();
         let mut at = region.start;
         while at < region.end {
@@ -130,7 +141,7 @@ impl Plan {
 
 /// The plan content of `[offset, offset + len)` for `seed` (8-byte aligned).
 pub fn content(seed: u64, offset: u64, len: u64) -> Vec<u8> {
-    assert!(offset % 8 == 0 && len % 8 == 0);
+    assert!(offset.is_multiple_of(8) && len.is_multiple_of(8));
     let mut out = Vec::with_capacity(len as usize);
     let mut at = offset;
     while at < offset + len {
@@ -470,7 +481,7 @@ mod tests {
         for w in sorted.windows(2) {
             assert!(w[0].end() <= w[1].offset, "{w:?} overlap");
         }
-        assert!(p.extents.iter().all(|e| e.offset % GRANULE == 0 && e.len % GRANULE == 0));
+        assert!(p.extents.iter().all(|e| e.offset.is_multiple_of(GRANULE) && e.len.is_multiple_of(GRANULE)));
         // Disjoint and aligned: the dirty granules are exactly the bytes written.
         assert_eq!(p.dirty_bytes(), p.bytes());
     }

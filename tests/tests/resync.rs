@@ -30,6 +30,7 @@ use blockd_tests::pattern::nbd_reader;
 use blockd_tests::raw::RawClient;
 use blockd_tests::scatter::{self, GRANULE, Plan, ScatterLoad, assert_data_equal, check_plan, write_plan};
 use blockd_tests::*;
+use serde_json::Value;
 
 /// Bound on every wait for a state (connect, resync, verify).
 const WAIT: Duration = Duration::from_secs(120);
@@ -43,8 +44,10 @@ const META_ROOM: u64 = 8 * MIB;
 const GIB: u64 = 1 << 30;
 
 fn seed(n: u64) -> u64 {
-    let base: u64 =
-        std::env::var("BLOCKD_RESYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x4e55_4d42_4552_34);
+    let base: u64 = std::env::var("BLOCKD_RESYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x004e_554d_4245_5234);
     base.wrapping_mul(1_000_003).wrapping_add(n)
 }
 
@@ -133,9 +136,9 @@ fn stop_both(p: &mut Pair) {
 
 /// Checks that both backing files hold `extents` of `plan`.
 fn check_both<'a>(p: &Pair, plan: &Plan, extents: impl IntoIterator<Item = &'a scatter::Extent> + Clone) {
-    for n in 0..2 {
+    for (n, name) in NODES.iter().enumerate() {
         check_plan(p.disk_path(n), plan, extents.clone())
-            .unwrap_or_else(|e| panic!("{} lacks data it must hold: {e}", NODES[n]));
+            .unwrap_or_else(|e| panic!("{name} lacks data it must hold: {e}"));
     }
 }
 
@@ -246,7 +249,13 @@ fn primary_crash_while_disconnected_resyncs_bitmap_plus_activity_log() {
     p.daemon(0).start_again();
     let s = p.status(0);
     assert_eq!(s["role"], "Secondary", "a node always starts Secondary: {s}");
+    let gens_restarted = p.status(0)["generations"].clone();
     p.ctl_ok(0, &["primary"]);
+    eprintln!(
+        "alpha generations: after restart {gens_restarted}, after `primary` {}; beta {}",
+        p.status(0)["generations"],
+        p.status(1)["generations"]
+    );
     let dirty_after_crash = out_of_sync(&p, 0);
     eprintln!("alpha after restart: {dirty_after_crash} bytes out of sync (bound {bound})");
     assert!(
@@ -268,6 +277,9 @@ fn primary_crash_while_disconnected_resyncs_bitmap_plus_activity_log() {
         },
         "resync after the crash of the Primary",
     );
+    let resync_log: Vec<String> =
+        log_of_last_start(&p, 0).lines().filter(|l| l.contains("resync")).map(str::to_string).collect();
+    eprintln!("alpha's resync log lines:\n{}", resync_log.join("\n"));
     let resync = sent(&p, 0);
     eprintln!("resync sent {resync} bytes; largest resync_total_bytes seen {max_total}");
     assert!(
@@ -345,6 +357,7 @@ fn resync_resumes_after_target_and_source_crashes() {
     demote(&mut p, 0);
     assert_eq!(out_of_sync(&p, 0), dirty, "alpha tracks the dirty granules");
     let base = sent(&p, 0);
+    eprintln!("alpha demoted: al_hot_extents {}", p.status(0)["al_hot_extents"]);
 
     let started = Instant::now();
     p.ctl_ok(0, &["connect"]);
@@ -389,13 +402,24 @@ fn resync_resumes_after_target_and_source_crashes() {
     );
     // Polled just before the kill: what it sends in between is not counted.
     let sent_source1 = sent(&p, 0) - base;
+    let at_kill = p.status(0);
+    let left_at_kill = out_of_sync(&p, 0);
     p.daemon(0).kill();
+    eprintln!("alpha at its kill: al_hot_extents {}", at_kill["al_hot_extents"]);
     wait_not_connected(&mut p, 1);
     p.daemon(0).start_again();
     let s = p.status(0);
     assert_eq!(s["role"], "Secondary", "{s}");
     let left = out_of_sync(&p, 0);
-    eprintln!("source 1 sent {sent_source1} bytes; alpha restarted with {left} bytes still out of sync");
+    eprintln!(
+        "source 1 sent {sent_source1} bytes; {left_at_kill} bytes out of sync at the kill, {left} after the \
+         restart"
+    );
+    assert!(
+        left as f64 <= left_at_kill as f64 + 0.1 * dirty as f64,
+        "the source (a Secondary since before the resync) restarted with {left} bytes out of sync, \
+         {left_at_kill} were left when it was killed: the remaining set must be kept, not grown"
+    );
     p.wait_synced(WAIT);
     let sent_source2 = sent(&p, 0);
     let total = sent_source1 + sent_source2;
@@ -415,14 +439,13 @@ fn resync_resumes_after_target_and_source_crashes() {
 // ---------------------------------------------------------------------------
 // 5. Split brain: detected, nothing transferred, resolved by discarding a victim.
 
-/// Both nodes `disconnect`, both Primary, both write (overlapping and distinct
-/// places); `connect` on both: both StandAlone, reason "split brain", no resync
-/// payload, each keeps its data. Then beta (the victim) is demoted and
-/// `connect --discard-my-data`, alpha (the survivor) `connect`: beta becomes
-/// SyncTarget and ends identical to alpha.
-#[test]
-fn split_brain_is_refused_then_resolved_by_discarding_the_victim() {
-    let (mut p, size) = primary_pair("rs-split-brain", &opts(256 * MIB, ""));
+/// A split brain in the making: common data replicated; both nodes `disconnect`;
+/// beta promoted too; different data written on each (overlapping and distinct
+/// places). With `demote_beta`, beta is then demoted (no application writes
+/// since). Returns (pair, size, alpha's plan, beta's plan, resync bytes sent so far
+/// per node).
+fn diverged_pair(label: &str, demote_beta: bool) -> (Pair, u64, Plan, Plan, [u64; 2]) {
+    let (mut p, size) = primary_pair(label, &opts(256 * MIB, ""));
     let common = Plan::random(seed(7), 0..128 * MIB, 8 * MIB, 4096, 64 * 1024);
     write_plan(&addr(&p, 0), EXPORT, &common, QD);
     p.wait_synced(WAIT);
@@ -432,8 +455,18 @@ fn split_brain_is_refused_then_resolved_by_discarding_the_victim() {
     let on_beta = Plan::random(seed(9), 32 * MIB..96 * MIB, 8 * MIB, 4096, 64 * 1024);
     write_plan(&addr(&p, 0), EXPORT, &on_alpha, QD);
     write_plan(&addr(&p, 1), EXPORT, &on_beta, QD);
+    if demote_beta {
+        demote(&mut p, 1);
+    }
     let before = [sent(&p, 0), sent(&p, 1)];
+    (p, size, on_alpha, on_beta, before)
+}
 
+/// `connect` on both nodes of a diverged pair: both must end StandAlone with a
+/// reason containing "split brain" (and say so in their logs), nothing sent,
+/// each keeping its own data.
+fn connect_and_expect_split_brain(p: &mut Pair, on_alpha: &Plan, on_beta: &Plan, before: [u64; 2]) {
+    let old: Vec<Value> = (0..2).map(|n| p.peer(n)["reason"].clone()).collect();
     p.ctl_ok(0, &["connect"]);
     p.ctl_ok(1, &["connect"]);
     for n in 0..2 {
@@ -441,25 +474,43 @@ fn split_brain_is_refused_then_resolved_by_discarding_the_victim() {
             WAIT,
             |p| {
                 let peer = p.peer(n);
-                peer["connection"] == "StandAlone"
-                    && peer["reason"].as_str().is_some_and(|r| r.contains("split brain"))
+                peer["connection"] == "StandAlone" && peer["reason"].is_string() && peer["reason"] != old[n]
             },
-            &format!("{} StandAlone with reason \"split brain\"", NODES[n]),
+            &format!("{} refuses the diverged peer (StandAlone with a reason)", NODES[n]),
         );
     }
     for n in 0..2 {
-        assert_eq!(sent(&p, n), before[n], "{} sent resync data despite the split brain", NODES[n]);
-        assert_eq!(p.status(n)["role"], "Primary", "{} stays Primary", NODES[n]);
-    }
-    check_plan(p.disk_path(0), &on_alpha, &on_alpha.extents).expect("alpha keeps its split-brain writes");
-    check_plan(p.disk_path(1), &on_beta, &on_beta.extents).expect("beta keeps its split-brain writes");
-    for n in 0..2 {
-        let log = log_of_last_start(&p, n);
+        let s = p.status(n);
+        let reason = s["peers"][0]["reason"].as_str().unwrap_or("");
+        assert!(reason.contains("split brain"), "{}: the reason must say \"split brain\": {s}", NODES[n]);
+        assert_eq!(sent(p, n), before[n], "{} sent resync data despite the split brain", NODES[n]);
+        let log = log_of_last_start(p, n);
         assert!(log.contains("split brain"), "{}'s log says why it refused", NODES[n]);
     }
+    check_plan(p.disk_path(0), on_alpha, &on_alpha.extents).expect("alpha keeps its split-brain writes");
+    check_plan(p.disk_path(1), on_beta, &on_beta.extents).expect("beta keeps its split-brain writes");
+}
 
-    // Resolve: alpha survives, beta discards its changes.
-    demote(&mut p, 1);
+/// Both nodes still Primary when they `connect`: the divergence is a split brain
+/// (not just "both Primary"): both StandAlone, reason "split brain", no resync
+/// payload, each keeps its data, both stay Primary.
+#[test]
+fn split_brain_between_two_primaries_is_refused_as_split_brain() {
+    let (mut p, _size, on_alpha, on_beta, before) = diverged_pair("rs-split-brain-pp", false);
+    connect_and_expect_split_brain(&mut p, &on_alpha, &on_beta, before);
+    for (n, name) in NODES.iter().enumerate() {
+        assert_eq!(p.status(n)["role"], "Primary", "{name} stays Primary");
+    }
+    stop_both(&mut p);
+}
+
+/// The victim (beta) demoted before `connect`: split brain refused as above; then
+/// `connect` on the survivor (alpha) and `connect --discard-my-data` on beta:
+/// beta becomes SyncTarget and ends identical to alpha (its own changes undone).
+#[test]
+fn split_brain_is_resolved_by_discarding_the_victim() {
+    let (mut p, size, on_alpha, on_beta, before) = diverged_pair("rs-split-brain", true);
+    connect_and_expect_split_brain(&mut p, &on_alpha, &on_beta, before);
     p.ctl_ok(0, &["connect"]);
     p.ctl_ok(1, &["connect", "--discard-my-data"]);
     let mut saw_target = false;
@@ -472,7 +523,11 @@ fn split_brain_is_refused_then_resolved_by_discarding_the_victim() {
         "beta resyncs from alpha after --discard-my-data",
     );
     let resync = sent(&p, 0) - before[0];
-    eprintln!("alpha sent {resync} bytes to resolve the split brain; beta seen as SyncTarget: {saw_target}");
+    let both = scatter::dirty_bytes(on_alpha.extents.iter().chain(&on_beta.extents));
+    eprintln!(
+        "alpha sent {resync} bytes to resolve the split brain (union of both change sets: {both}); \
+         beta seen as SyncTarget: {saw_target}"
+    );
     assert!(resync >= on_alpha.dirty_bytes(), "alpha sent {resync} bytes, less than its own changes");
     assert_eq!(sent(&p, 1), before[1], "the victim sent nothing");
     assert_eq!(p.status(0)["role"], "Primary");
