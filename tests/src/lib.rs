@@ -18,8 +18,11 @@
 //! * [`fakepeer`] — a fake replication peer that sends frames a real node
 //!   never would (blockd's own encoders, then broken on purpose).
 //! * [`netns`] — two network namespaces joined by a veth pair (a link to cut).
+//! * [`scatter`] — seeded scattered-write plans, a pipelined (kill-tolerant)
+//!   writer, dirty-granule arithmetic, sparse-aware file comparison.
 //!
-//! Environment: `BLOCKD_BIN` (binary path), `BLOCKD_TEST_SERVER`
+//! Environment: `BLOCKD_BIN` (binary path), `BLOCKD_TARGET_DIR` (the cargo
+//! target dir holding `blockd`/`blockctl` for [`pair`]), `BLOCKD_TEST_SERVER`
 //! (`blockd`|`nbdkit`), `BLOCKD_KEEP_TMP=1` (keep temp dirs).
 
 pub mod chain;
@@ -32,6 +35,7 @@ pub mod pair;
 pub mod pattern;
 pub mod proxy;
 pub mod raw;
+pub mod scatter;
 pub mod server;
 pub mod tmp;
 pub mod tools;

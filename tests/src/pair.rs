@@ -31,6 +31,9 @@ pub struct PairOpts {
     /// `ip netns exec NS`. It must exec blockd (not fork), so that the PID the
     /// harness supervises is blockd's. Empty: blockd is started directly.
     pub prefix: [Vec<String>; 2],
+    /// Raw TOML lines appended to the `[resource]` table, e.g.
+    /// `"al-extents = 32\nresync-rate = \"16MiB\"\n"`. Written before `create-md`.
+    pub extra_resource: String,
 }
 
 impl Default for PairOpts {
@@ -41,6 +44,7 @@ impl Default for PairOpts {
             clear_bitmap: true,
             replication: None,
             prefix: [Vec::new(), Vec::new()],
+            extra_resource: String::new(),
         }
     }
 }
@@ -67,7 +71,33 @@ pub struct Pair {
     pub prefix: [Vec<String>; 2],
 }
 
-fn binary(name: &str) -> PathBuf {
+/// Where `blockd` / `blockctl` are looked up, first match wins:
+/// 1. `$BLOCKD_TARGET_DIR/{release,debug}/NAME` (a cargo target dir; when set, it
+///    is the only place looked at);
+/// 2. the target dir this test binary was built into (`.../PROFILE/deps/TEST`
+///    → `.../PROFILE/NAME`), so a `CARGO_TARGET_DIR` used for both
+///    `cargo build --release` and `cargo test --release` just works;
+/// 3. `<workspace>/target/{release,debug}/NAME`.
+pub fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("BLOCKD_TARGET_DIR") {
+        let dir = PathBuf::from(dir);
+        for profile in ["release", "debug"] {
+            let p = dir.join(profile).join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+        panic!("BLOCKD_TARGET_DIR={}: no {{release,debug}}/{name} there", dir.display());
+    }
+    let own = std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.parent().filter(|d| d.ends_with("deps")).and_then(Path::parent).map(|d| d.join(name))
+        })
+        .filter(|p| p.is_file());
+    if let Some(p) = own {
+        return p;
+    }
     let root = workspace_root();
     for profile in ["release", "debug"] {
         let p = root.join("target").join(profile).join(name);
@@ -75,7 +105,11 @@ fn binary(name: &str) -> PathBuf {
             return p;
         }
     }
-    panic!("{name} binary not found under {}/target: build it first: cargo build --release", root.display());
+    panic!(
+        "{name} binary not found (BLOCKD_TARGET_DIR unset, not next to the test binary, not under \
+         {}/target): build it first: cargo build --release",
+        root.display()
+    );
 }
 
 impl Pair {
@@ -87,6 +121,10 @@ impl Pair {
             .clone()
             .unwrap_or_else(|| [free_port(), free_port()].map(|port| format!("127.0.0.1:{port}")));
         let mut text = format!("[resource]\nname = \"{EXPORT}\"\nprotocol = \"{}\"\n", opts.protocol);
+        text.push_str(&opts.extra_resource);
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
         let mut replication = replication.into_iter();
         let nodes = NODES.map(|name| {
             let disk = dir.join(&format!("{name}.img"));
@@ -180,7 +218,9 @@ impl Pair {
         out
     }
 
-    fn try_status(&self, n: usize) -> Option<Value> {
+    /// `status --json` of node `n`, or None when it does not answer (stopped,
+    /// restarting).
+    pub fn try_status(&self, n: usize) -> Option<Value> {
         let out = self.ctl(n, &["status", "--json"]);
         if !out.status.success() {
             return None;
@@ -221,6 +261,31 @@ impl Pair {
             },
             "both nodes Established",
         );
+    }
+
+    /// `peers[0]` of node `n`'s `status --json` (Null when it does not answer).
+    pub fn peer(&self, n: usize) -> Value {
+        self.try_status(n).map_or(Value::Null, |s| s["peers"][0].clone())
+    }
+
+    /// Both nodes Connected and Established (not resyncing), both disks
+    /// UpToDate as seen by either side, and nothing out of sync on either.
+    pub fn is_synced(&self) -> bool {
+        (0..2).all(|n| {
+            self.try_status(n).is_some_and(|s| {
+                let p = &s["peers"][0];
+                s["disk"] == "UpToDate"
+                    && p["connection"] == "Connected"
+                    && p["replication"] == "Established"
+                    && p["disk"] == "UpToDate"
+                    && p["out_of_sync_bytes"] == 0
+            })
+        })
+    }
+
+    /// Waits (bounded by `timeout`) until [`Pair::is_synced`].
+    pub fn wait_synced(&mut self, timeout: Duration) {
+        self.wait(timeout, |p| p.is_synced(), "both nodes Connected, Established, UpToDate, 0 out of sync");
     }
 
     /// The NBD URI of node `n`.
