@@ -75,6 +75,36 @@ impl Bitmap {
         {
             *last &= (1u64 << (len_bits % 64)) - 1;
         }
+        map.recount();
         Ok(map)
+    }
+
+    /// ORs one encoded block (as [`Bitmap::encode_block`] makes it, e.g. the peer's
+    /// bitmap at connect) into this map; bits past the device are ignored. Returns
+    /// false (and changes nothing) if `block` is out of range.
+    pub fn or_block(&mut self, block: u64, data: &[u8; BLOCK_BYTES]) -> bool {
+        if block >= self.blocks() {
+            return false;
+        }
+        let len_bits = self.len_bits();
+        let first = block as usize * WORDS_PER_BLOCK;
+        let words = self.bits.as_raw_mut_slice();
+        let end = words.len().min(first + WORDS_PER_BLOCK);
+        let last_word = words.len() - 1;
+        let mut diff = 0;
+        for (i, chunk) in (first..end).zip(data.chunks_exact(8)) {
+            let mut theirs = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            if i == last_word && !len_bits.is_multiple_of(64) {
+                theirs &= (1u64 << (len_bits % 64)) - 1;
+            }
+            let merged = words[i] | theirs;
+            diff |= merged ^ words[i];
+            self.ones += u64::from((merged ^ words[i]).count_ones());
+            words[i] = merged;
+        }
+        if diff != 0 {
+            self.changed.set(block as usize, true);
+        }
+        true
     }
 }

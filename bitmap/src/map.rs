@@ -18,6 +18,9 @@ pub struct Bitmap {
     pub(crate) granularity_bytes: u64,
     /// log2(granularity_bytes).
     pub(crate) shift: u32,
+    /// Set bits, kept current by every mutation so counting is O(1) (status reads
+    /// it after every event).
+    pub(crate) ones: u64,
 }
 
 impl Bitmap {
@@ -45,6 +48,7 @@ impl Bitmap {
             device_bytes,
             granularity_bytes,
             shift: granularity_bytes.trailing_zeros(),
+            ones: 0,
         })
     }
 
@@ -78,7 +82,9 @@ impl Bitmap {
         }
         let first = (bytes.start >> self.shift) as usize;
         let last = end.div_ceil(self.granularity_bytes) as usize;
+        let before = self.bits[first..last].count_ones() as u64;
         self.bits[first..last].fill(true);
+        self.ones += (last - first) as u64 - before;
         self.mark_changed(first, last);
     }
 
@@ -94,6 +100,7 @@ impl Bitmap {
         if first >= last {
             return;
         }
+        self.ones -= self.bits[first..last].count_ones() as u64;
         self.bits[first..last].fill(false);
         self.mark_changed(first, last);
     }
@@ -105,7 +112,12 @@ impl Bitmap {
 
     /// Number of dirty granules.
     pub fn count_bits(&self) -> u64 {
-        self.bits.as_raw_slice().iter().map(|w| u64::from(w.count_ones())).sum()
+        self.ones
+    }
+
+    /// Recounts the set bits after a bulk change of the raw words.
+    pub(crate) fn recount(&mut self) {
+        self.ones = self.bits.as_raw_slice().iter().map(|w| u64::from(w.count_ones())).sum();
     }
 
     /// Dirty bytes: whole granules, the last one clamped to the device end.
@@ -152,6 +164,7 @@ impl Bitmap {
                 self.changed.set(block, true);
             }
         }
+        self.recount();
         Ok(())
     }
 
@@ -159,12 +172,14 @@ impl Bitmap {
     pub fn clear_all(&mut self) {
         self.bits.fill(false);
         self.changed.fill(true);
+        self.ones = 0;
     }
 
     /// Sets every bit.
     pub fn set_all(&mut self) {
         self.bits.fill(true);
         self.changed.fill(true);
+        self.ones = self.len_bits();
     }
 
     /// Records that bits `first..last` (non-empty) changed.

@@ -301,3 +301,28 @@ fn one_tib_at_4k_is_fast() {
     map.clear_range(0..device);
     assert_eq!(map.runs().count(), 0);
 }
+
+#[test]
+fn or_block_merges_an_encoded_block_and_keeps_the_count() {
+    // 3 blocks' worth of granules plus a partial last word.
+    let device = (2 * crate::BITS_PER_BLOCK + 100) * 4096;
+    let mut theirs = Bitmap::new(device, 4096).unwrap();
+    theirs.set_range(0..8192);
+    theirs.set_range(device - 4096..device);
+    let mut ours = Bitmap::new(device, 4096).unwrap();
+    ours.set_range(4096..3 * 4096);
+    ours.mark_persisted();
+    let mut block = [0u8; BLOCK_BYTES];
+    for b in 0..theirs.blocks() {
+        theirs.encode_block(b, &mut block);
+        assert!(ours.or_block(b, &block));
+    }
+    assert_eq!(runs(&ours), vec![0..3 * 4096, device - 4096..device]);
+    assert_eq!(ours.count_bits(), 4);
+    assert_eq!(ours.changed_blocks().collect::<Vec<_>>(), vec![0, 2]);
+    assert!(!ours.or_block(theirs.blocks(), &block), "out of range is refused");
+    // Garbage past the device's last granule is ignored.
+    let all_ones = [0xffu8; BLOCK_BYTES];
+    ours.or_block(2, &all_ones);
+    assert_eq!(ours.count_bits(), 4 + 99);
+}

@@ -189,7 +189,8 @@ fn run(cli: Cli) -> Result<(), Fail> {
         Verb::Verify { resource, repair } => {
             let config = load(cli.config, resource.as_deref())?;
             let node = local(&config, node_arg)?;
-            let result = client::request_long(&node, &serde_json::json!({"cmd": "verify", "repair": repair}))?;
+            let result =
+                client::request_long(&node, &serde_json::json!({"cmd": "verify", "repair": repair}))?;
             let field = |k: &str| result.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
             println!(
                 "verify: {} bytes out of sync of {} compared{}",

@@ -9,6 +9,10 @@
 //! # bitmap-granularity = "4KiB"   # power of two, 4KiB..1MiB; default 4KiB
 //! # send-buffer = "64MiB"         # protocol A: frames queued for the peer before
 //! #                               # writes wait for acknowledgement; 64KiB..4GiB
+//! # al-extents = 1237             # activity-log size in 4 MiB extents; 16..8000
+//! # resync-rate = "auto"          # or bytes per second, e.g. "100MiB"; at least 1MiB
+//! # resync-min-rate = "8MiB"      # auto: the rate kept while applications write
+//! # resync-checksum = false       # resync sends only granules whose digests differ
 //!
 //! [[node]]
 //! name = "alpha"
@@ -25,13 +29,15 @@
 //!   text; [`Config::local_node`] picks this host's node (`--node` or the host name) and
 //!   [`Config::peers`] the others.
 //! - [`ResourceConfig`]: name, [`Protocol`], optional size and the bitmap granularity,
-//!   both in bytes.
+//!   both in bytes, the send buffer, the activity-log size, and the resync settings
+//!   ([`ResyncRate`], minimum rate, checksum mode).
 //! - [`NodeConfig`]: name, replication address ([`HostPort`]), NBD listen addresses
 //!   ([`ListenAddr`], TCP or Unix), disk, [`MetaLocation`] and control socket path.
 //! - [`ConfigError`]: every problem as one line, `FILE:LINE: key `PATH`: what is wrong`.
 //!
 //! Sizes are a TOML integer (bytes) or a string with an optional binary unit (`B`,
 //! `KiB`, `MiB`, `GiB`, `TiB`; `"4 KiB"` is fine, `"10GB"` is refused with a hint).
+//! Rates are sizes per second; a string may end in `/s` (`"100MiB/s"`).
 //! Paths must be absolute. Rules checked beyond the types: names are non-empty and
 //! use `[A-Za-z0-9_.-]`; node names are unique; no TCP address (replication or NBD)
 //! and no Unix socket path (NBD or control) is used twice in the file, since the nodes
@@ -65,6 +71,19 @@ pub const DEFAULT_SEND_BUFFER_BYTES: u64 = 64 << 20;
 pub const MIN_SEND_BUFFER_BYTES: u64 = 64 << 10;
 /// Largest allowed send buffer.
 pub const MAX_SEND_BUFFER_BYTES: u64 = 4 << 30;
+/// Default activity-log size in extents (DRBD's `al-extents` default).
+pub const DEFAULT_AL_EXTENTS: u32 = 1237;
+/// Fewest activity-log extents: a smaller log would write its slot on almost every
+/// write that touches a new region.
+pub const MIN_AL_EXTENTS: u32 = 16;
+/// Most activity-log extents: what one on-disk AL slot holds
+/// ([`crate::meta::MAX_AL_EXTENTS`] is this value).
+pub const MAX_AL_EXTENTS_CONFIG: u32 = 8000;
+/// Default `resync-min-rate`.
+pub const DEFAULT_RESYNC_MIN_RATE_BYTES_PER_SEC: u64 = 8 << 20;
+/// Lowest `resync-rate` and `resync-min-rate`: slower would take days for a
+/// terabyte and is more likely a unit mistake than an intent.
+pub const MIN_RESYNC_RATE_BYTES_PER_SEC: u64 = 1 << 20;
 /// Directory of the default control sockets.
 pub const DEFAULT_CONTROL_DIR: &str = "/run/blockd";
 
@@ -93,6 +112,27 @@ pub struct ResourceConfig {
     /// Protocol A: bytes of replication frames queued but not yet sent beyond which
     /// writes wait for their acknowledgement (SPEC §9 bounded send buffer).
     pub send_buffer_bytes: u64,
+    /// Activity-log size: how many 4 MiB extents may be hot (written to without the
+    /// bitmap being updated first); [`MIN_AL_EXTENTS`]..=[`MAX_AL_EXTENTS_CONFIG`].
+    pub al_extents: u32,
+    /// How fast a resync may copy; default [`ResyncRate::Auto`].
+    pub resync_rate: ResyncRate,
+    /// Auto mode: the resync rate kept while application I/O is active.
+    pub resync_min_rate_bytes_per_sec: u64,
+    /// Checksum-based resync: the target sends per-granule digests and the source
+    /// sends only granules that differ.
+    pub resync_checksum: bool,
+}
+
+/// `resync-rate`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ResyncRate {
+    /// As fast as the disks and link allow while the device is idle, falling back to
+    /// `resync-min-rate` while applications write.
+    #[default]
+    Auto,
+    /// A fixed ceiling.
+    Fixed { bytes_per_sec: u64 },
 }
 
 /// Replication protocol (SPEC §4).
@@ -266,6 +306,17 @@ impl Config {
         }
         let _ = writeln!(out, "bitmap-granularity = {}", r.bitmap_granularity_bytes);
         let _ = writeln!(out, "send-buffer = {}", r.send_buffer_bytes);
+        let _ = writeln!(out, "al-extents = {}", r.al_extents);
+        match r.resync_rate {
+            ResyncRate::Auto => {
+                let _ = writeln!(out, "resync-rate = {}", q("auto"));
+            }
+            ResyncRate::Fixed { bytes_per_sec } => {
+                let _ = writeln!(out, "resync-rate = {bytes_per_sec}");
+            }
+        }
+        let _ = writeln!(out, "resync-min-rate = {}", r.resync_min_rate_bytes_per_sec);
+        let _ = writeln!(out, "resync-checksum = {}", r.resync_checksum);
         for n in &self.nodes {
             let nbd: Vec<String> = n.nbd.iter().map(|a| q(&a.to_string())).collect();
             let meta = match &n.meta {

@@ -27,6 +27,10 @@ pub(super) struct RawResource {
     pub size: Option<Spanned<RawSize>>,
     pub bitmap_granularity: Option<Spanned<RawSize>>,
     pub send_buffer: Option<Spanned<RawSize>>,
+    pub al_extents: Option<Spanned<RawInt>>,
+    pub resync_rate: Option<Spanned<RawRate>>,
+    pub resync_min_rate: Option<Spanned<RawRate>>,
+    pub resync_checksum: Option<Spanned<bool>>,
 }
 
 /// One `[[node]]`.
@@ -88,25 +92,71 @@ pub(super) enum RawSize {
 
 impl<'de> Deserialize<'de> for RawSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SizeVisitor(r#"a size (a number of bytes, or a string such as "4KiB")"#))
+    }
+}
+
+/// A rate as written: a size (bytes per second, a string may end in `/s`) or, where
+/// the key allows it, `"auto"`; told apart by validation.
+#[derive(Debug, Clone)]
+pub(super) struct RawRate(pub RawSize);
+
+impl<'de> Deserialize<'de> for RawRate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let expecting = r#"a rate (bytes per second, or a string such as "100MiB")"#;
+        d.deserialize_any(SizeVisitor(expecting)).map(RawRate)
+    }
+}
+
+impl RawRate {
+    /// The keyword `"auto"` (exact spelling, surrounding blanks allowed).
+    pub fn is_auto(&self) -> bool {
+        matches!(&self.0, RawSize::Str(s) if s.trim() == "auto")
+    }
+}
+
+/// Reads a [`RawSize`]; the string is what type errors say was expected.
+struct SizeVisitor(&'static str);
+
+impl Visitor<'_> for SizeVisitor {
+    type Value = RawSize;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawSize, E> {
+        Ok(RawSize::Int(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawSize, E> {
+        // TOML integers are i64, so this only happens for other inputs; the
+        // string form is range-checked like any other size string.
+        Ok(i64::try_from(v).map_or_else(|_| RawSize::Str(v.to_string()), RawSize::Int))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawSize, E> {
+        Ok(RawSize::Float(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSize, E> {
+        Ok(RawSize::Str(v.to_owned()))
+    }
+}
+
+/// A plain TOML integer (a count, not a size: no units), range-checked by validation.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RawInt(pub i64);
+
+impl<'de> Deserialize<'de> for RawInt {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl Visitor<'_> for V {
-            type Value = RawSize;
+            type Value = RawInt;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(r#"a size (a number of bytes, or a string such as "4KiB")"#)
+                f.write_str("an integer")
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawSize, E> {
-                Ok(RawSize::Int(v))
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawInt, E> {
+                Ok(RawInt(v))
             }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawSize, E> {
-                // TOML integers are i64, so this only happens for other inputs; the
-                // string form is range-checked like any other size string.
-                Ok(i64::try_from(v).map_or_else(|_| RawSize::Str(v.to_string()), RawSize::Int))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawSize, E> {
-                Ok(RawSize::Float(v))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSize, E> {
-                Ok(RawSize::Str(v.to_owned()))
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawInt, E> {
+                // Only non-TOML inputs get here; anything past i64 is out of range anyway.
+                Ok(RawInt(i64::try_from(v).unwrap_or(i64::MAX)))
             }
         }
         d.deserialize_any(V)

@@ -95,6 +95,10 @@ fn spec_example_parses_with_defaults() {
             size_bytes: None,
             bitmap_granularity_bytes: 4096,
             send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
+            al_extents: 1237,
+            resync_rate: ResyncRate::Auto,
+            resync_min_rate_bytes_per_sec: 8 << 20,
+            resync_checksum: false,
         }
     );
     assert_eq!(c.nodes.len(), 2);
@@ -300,7 +304,8 @@ fn unknown_keys() {
     assert_eq!(
         err(&spec_with(&[(L_GRANULARITY, "bitmap_granularity = 4096")])),
         "r0.toml:5: key `resource.bitmap_granularity`: unknown key \
-         (expected one of: name, protocol, size, bitmap-granularity, send-buffer)"
+         (expected one of: name, protocol, size, bitmap-granularity, send-buffer, al-extents, \
+         resync-rate, resync-min-rate, resync-checksum)"
     );
     assert_eq!(
         err(&spec_with(&[(1, "[resources]")])),
@@ -649,7 +654,8 @@ fn effective_toml_round_trips_with_defaults_filled() {
     let shown = cfg.effective_toml();
     assert!(
         shown.contains(
-            "protocol = \"C\"\nsize = 1073741824\nbitmap-granularity = 4096\nsend-buffer = 67108864\n"
+            "protocol = \"C\"\nsize = 1073741824\nbitmap-granularity = 4096\nsend-buffer = 67108864\n\
+             al-extents = 1237\nresync-rate = \"auto\"\nresync-min-rate = 8388608\nresync-checksum = false\n"
         ),
         "{shown}"
     );
@@ -669,4 +675,128 @@ fn send_buffer_is_a_bounded_size() {
         err.to_string(),
         "r0.toml:3: key `resource.send-buffer`: \"1KiB\" is not allowed; use 64KiB to 4GiB"
     );
+}
+
+/// A minimal config with one `[resource]` line set to `line` (line 3).
+fn with_resource_line(line: &str) -> String {
+    format!(
+        "[resource]\nname = \"r0\"\n{line}\n\n[[node]]\nname = \"alpha\"\nreplication = \"127.0.0.1:7789\"\n\
+         nbd = \"127.0.0.1:10809\"\ndisk = \"/d.img\"\nmeta = \"internal\"\n"
+    )
+}
+
+#[test]
+fn al_extents_default_range_and_errors() {
+    assert_eq!(ok(SPEC_EXAMPLE).resource.al_extents, DEFAULT_AL_EXTENTS);
+    assert_eq!(DEFAULT_AL_EXTENTS, 1237);
+    assert_eq!(crate::meta::DEFAULT_AL_EXTENTS, DEFAULT_AL_EXTENTS);
+    for n in [16, 1237, 8000] {
+        assert_eq!(ok(&with_resource_line(&format!("al-extents = {n}"))).resource.al_extents, n);
+    }
+    for n in ["15", "0", "-1", "8001", "4294967312", "9223372036854775807"] {
+        assert_eq!(
+            err(&with_resource_line(&format!("al-extents = {n}"))),
+            format!(
+                "r0.toml:3: key `resource.al-extents`: {n} is not allowed; use 16 to 8000 (extents of 4MiB)"
+            )
+        );
+    }
+    assert_eq!(
+        err(&with_resource_line(r#"al-extents = "1237""#)),
+        r#"r0.toml:3: key `resource.al-extents`: expected an integer, found string "1237""#
+    );
+    assert_eq!(
+        err(&with_resource_line("al-extents = 12.5")),
+        "r0.toml:3: key `resource.al-extents`: expected an integer, found float `12.5`"
+    );
+}
+
+#[test]
+fn resync_rate_auto_or_fixed() {
+    assert_eq!(ok(SPEC_EXAMPLE).resource.resync_rate, ResyncRate::Auto);
+    for (text, want) in [
+        (r#""auto""#, ResyncRate::Auto),
+        (r#""100MiB""#, ResyncRate::Fixed { bytes_per_sec: 100 << 20 }),
+        (r#""100MiB/s""#, ResyncRate::Fixed { bytes_per_sec: 100 << 20 }),
+        (r#""1 GiB/s""#, ResyncRate::Fixed { bytes_per_sec: 1 << 30 }),
+        ("1048576", ResyncRate::Fixed { bytes_per_sec: 1 << 20 }),
+    ] {
+        let c = ok(&with_resource_line(&format!("resync-rate = {text}")));
+        assert_eq!(c.resource.resync_rate, want, "{text}");
+    }
+    let e = |text: &str| err(&with_resource_line(&format!("resync-rate = {text}")));
+    let key = "r0.toml:3: key `resource.resync-rate`: ";
+    assert_eq!(
+        e(r#""512KiB""#),
+        format!(r#"{key}"512KiB" is not allowed; use "auto" or at least 1MiB (bytes per second)"#)
+    );
+    assert_eq!(
+        e("1048575"),
+        format!(r#"{key}1048575 is not allowed; use "auto" or at least 1MiB (bytes per second)"#)
+    );
+    assert_eq!(e(r#""fast""#), format!(r#"{key}expected "auto" or a rate such as "100MiB", found "fast""#));
+    assert_eq!(e(r#""Auto""#), format!(r#"{key}expected "auto" or a rate such as "100MiB", found "Auto""#));
+    assert_eq!(
+        e(r#""100MB/s""#),
+        format!(r#"{key}"100MB" is not a size; use a binary suffix such as "100MiB""#)
+    );
+    assert_eq!(e("-5"), format!("{key}-5 is not a size; sizes cannot be negative"));
+    assert_eq!(
+        e("true"),
+        format!(
+            r#"{key}expected a rate (bytes per second, or a string such as "100MiB"), found boolean `true`"#
+        )
+    );
+}
+
+#[test]
+fn resync_min_rate_and_checksum() {
+    let c = ok(SPEC_EXAMPLE);
+    assert_eq!((c.resource.resync_min_rate_bytes_per_sec, c.resource.resync_checksum), (8 << 20, false));
+    let c = ok(&with_resource_line(r#"resync-min-rate = "20MiB/s""#));
+    assert_eq!(c.resource.resync_min_rate_bytes_per_sec, 20 << 20);
+    let c = ok(&with_resource_line("resync-min-rate = 1048576"));
+    assert_eq!(c.resource.resync_min_rate_bytes_per_sec, 1 << 20);
+    let key = "r0.toml:3: key `resource.resync-min-rate`: ";
+    assert_eq!(
+        err(&with_resource_line(r#"resync-min-rate = "auto""#)),
+        format!(r#"{key}"auto" is not allowed here; give a rate such as "8MiB""#)
+    );
+    assert_eq!(
+        err(&with_resource_line(r#"resync-min-rate = "1KiB""#)),
+        format!(r#"{key}"1KiB" is not allowed; use at least 1MiB (bytes per second)"#)
+    );
+    assert_eq!(
+        err(&with_resource_line(r#"resync-min-rate = "slow""#)),
+        format!(r#"{key}expected a rate such as "100MiB", found "slow""#)
+    );
+
+    assert!(ok(&with_resource_line("resync-checksum = true")).resource.resync_checksum);
+    assert!(!ok(&with_resource_line("resync-checksum = false")).resource.resync_checksum);
+    assert_eq!(
+        err(&with_resource_line(r#"resync-checksum = "yes""#)),
+        r#"r0.toml:3: key `resource.resync-checksum`: expected a boolean, found string "yes""#
+    );
+}
+
+#[test]
+fn effective_toml_round_trips_new_keys() {
+    let text = with_resource_line(
+        "al-extents = 3000\nresync-rate = \"250MiB/s\"\nresync-min-rate = \"4MiB\"\nresync-checksum = true",
+    );
+    let cfg = ok(&text);
+    let r = &cfg.resource;
+    assert_eq!(
+        (r.al_extents, r.resync_rate, r.resync_min_rate_bytes_per_sec, r.resync_checksum),
+        (3000, ResyncRate::Fixed { bytes_per_sec: 250 << 20 }, 4 << 20, true)
+    );
+    let shown = cfg.effective_toml();
+    assert!(
+        shown.contains(
+            "al-extents = 3000\nresync-rate = 262144000\nresync-min-rate = 4194304\nresync-checksum = true\n"
+        ),
+        "{shown}"
+    );
+    let again = Config::parse(&shown, Path::new("shown.toml")).unwrap();
+    assert_eq!(again.resource, cfg.resource);
 }

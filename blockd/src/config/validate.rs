@@ -10,15 +10,17 @@ use std::path::{Path, PathBuf};
 use serde_path_to_error::Segment;
 use toml::Spanned;
 
-use super::raw::{RawConfig, RawNbd, RawNode, RawResource, RawSize};
+use super::raw::{RawConfig, RawNbd, RawNode, RawRate, RawResource, RawSize};
 use super::values::{
     UNIX_PATH_MAX, check_abs_path, check_name, check_unix_path, parse_host_port, parse_listen_addr,
     parse_size,
 };
 use super::{
-    Config, ConfigError, DEFAULT_BITMAP_GRANULARITY, DEFAULT_CONTROL_DIR, DEFAULT_SEND_BUFFER_BYTES,
-    HostPort, ListenAddr, MAX_BITMAP_GRANULARITY, MAX_SEND_BUFFER_BYTES, MIN_BITMAP_GRANULARITY,
-    MIN_SEND_BUFFER_BYTES, MetaLocation, NodeConfig, Protocol, ResourceConfig,
+    Config, ConfigError, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_GRANULARITY, DEFAULT_CONTROL_DIR,
+    DEFAULT_RESYNC_MIN_RATE_BYTES_PER_SEC, DEFAULT_SEND_BUFFER_BYTES, HostPort, ListenAddr,
+    MAX_AL_EXTENTS_CONFIG, MAX_BITMAP_GRANULARITY, MAX_SEND_BUFFER_BYTES, MIN_AL_EXTENTS,
+    MIN_BITMAP_GRANULARITY, MIN_RESYNC_RATE_BYTES_PER_SEC, MIN_SEND_BUFFER_BYTES, MetaLocation, NodeConfig,
+    Protocol, ResourceConfig, ResyncRate,
 };
 
 /// Sizes must be whole sectors.
@@ -233,13 +235,78 @@ impl Cx<'_> {
             }
         };
 
+        let al_extents = match &raw.al_extents {
+            None => DEFAULT_AL_EXTENTS,
+            Some(n) => {
+                let v = n.get_ref().0;
+                match u32::try_from(v) {
+                    Ok(v) if (MIN_AL_EXTENTS..=MAX_AL_EXTENTS_CONFIG).contains(&v) => v,
+                    _ => {
+                        let why = format!(
+                            "{v} is not allowed; use {MIN_AL_EXTENTS} to {MAX_AL_EXTENTS_CONFIG} \
+                             (extents of 4MiB)"
+                        );
+                        return Err(self.at(n, "resource.al-extents", why));
+                    }
+                }
+            }
+        };
+
+        let resync_rate = match &raw.resync_rate {
+            None => ResyncRate::Auto,
+            Some(r) if r.get_ref().is_auto() => ResyncRate::Auto,
+            Some(r) => ResyncRate::Fixed { bytes_per_sec: self.rate(r, "resource.resync-rate", true)? },
+        };
+        let resync_min_rate_bytes_per_sec = match &raw.resync_min_rate {
+            None => DEFAULT_RESYNC_MIN_RATE_BYTES_PER_SEC,
+            Some(r) if r.get_ref().is_auto() => {
+                let why = r#""auto" is not allowed here; give a rate such as "8MiB""#.to_owned();
+                return Err(self.at(r, "resource.resync-min-rate", why));
+            }
+            Some(r) => self.rate(r, "resource.resync-min-rate", false)?,
+        };
+        let resync_checksum = raw.resync_checksum.as_ref().is_some_and(|b| *b.get_ref());
+
         Ok(ResourceConfig {
             name: name.get_ref().clone(),
             protocol,
             size_bytes,
             bitmap_granularity_bytes,
             send_buffer_bytes,
+            al_extents,
+            resync_rate,
+            resync_min_rate_bytes_per_sec,
+            resync_checksum,
         })
+    }
+
+    /// A rate in bytes per second (a string may end in `/s`), at least
+    /// [`MIN_RESYNC_RATE_BYTES_PER_SEC`]. `auto_ok`: the key also takes `"auto"` (handled
+    /// by the caller), which the messages then mention.
+    fn rate(&self, raw: &Spanned<RawRate>, key: &str, auto_ok: bool) -> Result<u64, ConfigError> {
+        let written = &raw.get_ref().0;
+        let hint = if auto_ok { r#""auto" or "# } else { "" };
+        let size = match written {
+            // "100MiB/s" reads naturally for a rate; the unit is per second anyway.
+            RawSize::Str(s) => RawSize::Str(s.trim_end().strip_suffix("/s").unwrap_or(s).to_owned()),
+            other => other.clone(),
+        };
+        let bytes = parse_size(&size).map_err(|m| {
+            // A bare word ("fast", "max") is a misspelt keyword more likely than a size.
+            let word = matches!(&size, RawSize::Str(s) if s.trim().bytes().all(|b| b.is_ascii_alphabetic()));
+            let m = if word {
+                format!(r#"expected {hint}a rate such as "100MiB", found {}"#, describe(written))
+            } else {
+                m
+            };
+            self.at(raw, key, m)
+        })?;
+        if bytes < MIN_RESYNC_RATE_BYTES_PER_SEC {
+            let why =
+                format!("{} is not allowed; use {hint}at least 1MiB (bytes per second)", describe(written));
+            return Err(self.at(raw, key, why));
+        }
+        Ok(bytes)
     }
 
     /// One `[[node]]` (`key` is `node[i]`). `names` maps the node names seen so far to

@@ -95,6 +95,35 @@ pub enum MetaError {
     /// store a value the format cannot hold.
     #[error("{at}: refused metadata update: {detail}")]
     BadUpdate { at: String, detail: String },
+
+    /// A bitmap block on disk does not match its crc32c in the table (a torn or
+    /// corrupt block, or a torn table page). The caller must not use any of the bitmap:
+    /// the safe fallback is to treat the whole device as out of sync.
+    #[error(
+        "{at}: bitmap block {block} is corrupt (crc32c in the table {expected:#010x}, of the \
+         block {found:#010x}): the bitmap cannot be trusted"
+    )]
+    BitmapCorrupt { at: String, block: u64, expected: u32, found: u32 },
+
+    /// A bitmap read or write that does not fit this metadata (wrong device size, block
+    /// index past the bitmap area, a block whose crc is not its data's): a caller bug,
+    /// refused before anything is written.
+    #[error("{at}: refused bitmap I/O: {detail}")]
+    BadBitmapIo { at: String, detail: String },
+
+    /// `write_al` was given more extents than one activity-log slot holds.
+    #[error(
+        "{at}: refused activity-log write: {count} hot extents, one slot holds at most {max} \
+         (lower resource.al-extents)"
+    )]
+    TooManyAlExtents { at: String, count: usize, max: u32 },
+
+    /// `write_al` was given an extent past the end of the data area.
+    #[error(
+        "{at}: refused activity-log write: extent {extent} starts at byte {start_bytes}, past the \
+         data area of {data_bytes} bytes"
+    )]
+    AlExtentOutOfRange { at: String, extent: u32, start_bytes: u64, data_bytes: u64 },
 }
 
 impl MetaError {

@@ -5,7 +5,10 @@
 //! - [`Layout`]: where data, bitmap, activity log (AL) and superblock live (pure).
 //! - [`Superblock`]: the header's fields; its slot encoding is in `superblock.rs`.
 //! - [`MetaStore`]: owns the (locked) metadata file; [`MetaStore::create`],
-//!   [`MetaStore::open`], [`MetaStore::update`], [`MetaStore::dump`].
+//!   [`MetaStore::open`], [`MetaStore::update`], [`MetaStore::dump`]; the bitmap
+//!   ([`MetaStore::read_bitmap`], [`MetaStore::write_bitmap_blocks`] with
+//!   [`BitmapBlock`], in `bitmap_io.rs`) and the activity log ([`MetaStore::read_al`],
+//!   [`MetaStore::write_al`], in `al.rs`).
 //! - [`MetaError`]: every error names the path (`disk /x.img` or `meta /m.md`).
 //!
 //! # On-disk format (version 1)
@@ -18,8 +21,28 @@
 //!   whatever the bitmap size).
 //!
 //! Bitmap area: `ceil(data / granularity / 8)` bytes rounded up to 4 KiB (one bit per
-//! granule, one peer), then one crc32c per 4 KiB bitmap block, rounded up to 4 KiB.
-//! `create` zeroes the bitmap and AL areas; their formats belong to the bitmap crate.
+//! granule, one peer), then the crc table: one little-endian u32 crc32c per 4 KiB
+//! bitmap block, rounded up to 4 KiB. The encoding of the bits is the `bitmap` crate's
+//! (bit `i` is bit `i % 64` of LE u64 word `i / 64`). `create` writes a valid empty
+//! bitmap: zero bits, and in every table entry the crc32c of a zero block (which is
+//! not 0, so a zeroed table is corrupt, not empty). A block that does not match its
+//! entry makes the whole bitmap untrusted.
+//!
+//! Activity-log area (64 KiB): two 32 KiB slots, A then B, each holding the whole set
+//! of hot extents (extent `e` = bytes `e * 4 MiB ..`), all integers little-endian:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `BLKDALOG` |
+//! | 8 | 4 | version (1) |
+//! | 12 | 4 | crc32c of the 32 KiB slot with these 4 bytes as zero |
+//! | 16 | 8 | sequence (highest valid slot wins) |
+//! | 24 | 4 | count (at most [`MAX_AL_EXTENTS`]) |
+//! | 28 | 4 × count | extent numbers; the rest of the slot is zero |
+//!
+//! A slot with a bad magic, version, crc or count is ignored; no valid slot (as after
+//! `create`, which zeroes the area) is the empty set. A write goes to the slot not
+//! holding the newest copy, with its sequence + 1, then `fdatasync`.
 //!
 //! Superblock slot: 4096 bytes, all integers **little-endian**, unused bytes zero:
 //!
@@ -52,14 +75,24 @@
 //! An update writes the slot *not* holding the current copy with `sequence + 1`, then
 //! `fdatasync`s, and only then becomes current: a crash or torn write at any point
 //! leaves the previous slot intact, and reading takes the valid slot with the highest
-//! sequence. `create` zeroes the areas and syncs before it writes any superblock (and,
-//! with `force`, first wipes the old slots), so a half-done create never looks valid.
+//! sequence. The AL alternates its two slots the same way. `create` writes the empty
+//! bitmap and zeroes the AL and syncs before it writes any superblock (and, with
+//! `force`, first wipes the old slots), so a half-done create never looks valid.
+//!
+//! Bitmap blocks are written in place (bits, then the touched crc-table pages, then
+//! one `fdatasync`): a crash in between can leave a block and its crc disagreeing,
+//! which reading reports as corruption; the caller then treats the device as wholly
+//! out of sync rather than trusting any of the bitmap.
 
+mod al;
+mod bitmap_io;
 mod error;
 mod io;
 pub mod layout;
 mod superblock;
 
+#[cfg(test)]
+mod area_tests;
 #[cfg(test)]
 mod tests;
 
@@ -69,6 +102,8 @@ use std::path::{Path, PathBuf};
 use crate::config::MetaLocation;
 use crate::state::{DiskState, Generations};
 
+pub use self::al::{AL_MAGIC, AL_VERSION, MAX_AL_EXTENTS};
+pub use self::bitmap_io::BitmapBlock;
 pub use self::error::MetaError;
 pub use self::io::random_id;
 pub use self::layout::{Layout, MetaKind};
@@ -77,6 +112,8 @@ pub use self::superblock::{
     clear_bitmap_gen,
 };
 
+use self::al::AlNewest;
+use self::bitmap_io::CrcTable;
 use self::io::MetaFile;
 use self::layout::{MIN_DATA_BYTES, SUPERBLOCK_SLOT_BYTES};
 use self::superblock::{SlotProblem, StoredGeometry};
@@ -150,6 +187,11 @@ pub struct MetaStore {
     sb: Superblock,
     /// Index of the slot holding `sb` (0 = A).
     current_slot: usize,
+    /// The bitmap's crc table as last written (loaded at open), so that a crc update
+    /// writes its table page without reading it first.
+    crcs: CrcTable,
+    /// The AL slot holding the newest valid copy, if any.
+    al: Option<AlNewest>,
 }
 
 /// What reading both slots found.
@@ -227,9 +269,10 @@ impl Slots {
 }
 
 impl MetaStore {
-    /// Initializes the metadata: zeroes the bitmap and AL areas, then writes both
-    /// superblock slots, durably. Refuses if a valid superblock exists unless
-    /// `opts.force`. An external metadata file that does not exist is created.
+    /// Initializes the metadata: writes an empty bitmap (zero bits, valid crcs) and
+    /// zeroes the AL area (no hot extents), then writes both superblock slots,
+    /// durably. Refuses if a valid superblock exists unless `opts.force`. An external
+    /// metadata file that does not exist is created.
     ///
     /// With `opts.clear_bitmap`: `disk = UpToDate`, `consistent`, and the current
     /// generation is [`clear_bitmap_gen`] of the resource name and exported size,
@@ -278,6 +321,7 @@ impl MetaStore {
             file.sync()?;
         }
         file.zero(layout.bitmap_offset_bytes, layout.bitmap_bytes, "bitmap area")?;
+        CrcTable::empty(&layout).write_all(&file, &layout)?;
         file.zero(layout.al_offset_bytes, layout.al_bytes, "activity-log area")?;
         file.sync()?;
 
@@ -389,7 +433,9 @@ impl MetaStore {
             return Err(slots.none_valid(&at));
         };
         let sb = sb.clone();
-        Ok(MetaStore { file, target: loc.clone(), layout, sb, current_slot })
+        let crcs = CrcTable::load(&file, &layout)?;
+        let al = al::load_newest(&file, &layout)?;
+        Ok(MetaStore { file, target: loc.clone(), layout, sb, current_slot, crcs, al })
     }
 
     /// Checks that this metadata belongs to `resource` and `node` (the config's).
@@ -505,6 +551,22 @@ impl MetaStore {
         line("al_offset_bytes", &l.al_offset_bytes);
         line("al_bytes", &l.al_bytes);
         line("superblock_offset_bytes", &l.superblock_offset_bytes);
+        // Reads the whole bitmap: fine for an operator's dump, not for a hot path.
+        match self.read_bitmap(sb.data_size_bytes) {
+            Ok(map) => line("bitmap_dirty_bytes", &map.dirty_bytes()),
+            Err(MetaError::BitmapCorrupt { block, expected, found, .. }) => line(
+                "bitmap",
+                &format_args!(
+                    "corrupt (block {block}: crc32c in the table {expected:#010x}, of the block \
+                     {found:#010x})"
+                ),
+            ),
+            Err(e) => line("bitmap", &format_args!("unreadable ({e})")),
+        }
+        match self.read_al() {
+            Ok(extents) => line("al_hot_extents", &extents.len()),
+            Err(e) => line("al_hot_extents", &format_args!("unreadable ({e})")),
+        }
         out
     }
 }

@@ -17,8 +17,9 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const NAME_MAX_BYTES: usize = 64;
 /// Activity-log extent: 4 MiB, as DRBD.
 pub const AL_EXTENT_BYTES: u64 = 4 << 20;
-/// Default number of activity-log extents (DRBD's `al-extents` default).
-pub const DEFAULT_AL_EXTENTS: u32 = 1237;
+/// Default number of activity-log extents: the config's `al-extents` default (one
+/// definition, there).
+pub use crate::config::DEFAULT_AL_EXTENTS;
 
 const SLOT: usize = SUPERBLOCK_SLOT_BYTES as usize;
 
@@ -240,7 +241,9 @@ impl Superblock {
                 self.data_size_bytes, layout.data_bytes
             ));
         }
-        if self.al_extent_bytes == 0 || !self.al_extent_bytes.is_power_of_two() || self.al_extents == 0 {
+        // More extents than an AL slot holds could never be recorded.
+        let al_extents_ok = (1..=super::MAX_AL_EXTENTS).contains(&self.al_extents);
+        if self.al_extent_bytes == 0 || !self.al_extent_bytes.is_power_of_two() || !al_extents_ok {
             return Err(format!(
                 "activity log of {} extents of {} bytes",
                 self.al_extents, self.al_extent_bytes

@@ -298,7 +298,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         }
         self.head[start + CRC_AT..start + FRAME_HEADER_BYTES].copy_from_slice(&crc.to_be_bytes());
         self.next_seq += 1;
-        if let Message::Write { data, .. } | Message::ResyncData { data, .. } = msg
+        if let Some(data) = msg.into_data()
             && !data.is_empty()
         {
             self.segments.push(Segment::Head(self.head_mark..self.head.len()));

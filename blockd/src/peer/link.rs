@@ -229,7 +229,9 @@ fn check_range(msg: &Message, size_bytes: u64) -> Result<(), LinkError> {
         Message::Trim { offset, len, .. }
         | Message::WriteZeroes { offset, len, .. }
         | Message::ResyncZeroes { offset, len }
-        | Message::ResyncAck { offset, len, .. } => (*offset, *len),
+        | Message::ResyncAck { offset, len, .. }
+        | Message::DigestReq { offset, len, .. }
+        | Message::Digests { offset, len, .. } => (*offset, *len),
         _ => return Ok(()),
     };
     let end = u128::from(offset) + u128::from(len);

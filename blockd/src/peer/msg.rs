@@ -24,6 +24,11 @@
 //! | ResyncAck | 0x21 | offset 8, len 8, errno 4 |
 //! | ResyncDone | 0x22 | gens 48 |
 //! | ResyncZeroes | 0x23 | offset 8, len 8 |
+//! | BitmapBlock | 0x24 | index 8 + 4 KiB of bitmap (sync target → source at connect) |
+//! | BitmapDone | 0x25 | blocks 8 (how many `BitmapBlock`s came before) |
+//! | DigestReq | 0x26 | offset 8, len 8, after_epoch 8 |
+//! | Digests | 0x27 | offset 8, len 8 + one 16-byte xxh3-128 digest per granule |
+//! | StartRepair | 0x28 | out-of-sync bytes 8 (verify --repair: become sync target) |
 //!
 //! A string is a u16 byte length and UTF-8 bytes; gens are current, bitmap and the
 //! four history ids, 8 bytes each. Unknown enum codes and unknown flag bits are
@@ -109,6 +114,18 @@ pub enum Message {
     ResyncDone { gens: Generations },
     /// Sync source → target: the range reads as zero on the source (no data sent).
     ResyncZeroes { offset: u64, len: u64 },
+    /// Sync target → source at connect: a non-zero 4 KiB block of its bitmap.
+    BitmapBlock { index: u64, data: Buf },
+    /// Sync target → source: every non-zero bitmap block was sent.
+    BitmapDone { blocks: u64 },
+    /// Digests of the granules of `[offset, offset + len)`, computed once every
+    /// replicated write of epochs up to `after_epoch` is applied (0: at once).
+    DigestReq { offset: u64, len: u64, after_epoch: u64 },
+    /// The answer to `DigestReq`: 16 bytes per granule, in order.
+    Digests { offset: u64, len: u64, data: Buf },
+    /// Verify `--repair`: the sender found `bytes` out of sync and starts a resync
+    /// as source; the receiver becomes its sync target.
+    StartRepair { bytes: u64 },
     /// Orderly close with a reason (≤ 1 KiB).
     Bye { reason: String },
 }
@@ -133,6 +150,11 @@ pub enum Kind {
     ResyncAck,
     ResyncDone,
     ResyncZeroes,
+    BitmapBlock,
+    BitmapDone,
+    DigestReq,
+    Digests,
+    StartRepair,
 }
 
 /// How a type's payload is laid out, which is all the frame reader needs to know
@@ -149,7 +171,7 @@ pub(crate) enum Layout {
 
 impl Kind {
     /// Every type, for tests and tables.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 21] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Pong,
@@ -166,6 +188,11 @@ impl Kind {
         Kind::ResyncAck,
         Kind::ResyncDone,
         Kind::ResyncZeroes,
+        Kind::BitmapBlock,
+        Kind::BitmapDone,
+        Kind::DigestReq,
+        Kind::Digests,
+        Kind::StartRepair,
     ];
 
     /// The type code in the frame header.
@@ -187,6 +214,11 @@ impl Kind {
             Kind::ResyncAck => 0x21,
             Kind::ResyncDone => 0x22,
             Kind::ResyncZeroes => 0x23,
+            Kind::BitmapBlock => 0x24,
+            Kind::BitmapDone => 0x25,
+            Kind::DigestReq => 0x26,
+            Kind::Digests => 0x27,
+            Kind::StartRepair => 0x28,
         }
     }
 
@@ -214,6 +246,11 @@ impl Kind {
             Kind::ResyncAck => "ResyncAck",
             Kind::ResyncDone => "ResyncDone",
             Kind::ResyncZeroes => "ResyncZeroes",
+            Kind::BitmapBlock => "BitmapBlock",
+            Kind::BitmapDone => "BitmapDone",
+            Kind::DigestReq => "DigestReq",
+            Kind::Digests => "Digests",
+            Kind::StartRepair => "StartRepair",
         }
     }
 
@@ -231,6 +268,10 @@ impl Kind {
             Kind::ResyncAck => Layout::Fixed(20),
             Kind::ResyncDone => Layout::Fixed(GENS_BYTES),
             Kind::ResyncZeroes => Layout::Fixed(16),
+            Kind::BitmapBlock => Layout::Data { fixed: 8 },
+            Kind::BitmapDone | Kind::StartRepair => Layout::Fixed(8),
+            Kind::DigestReq => Layout::Fixed(24),
+            Kind::Digests => Layout::Data { fixed: 16 },
         }
     }
 
@@ -263,14 +304,33 @@ impl Message {
             Message::ResyncAck { .. } => Kind::ResyncAck,
             Message::ResyncDone { .. } => Kind::ResyncDone,
             Message::ResyncZeroes { .. } => Kind::ResyncZeroes,
+            Message::BitmapBlock { .. } => Kind::BitmapBlock,
+            Message::BitmapDone { .. } => Kind::BitmapDone,
+            Message::DigestReq { .. } => Kind::DigestReq,
+            Message::Digests { .. } => Kind::Digests,
+            Message::StartRepair { .. } => Kind::StartRepair,
             Message::Bye { .. } => Kind::Bye,
         }
     }
 
-    /// The data part of a `Write` or `ResyncData`.
+    /// The data part of a data-carrying message.
     pub fn data(&self) -> Option<&Buf> {
         match self {
-            Message::Write { data, .. } | Message::ResyncData { data, .. } => Some(data),
+            Message::Write { data, .. }
+            | Message::ResyncData { data, .. }
+            | Message::BitmapBlock { data, .. }
+            | Message::Digests { data, .. } => Some(data),
+            _ => None,
+        }
+    }
+
+    /// [`Message::data`], by value (the frame writer sends it without a copy).
+    pub fn into_data(self) -> Option<Buf> {
+        match self {
+            Message::Write { data, .. }
+            | Message::ResyncData { data, .. }
+            | Message::BitmapBlock { data, .. }
+            | Message::Digests { data, .. } => Some(data),
             _ => None,
         }
     }
@@ -364,6 +424,18 @@ impl Message {
                 put(out, *offset);
                 put(out, *len);
             }
+            Message::BitmapBlock { index, data: _ } => put(out, *index),
+            Message::BitmapDone { blocks } => put(out, *blocks),
+            Message::DigestReq { offset, len, after_epoch } => {
+                put(out, *offset);
+                put(out, *len);
+                put(out, *after_epoch);
+            }
+            Message::Digests { offset, len, data: _ } => {
+                put(out, *offset);
+                put(out, *len);
+            }
+            Message::StartRepair { bytes } => put(out, *bytes),
             Message::Bye { reason } => put_str(out, reason, MAX_REASON_BYTES),
         }
         debug_assert_eq!(out.len() - start, self.fixed_len(), "{:?}", self.kind());
@@ -433,6 +505,11 @@ fn decode_fields(kind: Kind, c: &mut Cursor<'_>, data: Option<Buf>) -> Result<Me
         Kind::ResyncAck => Message::ResyncAck { offset: c.u64()?, len: c.u64()?, errno: c.i32()? },
         Kind::ResyncDone => Message::ResyncDone { gens: c.gens()? },
         Kind::ResyncZeroes => Message::ResyncZeroes { offset: c.u64()?, len: c.u64()? },
+        Kind::BitmapBlock => Message::BitmapBlock { index: c.u64()?, data: data()? },
+        Kind::BitmapDone => Message::BitmapDone { blocks: c.u64()? },
+        Kind::DigestReq => Message::DigestReq { offset: c.u64()?, len: c.u64()?, after_epoch: c.u64()? },
+        Kind::Digests => Message::Digests { offset: c.u64()?, len: c.u64()?, data: data()? },
+        Kind::StartRepair => Message::StartRepair { bytes: c.u64()? },
     })
 }
 

@@ -14,8 +14,12 @@
 //! - Secondary: writes of one epoch applied concurrently, none of the next epoch
 //!   before the barrier's epoch is complete (and flushed when asked).
 //! - Peer loss while Primary: writes waiting for the peer complete locally and are
-//!   recorded dirty; a new generation is made durable before any write is
+//!   recorded in the bitmap; a new generation is made durable before any write is
 //!   acknowledged without the peer.
+//! - Write intent (SPEC §5): before a Primary write touches the local disk, its 4 MiB
+//!   extents are durably hot in the activity log ([`ActivityLog`]); a range too large
+//!   for the log is set in the bitmap and the bitmap written first instead. The
+//!   bitmap itself is written lazily (on ticks, before evictions, at a clean stop).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -23,9 +27,11 @@ use nbd_server::NbdError;
 use nbd_server::buf::{Buf, BufMut};
 use nix::errno::Errno;
 
+use bitmap::Bitmap;
+
 use crate::config::Protocol;
 use crate::peer::msg::Message;
-use crate::repl::dirty::DirtySet;
+use crate::repl::al::ActivityLog;
 use crate::repl::inflight::InFlight;
 use crate::state::{DiskState, Generations, Role};
 use crate::storage::IoOp;
@@ -72,6 +78,10 @@ pub enum Event {
     /// Before a clean stop: make every write so far durable locally and on the peer
     /// under any protocol; `Reply { job }` comes when done (or the peer is gone).
     Drain { job: JobId },
+    /// Time passed (the core reads no clock): drives the resync rate, its measured
+    /// rate, and lazy bitmap writes. `app_requests`: NBD requests (reads included)
+    /// since the last tick, for the `auto` resync rate.
+    Tick { elapsed_ms: u64, app_requests: u64 },
 }
 
 /// How an NBD request ends.
@@ -91,8 +101,15 @@ pub enum Action {
     /// Answer the NBD request `job`.
     Reply { job: JobId, outcome: Outcome },
     /// Make this state durable (metadata update + fsync), then send
-    /// `MetaDurable { seq }`.
+    /// `MetaDurable { seq }`. Every metadata action (`Persist`, `WriteBitmap`,
+    /// `WriteAl`) is carried out in the order given.
     Persist { seq: u64, gens: Generations, disk: DiskState, was_primary: bool },
+    /// Write these encoded bitmap blocks `(index, 4 KiB, crc32c)` and fsync.
+    WriteBitmap { seq: u64, blocks: Vec<(u64, Box<[u8; bitmap::BLOCK_BYTES]>, u32)> },
+    /// Record this hot-extent set as the activity log and fsync.
+    WriteAl { seq: u64, extents: Vec<u32> },
+    /// The verify started by `blockctl verify` ended (`error` if it was cut short).
+    VerifyDone { verified_bytes: u64, out_of_sync_bytes: u64, error: Option<String> },
 }
 
 /// The core's fixed settings.
@@ -106,6 +123,33 @@ pub struct CoreConfig {
     pub granularity_bytes: u64,
     /// The replicated device's size (a full sync covers it all).
     pub size_bytes: u64,
+    /// Activity-log capacity in hot 4 MiB extents.
+    pub al_extents: u32,
+    /// Resync rate: `Some(bytes/s)` fixed, `None` auto (full speed while the
+    /// application is idle, `resync_min_rate` while it does I/O).
+    pub resync_rate_bytes_per_sec: Option<u64>,
+    pub resync_min_rate_bytes_per_sec: u64,
+    /// Checksum-based resync: only granules whose digests differ are sent.
+    pub resync_checksum: bool,
+}
+
+/// How a Primary write is covered against a crash (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Intent {
+    /// Holds two activity-log references (local part, peer part).
+    Log,
+    /// Its range was set in the bitmap and written before the write started; the
+    /// bits are cleared once both the local disk and the peer have it.
+    Bitmap,
+}
+
+/// A range the peer has not confirmed yet (DRBD's transfer log entry).
+#[derive(Debug)]
+struct Sent {
+    epoch: u64,
+    job: JobId,
+    range: std::ops::Range<u64>,
+    intent: Intent,
 }
 
 /// Whether and how the peer takes part in the data path.
@@ -141,6 +185,9 @@ struct WriteJob {
     epoch: u64,
     /// Started while the new generation was not yet durable.
     needs_durable_gens: bool,
+    intent: Option<Intent>,
+    /// The peer confirmed this write's epoch before the write finished locally.
+    peer_settled: bool,
 }
 
 #[derive(Debug)]
@@ -201,8 +248,26 @@ pub struct Core {
     /// Primary: ranges sent to the peer whose epoch is not yet barrier-acked, in send
     /// order (DRBD's transfer log). An acknowledged write stays here until the peer
     /// confirms its epoch, so a lost link marks every range the peer may lack.
-    transfer_log: VecDeque<(u64, std::ops::Range<u64>)>,
-    dirty: DirtySet,
+    transfer_log: VecDeque<Sent>,
+    /// Regions that differ (or may differ) from the peer: persistent, see `meta`.
+    bitmap: Bitmap,
+    /// A bitmap write is queued and not yet durable (its sequence).
+    bitmap_write: Option<u64>,
+    ms_since_bitmap_write: u64,
+    /// The write-intent log, and writes waiting for their extents to be durable.
+    al: ActivityLog,
+    al_waiting: VecDeque<JobId>,
+    /// Writes whose bitmap intent is queued: they start once `seq` is durable.
+    intent_waiting: Vec<(JobId, u64)>,
+    /// The sequence of the latest superblock update.
+    last_persist_seq: u64,
+    /// Resync rate control and measured progress.
+    rate: resync::RateCtl,
+    /// Online verify (this node compares), and digest requests served for the peer.
+    verify: Option<verify::VerifyRun>,
+    digests: verify::DigestServer,
+    /// `connect --discard-my-data`: in a split brain, this node becomes the target.
+    discard_my_data: bool,
     /// Secondary.
     applier: Applier,
     applying: HashMap<JobId, ApplyJob>,
@@ -210,11 +275,8 @@ pub struct Core {
     repl: ReplState,
     source: Option<SourceSync>,
     target: Option<TargetSync>,
-    /// Source chunks of a dropped resync still held by the in-flight table.
+    /// Resync or verify chunks of a dropped run still held by the in-flight table.
     abandoned_chunks: HashMap<JobId, std::ops::Range<u64>>,
-    /// The dirty set covers every change since the peer's generation (false after a
-    /// restart: the in-memory set was lost, so a resync must be full).
-    dirty_complete: bool,
     /// It crashed while Primary and was not resynced since (see `repl::decide`).
     crashed_primary: bool,
     /// Buffers for resync reads.
@@ -226,17 +288,20 @@ pub struct Core {
 impl Core {
     /// A node starting with the given persisted state (role from `blockctl`/OCF).
     /// `crashed_primary`: the metadata says it was Primary and did not shut down
-    /// cleanly.
+    /// cleanly. `bitmap`: the persisted bitmap, with the activity log's hot extents
+    /// already merged in after a crash (see `repl::node`).
     pub fn new(
         cfg: CoreConfig,
         role: Role,
         disk: DiskState,
         gens: Generations,
         crashed_primary: bool,
+        bitmap: Bitmap,
         seed: u64,
     ) -> Core {
         use rand::SeedableRng;
-        let dirty = DirtySet::new(cfg.granularity_bytes);
+        let al = ActivityLog::new(cfg.al_extents);
+        let rate = resync::RateCtl::new(&cfg);
         Core {
             cfg,
             role,
@@ -258,15 +323,23 @@ impl Core {
             epoch_acked: false,
             epoch_writes: 0,
             transfer_log: VecDeque::new(),
-            dirty,
+            bitmap,
+            bitmap_write: None,
+            ms_since_bitmap_write: 0,
+            al,
+            al_waiting: VecDeque::new(),
+            intent_waiting: Vec::new(),
+            last_persist_seq: 0,
+            rate,
+            verify: None,
+            digests: verify::DigestServer::default(),
+            discard_my_data: false,
             applier: Applier { epoch: 1, ..Applier::default() },
             applying: HashMap::new(),
             repl: ReplState::Off,
             source: None,
             target: None,
             abandoned_chunks: HashMap::new(),
-            // Nothing is known about changes before this process started.
-            dirty_complete: gens.bitmap == 0,
             crashed_primary,
             pool: nbd_server::buf::BufPool::new(8 << 20),
             replicated_bytes: 0,
@@ -289,9 +362,38 @@ impl Core {
         self.link
     }
 
-    /// Bytes recorded as changed without the peer.
+    /// Bytes recorded as (possibly) different from the peer.
     pub fn dirty_bytes(&self) -> u64 {
-        self.dirty.bytes()
+        self.bitmap.dirty_bytes()
+    }
+
+    /// (hot extents, transactions made durable since start) of the activity log.
+    pub fn al_stats(&self) -> (usize, u64) {
+        (self.al.hot_count(), self.al.transactions())
+    }
+
+    /// `connect --discard-my-data`: in the next split brain, this node's changes go.
+    pub fn set_discard_my_data(&mut self, discard: bool) {
+        self.discard_my_data = discard;
+    }
+
+    pub fn discard_my_data(&self) -> bool {
+        self.discard_my_data
+    }
+
+    /// It crashed while Primary and was not resynced since.
+    pub fn crashed_primary(&self) -> bool {
+        self.crashed_primary
+    }
+
+    /// Before the process stops (after the last event): everything the peer has not
+    /// confirmed goes into the bitmap, and the changed bitmap blocks are returned to
+    /// be written; after that the activity log may be emptied.
+    pub fn stop_dirty(&mut self) -> Vec<(u64, Box<[u8; bitmap::BLOCK_BYTES]>, u32)> {
+        for sent in self.transfer_log.drain(..) {
+            self.bitmap.set_range(sent.range);
+        }
+        self.encode_changed()
     }
 
     /// Payload bytes of application writes sent to the peer since start.
@@ -324,18 +426,82 @@ impl Core {
                 self.release_send_waiters(out);
             }
             Event::PeerDown => self.on_peer_down(out),
-            Event::MetaDurable { seq } => {
-                self.on_target_durable(seq, out);
-                self.durable_seq = self.durable_seq.max(seq);
-                if seq + 1 >= self.next_meta_seq {
-                    self.gens_pending = false;
-                }
-                let ready: Vec<JobId> = self.writes.keys().copied().collect();
-                for job in ready {
-                    self.try_finish_write(job, out);
-                }
+            Event::MetaDurable { seq } => self.on_meta_durable(seq, out),
+            Event::Tick { elapsed_ms, app_requests } => self.on_tick(elapsed_ms, app_requests, out),
+        }
+    }
+
+    fn on_meta_durable(&mut self, seq: u64, out: &mut Vec<Action>) {
+        self.on_target_durable(seq, out);
+        self.durable_seq = self.durable_seq.max(seq);
+        if self.bitmap_write.is_some_and(|s| s <= seq) {
+            self.bitmap_write = None;
+        }
+        if self.al.committed(seq) {
+            self.retry_al_waiters(out);
+        }
+        if !self.intent_waiting.is_empty() {
+            let (ready, waiting): (Vec<_>, Vec<_>) =
+                self.intent_waiting.drain(..).partition(|(_, s)| *s <= seq);
+            self.intent_waiting = waiting;
+            for (job, _) in ready {
+                self.send_write(job, out);
             }
         }
+        if self.gens_pending && seq >= self.last_persist_seq {
+            self.gens_pending = false;
+            let ready: Vec<JobId> = self.writes.keys().copied().collect();
+            for job in ready {
+                self.try_finish_write(job, out);
+            }
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        let seq = self.next_meta_seq;
+        self.next_meta_seq += 1;
+        seq
+    }
+
+    /// The changed bitmap blocks, encoded; they count as written from here on (the
+    /// metadata actions are carried out in order).
+    fn encode_changed(&mut self) -> Vec<(u64, Box<[u8; bitmap::BLOCK_BYTES]>, u32)> {
+        let blocks: Vec<u64> = self.bitmap.changed_blocks().collect();
+        let encoded = blocks
+            .into_iter()
+            .map(|index| {
+                let mut data = Box::new([0u8; bitmap::BLOCK_BYTES]);
+                let crc = self.bitmap.encode_block(index, &mut data);
+                (index, data, crc)
+            })
+            .collect();
+        self.bitmap.mark_persisted();
+        encoded
+    }
+
+    /// Queues a write of the changed bitmap blocks; returns its sequence.
+    fn write_bitmap(&mut self, out: &mut Vec<Action>) -> u64 {
+        let blocks = self.encode_changed();
+        let seq = self.next_seq();
+        self.bitmap_write = Some(seq);
+        self.ms_since_bitmap_write = 0;
+        out.push(Action::WriteBitmap { seq, blocks });
+        seq
+    }
+
+    fn on_tick(&mut self, elapsed_ms: u64, app_requests: u64, out: &mut Vec<Action>) {
+        self.rate_tick(elapsed_ms, app_requests);
+        self.ms_since_bitmap_write += elapsed_ms;
+        // Lazily: the activity log covers what is not written yet. During a resync
+        // more often, so that a crashed source redoes little.
+        let interval_ms = if self.source.is_some() { 100 } else { 1000 };
+        if self.ms_since_bitmap_write >= interval_ms
+            && self.bitmap_write.is_none()
+            && self.bitmap.changed_blocks().next().is_some()
+        {
+            self.write_bitmap(out);
+        }
+        self.pump_source(out);
     }
 
     fn on_request(&mut self, job: JobId, request: Request, out: &mut Vec<Action>) {
@@ -383,6 +549,8 @@ impl Core {
             peer: PeerPart::NotSent,
             epoch: 0,
             needs_durable_gens: false,
+            intent: None,
+            peer_settled: false,
         };
         self.writes.insert(job, w);
         if admitted {
@@ -390,8 +558,87 @@ impl Core {
         }
     }
 
-    /// Sends an admitted write to the local disk and, when replicating, to the peer.
+    /// An admitted write: first its write intent (activity log, or the bitmap for a
+    /// range too large for the log), then [`Core::send_write`].
     fn dispatch_write(&mut self, job: JobId, out: &mut Vec<Action>) {
+        let range = self.writes[&job].range.clone();
+        if ActivityLog::span(&range) > self.al.max_span() {
+            self.bitmap.set_range(range);
+            let seq = self.write_bitmap(out);
+            self.writes.get_mut(&job).expect("known").intent = Some(Intent::Bitmap);
+            self.intent_waiting.push((job, seq));
+            return;
+        }
+        if self.al.try_acquire(&range, 2) {
+            self.writes.get_mut(&job).expect("known").intent = Some(Intent::Log);
+            return self.send_write(job, out);
+        }
+        self.al.want(&range);
+        self.al_waiting.push_back(job);
+        self.pump_al(out);
+    }
+
+    /// Starts the next activity-log transaction if one is needed and possible.
+    fn pump_al(&mut self, out: &mut Vec<Action>) {
+        if let Some(t) = self.al.next_transaction() {
+            if t.evicted && self.bitmap.changed_blocks().next().is_some() {
+                // An evicted extent's bits must be on disk before the log forgets it.
+                self.write_bitmap(out);
+            }
+            let seq = self.next_seq();
+            self.al.begin(seq);
+            out.push(Action::WriteAl { seq, extents: t.extents });
+        } else if self.al.blocked() && self.link == Link::Replicating && self.epoch_writes > 0 {
+            // Every hot extent waits for the peer to confirm an epoch: close the open
+            // one, or nothing would ever release them.
+            self.close_epoch(false, out);
+        }
+    }
+
+    fn retry_al_waiters(&mut self, out: &mut Vec<Action>) {
+        for _ in 0..self.al_waiting.len() {
+            let Some(job) = self.al_waiting.pop_front() else { break };
+            let Some(w) = self.writes.get_mut(&job) else { continue };
+            let range = w.range.clone();
+            if self.al.try_acquire(&range, 2) {
+                w.intent = Some(Intent::Log);
+                self.send_write(job, out);
+            } else {
+                self.al.want(&range);
+                self.al_waiting.push_back(job);
+            }
+        }
+        self.pump_al(out);
+    }
+
+    /// Gives back one activity-log reference of a settled part of a write.
+    fn release_al(&mut self, range: &std::ops::Range<u64>, out: &mut Vec<Action>) {
+        if self.al.release(range, 1) {
+            self.pump_al(out);
+        }
+    }
+
+    /// A settled part of a write (`local` or the peer's), for its intent.
+    fn settle_peer_part(
+        &mut self,
+        job: JobId,
+        range: std::ops::Range<u64>,
+        intent: Intent,
+        out: &mut Vec<Action>,
+    ) {
+        match intent {
+            Intent::Log => self.release_al(&range, out),
+            Intent::Bitmap => match self.writes.get_mut(&job) {
+                // Cleared when the local part finishes too.
+                Some(w) => w.peer_settled = true,
+                None => self.bitmap.clear_range(range),
+            },
+        }
+    }
+
+    /// Sends a write with its intent in place to the local disk and, when
+    /// replicating, to the peer.
+    fn send_write(&mut self, job: JobId, out: &mut Vec<Action>) {
         if self.link == Link::Replicating && (self.epoch_acked || self.epoch_writes >= MAX_EPOCH_WRITES) {
             // This write may depend on one already acknowledged: close the epoch so
             // the Secondary cannot apply them out of order.
@@ -407,7 +654,12 @@ impl Core {
         let mut message = w.message.take().expect("dispatched once");
         out.push(Action::Local { job, op });
         if !replicating {
-            self.dirty.insert(self.writes[&job].range.clone());
+            // The bitmap records it: the peer part is settled.
+            let (range, intent) = (w.range.clone(), w.intent);
+            self.bitmap.set_range(range.clone());
+            if intent == Some(Intent::Log) {
+                self.release_al(&range, out);
+            }
             return;
         }
         set_epoch(&mut message, epoch);
@@ -415,7 +667,9 @@ impl Core {
         let frame_bytes = frame_bytes(&message);
         self.send(message, out);
         self.epoch_writes += 1;
-        self.transfer_log.push_back((epoch, self.writes[&job].range.clone()));
+        let w = &self.writes[&job];
+        let intent = w.intent.expect("intent before sending");
+        self.transfer_log.push_back(Sent { epoch, job, range: w.range.clone(), intent });
         let peer = match self.cfg.protocol {
             Protocol::A => PeerPart::Queued { queued_end_bytes: self.queued_bytes_total },
             Protocol::B | Protocol::C => PeerPart::Awaiting,
@@ -486,6 +740,10 @@ impl Core {
     ) {
         if let Some(w) = self.writes.get_mut(&job) {
             w.local = Some(result);
+            if w.intent == Some(Intent::Log) {
+                let range = w.range.clone();
+                self.release_al(&range, out);
+            }
             self.try_finish_write(job, out);
         } else if let Some(f) = self.flushes.get_mut(&job) {
             f.local = Some(result);
@@ -494,10 +752,14 @@ impl Core {
             self.on_applied(apply, result, out);
         } else if job == APPLIER_FLUSH_JOB {
             self.on_applier_flushed(result, out);
-        } else if self.source.as_ref().is_some_and(|s| s.is_chunk(job))
+        } else if self.source.as_ref().is_some_and(|s| s.is_chunk(job)) {
+            self.on_chunk_read(job, result, buf, out);
+        } else if self.verify.as_ref().is_some_and(|v| v.is_chunk(job))
             || self.abandoned_chunks.contains_key(&job)
         {
-            self.on_chunk_read(job, result, buf, out);
+            self.on_verify_read(job, result, buf, out);
+        } else if self.digests.is_read(job) {
+            self.on_digest_read(job, result, buf, out);
         } else if !self.on_target_local(job, result, out) {
             // An internal op of a link or resync that is gone: nothing waits for it.
             debug_assert!(job >= INTERNAL_JOB_BASE, "NBD job {job} completed but was not tracked");
@@ -515,6 +777,9 @@ impl Core {
         let w = self.writes.remove(&job).expect("present");
         if w.epoch == self.epoch {
             self.epoch_acked = true;
+        }
+        if w.intent == Some(Intent::Bitmap) && w.peer_settled {
+            self.bitmap.clear_range(w.range.clone());
         }
         let outcome = match local {
             Ok(()) => Outcome::Ok,
@@ -548,10 +813,15 @@ impl Core {
                     tracing::warn!(epoch, errno, "peer failed to complete a barrier");
                 }
                 // Everything of this epoch and before is on the peer's disk.
-                while self.transfer_log.front().is_some_and(|(e, _)| *e <= epoch) {
-                    let (_, range) = self.transfer_log.pop_front().expect("checked");
+                while self.transfer_log.front().is_some_and(|s| s.epoch <= epoch) {
+                    let sent = self.transfer_log.pop_front().expect("checked");
                     if errno != 0 {
-                        self.dirty.insert(range);
+                        self.bitmap.set_range(sent.range.clone());
+                        if sent.intent == Intent::Log {
+                            self.release_al(&sent.range, out);
+                        }
+                    } else {
+                        self.settle_peer_part(sent.job, sent.range, sent.intent, out);
                     }
                 }
                 let waiting: Vec<JobId> =
@@ -569,6 +839,13 @@ impl Core {
                 self.on_resync_message(msg, out)
             }
             Message::ResyncAck { offset, len, errno } => self.on_resync_ack(offset, len, errno, out),
+            Message::BitmapBlock { index, data } => self.on_bitmap_block(index, &data),
+            Message::BitmapDone { blocks } => self.on_bitmap_done(blocks, out),
+            Message::DigestReq { offset, len, after_epoch } => {
+                self.on_digest_req(offset, len, after_epoch, out)
+            }
+            Message::Digests { offset, len, data } => self.on_digests(offset, len, data, out),
+            Message::StartRepair { bytes } => self.on_start_repair(bytes, out),
             other => tracing::debug!(?other, "message not handled by the data path"),
         }
     }
@@ -581,7 +858,7 @@ impl Core {
         if errno != 0 {
             // The peer could not write it: its copy of the range is stale.
             tracing::warn!(job = id, errno, "peer failed a replicated write; range marked out of sync");
-            self.dirty.insert(w.range.clone());
+            self.bitmap.set_range(w.range.clone());
         }
         w.peer = PeerPart::Done;
         self.try_finish_write(id, out);
@@ -605,8 +882,12 @@ impl Core {
         }
         // Everything sent whose epoch the peer has not confirmed may be missing there,
         // including writes already acknowledged under protocols A and B.
-        for (_, range) in self.transfer_log.drain(..) {
-            self.dirty.insert(range);
+        let sent: Vec<Sent> = self.transfer_log.drain(..).collect();
+        for s in sent {
+            self.bitmap.set_range(s.range.clone());
+            if s.intent == Intent::Log {
+                self.release_al(&s.range, out);
+            }
         }
         let gens_pending = self.gens_pending;
         for w in self.writes.values_mut() {
@@ -626,12 +907,14 @@ impl Core {
         }
         // A Secondary drops what it had not applied; the Primary resyncs it later.
         self.applier.held.clear();
+        self.abandon_verify("the peer link was lost", out);
+        self.digests.clear();
     }
 
     /// Queues a durable update of the persistent state; returns its sequence number.
     fn persist(&mut self, out: &mut Vec<Action>) -> u64 {
-        let seq = self.next_meta_seq;
-        self.next_meta_seq += 1;
+        let seq = self.next_seq();
+        self.last_persist_seq = seq;
         // A crashed Primary keeps the flag until a resync made it consistent again.
         let was_primary = self.role == Role::Primary || self.crashed_primary;
         out.push(Action::Persist { seq, gens: self.gens, disk: self.disk, was_primary });
@@ -775,6 +1058,7 @@ impl Core {
         self.send(Message::BarrierAck { epoch, errno }, out);
         self.applier.epoch += 1;
         self.applier.closing = None;
+        self.release_digest_reqs(out);
         // Release the next epoch's writes, up to its own barrier.
         while self.applier.closing.is_none() {
             let Some(msg) = self.applier.held.pop_front() else { break };
@@ -800,8 +1084,11 @@ fn set_epoch(m: &mut Message, new: u64) {
 
 #[path = "resync.rs"]
 mod resync;
-pub use resync::{RESYNC_CHUNK_BYTES, RESYNC_PARALLEL, ReplState};
+#[path = "verify.rs"]
+mod verify;
+pub use resync::{ConnectRefusal, RESYNC_CHUNK_BYTES, RESYNC_PARALLEL, ReplState, ResyncProgress};
 use resync::{SourceSync, TargetSync};
+pub use verify::VerifyStatus;
 
 #[cfg(test)]
 #[path = "core_tests.rs"]

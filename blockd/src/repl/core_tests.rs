@@ -11,7 +11,48 @@ const G: u64 = 4096;
 const SIZE: u64 = 64 << 20;
 
 fn cfg(protocol: Protocol, send_buffer_bytes: u64) -> CoreConfig {
-    CoreConfig { protocol, send_buffer_bytes, granularity_bytes: G, size_bytes: SIZE }
+    CoreConfig {
+        protocol,
+        send_buffer_bytes,
+        granularity_bytes: G,
+        size_bytes: SIZE,
+        al_extents: 64,
+        resync_rate_bytes_per_sec: None,
+        resync_min_rate_bytes_per_sec: 8 << 20,
+        resync_checksum: false,
+    }
+}
+
+/// An empty bitmap for a device of `size` bytes.
+fn bm(size: u64) -> Bitmap {
+    let mut b = Bitmap::new(size, G).expect("bitmap");
+    b.mark_persisted();
+    b
+}
+
+fn new_core(cfg: CoreConfig, role: Role, disk: DiskState, gens: Generations, seed: u64) -> Core {
+    let size = cfg.size_bytes;
+    Core::new(cfg, role, disk, gens, false, bm(size), seed)
+}
+
+/// Handles `event`; activity-log transactions and bitmap writes complete at once
+/// (their `MetaDurable` is fed back), so the tests see only the other actions.
+fn h(c: &mut Core, event: Event) -> Vec<Action> {
+    let mut pending = c.handle(event);
+    let mut shown = Vec::new();
+    while !pending.is_empty() {
+        let mut next = Vec::new();
+        for a in pending {
+            match a {
+                Action::WriteAl { seq, .. } | Action::WriteBitmap { seq, .. } => {
+                    next.extend(c.handle(Event::MetaDurable { seq }))
+                }
+                other => shown.push(other),
+            }
+        }
+        pending = next;
+    }
+    shown
 }
 
 fn remote(current: u64, bitmap: u64, role: Role) -> SideState {
@@ -20,13 +61,16 @@ fn remote(current: u64, bitmap: u64, role: Role) -> SideState {
         disk: DiskState::UpToDate,
         role,
         crashed_primary: false,
+        dirty: false,
+        discard_my_data: false,
+        lower_name: false,
     }
 }
 
 /// A node at generation 10, connected to an in-sync peer.
 fn core(protocol: Protocol, role: Role, send_buffer_bytes: u64) -> Core {
     let gens = Generations { current: 10, ..Generations::default() };
-    let mut c = Core::new(cfg(protocol, send_buffer_bytes), role, DiskState::UpToDate, gens, false, 1);
+    let mut c = new_core(cfg(protocol, send_buffer_bytes), role, DiskState::UpToDate, gens, 1);
     let peer_role = if role == Role::Primary { Role::Secondary } else { Role::Primary };
     assert!(c.connect(remote(10, 0, peer_role)).expect("in sync").is_empty());
     assert_eq!(c.repl_state(), ReplState::Established);
@@ -38,15 +82,15 @@ fn data(len: usize) -> Buf {
 }
 
 fn write(c: &mut Core, job: JobId, offset: u64, len: usize) -> Vec<Action> {
-    c.handle(Event::Nbd { job, request: Request::Write { offset, data: data(len), fua: false } })
+    h(c, Event::Nbd { job, request: Request::Write { offset, data: data(len), fua: false } })
 }
 
 fn local_done(c: &mut Core, job: JobId) -> Vec<Action> {
-    c.handle(Event::LocalDone { job, result: Ok(()), buf: None })
+    h(c, Event::LocalDone { job, result: Ok(()), buf: None })
 }
 
 fn peer(c: &mut Core, m: Message) -> Vec<Action> {
-    c.handle(Event::PeerMessage(m))
+    h(c, Event::PeerMessage(m))
 }
 
 /// A compact picture of actions, for readable assertions.
@@ -71,6 +115,11 @@ fn show(actions: &[Action]) -> Vec<String> {
             },
             Action::Reply { job, outcome } => format!("reply {job} {}", outcome_name(outcome)),
             Action::Persist { seq, .. } => format!("persist {seq}"),
+            Action::WriteBitmap { seq, blocks } => format!("write-bitmap {seq} {}", blocks.len()),
+            Action::WriteAl { seq, extents } => format!("write-al {seq} {extents:?}"),
+            Action::VerifyDone { verified_bytes, out_of_sync_bytes, error } => {
+                format!("verify-done {verified_bytes} {out_of_sync_bytes} {error:?}")
+            }
         })
         .collect()
 }
@@ -124,8 +173,8 @@ fn protocol_a_acks_when_queued_within_the_send_buffer() {
     assert!(local_done(&mut c, 1).is_empty(), "buffer full: the write blocks");
     let frame = Message::Write { id: 1, epoch: 1, offset: 0, fua: false, data: data(4096) }.wire_len();
     assert_eq!(c.unsent_bytes(), frame);
-    assert!(c.handle(Event::PeerSent { bytes: frame - 1 }).is_empty());
-    assert_eq!(show(&c.handle(Event::PeerSent { bytes: 1 })), ["reply 1 ok"]);
+    assert!(h(&mut c, Event::PeerSent { bytes: frame - 1 }).is_empty());
+    assert_eq!(show(&h(&mut c, Event::PeerSent { bytes: 1 })), ["reply 1 ok"]);
 }
 
 #[test]
@@ -162,13 +211,13 @@ fn a_write_after_an_ack_starts_a_new_epoch() {
 #[test]
 fn flush_waits_for_local_and_peer_flush_except_under_a() {
     let mut c = core(Protocol::C, Role::Primary, 0);
-    let f = c.handle(Event::Nbd { job: 5, request: Request::Flush });
+    let f = h(&mut c, Event::Nbd { job: 5, request: Request::Flush });
     assert_eq!(show(&f), ["send barrier e1 flush=true", "local 5 flush"]);
     assert!(local_done(&mut c, 5).is_empty());
     assert_eq!(show(&peer(&mut c, Message::BarrierAck { epoch: 1, errno: 0 })), ["reply 5 ok"]);
 
     let mut a = core(Protocol::A, Role::Primary, 1 << 20);
-    let f = a.handle(Event::Nbd { job: 5, request: Request::Flush });
+    let f = h(&mut a, Event::Nbd { job: 5, request: Request::Flush });
     assert_eq!(show(&f), ["send barrier e1 flush=true", "local 5 flush"], "A still orders the peer");
     assert_eq!(show(&local_done(&mut a, 5)), ["reply 5 ok"]);
 }
@@ -178,12 +227,12 @@ fn peer_loss_completes_locally_after_a_durable_new_generation() {
     let mut c = core(Protocol::C, Role::Primary, 0);
     write(&mut c, 1, 0, 4096);
     local_done(&mut c, 1);
-    let down = c.handle(Event::PeerDown);
-    assert_eq!(show(&down), ["persist 1"], "no ack before the new generation is durable");
+    let down = h(&mut c, Event::PeerDown);
+    assert_eq!(show(&down), ["persist 2"], "no ack before the new generation is durable");
     let g = c.generations();
     assert_eq!((g.bitmap, g.current != 10 && g.current != 0), (10, true));
     assert_eq!(c.dirty_bytes(), 4096, "the peer may lack write 1");
-    assert_eq!(show(&c.handle(Event::MetaDurable { seq: 1 })), ["reply 1 ok"]);
+    assert_eq!(show(&h(&mut c, Event::MetaDurable { seq: 2 })), ["reply 1 ok"]);
     // Disconnected: local only, recorded dirty.
     assert_eq!(show(&write(&mut c, 2, 1 << 20, 8192)), ["local 2 write"]);
     assert_eq!(show(&local_done(&mut c, 2)), ["reply 2 ok"]);
@@ -195,7 +244,7 @@ fn acknowledged_protocol_a_writes_are_dirty_after_peer_loss() {
     let mut c = core(Protocol::A, Role::Primary, 1 << 20);
     write(&mut c, 1, 0, 4096);
     assert_eq!(show(&local_done(&mut c, 1)), ["reply 1 ok"]);
-    c.handle(Event::PeerDown);
+    h(&mut c, Event::PeerDown);
     assert_eq!(c.dirty_bytes(), 4096, "acked to the client but never confirmed by the peer");
 }
 
@@ -205,10 +254,10 @@ fn barrier_ack_trims_the_transfer_log() {
     write(&mut c, 1, 0, 4096);
     local_done(&mut c, 1);
     peer(&mut c, Message::WriteAck { id: 1, errno: 0 });
-    c.handle(Event::Nbd { job: 2, request: Request::Flush });
+    h(&mut c, Event::Nbd { job: 2, request: Request::Flush });
     local_done(&mut c, 2);
     peer(&mut c, Message::BarrierAck { epoch: 1, errno: 0 });
-    c.handle(Event::PeerDown);
+    h(&mut c, Event::PeerDown);
     assert_eq!(c.dirty_bytes(), 0, "the peer confirmed write 1's epoch");
 }
 
@@ -252,7 +301,7 @@ fn secondary_under_b_acks_receipt_and_under_a_stays_silent() {
 fn promotion_rules() {
     let gens = Generations { current: 10, ..Generations::default() };
     let cfg = cfg(Protocol::C, 0);
-    let mut c = Core::new(cfg.clone(), Role::Secondary, DiskState::Inconsistent, gens, false, 1);
+    let mut c = new_core(cfg.clone(), Role::Secondary, DiskState::Inconsistent, gens, 1);
     assert!(c.promote(false, None).unwrap_err().contains("local disk is Inconsistent"));
     assert!(c.promote(true, Some(Role::Primary)).unwrap_err().contains("peer is Primary"));
     let a = c.promote(true, None).expect("forced");
@@ -261,7 +310,7 @@ fn promotion_rules() {
     assert_eq!(c.generations().bitmap, 10, "a new generation of its own");
     assert!(c.promote(false, None).expect("idempotent").is_empty());
     // Promoted while disconnected: a new generation too.
-    let mut d = Core::new(cfg, Role::Secondary, DiskState::UpToDate, gens, false, 2);
+    let mut d = new_core(cfg, Role::Secondary, DiskState::UpToDate, gens, 2);
     d.promote(false, None).expect("UpToDate");
     assert_eq!(d.generations().bitmap, 10);
     assert_eq!(show(&d.demote().expect("idle")), ["persist 2"], "after the promotion's persist 1");
@@ -273,27 +322,31 @@ fn drain_waits_for_the_peer_even_under_a() {
     let mut a = core(Protocol::A, Role::Primary, 1 << 20);
     write(&mut a, 1, 0, 4096);
     local_done(&mut a, 1);
-    let d = a.handle(Event::Drain { job: 99 });
+    let d = h(&mut a, Event::Drain { job: 99 });
     assert_eq!(show(&d), ["send barrier e1 flush=true", "local 99 flush"]);
     assert!(local_done(&mut a, 99).is_empty(), "the peer has not confirmed yet");
     assert_eq!(show(&peer(&mut a, Message::BarrierAck { epoch: 1, errno: 0 })), ["reply 99 ok"]);
 }
 
 /// A Primary at generation 20 whose peer is still at 10 (the peer missed changes),
-/// restarted since (so its dirty set is unknown: full sync).
+/// with its whole device dirty; the peer's (empty) bitmap has arrived.
 fn source_core(size_bytes: u64) -> (Core, Vec<Action>) {
     let gens = Generations { current: 20, bitmap: 10, ..Generations::default() };
     let cfg = CoreConfig { size_bytes, ..cfg(Protocol::C, 0) };
-    let mut c = Core::new(cfg, Role::Primary, DiskState::UpToDate, gens, false, 3);
+    let mut dirty = bm(size_bytes);
+    dirty.set_all();
+    let mut c = Core::new(cfg, Role::Primary, DiskState::UpToDate, gens, false, dirty, 3);
     let a = c.connect(remote(10, 0, Role::Secondary)).expect("source");
+    assert!(a.is_empty(), "waits for the target's bitmap: {:?}", show(&a));
     assert_eq!(c.repl_state(), ReplState::SyncSource);
+    let a = peer(&mut c, Message::BitmapDone { blocks: 0 });
     (c, a)
 }
 
 fn read_done(c: &mut Core, job: JobId, len: usize, fill: u8) -> Vec<Action> {
     let mut buf = BufMut::unpooled(len);
     buf.fill(fill);
-    c.handle(Event::LocalDone { job, result: Ok(()), buf: Some(buf) })
+    h(c, Event::LocalDone { job, result: Ok(()), buf: Some(buf) })
 }
 
 #[test]
@@ -305,7 +358,8 @@ fn full_resync_sends_data_and_zeroes_then_done() {
         show(&a),
         [format!("local {j} read"), format!("local {} read", j + 1), format!("local {} read", j + 2)]
     );
-    assert_eq!(c.resync_progress(), Some((0, 2 * mib + 4096, 0)));
+    let p = c.resync_progress();
+    assert_eq!((p.done_bytes, p.total_bytes, p.sent_bytes), (0, 2 * mib + 4096, 0));
     assert_eq!(show(&read_done(&mut c, j, mib as usize, 7)), [format!("send resync-data 0 {mib}")]);
     assert_eq!(show(&read_done(&mut c, j + 1, mib as usize, 0)), [format!("send resync-zeroes {mib} {mib}")]);
     assert_eq!(show(&read_done(&mut c, j + 2, 4096, 1)), [format!("send resync-data {} 4096", 2 * mib)]);
@@ -315,7 +369,8 @@ fn full_resync_sends_data_and_zeroes_then_done() {
     assert_eq!(show(&done), ["persist 1", "send resync-done 20 0"], "in sync: the bitmap generation retires");
     assert_eq!(c.generations().history[0], 10);
     assert_eq!(c.repl_state(), ReplState::Established);
-    assert_eq!(c.resync_progress(), None);
+    assert_eq!(c.resync_progress().total_bytes, 0);
+    assert_eq!(c.dirty_bytes(), 0);
 }
 
 #[test]
@@ -326,7 +381,9 @@ fn an_application_write_waits_for_an_overlapping_chunk() {
     read_done(&mut c, chunk, RESYNC_CHUNK_BYTES as usize, 3);
     let after = peer(&mut c, Message::ResyncAck { offset: 0, len: RESYNC_CHUNK_BYTES, errno: 0 });
     let shown = show(&after);
-    assert_eq!(&shown[..2], ["local 1 write", "send write 1 e1"], "released after the target has the chunk");
+    for expected in ["local 1 write", "send write 1 e1"] {
+        assert!(shown.contains(&expected.to_string()), "released after the target has the chunk: {shown:?}");
+    }
 }
 
 #[test]
@@ -334,7 +391,7 @@ fn losing_the_link_mid_resync_releases_chunk_ranges() {
     let (mut c, _) = source_core(RESYNC_CHUNK_BYTES);
     read_done(&mut c, INTERNAL_JOB_BASE, RESYNC_CHUNK_BYTES as usize, 3);
     assert!(write(&mut c, 1, 0, 4096).is_empty());
-    let down = c.handle(Event::PeerDown);
+    let down = h(&mut c, Event::PeerDown);
     assert!(show(&down).contains(&"local 1 write".to_string()), "{:?}", show(&down));
     assert_eq!(c.repl_state(), ReplState::Off);
 }
@@ -342,14 +399,18 @@ fn losing_the_link_mid_resync_releases_chunk_ranges() {
 #[test]
 fn target_waits_for_durable_inconsistency_then_adopts_generations() {
     let gens = Generations { current: 10, ..Generations::default() };
-    let mut t = Core::new(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, false, 4);
+    let mut t = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 4);
     let a = t.connect(remote(20, 10, Role::Primary)).expect("target");
-    assert_eq!(show(&a), ["persist 1", "send State { role: Secondary, disk: Inconsistent }"]);
+    assert_eq!(
+        show(&a),
+        ["send BitmapDone { blocks: 0 }", "persist 1", "send State { role: Secondary, disk: Inconsistent }"],
+        "its own bitmap (empty) goes to the source first"
+    );
     assert_eq!((t.repl_state(), t.disk()), (ReplState::SyncTarget, DiskState::Inconsistent));
     let data = Message::ResyncData { offset: 0, data: data(4096) };
     assert!(peer(&mut t, data).is_empty(), "held until Inconsistent is durable");
     let j = INTERNAL_JOB_BASE;
-    assert_eq!(show(&t.handle(Event::MetaDurable { seq: 1 })), [format!("local {j} write")]);
+    assert_eq!(show(&h(&mut t, Event::MetaDurable { seq: 1 })), [format!("local {j} write")]);
     assert!(peer(&mut t, Message::ResyncZeroes { offset: 4096, len: 8192 }).len() == 1);
     assert_eq!(show(&local_done(&mut t, j)), ["send resync-ack 0 4096 0"]);
     let done_gens = Generations { current: 20, bitmap: 0, history: [10, 0, 0, 0] };
@@ -375,19 +436,21 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
 #[test]
 fn writes_after_a_promotion_wait_for_its_durable_generation() {
     let gens = Generations { current: 10, ..Generations::default() };
-    let mut c = Core::new(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, false, 5);
+    let mut c = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 5);
     assert_eq!(show(&c.promote(false, None).expect("promote")), ["persist 1"]);
-    write(&mut c, 1, 0, 4096);
-    assert!(local_done(&mut c, 1).is_empty(), "not before the new generation is durable");
-    assert_eq!(show(&c.handle(Event::MetaDurable { seq: 1 })), ["reply 1 ok"]);
+    let w = Event::Nbd { job: 1, request: Request::Write { offset: 0, data: data(4096), fua: false } };
+    assert_eq!(show(&c.handle(w)), ["write-al 2 [0]"], "the extent is made hot first");
+    assert!(c.handle(Event::MetaDurable { seq: 1 }).is_empty());
+    assert_eq!(show(&c.handle(Event::MetaDurable { seq: 2 })), ["local 1 write"]);
+    assert_eq!(show(&local_done(&mut c, 1)), ["reply 1 ok"]);
 }
 
 #[test]
 fn a_sync_target_applies_nothing_before_it_is_durably_inconsistent() {
     let gens = Generations { current: 10, ..Generations::default() };
-    let mut t = Core::new(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, false, 6);
+    let mut t = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 6);
     t.connect(remote(20, 10, Role::Primary)).expect("target");
     let w = Message::Write { id: 5, epoch: 1, offset: 0, fua: false, data: data(512) };
     assert!(peer(&mut t, w).is_empty(), "an application write waits too");
-    assert_eq!(show(&t.handle(Event::MetaDurable { seq: 1 })), [format!("local {INTERNAL_JOB_BASE} write")]);
+    assert_eq!(show(&h(&mut t, Event::MetaDurable { seq: 1 })), [format!("local {INTERNAL_JOB_BASE} write")]);
 }

@@ -20,11 +20,20 @@
 //! and a would-be source must hold consistent data.
 //!
 //! Crashed Primary (DRBD's rule of the same name): a node that died while Primary may
-//! have written blocks locally that never reached its peer, and nobody knows which
-//! (until the activity log exists). So when it is a sync target the scope is Full, and
-//! when both sides are at the same generation the crashed Primary is the source of a
-//! full sync: its copy holds every acknowledged write plus possibly some that were in
-//! flight, and copying it makes both equal.
+//! have written blocks locally that never reached its peer; its activity log says
+//! where (the hot extents are merged into its bitmap at start). A bitmap resync in
+//! either direction unites both sides' bitmaps, so those blocks are copied too. When
+//! both sides are at the same generation the crashed Primary is the source: its copy
+//! holds every acknowledged write plus possibly some that were in flight.
+//!
+//! Same generation but dirty bits on a side (a crashed Primary's hot extents, a
+//! verify's findings, a resync cut short by a crash of its source): a bitmap resync
+//! from the Primary if there is one, else from the side with bits, else from the
+//! node whose name sorts first.
+//!
+//! Split brain with `connect --discard-my-data` on exactly one side: that side is the
+//! target; the scope is the bitmaps (united) when both moved from the same
+//! generation, else everything.
 
 use crate::state::{DiskState, Generations, Role};
 
@@ -36,6 +45,12 @@ pub struct SideState {
     pub role: Role,
     /// It crashed while Primary and has not been resynced since.
     pub crashed_primary: bool,
+    /// Its bitmap has bits set.
+    pub dirty: bool,
+    /// `connect --discard-my-data` was given on it.
+    pub discard_my_data: bool,
+    /// Its node name sorts before the other's (a tie-break both sides agree on).
+    pub lower_name: bool,
 }
 
 /// How much must be transferred.
@@ -103,15 +118,32 @@ pub fn decide(me: &SideState, peer: &SideState) -> Decision {
     if me.role == Role::Primary && peer.role == Role::Primary {
         return Decision::Refuse(Refusal::BothPrimary);
     }
+    use SyncScope::Bitmap;
     let direction = match direction(&me.gens, &peer.gens, me.disk, peer.disk) {
         Direction::Equal => match (me.crashed_primary, peer.crashed_primary) {
-            (true, false) => Direction::Source(SyncScope::Full),
-            (false, true) => Direction::Target(SyncScope::Full),
+            (true, false) => Direction::Source(Bitmap),
+            (false, true) => Direction::Target(Bitmap),
             (true, true) => Direction::Refuse(Refusal::SplitBrain),
-            (false, false) => Direction::Equal,
+            (false, false) if !me.dirty && !peer.dirty => Direction::Equal,
+            (false, false) => {
+                let me_first = match (me.role, peer.role) {
+                    (Role::Primary, _) => true,
+                    (_, Role::Primary) => false,
+                    _ if me.dirty != peer.dirty => me.dirty,
+                    _ => me.lower_name,
+                };
+                if me_first { Direction::Source(Bitmap) } else { Direction::Target(Bitmap) }
+            }
         },
-        Direction::Source(_) if peer.crashed_primary => Direction::Source(SyncScope::Full),
-        Direction::Target(_) if me.crashed_primary => Direction::Target(SyncScope::Full),
+        Direction::Refuse(Refusal::SplitBrain) if me.discard_my_data != peer.discard_my_data => {
+            // Both moved from one generation: each bitmap holds that side's changes.
+            let scope = if me.gens.bitmap != 0 && me.gens.bitmap == peer.gens.bitmap {
+                Bitmap
+            } else {
+                SyncScope::Full
+            };
+            if me.discard_my_data { Direction::Target(scope) } else { Direction::Source(scope) }
+        }
         other => other,
     };
     match direction {
@@ -192,7 +224,15 @@ mod tests {
     use Role::{Primary, Secondary};
 
     fn side(current: u64, bitmap: u64, history: [u64; 4], disk: DiskState, role: Role) -> SideState {
-        SideState { gens: Generations { current, bitmap, history }, disk, role, crashed_primary: false }
+        SideState {
+            gens: Generations { current, bitmap, history },
+            disk,
+            role,
+            crashed_primary: false,
+            dirty: false,
+            discard_my_data: false,
+            lower_name: false,
+        }
     }
 
     fn sec(current: u64, bitmap: u64) -> SideState {
@@ -286,13 +326,40 @@ mod tests {
     }
 
     #[test]
-    fn a_crashed_primary_is_synced_in_full() {
-        let crashed = SideState { crashed_primary: true, ..sec(10, 0) };
+    fn a_crashed_primary_is_synced_by_bitmap() {
+        let crashed = SideState { crashed_primary: true, dirty: true, ..sec(10, 0) };
         // Same generation: the crashed Primary's copy (a superset of what was
-        // acknowledged) is copied over.
-        check(crashed, sec(10, 0), Decision::SyncSource(SyncScope::Full));
-        // The other node was promoted meanwhile: the crashed one is a full target.
-        check(side(30, 10, [0; 4], UpToDate, Primary), crashed, Decision::SyncSource(SyncScope::Full));
+        // acknowledged) is copied over, where its bitmap (hot extents) says.
+        check(crashed, sec(10, 0), Decision::SyncSource(SyncScope::Bitmap));
+        // The other node was promoted meanwhile: the crashed one is a target; the
+        // bitmaps are united, so its hot extents are copied back too.
+        check(side(30, 10, [0; 4], UpToDate, Primary), crashed, Decision::SyncSource(SyncScope::Bitmap));
+    }
+
+    #[test]
+    fn dirty_bits_at_the_same_generation_are_resynced() {
+        let dirty = SideState { dirty: true, ..sec(10, 0) };
+        check(dirty, sec(10, 0), Decision::SyncSource(SyncScope::Bitmap));
+        // A Primary is the source whoever has the bits.
+        let primary = side(10, 0, [0; 4], UpToDate, Primary);
+        check(primary, dirty, Decision::SyncSource(SyncScope::Bitmap));
+        // Both dirty, both Secondary: the lower name is the source.
+        let first = SideState { lower_name: true, ..dirty };
+        check(first, dirty, Decision::SyncSource(SyncScope::Bitmap));
+    }
+
+    #[test]
+    fn discard_my_data_resolves_a_split_brain() {
+        let alpha = sec(20, 10);
+        let beta = sec(30, 10);
+        check(alpha, beta, Decision::Refuse(Refusal::SplitBrain));
+        let victim = SideState { discard_my_data: true, ..beta };
+        check(alpha, victim, Decision::SyncSource(SyncScope::Bitmap));
+        // Both discarding resolves nothing.
+        check(SideState { discard_my_data: true, ..alpha }, victim, Decision::Refuse(Refusal::SplitBrain));
+        // No common generation in the bitmap slots: everything is copied.
+        let far = SideState { discard_my_data: true, ..side(30, 40, [10, 0, 0, 0], UpToDate, Secondary) };
+        check(side(20, 10, [0; 4], UpToDate, Secondary), far, Decision::SyncSource(SyncScope::Full));
     }
 
     #[test]
@@ -323,9 +390,14 @@ mod tests {
                 for h in ids {
                     for d in disks {
                         for r in roles {
-                            for crashed in [false, true] {
+                            for flags in 0..8u8 {
                                 let s = side(c, b, [h, 0, 0, 0], d, r);
-                                sides.push(SideState { crashed_primary: crashed, ..s });
+                                sides.push(SideState {
+                                    crashed_primary: flags & 1 != 0,
+                                    dirty: flags & 2 != 0,
+                                    discard_my_data: flags & 4 != 0,
+                                    ..s
+                                });
                             }
                         }
                     }
@@ -335,6 +407,7 @@ mod tests {
         let mut checked = 0u64;
         for me in &sides {
             for peer in &sides {
+                let me = &SideState { lower_name: true, ..*me };
                 let d = decide(me, peer);
                 let back = decide(peer, me);
                 let consistent = match (&d, &back) {

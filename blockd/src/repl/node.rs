@@ -8,9 +8,9 @@ use anyhow::Context;
 use nbd_server::{Server, ServerConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{Config, NodeConfig};
+use crate::config::{Config, NodeConfig, ResyncRate};
 use crate::control;
-use crate::meta::{MetaStore, MetaTarget};
+use crate::meta::{BitmapBlock, MetaError, MetaStore, MetaTarget};
 use crate::peer::dial::{PeerSettings, spawn_supervisor};
 use crate::peer::msg::Hello;
 use crate::repl::core::{Core, CoreConfig};
@@ -38,6 +38,9 @@ pub async fn run(
     meta.update(|sb| sb.flags.clean_shutdown = false).context("cannot update the metadata")?;
     let size_bytes =
         config.resource.size_bytes.map_or(meta.data_size_bytes(), |s| s.min(meta.data_size_bytes()));
+    // Was Primary and did not stop cleanly: it may hold writes its peer lacks.
+    let crashed_primary = sb.flags.was_primary && !sb.flags.clean_shutdown;
+    let bitmap = load_bitmap(&mut meta, size_bytes, sb.flags.clean_shutdown)?;
     let meta = Arc::new(std::sync::Mutex::new(meta));
 
     let (sink, inputs_tx, inputs_rx) = new_sink();
@@ -48,20 +51,26 @@ pub async fn run(
     let shared = new_shared(&node.name, &peer.name);
     let device = Arc::new(new_device(storage.clone(), inputs_tx.clone(), shared.clone(), size_bytes));
 
+    let r = &config.resource;
     let cfg = CoreConfig {
-        protocol: config.resource.protocol,
-        send_buffer_bytes: config.resource.send_buffer_bytes,
+        protocol: r.protocol,
+        send_buffer_bytes: r.send_buffer_bytes,
         granularity_bytes: sb.bitmap_granularity_bytes,
         size_bytes,
+        al_extents: r.al_extents,
+        resync_rate_bytes_per_sec: match r.resync_rate {
+            ResyncRate::Auto => None,
+            ResyncRate::Fixed { bytes_per_sec } => Some(bytes_per_sec),
+        },
+        resync_min_rate_bytes_per_sec: r.resync_min_rate_bytes_per_sec,
+        resync_checksum: r.resync_checksum,
     };
-    // Was Primary and did not stop cleanly: it may hold writes its peer lacks.
-    let crashed_primary = sb.flags.was_primary && !sb.flags.clean_shutdown;
     if crashed_primary {
-        tracing::warn!("this node crashed while Primary; its next resync with the peer is a full one");
+        tracing::warn!("this node crashed while Primary; its hot extents are resynced with the peer");
     }
     // A node always starts as Secondary, as with `drbdadm up`.
     let seed = crate::meta::random_id().context("cannot read random bytes for generation ids")?;
-    let core = Core::new(cfg, Role::Secondary, sb.disk, sb.generations, crashed_primary, seed);
+    let core = Core::new(cfg, Role::Secondary, sb.disk, sb.generations, crashed_primary, bitmap, seed);
 
     let hello = Hello {
         version: 1,
@@ -134,17 +143,82 @@ pub async fn run(
         tracing::warn!("the peer did not confirm the last writes within {DRAIN_TIMEOUT:?}");
     }
     core_stop_tx.send_replace(true);
-    let _ = core_task.await;
+    let core = core_task.await;
     let _ = supervisor.await;
     let _ = control_task.await;
 
     let (tx, rx) = oneshot::channel();
     storage.submit(IoOp::Flush, Token::Internal(tx));
     rx.await.unwrap_or(Err(nix::errno::Errno::EIO)).context("final flush of the backing store failed")?;
-    meta.lock()
-        .map_err(|_| anyhow::anyhow!("metadata lock poisoned"))?
-        .update(|sb| sb.flags.clean_shutdown = true)
+    let mut meta = meta.lock().map_err(|_| anyhow::anyhow!("metadata lock poisoned"))?;
+    if let Ok(mut core) = core {
+        // The bitmap on disk covers everything now; the activity log is not needed.
+        let blocks: Vec<BitmapBlock> = core
+            .stop_dirty()
+            .into_iter()
+            .map(|(index, data, crc)| BitmapBlock { index, data, crc })
+            .collect();
+        meta.write_bitmap_blocks(&blocks).context("cannot write the bitmap at shutdown")?;
+        meta.write_al(&[]).context("cannot clear the activity log at shutdown")?;
+    } else {
+        // The core task died: keep the activity log, and do not claim a clean stop.
+        anyhow::bail!("the replication core task failed; shutdown not clean");
+    }
+    meta.update(|sb| sb.flags.clean_shutdown = true)
         .context("cannot record the clean shutdown in the metadata")?;
     tracing::info!("clean shutdown");
     Ok(())
+}
+
+/// The persisted bitmap, plus the activity log's hot extents after a crash, written
+/// back so that the log can be emptied. A corrupt bitmap is never trusted: every bit
+/// is set (a full resync), with an error in the log.
+fn load_bitmap(
+    meta: &mut MetaStore,
+    size_bytes: u64,
+    clean_shutdown: bool,
+) -> anyhow::Result<bitmap::Bitmap> {
+    let mut bitmap = match meta.read_bitmap(size_bytes) {
+        Ok(b) => b,
+        Err(e @ MetaError::BitmapCorrupt { .. }) => {
+            tracing::error!(error = %e, "the on-disk bitmap is corrupt; falling back to a full resync");
+            let mut b = bitmap::Bitmap::new(size_bytes, meta.superblock().bitmap_granularity_bytes)
+                .context("cannot size the bitmap")?;
+            b.set_all();
+            b
+        }
+        Err(e) => return Err(e).context("cannot read the bitmap"),
+    };
+    let hot =
+        if clean_shutdown { Vec::new() } else { meta.read_al().context("cannot read the activity log")? };
+    for extent in &hot {
+        let start = u64::from(*extent) << crate::repl::al::AL_EXTENT_SHIFT;
+        bitmap.set_range(start..start + (1 << crate::repl::al::AL_EXTENT_SHIFT));
+    }
+    if !hot.is_empty() {
+        tracing::warn!(
+            extents = hot.len(),
+            "unclean stop: the activity log's hot extents are marked out of sync"
+        );
+    }
+    let blocks: Vec<u64> = bitmap.changed_blocks().collect();
+    if !blocks.is_empty() {
+        let encoded: Vec<BitmapBlock> = blocks
+            .into_iter()
+            .map(|index| {
+                let mut data = Box::new([0u8; bitmap::BLOCK_BYTES]);
+                let crc = bitmap.encode_block(index, &mut data);
+                BitmapBlock { index, data, crc }
+            })
+            .collect();
+        meta.write_bitmap_blocks(&encoded).context("cannot write the bitmap")?;
+        bitmap.mark_persisted();
+    }
+    if !hot.is_empty() {
+        meta.write_al(&[]).context("cannot clear the activity log")?;
+    }
+    if bitmap.count_bits() > 0 {
+        tracing::info!(out_of_sync_bytes = bitmap.dirty_bytes(), "bitmap loaded");
+    }
+    Ok(bitmap)
 }

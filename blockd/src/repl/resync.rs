@@ -5,27 +5,31 @@
 //! SyncTarget (or refuses). While syncing, replication of application writes runs as
 //! usual; resync copies the rest in disk order:
 //!
-//! - Source: the regions to copy are every byte (full sync) or the dirty set (when it
-//!   is known to cover every change since the peer's generation). Chunks of at most
-//!   [`RESYNC_CHUNK_BYTES`] go through the same [`InFlight`] table as application
-//!   writes, so a chunk never races an overlapping write: the chunk is read locally,
-//!   sent as `ResyncData` (or `ResyncZeroes` when it reads as zero — no data on the
-//!   wire), and its range is released only when the target acknowledges it. At most
-//!   [`RESYNC_PARALLEL`] chunks are in flight. When all are acknowledged the source
-//!   clears its bitmap generation and sends `ResyncDone` with its generations.
+//! - What to copy is the source's bitmap: for a bitmap resync, united with the
+//!   target's (the target sends its non-zero bitmap blocks first, `BitmapBlock` …
+//!   `BitmapDone`: after a failover or a split brain both sides changed regions); for
+//!   a full sync, every bit is set first. Either way the bits are persistent, so an
+//!   interrupted resync (link loss, either node killed) continues where it stopped.
+//! - Source: a cursor walks the dirty runs; chunks of at most [`RESYNC_CHUNK_BYTES`]
+//!   go through the same [`InFlight`] table as application writes, so a chunk never
+//!   races an overlapping write: the chunk is read locally, sent as `ResyncData` (or
+//!   `ResyncZeroes` when it reads as zero — no data on the wire), and its bits are
+//!   cleared and its range released only when the target acknowledges it. With
+//!   `resync-checksum`, the target is asked for the digests of the chunk's granules
+//!   first and only differing granules are sent. At most [`RESYNC_PARALLEL`] chunks
+//!   are in flight, and a token bucket fed by ticks bounds the rate. When all are
+//!   acknowledged the source clears its bitmap generation and sends `ResyncDone`.
 //! - Target: first its disk becomes Inconsistent, durably (a crash mid-resync must
 //!   never leave a half-copied disk that claims to be consistent); resync messages
 //!   wait for that. Each chunk is written and acknowledged. On `ResyncDone` it
-//!   flushes, adopts the source's generations, and is UpToDate again.
-//!
-//! A lost link drops the resync: the source keeps its dirty set (so the next connect
-//! resumes from it while this process lives), the target stays Inconsistent.
+//!   flushes, adopts the source's generations, clears its bitmap, and is UpToDate.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
+use super::verify::{DIGEST_BYTES, digests_of};
 use super::*;
-use crate::repl::decide::{Decision, SideState, SyncScope, decide};
+use crate::repl::decide::{Decision, Refusal, SideState, SyncScope, decide};
 
 /// Largest resync chunk.
 pub const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
@@ -39,21 +43,34 @@ const TARGET_FLUSH_JOB: JobId = u64::MAX - 1;
 enum Chunk {
     /// Waiting in the in-flight table behind an overlapping write.
     Waiting,
-    /// Being read locally.
+    /// Being read locally (and, with checksums, its digests asked of the target).
     Reading,
-    /// Sent; waiting for the target's ack.
-    Sent,
+    /// Sent; waiting for this many acks from the target.
+    Sent { acks: u32 },
+}
+
+#[derive(Debug)]
+struct SourceChunk {
+    range: Range<u64>,
+    state: Chunk,
+    /// Checksum resync: the local data, and the target's digests, until both came.
+    data: Option<BufMut>,
+    remote: Option<Buf>,
 }
 
 /// Resync progress on the source.
 #[derive(Debug, Default)]
 pub struct SourceSync {
-    pending: VecDeque<Range<u64>>,
-    chunks: HashMap<JobId, (Range<u64>, Chunk)>,
+    /// Next byte to look for dirty runs at.
+    cursor: u64,
+    /// Waiting for the target's bitmap (`BitmapDone`) before starting.
+    awaiting_bitmap: bool,
+    chunks: HashMap<JobId, SourceChunk>,
+    /// Sent piece offset → its chunk; digest request offset → its chunk.
     by_offset: HashMap<u64, JobId>,
+    by_digest: HashMap<u64, JobId>,
     pub done_bytes: u64,
     pub total_bytes: u64,
-    pub sent_bytes: u64,
     /// A chunk failed on the target: it stays dirty and the sync is not complete.
     failed: bool,
 }
@@ -62,6 +79,69 @@ impl SourceSync {
     pub(super) fn is_chunk(&self, job: JobId) -> bool {
         self.chunks.contains_key(&job)
     }
+}
+
+/// Resync rate control (a token bucket fed by ticks) and the measured rate.
+#[derive(Debug)]
+pub struct RateCtl {
+    fixed_bytes_per_sec: Option<u64>,
+    min_bytes_per_sec: u64,
+    /// The limit in force: `None` is full speed.
+    limit_bytes_per_sec: Option<u64>,
+    tokens_bytes: i64,
+    /// Resync bytes done in this process (both directions), and at the last tick.
+    pub(super) progress_bytes: u64,
+    progress_at_tick: u64,
+    /// Smoothed bytes per second over recent ticks.
+    measured_bytes_per_sec: f64,
+    /// Payload bytes sent for resync since start (status `resync_sent_bytes`).
+    pub(super) sent_bytes: u64,
+}
+
+impl RateCtl {
+    pub(super) fn new(cfg: &CoreConfig) -> RateCtl {
+        RateCtl {
+            fixed_bytes_per_sec: cfg.resync_rate_bytes_per_sec,
+            min_bytes_per_sec: cfg.resync_min_rate_bytes_per_sec,
+            limit_bytes_per_sec: cfg.resync_rate_bytes_per_sec,
+            tokens_bytes: RESYNC_CHUNK_BYTES as i64,
+            progress_bytes: 0,
+            progress_at_tick: 0,
+            measured_bytes_per_sec: 0.0,
+            sent_bytes: 0,
+        }
+    }
+
+    /// Whether a chunk of `len` bytes may start now; takes its tokens if so.
+    fn take(&mut self, len: u64) -> bool {
+        if self.limit_bytes_per_sec.is_none() {
+            return true;
+        }
+        if self.tokens_bytes <= 0 {
+            return false;
+        }
+        self.tokens_bytes -= len as i64;
+        true
+    }
+}
+
+/// Why a connection is not used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectRefusal {
+    pub reason: String,
+    /// Stop connecting until `blockctl connect` (split brain, unrelated data).
+    pub standalone: bool,
+}
+
+/// Resync progress for status.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ResyncProgress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub sent_bytes: u64,
+    pub rate_bytes_per_sec: u64,
+    /// Seconds left at the measured rate, while a resync runs.
+    pub eta_secs: Option<u64>,
 }
 
 /// Resync state on the target.
@@ -98,42 +178,40 @@ impl ReplState {
 
 impl Core {
     /// A link is up: decide from both sides' state whether and how to replicate.
-    /// `Err` is the reason to refuse (the caller closes the link; status shows it).
-    pub fn connect(&mut self, remote: SideState) -> Result<Vec<Action>, String> {
-        let me = SideState {
-            gens: self.gens,
-            disk: self.disk,
-            role: self.role,
-            crashed_primary: self.crashed_primary,
-        };
+    /// `Err` is the refusal (the caller closes the link; status shows it).
+    pub fn connect(&mut self, remote: SideState) -> Result<Vec<Action>, ConnectRefusal> {
+        let me = self.side_state(&remote);
         let decision = decide(&me, &remote);
         let mut out = Vec::new();
         match decision {
             Decision::InSync => {
                 self.start_link();
                 self.repl = ReplState::Established;
-                // Same generation, nothing to copy: tracking starts from nothing.
-                self.dirty.clear();
-                self.dirty_complete = true;
             }
             Decision::SyncSource(scope) => {
                 self.start_link();
-                self.start_source(scope, &mut out);
+                self.start_source(scope, scope == SyncScope::Bitmap, &mut out);
             }
-            Decision::SyncTarget(_) => {
+            Decision::SyncTarget(scope) => {
                 self.start_link();
-                self.repl = ReplState::SyncTarget;
-                self.disk = DiskState::Inconsistent;
-                let seq = self.persist(&mut out);
-                self.target = Some(TargetSync { inconsistent_seq: seq, ..TargetSync::default() });
-                // The source's view of this disk (status, promotion decisions).
-                self.send(Message::State { role: self.role, disk: self.disk }, &mut out);
+                if scope == SyncScope::Bitmap {
+                    self.send_bitmap(&mut out);
+                }
+                self.start_target(&mut out);
             }
             Decision::WaitForPromotion => {
-                return Err("both disks are Inconsistent; promote one with `blockctl primary --force`".into());
+                let reason = "both disks are Inconsistent; promote one with `blockctl primary --force`";
+                return Err(ConnectRefusal { reason: reason.into(), standalone: false });
             }
-            Decision::Refuse(r) => return Err(r.to_string()),
+            Decision::Refuse(r) => {
+                // As DRBD: after a split brain or with unrelated data the node stops
+                // trying until an operator says `blockctl connect`.
+                let standalone = matches!(r, Refusal::SplitBrain | Refusal::UnrelatedData);
+                return Err(ConnectRefusal { reason: r.to_string(), standalone });
+            }
         }
+        // `--discard-my-data` holds for one connection.
+        self.discard_my_data = false;
         Ok(out)
     }
 
@@ -142,12 +220,125 @@ impl Core {
         self.repl
     }
 
-    /// (done, total, sent) bytes of the resync in progress, if any.
-    pub fn resync_progress(&self) -> Option<(u64, u64, u64)> {
-        if let Some(s) = &self.source {
-            return Some((s.done_bytes, s.total_bytes, s.sent_bytes));
+    /// This node's side for [`decide`], given the peer's.
+    pub fn side_state(&self, remote: &SideState) -> SideState {
+        SideState {
+            gens: self.gens,
+            disk: self.disk,
+            role: self.role,
+            crashed_primary: self.crashed_primary,
+            dirty: self.bitmap.count_bits() > 0,
+            discard_my_data: self.discard_my_data,
+            lower_name: !remote.lower_name,
         }
-        self.target.as_ref().map(|t| (t.received_bytes, 0, 0))
+    }
+
+    /// Resync progress (zeros when idle; `sent_bytes` counts since start).
+    pub fn resync_progress(&self) -> ResyncProgress {
+        let (done_bytes, total_bytes) = match (&self.source, &self.target) {
+            (Some(s), _) => (s.done_bytes, s.total_bytes),
+            (None, Some(t)) => (t.received_bytes, 0),
+            (None, None) => (0, 0),
+        };
+        let rate = self.rate.measured_bytes_per_sec as u64;
+        let running = self.source.is_some() || self.target.is_some();
+        let eta_secs = (self.source.is_some() && rate > 0).then(|| (total_bytes - done_bytes).div_ceil(rate));
+        ResyncProgress {
+            done_bytes,
+            total_bytes,
+            sent_bytes: self.rate.sent_bytes,
+            rate_bytes_per_sec: if running { rate } else { 0 },
+            eta_secs,
+        }
+    }
+
+    /// A tick: refill the rate bucket (`auto`: full speed unless the application did
+    /// I/O since the last tick) and update the measured rate.
+    pub(super) fn rate_tick(&mut self, elapsed_ms: u64, app_requests: u64) {
+        let r = &mut self.rate;
+        r.limit_bytes_per_sec = match r.fixed_bytes_per_sec {
+            Some(fixed) => Some(fixed),
+            None if app_requests > 0 => Some(r.min_bytes_per_sec),
+            None => None,
+        };
+        if let Some(limit) = r.limit_bytes_per_sec {
+            let add = limit.saturating_mul(elapsed_ms) / 1000;
+            // A burst of at most a fifth of a second (but one chunk at least).
+            let burst = (limit / 5).max(RESYNC_CHUNK_BYTES);
+            r.tokens_bytes = (r.tokens_bytes + add as i64).min(burst as i64);
+        }
+        if elapsed_ms > 0 {
+            let delta = r.progress_bytes - r.progress_at_tick;
+            r.progress_at_tick = r.progress_bytes;
+            let now = delta as f64 * 1000.0 / elapsed_ms as f64;
+            r.measured_bytes_per_sec = 0.8 * r.measured_bytes_per_sec + 0.2 * now;
+        }
+    }
+
+    /// Target side of a bitmap resync: what this node changed goes to the source.
+    fn send_bitmap(&mut self, out: &mut Vec<Action>) {
+        let mut block = [0u8; bitmap::BLOCK_BYTES];
+        let mut sent = 0;
+        for index in 0..self.bitmap.blocks() {
+            self.bitmap.encode_block(index, &mut block);
+            if block.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let mut data = self.pool.get(bitmap::BLOCK_BYTES);
+            data.copy_from_slice(&block);
+            self.send(Message::BitmapBlock { index, data: data.freeze() }, out);
+            sent += 1;
+        }
+        self.send(Message::BitmapDone { blocks: sent }, out);
+    }
+
+    /// Source: a block of the target's bitmap.
+    pub(super) fn on_bitmap_block(&mut self, index: u64, data: &Buf) {
+        let Some(sync) = self.source.as_mut().filter(|s| s.awaiting_bitmap) else {
+            tracing::warn!(index, "bitmap block outside a bitmap exchange; ignored");
+            return;
+        };
+        let _ = sync;
+        match <&[u8; bitmap::BLOCK_BYTES]>::try_from(&data[..]) {
+            Ok(block) if self.bitmap.or_block(index, block) => {}
+            _ => tracing::warn!(index, len = data.len(), "malformed bitmap block from the peer; ignored"),
+        }
+    }
+
+    /// Source: the target's bitmap is merged; the resync starts.
+    pub(super) fn on_bitmap_done(&mut self, blocks: u64, out: &mut Vec<Action>) {
+        let total = self.bitmap.dirty_bytes();
+        let Some(sync) = self.source.as_mut().filter(|s| s.awaiting_bitmap) else { return };
+        sync.awaiting_bitmap = false;
+        sync.total_bytes = total;
+        tracing::info!(peer_blocks = blocks, bytes = total, "peer bitmap merged; resync as source");
+        self.pump_source(out);
+    }
+
+    /// Becomes a sync target: the disk is Inconsistent (durably) until `ResyncDone`.
+    fn start_target(&mut self, out: &mut Vec<Action>) {
+        self.repl = ReplState::SyncTarget;
+        self.disk = DiskState::Inconsistent;
+        let seq = self.persist(out);
+        self.target = Some(TargetSync { inconsistent_seq: seq, ..TargetSync::default() });
+        // The source's view of this disk (status, promotion decisions).
+        self.send(Message::State { role: self.role, disk: self.disk }, out);
+    }
+
+    /// `verify --repair` from the peer: become its sync target.
+    pub(super) fn on_start_repair(&mut self, bytes: u64, out: &mut Vec<Action>) {
+        if self.role == Role::Primary || self.source.is_some() || self.target.is_some() {
+            tracing::warn!(bytes, "repair request refused: this node is Primary or already syncing");
+            return;
+        }
+        tracing::info!(bytes, "verify repair: resync as target");
+        self.start_target(out);
+    }
+
+    /// Verify `--repair`: resync what the verify found, as source.
+    pub(super) fn start_repair(&mut self, bytes: u64, out: &mut Vec<Action>) {
+        self.send(Message::StartRepair { bytes }, out);
+        self.start_source(SyncScope::Bitmap, false, out);
     }
 
     fn start_link(&mut self) {
@@ -159,50 +350,53 @@ impl Core {
         self.applier = Applier { epoch: 1, ..Applier::default() };
     }
 
-    fn start_source(&mut self, scope: SyncScope, out: &mut Vec<Action>) {
-        let regions: Vec<Range<u64>> = if scope == SyncScope::Bitmap && self.dirty_complete {
-            self.dirty
-                .runs()
-                .map(|r| r.start..r.end.min(self.cfg.size_bytes))
-                .filter(|r| !r.is_empty())
-                .collect()
-        } else {
-            // One region: the whole device.
-            std::iter::once(0..self.cfg.size_bytes).collect()
-        };
-        let mut sync = SourceSync::default();
-        for region in regions {
-            let mut at = region.start;
-            while at < region.end {
-                let end = (at + RESYNC_CHUNK_BYTES).min(region.end);
-                sync.pending.push_back(at..end);
-                sync.total_bytes += end - at;
-                at = end;
-            }
+    /// `exchange`: wait for the target's bitmap before starting.
+    fn start_source(&mut self, scope: SyncScope, exchange: bool, out: &mut Vec<Action>) {
+        if scope == SyncScope::Full {
+            // Every bit set: a full sync is as resumable as a bitmap one.
+            self.bitmap.set_all();
         }
-        tracing::info!(bytes = sync.total_bytes, full = scope == SyncScope::Full, "resync as source");
+        let sync = SourceSync {
+            awaiting_bitmap: exchange,
+            total_bytes: self.bitmap.dirty_bytes(),
+            ..SourceSync::default()
+        };
+        tracing::info!(
+            bytes = sync.total_bytes,
+            full = scope == SyncScope::Full,
+            exchange,
+            "resync as source"
+        );
         self.repl = ReplState::SyncSource;
         self.source = Some(sync);
         self.pump_source(out);
     }
 
-    /// Starts chunks up to the parallelism bound; finishes when nothing is left.
-    fn pump_source(&mut self, out: &mut Vec<Action>) {
+    /// Starts chunks up to the parallelism and rate bounds; finishes when nothing is
+    /// left.
+    pub(super) fn pump_source(&mut self, out: &mut Vec<Action>) {
         loop {
             let Some(sync) = self.source.as_mut() else { return };
-            if sync.chunks.len() >= RESYNC_PARALLEL {
+            if sync.awaiting_bitmap || sync.chunks.len() >= RESYNC_PARALLEL {
                 return;
             }
-            let Some(range) = sync.pending.pop_front() else {
+            let next = self.bitmap.runs_from(sync.cursor).next();
+            let Some(run) = next else {
                 if sync.chunks.is_empty() {
                     self.finish_source(out);
                 }
                 return;
             };
+            let range = run.start..run.end.min(run.start + RESYNC_CHUNK_BYTES);
+            if !self.rate.take(range.end - range.start) {
+                return;
+            }
             let job = self.next_internal;
             self.next_internal += 1;
             let sync = self.source.as_mut().expect("checked");
-            sync.chunks.insert(job, (range.clone(), Chunk::Waiting));
+            sync.cursor = range.end;
+            let chunk = SourceChunk { range: range.clone(), state: Chunk::Waiting, data: None, remote: None };
+            sync.chunks.insert(job, chunk);
             if self.inflight.admit(job, range) {
                 self.read_chunk(job, out);
             }
@@ -210,10 +404,17 @@ impl Core {
     }
 
     fn read_chunk(&mut self, job: JobId, out: &mut Vec<Action>) {
-        let Some((range, state)) = self.source.as_mut().and_then(|s| s.chunks.get_mut(&job)) else { return };
-        *state = Chunk::Reading;
-        let buf = self.pool.get((range.end - range.start) as usize);
-        out.push(Action::Local { job, op: IoOp::Read { offset: range.start, buf } });
+        let checksum = self.cfg.resync_checksum;
+        let Some(sync) = self.source.as_mut() else { return };
+        let Some(chunk) = sync.chunks.get_mut(&job) else { return };
+        chunk.state = Chunk::Reading;
+        let (offset, len) = (chunk.range.start, chunk.range.end - chunk.range.start);
+        if checksum {
+            sync.by_digest.insert(offset, job);
+            self.send(Message::DigestReq { offset, len, after_epoch: 0 }, out);
+        }
+        let buf = self.pool.get(len as usize);
+        out.push(Action::Local { job, op: IoOp::Read { offset, buf } });
     }
 
     /// Jobs the in-flight table released: application writes or resync chunks. A
@@ -224,6 +425,8 @@ impl Core {
                 self.dispatch_write(job, out);
             } else if self.source.as_ref().is_some_and(|s| s.chunks.contains_key(&job)) {
                 self.read_chunk(job, out);
+            } else if self.verify.as_ref().is_some_and(|v| v.is_chunk(job)) {
+                self.read_verify_chunk(job, out);
             } else if let Some(range) = self.abandoned_chunks.remove(&job) {
                 let next = self.inflight.complete(job, range.start);
                 self.start_released(next, out);
@@ -231,7 +434,8 @@ impl Core {
         }
     }
 
-    /// A chunk's local read finished: send it (or its zeroes).
+    /// A chunk's local read finished: send it (or its zeroes), or with checksums
+    /// wait for the target's digests.
     pub(super) fn on_chunk_read(
         &mut self,
         job: JobId,
@@ -239,54 +443,140 @@ impl Core {
         buf: Option<BufMut>,
         out: &mut Vec<Action>,
     ) {
-        if let Some(range) = self.abandoned_chunks.remove(&job) {
-            let next = self.inflight.complete(job, range.start);
-            return self.start_released(next, out);
-        }
-        let Some((range, _)) = self.source.as_ref().and_then(|s| s.chunks.get(&job)) else { return };
-        let (offset, len) = (range.start, range.end - range.start);
         let data = match (result, buf) {
             (Ok(()), Some(data)) => data,
             (result, _) => {
                 // A source that cannot read its own disk cannot sync.
-                tracing::error!(offset, len, ?result, "resync read failed; resync stops");
+                tracing::error!(job, ?result, "resync read failed; resync stops");
                 self.abandon_source(out);
                 return;
             }
         };
+        let checksum = self.cfg.resync_checksum;
+        let Some(chunk) = self.source.as_mut().and_then(|s| s.chunks.get_mut(&job)) else { return };
+        if checksum {
+            chunk.data = Some(data);
+            return self.try_compare_chunk(job, out);
+        }
+        let range = chunk.range.clone();
+        self.send_pieces(job, data, std::iter::once(range), out);
+    }
+
+    /// Checksum resync: the target's digests for a chunk.
+    pub(super) fn on_resync_digests(&mut self, offset: u64, digests: Buf, out: &mut Vec<Action>) -> bool {
+        let Some(sync) = self.source.as_mut() else { return false };
+        let Some(job) = sync.by_digest.remove(&offset) else { return false };
+        if let Some(chunk) = sync.chunks.get_mut(&job) {
+            chunk.remote = Some(digests);
+            self.try_compare_chunk(job, out);
+        }
+        true
+    }
+
+    /// Checksum resync: with both the local data and the target's digests, sends
+    /// the granules that differ.
+    fn try_compare_chunk(&mut self, job: JobId, out: &mut Vec<Action>) {
+        let granularity = self.cfg.granularity_bytes;
+        let Some(chunk) = self.source.as_mut().and_then(|s| s.chunks.get_mut(&job)) else { return };
+        if chunk.data.is_none() || chunk.remote.is_none() {
+            return;
+        }
+        let data = chunk.data.take().expect("checked");
+        let remote = chunk.remote.take().expect("checked");
+        let range = chunk.range.clone();
+        let local = digests_of(&data, granularity);
+        let mut differing: Vec<Range<u64>> = Vec::new();
+        for (i, ours) in local.chunks_exact(DIGEST_BYTES).enumerate() {
+            let theirs = remote.get(i * DIGEST_BYTES..(i + 1) * DIGEST_BYTES);
+            if theirs == Some(ours) {
+                continue;
+            }
+            let start = range.start + i as u64 * granularity;
+            let end = (start + granularity).min(range.end);
+            match differing.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => differing.push(start..end),
+            }
+        }
+        self.send_pieces(job, data, differing.into_iter(), out);
+    }
+
+    /// Sends these parts of a chunk (zero parts without data); a chunk with nothing
+    /// to send is done at once.
+    fn send_pieces(
+        &mut self,
+        job: JobId,
+        data: BufMut,
+        pieces: impl Iterator<Item = Range<u64>>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(chunk) = self.source.as_ref().and_then(|s| s.chunks.get(&job)) else { return };
+        let base = chunk.range.start;
+        let whole = chunk.range.clone();
+        let data = data.freeze();
+        let mut acks = 0;
+        for piece in pieces {
+            let bytes = &data[(piece.start - base) as usize..(piece.end - base) as usize];
+            let message = if bytes.iter().all(|&b| b == 0) {
+                // Zero regions cost no data on the wire.
+                Message::ResyncZeroes { offset: piece.start, len: piece.end - piece.start }
+            } else if piece == whole {
+                self.rate.sent_bytes += piece.end - piece.start;
+                Message::ResyncData { offset: piece.start, data: data.clone() }
+            } else {
+                self.rate.sent_bytes += piece.end - piece.start;
+                let mut part = self.pool.get(bytes.len());
+                part.copy_from_slice(bytes);
+                Message::ResyncData { offset: piece.start, data: part.freeze() }
+            };
+            self.source.as_mut().expect("checked").by_offset.insert(piece.start, job);
+            self.send(message, out);
+            acks += 1;
+        }
         let sync = self.source.as_mut().expect("checked");
-        sync.chunks.insert(job, (offset..offset + len, Chunk::Sent));
-        sync.by_offset.insert(offset, job);
-        let message = if data.iter().all(|&b| b == 0) {
-            // Zero regions cost no data on the wire.
-            Message::ResyncZeroes { offset, len }
+        if acks == 0 {
+            // Identical on both sides: nothing to send.
+            self.chunk_done(job, out);
         } else {
-            sync.sent_bytes += len;
-            Message::ResyncData { offset, data: data.freeze() }
-        };
-        self.send(message, out);
+            sync.chunks.get_mut(&job).expect("present").state = Chunk::Sent { acks };
+        }
     }
 
     pub(super) fn on_resync_ack(&mut self, offset: u64, len: u64, errno: i32, out: &mut Vec<Action>) {
         let Some(sync) = self.source.as_mut() else { return };
         let Some(job) = sync.by_offset.remove(&offset) else { return };
-        let Some((range, _)) = sync.chunks.remove(&job) else { return };
+        let Some(chunk) = sync.chunks.get_mut(&job) else { return };
         if errno != 0 {
             tracing::warn!(offset, len, errno, "the sync target failed a chunk; it stays out of sync");
             sync.failed = true;
-            self.dirty.insert(range.clone());
-        } else {
-            sync.done_bytes += range.end - range.start;
         }
-        let next = self.inflight.complete(job, range.start);
+        let Chunk::Sent { acks } = &mut chunk.state else { return };
+        *acks -= 1;
+        if *acks == 0 {
+            self.chunk_done(job, out);
+        }
+    }
+
+    /// Every piece of a chunk is on the target (or failed): clear its bits unless it
+    /// failed, release its range, go on.
+    fn chunk_done(&mut self, job: JobId, out: &mut Vec<Action>) {
+        let Some(sync) = self.source.as_mut() else { return };
+        let Some(chunk) = sync.chunks.remove(&job) else { return };
+        let len = chunk.range.end - chunk.range.start;
+        if !sync.failed {
+            self.bitmap.clear_range(chunk.range.clone());
+        }
+        sync.done_bytes += len;
+        self.rate.progress_bytes += len;
+        let next = self.inflight.complete(job, chunk.range.start);
         self.start_released(next, out);
         self.pump_source(out);
     }
 
     fn finish_source(&mut self, out: &mut Vec<Action>) {
         let sync = self.source.take().expect("finishing a resync");
-        tracing::info!(bytes = sync.done_bytes, sent_bytes = sync.sent_bytes, "resync done (source)");
-        if sync.failed {
+        tracing::info!(bytes = sync.done_bytes, sent_bytes = self.rate.sent_bytes, "resync done (source)");
+        if sync.failed || self.bitmap.count_bits() > 0 {
             // Some chunk failed on the target: keep it dirty, do not declare sync.
             self.repl = ReplState::Established;
             return;
@@ -297,24 +587,28 @@ impl Core {
             self.gens.history[0] = self.gens.bitmap;
             self.gens.bitmap = 0;
         }
-        self.dirty.clear();
-        self.dirty_complete = true;
         self.crashed_primary = false;
         self.persist(out);
+        self.write_bitmap(out);
         self.send(Message::ResyncDone { gens: self.gens }, out);
         self.repl = ReplState::Established;
     }
 
     fn abandon_source(&mut self, out: &mut Vec<Action>) {
         let Some(sync) = self.source.take() else { return };
-        for (job, (range, state)) in sync.chunks {
-            match state {
-                // Never admitted: it comes back from the in-flight table later.
-                Chunk::Waiting | Chunk::Reading => {
-                    self.abandoned_chunks.insert(job, range);
+        for (job, chunk) in sync.chunks {
+            match chunk.state {
+                // Read, waiting for the target's digests that will not come.
+                Chunk::Reading if chunk.data.is_some() => {
+                    let next = self.inflight.complete(job, chunk.range.start);
+                    self.start_released(next, out);
                 }
-                Chunk::Sent => {
-                    let next = self.inflight.complete(job, range.start);
+                // Still held by the in-flight table or a local read: given back later.
+                Chunk::Waiting | Chunk::Reading => {
+                    self.abandoned_chunks.insert(job, chunk.range);
+                }
+                Chunk::Sent { .. } => {
+                    let next = self.inflight.complete(job, chunk.range.start);
                     self.start_released(next, out);
                 }
             }
@@ -359,9 +653,12 @@ impl Core {
             Message::ResyncData { offset, data } => {
                 let len = data.len() as u64;
                 t.received_bytes += len;
+                self.rate.progress_bytes += len;
                 (offset, len, IoOp::Write { offset, buf: data, fua: false })
             }
             Message::ResyncZeroes { offset, len } => {
+                t.received_bytes += len;
+                self.rate.progress_bytes += len;
                 (offset, len, IoOp::WriteZeroes { offset, len, may_trim: true, fast_only: false, fua: false })
             }
             Message::ResyncDone { gens } => {
@@ -426,9 +723,11 @@ impl Core {
         self.gens = gens;
         self.disk = DiskState::UpToDate;
         self.crashed_primary = false;
-        self.dirty.clear();
+        // What this node had changed was merged into the source's resync.
+        self.bitmap.clear_all();
         self.repl = ReplState::Established;
         self.persist(out);
+        self.write_bitmap(out);
         self.send(Message::State { role: self.role, disk: self.disk }, out);
     }
 

@@ -7,7 +7,12 @@
 //! - peer connections from the supervisor (one at a time);
 //! - the live link's events (bounded channel inside the link);
 //! - control requests (bounded channel);
-//! - metadata completions (one per persist action).
+//! - metadata completions (one per metadata action);
+//! - a 100 ms tick (resync rate, lazy bitmap writes).
+//!
+//! Metadata actions (superblock updates, bitmap blocks, activity-log transactions)
+//! run on one metadata thread, in the order the core emitted them: the core relies
+//! on that order (bitmap blocks before the activity log forgets an extent).
 //!
 //! Reads, CACHE and BLOCK_STATUS bypass the core: they touch only the local disk,
 //! which on a Primary is UpToDate, so they cost what they cost standalone.
@@ -22,16 +27,24 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::control::{Command, ControlRequest};
 use crate::device::spawn_block_status;
-use crate::meta::MetaStore;
+use crate::meta::{BitmapBlock, MetaStore};
 use crate::peer::link::{LinkEvent, PeerConn};
 use crate::peer::msg::{Hello, Message};
 use crate::repl::core::{Action, Core, Event, JobId, Outcome, Request};
 use crate::repl::decide::SideState;
+use crate::repl::verify_reply;
 use crate::state::{DiskState, Generations, Role};
 use crate::storage::{IoBuf, IoOp, IoSink, Storage};
 
 /// `Hello.flags` bit: the sender crashed while Primary and was not resynced since.
 pub const HELLO_CRASHED_PRIMARY: u32 = 1 << 0;
+/// `Hello.flags` bit: the sender's bitmap has bits set.
+pub const HELLO_DIRTY: u32 = 1 << 1;
+/// `Hello.flags` bit: `connect --discard-my-data` was given on the sender.
+pub const HELLO_DISCARD_MY_DATA: u32 = 1 << 2;
+
+/// How often the core gets a `Tick`.
+const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How long `secondary --force` waits for clients to go and for the final flush.
 const FORCE_DEMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -94,6 +107,8 @@ impl IoSink for CoreSink {
 pub struct Shared {
     role: AtomicU8,
     peer_role: AtomicU8,
+    /// NBD requests submitted (reads included), for the `auto` resync rate.
+    app_requests: AtomicU64,
     pub local_name: String,
     pub peer_name: String,
 }
@@ -133,6 +148,7 @@ impl BlockDevice for ReplicatedDevice {
 
     fn submit(&self, request: NbdRequest, responder: Responder) {
         let job = self.next_job.fetch_add(1, Ordering::Relaxed);
+        self.shared.app_requests.fetch_add(1, Ordering::Relaxed);
         let request = match request {
             NbdRequest::Read { offset, buf } => {
                 return self.storage.submit(IoOp::Read { offset, buf }, Token::Direct { responder });
@@ -193,8 +209,60 @@ pub struct CoreTask {
     pub stop_daemon: watch::Sender<bool>,
 }
 
+/// A metadata action for the metadata thread.
+enum MetaJob {
+    Persist { seq: u64, gens: Generations, disk: DiskState, was_primary: bool },
+    Bitmap { seq: u64, blocks: Vec<BitmapBlock> },
+    Al { seq: u64, extents: Vec<u32> },
+}
+
+/// Runs metadata actions one at a time, in order, and reports each as durable.
+/// Unbounded channel: the core keeps at most one bitmap write and one activity-log
+/// transaction queued, and superblock updates and bitmap intents are bounded by the
+/// writes in flight.
+fn spawn_meta_thread(
+    meta: Arc<std::sync::Mutex<MetaStore>>,
+    inputs: mpsc::UnboundedSender<Input>,
+) -> (std::sync::mpsc::Sender<MetaJob>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel::<MetaJob>();
+    let handle = std::thread::Builder::new()
+        .name("blockd-meta".into())
+        .spawn(move || {
+            for job in rx {
+                let Ok(mut m) = meta.lock() else {
+                    tracing::error!("metadata lock poisoned; metadata updates stop");
+                    return;
+                };
+                let (seq, result) = match job {
+                    MetaJob::Persist { seq, gens, disk, was_primary } => (
+                        seq,
+                        m.update(|sb| {
+                            sb.generations = gens;
+                            sb.disk = disk;
+                            sb.flags.consistent = disk >= DiskState::Outdated;
+                            sb.flags.was_primary = was_primary;
+                        }),
+                    ),
+                    MetaJob::Bitmap { seq, blocks } => (seq, m.write_bitmap_blocks(&blocks)),
+                    MetaJob::Al { seq, extents } => (seq, m.write_al(&extents)),
+                };
+                drop(m);
+                let _ = inputs.send(Input::MetaDurable { seq, result: result.map_err(|e| e.to_string()) });
+            }
+        })
+        .expect("spawning the metadata thread");
+    (tx, handle)
+}
+
 struct Running {
     t: CoreTask,
+    meta_jobs: std::sync::mpsc::Sender<MetaJob>,
+    /// No connection attempts are used until `blockctl connect` (split brain,
+    /// unrelated data, `blockctl disconnect`).
+    standalone: bool,
+    /// `blockctl verify` waiting for its result.
+    verify_reply: Option<oneshot::Sender<Result<serde_json::Value, String>>>,
+    app_requests_seen: u64,
     link: Option<PeerConn>,
     peer: PeerSnapshot,
     responders: HashMap<JobId, Responder>,
@@ -207,8 +275,16 @@ impl CoreTask {
     /// Runs until shutdown; returns the core (for a final flush by the caller).
     pub async fn run(self) -> Core {
         let mut shutdown = self.shutdown.clone();
+        let (meta_jobs, meta_thread) = spawn_meta_thread(self.meta.clone(), self.inputs_tx.clone());
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick = tokio::time::Instant::now();
         let mut r = Running {
             t: self,
+            meta_jobs,
+            standalone: false,
+            verify_reply: None,
+            app_requests_seen: 0,
             link: None,
             peer: PeerSnapshot { connection: "Connecting", ..PeerSnapshot::default() },
             responders: HashMap::new(),
@@ -267,10 +343,24 @@ impl CoreTask {
                     r.control(req);
                     continue;
                 }
+                now = ticks.tick() => {
+                    let elapsed_ms = now.duration_since(last_tick).as_millis() as u64;
+                    last_tick = now;
+                    let total = r.t.shared.app_requests.load(Ordering::Relaxed);
+                    let app_requests = total - r.app_requests_seen;
+                    r.app_requests_seen = total;
+                    Event::Tick { elapsed_ms, app_requests }
+                }
             };
             r.t.core.handle_into(event, &mut actions);
             r.execute(actions.drain(..));
             r.publish();
+        }
+        // Everything queued for the metadata is written before the caller's final
+        // bitmap write.
+        drop(r.meta_jobs);
+        if tokio::task::spawn_blocking(move || meta_thread.join()).await.is_err() {
+            tracing::error!("the metadata thread failed");
         }
         r.t.core
     }
@@ -290,12 +380,20 @@ impl Running {
         if self.link.is_some() {
             return None; // the supervisor only hands over one link at a time
         }
+        if self.standalone {
+            tracing::debug!(peer = %self.t.shared.peer_name, "StandAlone: connection not used");
+            let _ = conn.outgoing.send(Message::Bye { reason: "the peer is StandAlone".into() });
+            return None;
+        }
         let h = &conn.remote;
         let remote = SideState {
             gens: h.gens,
             disk: h.disk,
             role: h.role,
             crashed_primary: h.flags & HELLO_CRASHED_PRIMARY != 0,
+            dirty: h.flags & HELLO_DIRTY != 0,
+            discard_my_data: h.flags & HELLO_DISCARD_MY_DATA != 0,
+            lower_name: self.t.shared.peer_name < self.t.shared.local_name,
         };
         self.peer.role = Some(remote.role);
         self.peer.disk = Some(remote.disk);
@@ -313,10 +411,11 @@ impl Running {
                 }
                 Some(actions)
             }
-            Err(why) => {
-                tracing::warn!(peer = %self.t.shared.peer_name, reason = %why, "not replicating");
+            Err(refusal) => {
+                tracing::warn!(peer = %self.t.shared.peer_name, reason = %refusal.reason, "not replicating");
                 self.peer.connection = "StandAlone";
-                self.peer.refusal = Some(why);
+                self.peer.refusal = Some(refusal.reason);
+                self.standalone |= refusal.standalone;
                 let _ = conn.outgoing.send(Message::Bye { reason: "not replicating".into() });
                 None
             }
@@ -345,28 +444,27 @@ impl Running {
                     }
                 }
                 Action::Persist { seq, gens, disk, was_primary } => {
-                    self.persist(seq, gens, disk, was_primary)
+                    self.meta_job(MetaJob::Persist { seq, gens, disk, was_primary })
+                }
+                Action::WriteBitmap { seq, blocks } => {
+                    let blocks =
+                        blocks.into_iter().map(|(index, data, crc)| BitmapBlock { index, data, crc });
+                    self.meta_job(MetaJob::Bitmap { seq, blocks: blocks.collect() })
+                }
+                Action::WriteAl { seq, extents } => self.meta_job(MetaJob::Al { seq, extents }),
+                Action::VerifyDone { verified_bytes, out_of_sync_bytes, error } => {
+                    if let Some(reply) = self.verify_reply.take() {
+                        let _ = reply.send(verify_reply(verified_bytes, out_of_sync_bytes, error));
+                    }
                 }
             }
         }
     }
 
-    fn persist(&self, seq: u64, gens: Generations, disk: DiskState, was_primary: bool) {
-        let meta = self.t.meta.clone();
-        let inputs = self.t.inputs_tx.clone();
-        // The metadata file is written and fsynced off the async workers.
-        tokio::task::spawn_blocking(move || {
-            let result = meta.lock().map_err(|_| "metadata lock poisoned".to_string()).and_then(|mut m| {
-                m.update(|sb| {
-                    sb.generations = gens;
-                    sb.disk = disk;
-                    sb.flags.consistent = disk >= DiskState::Outdated;
-                    sb.flags.was_primary = was_primary;
-                })
-                .map_err(|e| e.to_string())
-            });
-            let _ = inputs.send(Input::MetaDurable { seq, result });
-        });
+    fn meta_job(&self, job: MetaJob) {
+        if self.meta_jobs.send(job).is_err() {
+            tracing::error!("the metadata thread is gone; a metadata update was lost");
+        }
     }
 
     fn meta_done(&mut self, seq: u64, result: Result<(), String>) {
@@ -405,8 +503,45 @@ impl Running {
                     }
                 }
             }
-            Command::Connect { .. } | Command::Disconnect | Command::Verify { .. } => {
-                Err("not implemented yet".to_string())
+            Command::Connect { discard_my_data } => {
+                self.standalone = false;
+                self.t.core.set_discard_my_data(discard_my_data);
+                if self.link.is_none() {
+                    self.peer.connection = "Connecting";
+                }
+                Ok(serde_json::json!({}))
+            }
+            Command::Disconnect => {
+                self.standalone = true;
+                self.peer = PeerSnapshot {
+                    connection: "StandAlone",
+                    refusal: Some("disconnected by `blockctl disconnect`".into()),
+                    ..PeerSnapshot::default()
+                };
+                self.t.shared.peer_role.store(0, Ordering::Release);
+                if self.link.take().is_some() {
+                    tracing::info!(peer = %self.t.shared.peer_name, "disconnected by the operator");
+                    let mut actions = Vec::new();
+                    self.t.core.handle_into(Event::PeerDown, &mut actions);
+                    self.execute(actions);
+                    self.publish();
+                }
+                Ok(serde_json::json!({}))
+            }
+            Command::Verify { repair } => {
+                if self.verify_reply.is_some() {
+                    Err("a verify is already running".to_string())
+                } else {
+                    let peer_primary = self.peer.role == Some(Role::Primary);
+                    match self.t.core.start_verify(repair, peer_primary) {
+                        Ok(actions) => {
+                            self.verify_reply = Some(req.reply);
+                            self.execute(actions);
+                            return;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
             }
         };
         let _ = req.reply.send(result);
@@ -467,19 +602,26 @@ impl Running {
     /// Keeps the handshake `Hello` current for the next connection.
     fn publish(&self) {
         let (gens, disk, role) = (self.t.core.generations(), self.t.core.disk(), self.t.core.role());
+        let c = &self.t.core;
+        let flags = (h_flag(c.crashed_primary(), HELLO_CRASHED_PRIMARY))
+            | h_flag(c.dirty_bytes() > 0, HELLO_DIRTY)
+            | h_flag(c.discard_my_data(), HELLO_DISCARD_MY_DATA);
         // Only a change wakes the supervisor: this runs after every event.
         self.t.hello.send_if_modified(|h| {
-            let changed = h.gens != gens || h.disk != disk || h.role != role;
+            let changed = h.gens != gens || h.disk != disk || h.role != role || h.flags != flags;
             h.gens = gens;
             h.disk = disk;
             h.role = role;
+            h.flags = flags;
             changed
         });
     }
 
     fn status_json(&self) -> serde_json::Value {
         let dirty = self.t.core.dirty_bytes();
-        let (done, total, sent) = self.t.core.resync_progress().unwrap_or((0, 0, 0));
+        let p = self.t.core.resync_progress();
+        let v = self.t.core.verify_status();
+        let (al_hot_extents, al_transactions) = self.t.core.al_stats();
         serde_json::json!({
             "resource": self.t.resource,
             "pid": std::process::id(),
@@ -493,12 +635,20 @@ impl Running {
                 "role": self.peer.role.map_or("Unknown", Role::as_str),
                 "disk": self.peer.disk.map_or("DUnknown", DiskState::as_str),
                 "out_of_sync_bytes": dirty,
-                "resync_done_bytes": done,
-                "resync_total_bytes": total,
+                "resync_done_bytes": p.done_bytes,
+                "resync_total_bytes": p.total_bytes,
                 "replicated_bytes": self.t.core.replicated_bytes(),
-                "resync_sent_bytes": sent,
+                "resync_sent_bytes": p.sent_bytes,
+                "resync_rate_bytes_per_sec": p.rate_bytes_per_sec,
+                "resync_eta_secs": p.eta_secs,
+                "verify_running": v.running,
+                "verify_done_bytes": v.done_bytes,
+                "verify_total_bytes": v.total_bytes,
+                "verify_out_of_sync_bytes": v.out_of_sync_bytes,
                 "reason": self.peer.refusal,
             }],
+            "al_hot_extents": al_hot_extents,
+            "al_transactions": al_transactions,
             "generations": {
                 "current": format!("{:016x}", self.t.core.generations().current),
                 "bitmap": format!("{:016x}", self.t.core.generations().bitmap),
@@ -536,7 +686,12 @@ pub fn new_shared(local_name: &str, peer_name: &str) -> Arc<Shared> {
     Arc::new(Shared {
         role: AtomicU8::new(Role::Secondary.code()),
         peer_role: AtomicU8::new(0),
+        app_requests: AtomicU64::new(0),
         local_name: local_name.to_string(),
         peer_name: peer_name.to_string(),
     })
+}
+
+fn h_flag(on: bool, bit: u32) -> u32 {
+    if on { bit } else { 0 }
 }

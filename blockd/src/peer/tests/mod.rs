@@ -171,6 +171,11 @@ fn random_messages(rng: &mut StdRng, data_len: usize) -> Vec<Message> {
         Message::ResyncAck { offset: rng.random(), len: rng.random(), errno: rng.random() },
         Message::ResyncDone { gens: gens(rng) },
         Message::ResyncZeroes { offset: rng.random(), len: rng.random() },
+        Message::BitmapBlock { index: rng.random(), data: random_data(rng, data_len) },
+        Message::BitmapDone { blocks: rng.random() },
+        Message::DigestReq { offset: rng.random(), len: rng.random(), after_epoch: rng.random() },
+        Message::Digests { offset: rng.random(), len: rng.random(), data: random_data(rng, data_len) },
+        Message::StartRepair { bytes: rng.random() },
         Message::Bye { reason: random_string(rng, 1024) },
     ]
 }
