@@ -185,6 +185,27 @@ pub fn human_status(s: &Value) -> String {
             text(&p["disk"]),
             p["out_of_sync_bytes"].as_u64().unwrap_or(0)
         ));
+        let num = |k: &str| p[k].as_u64().unwrap_or(0);
+        let replication = p["replication"].as_str().unwrap_or("");
+        if replication.starts_with("Sync") {
+            // DRBD shows `done:NN.NN`; bytes and a rate help more with a bitmap resync.
+            let (done, total) = (num("resync_done_bytes"), num("resync_total_bytes"));
+            let percent = if total > 0 { done as f64 * 100.0 / total as f64 } else { 0.0 };
+            let eta = p["resync_eta_secs"].as_u64().map_or("-".to_string(), |s| format!("{s}s"));
+            out.push_str(&format!(
+                "    resync: {done}/{total} bytes ({percent:.1}%) rate:{} KiB/s eta:{eta}\n",
+                num("resync_rate_bytes_per_sec") / 1024
+            ));
+        }
+        if p["verify_running"].as_bool() == Some(true) || num("verify_done_bytes") > 0 {
+            let state = if p["verify_running"].as_bool() == Some(true) { "running" } else { "done" };
+            out.push_str(&format!(
+                "    verify: {state} {}/{} bytes, out-of-sync:{} bytes\n",
+                num("verify_done_bytes"),
+                num("verify_total_bytes"),
+                num("verify_out_of_sync_bytes")
+            ));
+        }
         if let Some(reason) = p["reason"].as_str() {
             out.push_str(&format!("    reason: {reason}\n"));
         }

@@ -71,6 +71,10 @@ pub struct PeerSettings {
     pub backoff_min_ms: u64,
     /// Largest retry delay (before jitter).
     pub backoff_max_ms: u64,
+    /// While this says false (StandAlone: split brain, `blockctl disconnect`), the
+    /// dialer does not dial and the acceptor drops connections before any handshake,
+    /// so the peer never sees a link come and go. `None`: always enabled.
+    pub enabled: Option<watch::Receiver<bool>>,
 }
 
 impl PeerSettings {
@@ -87,7 +91,12 @@ impl PeerSettings {
             handshake_timeout_ms: 5000,
             backoff_min_ms: 100,
             backoff_max_ms: 5000,
+            enabled: None,
         }
+    }
+
+    fn is_enabled(&self) -> bool {
+        self.enabled.as_ref().is_none_or(|e| *e.borrow())
     }
 
     /// Settings (default timings) for node `local` of a two-node resource; `None`
@@ -223,7 +232,18 @@ impl Supervisor {
     async fn dial_loop(&self, shutdown: &mut watch::Receiver<bool>) {
         let s = &self.settings;
         let mut backoff = Backoff::new(s.backoff_min_ms, s.backoff_max_ms);
+        let mut enabled = s.enabled.clone();
         loop {
+            if let Some(enabled) = enabled.as_mut()
+                && !*enabled.borrow_and_update()
+            {
+                tracing::info!(peer = %s.peer_name, "StandAlone: not connecting until `blockctl connect`");
+                tokio::select! {
+                    r = enabled.wait_for(|on| *on) => if r.is_err() { return },
+                    () = stopping(shutdown) => return,
+                }
+                backoff.reset();
+            }
             let attempt = tokio::select! {
                 r = self.dial_once() => r,
                 () = stopping(shutdown) => return,
@@ -337,6 +357,10 @@ impl Supervisor {
     }
 
     fn on_accept(&self, stream: TcpStream, addr: SocketAddr, busy: bool, pending: &mut Pending) {
+        if !self.settings.is_enabled() {
+            tracing::debug!(%addr, "StandAlone: peer connection dropped before its handshake");
+            return;
+        }
         let _ = stream.set_nodelay(true);
         let (r, w) = stream.into_split();
         if busy {

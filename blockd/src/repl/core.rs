@@ -30,6 +30,7 @@ use nix::errno::Errno;
 use bitmap::Bitmap;
 
 use crate::config::Protocol;
+use crate::meta::BitmapBlock;
 use crate::peer::msg::Message;
 use crate::repl::al::ActivityLog;
 use crate::repl::inflight::InFlight;
@@ -104,8 +105,8 @@ pub enum Action {
     /// `MetaDurable { seq }`. Every metadata action (`Persist`, `WriteBitmap`,
     /// `WriteAl`) is carried out in the order given.
     Persist { seq: u64, gens: Generations, disk: DiskState, was_primary: bool },
-    /// Write these encoded bitmap blocks `(index, 4 KiB, crc32c)` and fsync.
-    WriteBitmap { seq: u64, blocks: Vec<(u64, Box<[u8; bitmap::BLOCK_BYTES]>, u32)> },
+    /// Write these encoded bitmap blocks and fsync.
+    WriteBitmap { seq: u64, blocks: Vec<BitmapBlock> },
     /// Record this hot-extent set as the activity log and fsync.
     WriteAl { seq: u64, extents: Vec<u32> },
     /// The verify started by `blockctl verify` ended (`error` if it was cut short).
@@ -389,11 +390,11 @@ impl Core {
     /// Before the process stops (after the last event): everything the peer has not
     /// confirmed goes into the bitmap, and the changed bitmap blocks are returned to
     /// be written; after that the activity log may be emptied.
-    pub fn stop_dirty(&mut self) -> Vec<(u64, Box<[u8; bitmap::BLOCK_BYTES]>, u32)> {
+    pub fn stop_dirty(&mut self) -> Vec<BitmapBlock> {
         for sent in self.transfer_log.drain(..) {
             self.bitmap.set_range(sent.range);
         }
-        self.encode_changed()
+        encode_changed(&mut self.bitmap)
     }
 
     /// Payload bytes of application writes sent to the peer since start.
@@ -429,79 +430,6 @@ impl Core {
             Event::MetaDurable { seq } => self.on_meta_durable(seq, out),
             Event::Tick { elapsed_ms, app_requests } => self.on_tick(elapsed_ms, app_requests, out),
         }
-    }
-
-    fn on_meta_durable(&mut self, seq: u64, out: &mut Vec<Action>) {
-        self.on_target_durable(seq, out);
-        self.durable_seq = self.durable_seq.max(seq);
-        if self.bitmap_write.is_some_and(|s| s <= seq) {
-            self.bitmap_write = None;
-        }
-        if self.al.committed(seq) {
-            self.retry_al_waiters(out);
-        }
-        if !self.intent_waiting.is_empty() {
-            let (ready, waiting): (Vec<_>, Vec<_>) =
-                self.intent_waiting.drain(..).partition(|(_, s)| *s <= seq);
-            self.intent_waiting = waiting;
-            for (job, _) in ready {
-                self.send_write(job, out);
-            }
-        }
-        if self.gens_pending && seq >= self.last_persist_seq {
-            self.gens_pending = false;
-            let ready: Vec<JobId> = self.writes.keys().copied().collect();
-            for job in ready {
-                self.try_finish_write(job, out);
-            }
-        }
-    }
-
-    fn next_seq(&mut self) -> u64 {
-        let seq = self.next_meta_seq;
-        self.next_meta_seq += 1;
-        seq
-    }
-
-    /// The changed bitmap blocks, encoded; they count as written from here on (the
-    /// metadata actions are carried out in order).
-    fn encode_changed(&mut self) -> Vec<(u64, Box<[u8; bitmap::BLOCK_BYTES]>, u32)> {
-        let blocks: Vec<u64> = self.bitmap.changed_blocks().collect();
-        let encoded = blocks
-            .into_iter()
-            .map(|index| {
-                let mut data = Box::new([0u8; bitmap::BLOCK_BYTES]);
-                let crc = self.bitmap.encode_block(index, &mut data);
-                (index, data, crc)
-            })
-            .collect();
-        self.bitmap.mark_persisted();
-        encoded
-    }
-
-    /// Queues a write of the changed bitmap blocks; returns its sequence.
-    fn write_bitmap(&mut self, out: &mut Vec<Action>) -> u64 {
-        let blocks = self.encode_changed();
-        let seq = self.next_seq();
-        self.bitmap_write = Some(seq);
-        self.ms_since_bitmap_write = 0;
-        out.push(Action::WriteBitmap { seq, blocks });
-        seq
-    }
-
-    fn on_tick(&mut self, elapsed_ms: u64, app_requests: u64, out: &mut Vec<Action>) {
-        self.rate_tick(elapsed_ms, app_requests);
-        self.ms_since_bitmap_write += elapsed_ms;
-        // Lazily: the activity log covers what is not written yet. During a resync
-        // more often, so that a crashed source redoes little.
-        let interval_ms = if self.source.is_some() { 100 } else { 1000 };
-        if self.ms_since_bitmap_write >= interval_ms
-            && self.bitmap_write.is_none()
-            && self.bitmap.changed_blocks().next().is_some()
-        {
-            self.write_bitmap(out);
-        }
-        self.pump_source(out);
     }
 
     fn on_request(&mut self, job: JobId, request: Request, out: &mut Vec<Action>) {
@@ -555,84 +483,6 @@ impl Core {
         self.writes.insert(job, w);
         if admitted {
             self.dispatch_write(job, out);
-        }
-    }
-
-    /// An admitted write: first its write intent (activity log, or the bitmap for a
-    /// range too large for the log), then [`Core::send_write`].
-    fn dispatch_write(&mut self, job: JobId, out: &mut Vec<Action>) {
-        let range = self.writes[&job].range.clone();
-        if ActivityLog::span(&range) > self.al.max_span() {
-            self.bitmap.set_range(range);
-            let seq = self.write_bitmap(out);
-            self.writes.get_mut(&job).expect("known").intent = Some(Intent::Bitmap);
-            self.intent_waiting.push((job, seq));
-            return;
-        }
-        if self.al.try_acquire(&range, 2) {
-            self.writes.get_mut(&job).expect("known").intent = Some(Intent::Log);
-            return self.send_write(job, out);
-        }
-        self.al.want(&range);
-        self.al_waiting.push_back(job);
-        self.pump_al(out);
-    }
-
-    /// Starts the next activity-log transaction if one is needed and possible.
-    fn pump_al(&mut self, out: &mut Vec<Action>) {
-        if let Some(t) = self.al.next_transaction() {
-            if t.evicted && self.bitmap.changed_blocks().next().is_some() {
-                // An evicted extent's bits must be on disk before the log forgets it.
-                self.write_bitmap(out);
-            }
-            let seq = self.next_seq();
-            self.al.begin(seq);
-            out.push(Action::WriteAl { seq, extents: t.extents });
-        } else if self.al.blocked() && self.link == Link::Replicating && self.epoch_writes > 0 {
-            // Every hot extent waits for the peer to confirm an epoch: close the open
-            // one, or nothing would ever release them.
-            self.close_epoch(false, out);
-        }
-    }
-
-    fn retry_al_waiters(&mut self, out: &mut Vec<Action>) {
-        for _ in 0..self.al_waiting.len() {
-            let Some(job) = self.al_waiting.pop_front() else { break };
-            let Some(w) = self.writes.get_mut(&job) else { continue };
-            let range = w.range.clone();
-            if self.al.try_acquire(&range, 2) {
-                w.intent = Some(Intent::Log);
-                self.send_write(job, out);
-            } else {
-                self.al.want(&range);
-                self.al_waiting.push_back(job);
-            }
-        }
-        self.pump_al(out);
-    }
-
-    /// Gives back one activity-log reference of a settled part of a write.
-    fn release_al(&mut self, range: &std::ops::Range<u64>, out: &mut Vec<Action>) {
-        if self.al.release(range, 1) {
-            self.pump_al(out);
-        }
-    }
-
-    /// A settled part of a write (`local` or the peer's), for its intent.
-    fn settle_peer_part(
-        &mut self,
-        job: JobId,
-        range: std::ops::Range<u64>,
-        intent: Intent,
-        out: &mut Vec<Action>,
-    ) {
-        match intent {
-            Intent::Log => self.release_al(&range, out),
-            Intent::Bitmap => match self.writes.get_mut(&job) {
-                // Cleared when the local part finishes too.
-                Some(w) => w.peer_settled = true,
-                None => self.bitmap.clear_range(range),
-            },
         }
     }
 
@@ -981,90 +831,6 @@ impl Core {
         self.persist(&mut out);
         Ok(out)
     }
-
-    // ---- Secondary: applying replicated writes in epochs ----
-
-    fn on_replicated(&mut self, msg: Message, out: &mut Vec<Action>) {
-        let epoch = match &msg {
-            Message::Write { epoch, .. }
-            | Message::Trim { epoch, .. }
-            | Message::WriteZeroes { epoch, .. } => *epoch,
-            Message::Barrier { epoch, .. } => *epoch,
-            _ => return,
-        };
-        if self.applier.closing.is_some() || epoch > self.applier.epoch {
-            // Epoch N+1 must not start before epoch N is complete.
-            self.applier.held.push_back(msg);
-            return;
-        }
-        self.apply_now(msg, out);
-    }
-
-    fn apply_now(&mut self, msg: Message, out: &mut Vec<Action>) {
-        let (peer_id, op) = match msg {
-            Message::Barrier { epoch, flush } => {
-                debug_assert_eq!(epoch, self.applier.epoch);
-                self.applier.closing = Some(flush);
-                self.maybe_close_epoch(out);
-                return;
-            }
-            Message::Write { id, offset, fua, data, .. } => (id, IoOp::Write { offset, buf: data, fua }),
-            Message::Trim { id, offset, len, fua, .. } => (id, IoOp::Trim { offset, len, fua }),
-            Message::WriteZeroes { id, offset, len, may_trim, fua, .. } => {
-                (id, IoOp::WriteZeroes { offset, len, may_trim, fast_only: false, fua })
-            }
-            _ => return,
-        };
-        if self.cfg.protocol == Protocol::B {
-            self.send(Message::RecvAck { id: peer_id }, out);
-        }
-        let job = self.next_internal;
-        self.next_internal += 1;
-        self.applier.outstanding += 1;
-        self.applying.insert(job, ApplyJob { peer_id, epoch: self.applier.epoch });
-        out.push(Action::Local { job, op });
-    }
-
-    fn on_applied(&mut self, apply: ApplyJob, result: Result<(), Errno>, out: &mut Vec<Action>) {
-        debug_assert_eq!(apply.epoch, self.applier.epoch);
-        if self.cfg.protocol == Protocol::C {
-            let errno = result.err().map_or(0, |e| e as i32);
-            self.send(Message::WriteAck { id: apply.peer_id, errno }, out);
-        }
-        self.applier.outstanding -= 1;
-        self.maybe_close_epoch(out);
-    }
-
-    fn maybe_close_epoch(&mut self, out: &mut Vec<Action>) {
-        let Some(flush) = self.applier.closing else { return };
-        if self.applier.outstanding > 0 || self.applier.flushing {
-            return;
-        }
-        if flush {
-            self.applier.flushing = true;
-            out.push(Action::Local { job: APPLIER_FLUSH_JOB, op: IoOp::Flush });
-            return;
-        }
-        self.finish_epoch(0, out);
-    }
-
-    fn on_applier_flushed(&mut self, result: Result<(), Errno>, out: &mut Vec<Action>) {
-        self.applier.flushing = false;
-        self.finish_epoch(result.err().map_or(0, |e| e as i32), out);
-    }
-
-    fn finish_epoch(&mut self, errno: i32, out: &mut Vec<Action>) {
-        let epoch = self.applier.epoch;
-        self.send(Message::BarrierAck { epoch, errno }, out);
-        self.applier.epoch += 1;
-        self.applier.closing = None;
-        self.release_digest_reqs(out);
-        // Release the next epoch's writes, up to its own barrier.
-        while self.applier.closing.is_none() {
-            let Some(msg) = self.applier.held.pop_front() else { break };
-            self.apply_now(msg, out);
-        }
-    }
 }
 
 /// Bytes a message occupies in the send buffer: its whole frame, as the link counts
@@ -1082,10 +848,15 @@ fn set_epoch(m: &mut Message, new: u64) {
     }
 }
 
+#[path = "apply.rs"]
+mod apply;
+#[path = "intent.rs"]
+mod intent;
 #[path = "resync.rs"]
 mod resync;
 #[path = "verify.rs"]
 mod verify;
+pub use intent::encode_changed;
 pub use resync::{ConnectRefusal, RESYNC_CHUNK_BYTES, RESYNC_PARALLEL, ReplState, ResyncProgress};
 use resync::{SourceSync, TargetSync};
 pub use verify::VerifyStatus;

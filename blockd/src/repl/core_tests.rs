@@ -454,3 +454,150 @@ fn a_sync_target_applies_nothing_before_it_is_durably_inconsistent() {
     assert!(peer(&mut t, w).is_empty(), "an application write waits too");
     assert_eq!(show(&h(&mut t, Event::MetaDurable { seq: 1 })), [format!("local {INTERNAL_JOB_BASE} write")]);
 }
+
+#[test]
+fn a_range_too_large_for_the_log_uses_the_bitmap_as_intent() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let cfg = CoreConfig { al_extents: 16, ..cfg(Protocol::C, 0) };
+    let mut c = new_core(cfg, Role::Primary, DiskState::UpToDate, gens, 11);
+    c.connect(remote(10, 0, Role::Secondary)).expect("in sync");
+    // 16 extents of capacity: a trim over 10 extents is more than half.
+    let len = 10 << 22;
+    let a = c.handle(Event::Nbd { job: 1, request: Request::Trim { offset: 0, len, fua: false } });
+    assert_eq!(show(&a), ["write-bitmap 1 1"], "the bits are on disk before the trim starts");
+    assert_eq!(c.dirty_bytes(), len);
+    assert_eq!(
+        show(&c.handle(Event::MetaDurable { seq: 1 })),
+        [
+            "local 1 trim".to_string(),
+            format!("send Trim {{ id: 1, epoch: 1, offset: 0, len: {len}, fua: false }}")
+        ]
+    );
+    local_done(&mut c, 1);
+    assert_eq!(show(&peer(&mut c, Message::WriteAck { id: 1, errno: 0 })), ["reply 1 ok"]);
+    assert_eq!(c.dirty_bytes(), len, "until the peer confirmed the epoch");
+    peer(&mut c, Message::BarrierAck { epoch: 1, errno: 0 });
+    assert_eq!(c.dirty_bytes(), 0, "both copies have it: the intent bits are cleared");
+}
+
+#[test]
+fn evicting_an_extent_writes_the_bitmap_first() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let cfg = CoreConfig { al_extents: 16, ..cfg(Protocol::C, 0) };
+    let mut c = new_core(cfg, Role::Secondary, DiskState::UpToDate, gens, 7);
+    let durable = c_promote(&mut c);
+    h(&mut c, durable);
+    for e in 0..16u64 {
+        write(&mut c, e + 1, e << 22, 4096);
+        local_done(&mut c, e + 1);
+    }
+    assert_eq!(c.al_stats().0, 16);
+    // Disconnected: the bits of writes 1..16 are only in memory; extent 16 evicts one.
+    let a = c.handle(Event::Nbd {
+        job: 17,
+        request: Request::Write { offset: 16 << 22, data: data(4096), fua: false },
+    });
+    let shown = show(&a);
+    assert_eq!(shown.len(), 2, "{shown:?}");
+    assert!(shown[0].starts_with("write-bitmap"), "bitmap before the log drops an extent: {shown:?}");
+    assert!(shown[1].starts_with("write-al"), "{shown:?}");
+}
+
+/// Promotes a disconnected Secondary (returns the event that makes it durable).
+fn c_promote(c: &mut Core) -> Event {
+    let a = c.promote(false, None).expect("promote");
+    let Action::Persist { seq, .. } = a[0] else { panic!("{:?}", show(&a)) };
+    Event::MetaDurable { seq }
+}
+
+#[test]
+fn checksum_resync_sends_only_differing_granules() {
+    let gens = Generations { current: 20, bitmap: 10, ..Generations::default() };
+    let size = RESYNC_CHUNK_BYTES;
+    let cfg = CoreConfig { size_bytes: size, resync_checksum: true, ..cfg(Protocol::C, 0) };
+    let mut dirty = bm(size);
+    dirty.set_all();
+    let mut c = Core::new(cfg, Role::Primary, DiskState::UpToDate, gens, false, dirty, 8);
+    c.connect(remote(10, 0, Role::Secondary)).expect("source");
+    let j = INTERNAL_JOB_BASE;
+    assert_eq!(
+        show(&peer(&mut c, Message::BitmapDone { blocks: 0 })),
+        [format!("send DigestReq {{ offset: 0, len: {size}, after_epoch: 0 }}"), format!("local {j} read")]
+    );
+    assert!(read_done(&mut c, j, size as usize, 7).is_empty(), "waits for the target's digests");
+    // The target differs in granule 3 only.
+    let mut theirs = vec![7u8; size as usize];
+    theirs[3 * 4096] = 0;
+    let digests = super::verify::digests_of(&theirs, G);
+    let mut d = BufMut::unpooled(digests.len());
+    d.copy_from_slice(&digests);
+    let a = peer(&mut c, Message::Digests { offset: 0, len: size, data: d.freeze() });
+    assert_eq!(show(&a), ["send resync-data 12288 4096"]);
+    assert_eq!(c.resync_progress().sent_bytes, 4096);
+    let done = peer(&mut c, Message::ResyncAck { offset: 12288, len: 4096, errno: 0 });
+    assert!(show(&done).contains(&"send resync-done 20 0".to_string()), "{:?}", show(&done));
+    assert_eq!(c.dirty_bytes(), 0);
+}
+
+#[test]
+fn verify_reports_differing_granules_after_the_epoch_is_applied() {
+    let cfg = CoreConfig { size_bytes: 1 << 20, ..cfg(Protocol::C, 0) };
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut c = new_core(cfg, Role::Primary, DiskState::UpToDate, gens, 9);
+    c.connect(remote(10, 0, Role::Secondary)).expect("in sync");
+    write(&mut c, 1, 0, 4096);
+    local_done(&mut c, 1);
+    peer(&mut c, Message::WriteAck { id: 1, errno: 0 });
+    let a = c.start_verify(false, false).expect("verify");
+    let j = INTERNAL_JOB_BASE;
+    assert_eq!(
+        show(&a),
+        [
+            "send barrier e1 flush=false".to_string(),
+            "send DigestReq { offset: 0, len: 1048576, after_epoch: 1 }".to_string(),
+            format!("local {j} read")
+        ],
+        "the peer answers after applying epoch 1"
+    );
+    assert!(read_done(&mut c, j, 1 << 20, 0).is_empty());
+    let mut theirs = vec![0u8; 1 << 20];
+    theirs[5 * 4096 + 9] = 1;
+    theirs[6 * 4096] = 1;
+    let digests = super::verify::digests_of(&theirs, G);
+    let mut d = BufMut::unpooled(digests.len());
+    d.copy_from_slice(&digests);
+    let done = peer(&mut c, Message::Digests { offset: 0, len: 1 << 20, data: d.freeze() });
+    assert_eq!(show(&done), ["verify-done 1048576 8192 None"]);
+    assert_eq!(c.dirty_bytes(), 8192, "recorded for the next resync");
+    assert!(!c.verify_status().running);
+}
+
+#[test]
+fn a_secondary_serves_digests_only_after_the_named_epoch() {
+    let mut s = core(Protocol::C, Role::Secondary, 0);
+    let w = Message::Write { id: 1, epoch: 1, offset: 0, fua: false, data: data(4096) };
+    peer(&mut s, w);
+    assert!(peer(&mut s, Message::DigestReq { offset: 0, len: 4096, after_epoch: 1 }).is_empty());
+    peer(&mut s, Message::Barrier { epoch: 1, flush: false });
+    let a = local_done(&mut s, INTERNAL_JOB_BASE);
+    assert_eq!(
+        show(&a),
+        [
+            "send write-ack 1 0".to_string(),
+            "send barrier-ack e1 0".to_string(),
+            format!("local {} read", INTERNAL_JOB_BASE + 1)
+        ]
+    );
+}
+
+#[test]
+fn a_dirty_sync_target_sends_its_bitmap() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut dirty = bm(SIZE);
+    dirty.set_range(0..4096);
+    let mut t = Core::new(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, true, dirty, 10);
+    let a = t.connect(remote(20, 10, Role::Primary)).expect("target");
+    let shown = show(&a);
+    assert!(shown[0].starts_with("send BitmapBlock { index: 0"), "{shown:?}");
+    assert_eq!(shown[1], "send BitmapDone { blocks: 1 }");
+}

@@ -115,9 +115,6 @@ pub enum Decision {
 /// Decides sync direction from both sides' state (symmetric: swapping the arguments
 /// swaps source and target).
 pub fn decide(me: &SideState, peer: &SideState) -> Decision {
-    if me.role == Role::Primary && peer.role == Role::Primary {
-        return Decision::Refuse(Refusal::BothPrimary);
-    }
     use SyncScope::Bitmap;
     let direction = match direction(&me.gens, &peer.gens, me.disk, peer.disk) {
         Direction::Equal => match (me.crashed_primary, peer.crashed_primary) {
@@ -146,6 +143,14 @@ pub fn decide(me: &SideState, peer: &SideState) -> Decision {
         }
         other => other,
     };
+    // A split brain is named as such even between two Primaries (it is the reason
+    // to act on); otherwise two Primaries are refused as they are.
+    if me.role == Role::Primary
+        && peer.role == Role::Primary
+        && !matches!(direction, Direction::Refuse(Refusal::SplitBrain))
+    {
+        return Decision::Refuse(Refusal::BothPrimary);
+    }
     match direction {
         Direction::Source(_) if me.role == Role::Secondary && peer.role == Role::Primary => {
             Decision::Refuse(Refusal::PeerPrimaryWouldBeTarget)
@@ -366,6 +371,10 @@ mod tests {
     fn two_primaries_are_refused() {
         let p = side(10, 0, [0; 4], UpToDate, Primary);
         check(p, p, Decision::Refuse(Refusal::BothPrimary));
+        // Both promoted while apart and both wrote: that is a split brain first.
+        let a = side(20, 10, [0; 4], UpToDate, Primary);
+        let b = side(30, 10, [0; 4], UpToDate, Primary);
+        check(a, b, Decision::Refuse(Refusal::SplitBrain));
     }
 
     #[test]

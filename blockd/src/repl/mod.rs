@@ -3,9 +3,10 @@
 //! - [`core`]: [`core::Core`], the state machine that owns all replication state
 //!   (role, disk state, generations, jobs, epochs, transfer log, the persistent
 //!   dirty bitmap, the activity log, resync, verify); `handle(event)` returns actions
-//!   and does no I/O. Its child modules: `resync` (connect, bitmap exchange, resync
-//!   with rate control and optional checksums) and `verify` (online verify and the
-//!   digest requests it serves for the peer).
+//!   and does no I/O. Its child modules: `intent` (the activity-log gate, bitmap
+//!   writes, metadata completions), `apply` (the Secondary's epoch-ordered writes),
+//!   `resync` (connect, bitmap exchange, resync with rate control and optional
+//!   checksums) and `verify` (online verify and the digest requests it serves).
 //! - [`al`]: the activity log (write-intent extents), pure bookkeeping for the core.
 //! - [`decide`]: what two nodes do when they connect, from their data generations
 //!   (in sync, sync direction and scope, or a refusal such as split brain).

@@ -10,10 +10,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, NodeConfig, ResyncRate};
 use crate::control;
-use crate::meta::{BitmapBlock, MetaError, MetaStore, MetaTarget};
+use crate::meta::{MetaError, MetaStore, MetaTarget};
 use crate::peer::dial::{PeerSettings, spawn_supervisor};
 use crate::peer::msg::Hello;
-use crate::repl::core::{Core, CoreConfig};
+use crate::repl::core::{Core, CoreConfig, encode_changed};
 use crate::repl::shell::{CoreTask, HELLO_CRASHED_PRIMARY, Input, Token, new_device, new_shared, new_sink};
 use crate::state::Role;
 use crate::storage::{IoOp, Storage, StorageOptions};
@@ -35,7 +35,14 @@ pub async fn run(
     meta.verify_identity(&config.resource.name, &node.name)?;
     let sb = meta.superblock().clone();
     // Cleared while running, set at a clean stop: after a crash it stays false.
-    meta.update(|sb| sb.flags.clean_shutdown = false).context("cannot update the metadata")?;
+    // The activity log's size follows the config (informational in the superblock:
+    // the log itself records its hot set).
+    let al_extents = config.resource.al_extents;
+    meta.update(|sb| {
+        sb.flags.clean_shutdown = false;
+        sb.al_extents = al_extents;
+    })
+    .context("cannot update the metadata")?;
     let size_bytes =
         config.resource.size_bytes.map_or(meta.data_size_bytes(), |s| s.min(meta.data_size_bytes()));
     // Was Primary and did not stop cleanly: it may hold writes its peer lacks.
@@ -98,8 +105,10 @@ pub async fn run(
         .with_context(|| format!("cannot create control socket {}", node.control.display()))?;
 
     let (conns_tx, conns_rx) = mpsc::channel(1);
-    let settings =
+    let (link_enabled_tx, link_enabled_rx) = watch::channel(true);
+    let mut settings =
         PeerSettings::new(&node.name, &peer.name, node.replication.clone(), peer.replication.clone());
+    settings.enabled = Some(link_enabled_rx);
     let supervisor = spawn_supervisor(
         settings,
         hello_rx,
@@ -119,6 +128,7 @@ pub async fn run(
         meta: meta.clone(),
         shared,
         hello: hello_tx,
+        link_enabled: link_enabled_tx,
         nbd_clients,
         disconnector,
         control_tx,
@@ -153,12 +163,7 @@ pub async fn run(
     let mut meta = meta.lock().map_err(|_| anyhow::anyhow!("metadata lock poisoned"))?;
     if let Ok(mut core) = core {
         // The bitmap on disk covers everything now; the activity log is not needed.
-        let blocks: Vec<BitmapBlock> = core
-            .stop_dirty()
-            .into_iter()
-            .map(|(index, data, crc)| BitmapBlock { index, data, crc })
-            .collect();
-        meta.write_bitmap_blocks(&blocks).context("cannot write the bitmap at shutdown")?;
+        meta.write_bitmap_blocks(&core.stop_dirty()).context("cannot write the bitmap at shutdown")?;
         meta.write_al(&[]).context("cannot clear the activity log at shutdown")?;
     } else {
         // The core task died: keep the activity log, and do not claim a clean stop.
@@ -201,18 +206,9 @@ fn load_bitmap(
             "unclean stop: the activity log's hot extents are marked out of sync"
         );
     }
-    let blocks: Vec<u64> = bitmap.changed_blocks().collect();
+    let blocks = encode_changed(&mut bitmap);
     if !blocks.is_empty() {
-        let encoded: Vec<BitmapBlock> = blocks
-            .into_iter()
-            .map(|index| {
-                let mut data = Box::new([0u8; bitmap::BLOCK_BYTES]);
-                let crc = bitmap.encode_block(index, &mut data);
-                BitmapBlock { index, data, crc }
-            })
-            .collect();
-        meta.write_bitmap_blocks(&encoded).context("cannot write the bitmap")?;
-        bitmap.mark_persisted();
+        meta.write_bitmap_blocks(&blocks).context("cannot write the bitmap")?;
     }
     if !hot.is_empty() {
         meta.write_al(&[]).context("cannot clear the activity log")?;

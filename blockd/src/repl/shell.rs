@@ -197,6 +197,8 @@ pub struct CoreTask {
     pub meta: Arc<std::sync::Mutex<MetaStore>>,
     pub shared: Arc<Shared>,
     pub hello: watch::Sender<Hello>,
+    /// Tells the peer supervisor whether to connect at all (false: StandAlone).
+    pub link_enabled: watch::Sender<bool>,
     pub nbd_clients: Arc<nbd_server::ServerStats>,
     /// Closes NBD clients (`secondary --force`).
     pub disconnector: nbd_server::Disconnector,
@@ -415,7 +417,9 @@ impl Running {
                 tracing::warn!(peer = %self.t.shared.peer_name, reason = %refusal.reason, "not replicating");
                 self.peer.connection = "StandAlone";
                 self.peer.refusal = Some(refusal.reason);
-                self.standalone |= refusal.standalone;
+                if refusal.standalone {
+                    self.set_standalone(true);
+                }
                 let _ = conn.outgoing.send(Message::Bye { reason: "not replicating".into() });
                 None
             }
@@ -446,11 +450,7 @@ impl Running {
                 Action::Persist { seq, gens, disk, was_primary } => {
                     self.meta_job(MetaJob::Persist { seq, gens, disk, was_primary })
                 }
-                Action::WriteBitmap { seq, blocks } => {
-                    let blocks =
-                        blocks.into_iter().map(|(index, data, crc)| BitmapBlock { index, data, crc });
-                    self.meta_job(MetaJob::Bitmap { seq, blocks: blocks.collect() })
-                }
+                Action::WriteBitmap { seq, blocks } => self.meta_job(MetaJob::Bitmap { seq, blocks }),
                 Action::WriteAl { seq, extents } => self.meta_job(MetaJob::Al { seq, extents }),
                 Action::VerifyDone { verified_bytes, out_of_sync_bytes, error } => {
                     if let Some(reply) = self.verify_reply.take() {
@@ -459,6 +459,11 @@ impl Running {
                 }
             }
         }
+    }
+
+    fn set_standalone(&mut self, standalone: bool) {
+        self.standalone = standalone;
+        self.t.link_enabled.send_replace(!standalone);
     }
 
     fn meta_job(&self, job: MetaJob) {
@@ -504,7 +509,7 @@ impl Running {
                 }
             }
             Command::Connect { discard_my_data } => {
-                self.standalone = false;
+                self.set_standalone(false);
                 self.t.core.set_discard_my_data(discard_my_data);
                 if self.link.is_none() {
                     self.peer.connection = "Connecting";
@@ -512,7 +517,7 @@ impl Running {
                 Ok(serde_json::json!({}))
             }
             Command::Disconnect => {
-                self.standalone = true;
+                self.set_standalone(true);
                 self.peer = PeerSnapshot {
                     connection: "StandAlone",
                     refusal: Some("disconnected by `blockctl disconnect`".into()),

@@ -1,0 +1,91 @@
+//! The Secondary's side of replication, as part of the [`Core`] (a child module):
+//! replicated writes are applied concurrently within an epoch, and no write of epoch
+//! N+1 starts before every write of epoch N completed (and was flushed if the
+//! barrier asked); then `BarrierAck(N)` goes back. So the Secondary's disk is
+//! crash-consistent at every instant.
+
+use super::*;
+
+impl Core {
+    pub(super) fn on_replicated(&mut self, msg: Message, out: &mut Vec<Action>) {
+        let epoch = match &msg {
+            Message::Write { epoch, .. }
+            | Message::Trim { epoch, .. }
+            | Message::WriteZeroes { epoch, .. } => *epoch,
+            Message::Barrier { epoch, .. } => *epoch,
+            _ => return,
+        };
+        if self.applier.closing.is_some() || epoch > self.applier.epoch {
+            // Epoch N+1 must not start before epoch N is complete.
+            self.applier.held.push_back(msg);
+            return;
+        }
+        self.apply_now(msg, out);
+    }
+
+    pub(super) fn apply_now(&mut self, msg: Message, out: &mut Vec<Action>) {
+        let (peer_id, op) = match msg {
+            Message::Barrier { epoch, flush } => {
+                debug_assert_eq!(epoch, self.applier.epoch);
+                self.applier.closing = Some(flush);
+                self.maybe_close_epoch(out);
+                return;
+            }
+            Message::Write { id, offset, fua, data, .. } => (id, IoOp::Write { offset, buf: data, fua }),
+            Message::Trim { id, offset, len, fua, .. } => (id, IoOp::Trim { offset, len, fua }),
+            Message::WriteZeroes { id, offset, len, may_trim, fua, .. } => {
+                (id, IoOp::WriteZeroes { offset, len, may_trim, fast_only: false, fua })
+            }
+            _ => return,
+        };
+        if self.cfg.protocol == Protocol::B {
+            self.send(Message::RecvAck { id: peer_id }, out);
+        }
+        let job = self.next_internal;
+        self.next_internal += 1;
+        self.applier.outstanding += 1;
+        self.applying.insert(job, ApplyJob { peer_id, epoch: self.applier.epoch });
+        out.push(Action::Local { job, op });
+    }
+
+    pub(super) fn on_applied(&mut self, apply: ApplyJob, result: Result<(), Errno>, out: &mut Vec<Action>) {
+        debug_assert_eq!(apply.epoch, self.applier.epoch);
+        if self.cfg.protocol == Protocol::C {
+            let errno = result.err().map_or(0, |e| e as i32);
+            self.send(Message::WriteAck { id: apply.peer_id, errno }, out);
+        }
+        self.applier.outstanding -= 1;
+        self.maybe_close_epoch(out);
+    }
+
+    pub(super) fn maybe_close_epoch(&mut self, out: &mut Vec<Action>) {
+        let Some(flush) = self.applier.closing else { return };
+        if self.applier.outstanding > 0 || self.applier.flushing {
+            return;
+        }
+        if flush {
+            self.applier.flushing = true;
+            out.push(Action::Local { job: APPLIER_FLUSH_JOB, op: IoOp::Flush });
+            return;
+        }
+        self.finish_epoch(0, out);
+    }
+
+    pub(super) fn on_applier_flushed(&mut self, result: Result<(), Errno>, out: &mut Vec<Action>) {
+        self.applier.flushing = false;
+        self.finish_epoch(result.err().map_or(0, |e| e as i32), out);
+    }
+
+    pub(super) fn finish_epoch(&mut self, errno: i32, out: &mut Vec<Action>) {
+        let epoch = self.applier.epoch;
+        self.send(Message::BarrierAck { epoch, errno }, out);
+        self.applier.epoch += 1;
+        self.applier.closing = None;
+        self.release_digest_reqs(out);
+        // Release the next epoch's writes, up to its own barrier.
+        while self.applier.closing.is_none() {
+            let Some(msg) = self.applier.held.pop_front() else { break };
+            self.apply_now(msg, out);
+        }
+    }
+}
