@@ -153,12 +153,13 @@ impl MetaStore {
             }
         };
         let offset = self.layout.al_offset_bytes + (slot * SLOT_BYTES) as u64;
-        self.file.write(
+        // Durable by itself (range-limited), so a transaction does not wait for the
+        // backing store's dirty data pages.
+        self.file.write_durable(
             &encode(sequence, extents),
             offset,
             &format!("activity-log slot {}", SLOT_NAMES[slot]),
         )?;
-        self.file.sync()?;
         self.al = Some(AlNewest { slot, sequence });
         Ok(())
     }

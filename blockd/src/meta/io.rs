@@ -107,6 +107,16 @@ impl MetaFile {
         self.file.write_all_at(buf, offset).map_err(|e| MetaError::io(&self.at, format!("writing {what}"), e))
     }
 
+    /// Writes all of `buf` at `offset` durably (`RWF_DSYNC`): only this range is
+    /// written back and flushed, unlike [`Self::sync`], which with internal metadata
+    /// would also flush every dirty data page of the backing store. For the activity
+    /// log, which is written while the application writes.
+    pub fn write_durable(&self, buf: &[u8], offset: u64, what: &str) -> Result<(), MetaError> {
+        use std::os::fd::AsFd;
+        crate::storage::ops::pwrite_full(self.file.as_fd(), buf, offset, true)
+            .map_err(|e| MetaError::io(&self.at, format!("writing {what}"), e.into()))
+    }
+
     /// `fdatasync`: everything written so far is on stable storage.
     pub fn sync(&self) -> Result<(), MetaError> {
         self.file.sync_data().map_err(|e| MetaError::io(&self.at, "fdatasync", e))

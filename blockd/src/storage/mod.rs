@@ -31,7 +31,7 @@
 //! - Ops in flight at the same time are unordered; a FLUSH covers the writes that
 //!   completed before it was submitted.
 
-mod ops;
+pub(crate) mod ops;
 mod posix;
 mod range;
 mod uring;
