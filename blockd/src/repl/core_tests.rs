@@ -601,3 +601,36 @@ fn a_dirty_sync_target_sends_its_bitmap() {
     assert!(shown[0].starts_with("send BitmapBlock { index: 0"), "{shown:?}");
     assert_eq!(shown[1], "send BitmapDone { blocks: 1 }");
 }
+
+#[test]
+fn auto_rate_yields_to_application_io_and_a_fixed_rate_holds() {
+    let mib = RESYNC_CHUNK_BYTES;
+    let size = 64 * mib;
+    let gens = Generations { current: 20, bitmap: 10, ..Generations::default() };
+    let start = |rate: Option<u64>| {
+        let cfg = CoreConfig {
+            size_bytes: size,
+            resync_rate_bytes_per_sec: rate,
+            resync_min_rate_bytes_per_sec: 5 * mib,
+            ..cfg(Protocol::C, 0)
+        };
+        let mut dirty = bm(size);
+        dirty.set_all();
+        let mut c = Core::new(cfg, Role::Primary, DiskState::UpToDate, gens, false, dirty, 12);
+        c.connect(remote(10, 0, Role::Secondary)).expect("source");
+        c
+    };
+    let reads =
+        |a: &[Action]| a.iter().filter(|a| matches!(a, Action::Local { op: IoOp::Read { .. }, .. })).count();
+    // Auto, application busy: the bucket holds 1 MiB, then 5 MiB/s.
+    let mut c = start(None);
+    h(&mut c, Event::Tick { elapsed_ms: 100, app_requests: 3 });
+    assert_eq!(reads(&peer(&mut c, Message::BitmapDone { blocks: 0 })), 1, "one chunk's worth of tokens");
+    assert_eq!(reads(&h(&mut c, Event::Tick { elapsed_ms: 200, app_requests: 1 })), 1, "5 MiB/s for 200 ms");
+    // Idle again: full speed, up to the parallelism bound.
+    assert_eq!(reads(&h(&mut c, Event::Tick { elapsed_ms: 100, app_requests: 0 })), RESYNC_PARALLEL - 2);
+    // Fixed: 10 MiB/s whatever the application does.
+    let mut f = start(Some(10 * mib));
+    assert_eq!(reads(&peer(&mut f, Message::BitmapDone { blocks: 0 })), 1);
+    assert_eq!(reads(&h(&mut f, Event::Tick { elapsed_ms: 100, app_requests: 0 })), 1);
+}
