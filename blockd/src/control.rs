@@ -19,6 +19,8 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::events::{EventSnapshot, Names};
+
 /// The control protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted.
@@ -55,6 +57,19 @@ pub enum Command {
         #[serde(default)]
         repair: bool,
     },
+    /// Discard this node's data: a full resync from the peer.
+    Invalidate,
+    /// Discard the peer's data: a full resync from this node.
+    InvalidateRemote,
+    /// Hold resync until `resume-sync`.
+    PauseSync,
+    ResumeSync,
+    /// Stream state changes (`exists` objects first); with `now`, only the current
+    /// state. Served by the control task itself, one JSON object per line.
+    Events {
+        #[serde(default)]
+        now: bool,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,10 +86,19 @@ pub struct ControlRequest {
     pub reply: oneshot::Sender<Result<serde_json::Value, String>>,
 }
 
+/// What the control task serves without asking the core: the state snapshots for
+/// `events`, and the names they carry.
+#[derive(Clone, Debug)]
+pub struct EventSource {
+    pub snapshots: watch::Receiver<EventSnapshot>,
+    pub names: Names,
+}
+
 /// Binds `path` (replacing a stale socket) and serves it until `shutdown`.
 pub fn spawn(
     path: &Path,
     requests: mpsc::Sender<ControlRequest>,
+    events: EventSource,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
@@ -88,13 +112,14 @@ pub fn spawn(
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let path = path.to_path_buf();
-    Ok(tokio::spawn(accept_loop(listener, path, requests, shutdown)))
+    Ok(tokio::spawn(accept_loop(listener, path, requests, events, shutdown)))
 }
 
 async fn accept_loop(
     listener: UnixListener,
     path: PathBuf,
     requests: mpsc::Sender<ControlRequest>,
+    events: EventSource,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
@@ -107,9 +132,9 @@ async fn accept_loop(
                     active.fetch_sub(1, Ordering::Relaxed);
                     continue; // dropped: the client sees EOF
                 }
-                let (requests, active) = (requests.clone(), active.clone());
+                let (requests, active, events) = (requests.clone(), active.clone(), events.clone());
                 tokio::spawn(async move {
-                    serve(stream, requests).await;
+                    serve(stream, requests, events).await;
                     active.fetch_sub(1, Ordering::Relaxed);
                 });
             }
@@ -130,7 +155,7 @@ pub fn parse_request(line: &str) -> Result<Command, String> {
     serde_json::from_value(env.command).map_err(|e| format!("unknown or malformed command: {e}"))
 }
 
-async fn serve(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) {
+async fn serve(stream: UnixStream, requests: mpsc::Sender<ControlRequest>, events: EventSource) {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     loop {
@@ -144,6 +169,11 @@ async fn serve(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) {
         };
         let reply = match parse_request(&line) {
             Err(why) => Err(why),
+            Ok(Command::Events { now }) => {
+                // The connection now belongs to the stream.
+                let _ = stream_events(&mut reader, &mut w, events, now).await;
+                return;
+            }
             Ok(command) => {
                 let (tx, rx) = oneshot::channel();
                 if requests.send(ControlRequest { command, reply: tx }).await.is_err() {
@@ -185,6 +215,51 @@ pub async fn read_line_bounded<R: AsyncBufRead + Unpin>(
             return String::from_utf8(line).map(Some).map_err(|_| "request is not UTF-8".into());
         }
     }
+}
+
+/// `events`: every object as it exists, then (unless `now`) each change until the
+/// client hangs up or the daemon stops. One JSON object per line.
+async fn stream_events(
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    mut source: EventSource,
+    now: bool,
+) -> std::io::Result<()> {
+    let mut last = *source.snapshots.borrow_and_update();
+    let mut lines = crate::events::diff(None, &last, &source.names);
+    lines.push(crate::events::exists_end());
+    write_lines(w, &lines).await?;
+    if now {
+        return Ok(());
+    }
+    // Ends when the core task (the sender) is gone, or the client hangs up (anything
+    // it sends now is ignored).
+    let mut ignored = [0u8; 256];
+    loop {
+        tokio::select! {
+            changed = source.snapshots.changed() => if changed.is_err() { return Ok(()) },
+            n = tokio::io::AsyncReadExt::read(reader, &mut ignored) => match n {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => continue,
+            },
+        }
+        let next = *source.snapshots.borrow_and_update();
+        let lines = crate::events::diff(Some(&last), &next, &source.names);
+        last = next;
+        write_lines(w, &lines).await?;
+    }
+}
+
+async fn write_lines(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    lines: &[serde_json::Value],
+) -> std::io::Result<()> {
+    let mut text = String::new();
+    for line in lines {
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    w.write_all(text.as_bytes()).await
 }
 
 async fn write_reply(

@@ -19,6 +19,8 @@
 //!   [`repl::shell`] runs the core as a task and is the replicated `BlockDevice`;
 //!   [`repl::node`] wires a replicated node for `blockd run`.
 //! - [`control`]: the node's control socket (JSON lines) that `blockctl` talks to.
+//! - [`events`]: the state snapshot the core task publishes, and its `exists`/`change`
+//!   objects for `blockctl events`.
 //! - [`state`]: the replication vocabulary: [`state::Role`], [`state::DiskState`],
 //!   [`state::Generations`] (data generation ids).
 //! - [`daemon`]: `blockd run`: a single-node config serves its disk standalone
@@ -31,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod device;
+pub mod events;
 pub mod meta;
 pub mod peer;
 pub mod repl;

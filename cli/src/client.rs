@@ -170,8 +170,41 @@ pub fn down(node: &NodeConfig) -> Result<(), Fail> {
     Err(refused(format!("node {} did not stop within {DAEMON_DEADLINE:?}", node.name)))
 }
 
-/// `drbdadm status`-like text.
-pub fn human_status(s: &Value) -> String {
+/// `events`: prints each state object the daemon streams (text lines like
+/// `drbdsetup events2`, or the JSON objects), until the daemon or the user ends it.
+pub fn events(node: &NodeConfig, json: bool, now: bool) -> Result<(), Fail> {
+    let not_running = |e: std::io::Error| {
+        refused(format!("node {} is not running (control socket {}: {e})", node.name, node.control.display()))
+    };
+    let mut s = UnixStream::connect(&node.control).map_err(not_running)?;
+    let req = serde_json::json!({"v": blockd::control::PROTOCOL_VERSION, "cmd": "events", "now": now});
+    s.write_all(format!("{req}\n").as_bytes()).map_err(not_running)?;
+    let stdout = std::io::stdout();
+    for line in BufReader::new(s).lines() {
+        let line = line.map_err(|e| refused(format!("reading events: {e}")))?;
+        let event: Value =
+            serde_json::from_str(&line).map_err(|e| refused(format!("bad event line {line:?}: {e}")))?;
+        if event["ok"] == Value::Bool(false) {
+            return Err(refused(event["error"].as_str().unwrap_or("the daemon refused")));
+        }
+        let text = if json { line } else { blockd::events::human_line(&event) };
+        let mut out = stdout.lock();
+        // A closed stdout (`| head`) ends the stream quietly.
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// `[#####...............]`: 20 cells.
+fn progress_bar(done: u64, total: u64) -> String {
+    let filled = (done.min(total) * 20 / total.max(1)) as usize;
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(20 - filled))
+}
+
+/// `drbdadm status`-like text; `verbose` adds counters.
+pub fn human_status(s: &Value, verbose: bool) -> String {
     let text = |v: &Value| v.as_str().unwrap_or("?").to_string();
     let mut out =
         format!("{} role:{}\n  disk:{}\n", text(&s["resource"]), text(&s["role"]), text(&s["disk"]));
@@ -187,15 +220,21 @@ pub fn human_status(s: &Value) -> String {
         ));
         let num = |k: &str| p[k].as_u64().unwrap_or(0);
         let replication = p["replication"].as_str().unwrap_or("");
-        if replication.starts_with("Sync") {
+        if replication.contains("Sync") {
             // DRBD shows `done:NN.NN`; bytes and a rate help more with a bitmap resync.
             let (done, total) = (num("resync_done_bytes"), num("resync_total_bytes"));
-            let percent = if total > 0 { done as f64 * 100.0 / total as f64 } else { 0.0 };
-            let eta = p["resync_eta_secs"].as_u64().map_or("-".to_string(), |s| format!("{s}s"));
-            out.push_str(&format!(
-                "    resync: {done}/{total} bytes ({percent:.1}%) rate:{} KiB/s eta:{eta}\n",
-                num("resync_rate_bytes_per_sec") / 1024
-            ));
+            let rate_kib = num("resync_rate_bytes_per_sec") / 1024;
+            if total > 0 {
+                let percent = done as f64 * 100.0 / total as f64;
+                let eta = p["resync_eta_secs"].as_u64().map_or("-".to_string(), |s| format!("{s}s"));
+                out.push_str(&format!(
+                    "    resync: {} {done}/{total} bytes ({percent:.1}%) rate:{rate_kib} KiB/s eta:{eta}\n",
+                    progress_bar(done, total)
+                ));
+            } else {
+                // The target does not know the total; the source's status has it.
+                out.push_str(&format!("    resync: received {done} bytes rate:{rate_kib} KiB/s\n"));
+            }
         }
         if p["verify_running"].as_bool() == Some(true) || num("verify_done_bytes") > 0 {
             let state = if p["verify_running"].as_bool() == Some(true) { "running" } else { "done" };
@@ -209,6 +248,23 @@ pub fn human_status(s: &Value) -> String {
         if let Some(reason) = p["reason"].as_str() {
             out.push_str(&format!("    reason: {reason}\n"));
         }
+        if verbose {
+            out.push_str(&format!(
+                "    replicated:{} bytes resync-sent:{} bytes unsent:{} bytes\n",
+                num("replicated_bytes"),
+                num("resync_sent_bytes"),
+                s["unsent_bytes"].as_u64().unwrap_or(0)
+            ));
+        }
+    }
+    if verbose {
+        out.push_str(&format!(
+            "  activity-log: {} hot extents, {} transactions\n  generations: current {} bitmap {}\n",
+            s["al_hot_extents"].as_u64().unwrap_or(0),
+            s["al_transactions"].as_u64().unwrap_or(0),
+            text(&s["generations"]["current"]),
+            text(&s["generations"]["bitmap"]),
+        ));
     }
     out
 }

@@ -66,7 +66,31 @@ enum Verb {
         /// One JSON object (SPEC §8.1 fields).
         #[arg(long)]
         json: bool,
+        /// Add counters (bytes replicated and sent for resync, unsent bytes,
+        /// activity log, generations).
+        #[arg(long, short)]
+        verbose: bool,
     },
+    /// Stream state changes (`exists` lines first, then `change` lines) until
+    /// interrupted, like `drbdsetup events2`.
+    Events {
+        resource: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Print the current state and exit.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Discard this node's data and resync it in full from the peer (Secondary only).
+    Invalidate { resource: Option<String> },
+    /// Discard the peer's data and resync it in full from this node (the peer must
+    /// be Secondary).
+    InvalidateRemote { resource: Option<String> },
+    /// Hold resync (now and later) until `resume-sync`.
+    PauseSync { resource: Option<String> },
+    /// Let resync go on after `pause-sync`.
+    ResumeSync { resource: Option<String> },
     /// Connect to the peer again (after a split brain or `disconnect`). With
     /// --discard-my-data this node drops its changes and resyncs from the peer.
     Connect {
@@ -128,6 +152,18 @@ fn load(config: Option<PathBuf>, resource: Option<&str>) -> Result<Config, Fail>
         )));
     }
     Ok(config)
+}
+
+/// A verb that is one control request without arguments.
+fn simple(
+    config: Option<PathBuf>,
+    resource: Option<String>,
+    node: Option<&str>,
+    cmd: &str,
+) -> Result<(), Fail> {
+    let config = load(config, resource.as_deref())?;
+    let node = local(&config, node)?;
+    client::request(&node, &serde_json::json!({ "cmd": cmd })).map(drop)
 }
 
 fn local(config: &Config, node: Option<&str>) -> Result<NodeConfig, Fail> {
@@ -200,16 +236,25 @@ fn run(cli: Cli) -> Result<(), Fail> {
             );
             Ok(())
         }
-        Verb::Status { resource, json } => {
+        Verb::Status { resource, json, verbose } => {
             let config = load(cli.config, resource.as_deref())?;
             let node = local(&config, node_arg)?;
             let status = client::request(&node, &serde_json::json!({"cmd": "status"}))?;
             if json {
                 println!("{status}");
             } else {
-                print!("{}", client::human_status(&status));
+                print!("{}", client::human_status(&status, verbose));
             }
             Ok(())
         }
+        Verb::Events { resource, json, now } => {
+            let config = load(cli.config, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            client::events(&node, json, now)
+        }
+        Verb::Invalidate { resource } => simple(cli.config, resource, node_arg, "invalidate"),
+        Verb::InvalidateRemote { resource } => simple(cli.config, resource, node_arg, "invalidate-remote"),
+        Verb::PauseSync { resource } => simple(cli.config, resource, node_arg, "pause-sync"),
+        Verb::ResumeSync { resource } => simple(cli.config, resource, node_arg, "resume-sync"),
     }
 }

@@ -29,6 +29,8 @@
 //! | DigestReq | 0x26 | offset 8, len 8, after_epoch 8 |
 //! | Digests | 0x27 | offset 8, len 8 + one 16-byte xxh3-128 digest per granule |
 //! | StartRepair | 0x28 | out-of-sync bytes 8 (verify --repair: become sync target) |
+//! | Invalidate | 0x29 | reserved 8 (zero): the sender discards its data; resync it in full |
+//! | SyncPause | 0x2a | flags 1 (bit 0 paused): the sender paused or resumed resync |
 //!
 //! A string is a u16 byte length and UTF-8 bytes; gens are current, bitmap and the
 //! four history ids, 8 bytes each. Unknown enum codes and unknown flag bits are
@@ -126,6 +128,11 @@ pub enum Message {
     /// Verify `--repair`: the sender found `bytes` out of sync and starts a resync
     /// as source; the receiver becomes its sync target.
     StartRepair { bytes: u64 },
+    /// `blockctl invalidate` on the sender: it discards its data; the receiver
+    /// becomes the source of a full resync.
+    Invalidate,
+    /// `blockctl pause-sync` / `resume-sync` on the sender.
+    SyncPause { paused: bool },
     /// Orderly close with a reason (≤ 1 KiB).
     Bye { reason: String },
 }
@@ -155,6 +162,8 @@ pub enum Kind {
     DigestReq,
     Digests,
     StartRepair,
+    Invalidate,
+    SyncPause,
 }
 
 /// How a type's payload is laid out, which is all the frame reader needs to know
@@ -171,7 +180,7 @@ pub(crate) enum Layout {
 
 impl Kind {
     /// Every type, for tests and tables.
-    pub const ALL: [Kind; 21] = [
+    pub const ALL: [Kind; 23] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Pong,
@@ -193,6 +202,8 @@ impl Kind {
         Kind::DigestReq,
         Kind::Digests,
         Kind::StartRepair,
+        Kind::Invalidate,
+        Kind::SyncPause,
     ];
 
     /// The type code in the frame header.
@@ -219,6 +230,8 @@ impl Kind {
             Kind::DigestReq => 0x26,
             Kind::Digests => 0x27,
             Kind::StartRepair => 0x28,
+            Kind::Invalidate => 0x29,
+            Kind::SyncPause => 0x2a,
         }
     }
 
@@ -251,6 +264,8 @@ impl Kind {
             Kind::DigestReq => "DigestReq",
             Kind::Digests => "Digests",
             Kind::StartRepair => "StartRepair",
+            Kind::Invalidate => "Invalidate",
+            Kind::SyncPause => "SyncPause",
         }
     }
 
@@ -269,7 +284,8 @@ impl Kind {
             Kind::ResyncDone => Layout::Fixed(GENS_BYTES),
             Kind::ResyncZeroes => Layout::Fixed(16),
             Kind::BitmapBlock => Layout::Data { fixed: 8 },
-            Kind::BitmapDone | Kind::StartRepair => Layout::Fixed(8),
+            Kind::BitmapDone | Kind::StartRepair | Kind::Invalidate => Layout::Fixed(8),
+            Kind::SyncPause => Layout::Fixed(1),
             Kind::DigestReq => Layout::Fixed(24),
             Kind::Digests => Layout::Data { fixed: 16 },
         }
@@ -309,6 +325,8 @@ impl Message {
             Message::DigestReq { .. } => Kind::DigestReq,
             Message::Digests { .. } => Kind::Digests,
             Message::StartRepair { .. } => Kind::StartRepair,
+            Message::Invalidate => Kind::Invalidate,
+            Message::SyncPause { .. } => Kind::SyncPause,
             Message::Bye { .. } => Kind::Bye,
         }
     }
@@ -436,6 +454,8 @@ impl Message {
                 put(out, *len);
             }
             Message::StartRepair { bytes } => put(out, *bytes),
+            Message::Invalidate => put(out, 0u64),
+            Message::SyncPause { paused } => out.push(u8::from(*paused)),
             Message::Bye { reason } => put_str(out, reason, MAX_REASON_BYTES),
         }
         debug_assert_eq!(out.len() - start, self.fixed_len(), "{:?}", self.kind());
@@ -510,6 +530,13 @@ fn decode_fields(kind: Kind, c: &mut Cursor<'_>, data: Option<Buf>) -> Result<Me
         Kind::DigestReq => Message::DigestReq { offset: c.u64()?, len: c.u64()?, after_epoch: c.u64()? },
         Kind::Digests => Message::Digests { offset: c.u64()?, len: c.u64()?, data: data()? },
         Kind::StartRepair => Message::StartRepair { bytes: c.u64()? },
+        Kind::Invalidate => {
+            if c.u64()? != 0 {
+                return Err(Field::Bad("reserved field is not zero"));
+            }
+            Message::Invalidate
+        }
+        Kind::SyncPause => Message::SyncPause { paused: c.flags(1)? & 1 != 0 },
     })
 }
 

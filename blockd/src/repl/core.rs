@@ -273,6 +273,9 @@ pub struct Core {
     /// its epoch so the peer confirms it and the transfer log and extents drain).
     dispatched_writes: u64,
     dispatched_at_tick: u64,
+    /// `pause-sync` here, and as the peer told.
+    sync_paused_here: bool,
+    sync_paused_by_peer: bool,
     /// Secondary.
     applier: Applier,
     applying: HashMap<JobId, ApplyJob>,
@@ -341,6 +344,8 @@ impl Core {
             discard_my_data: false,
             dispatched_writes: 0,
             dispatched_at_tick: 0,
+            sync_paused_here: false,
+            sync_paused_by_peer: false,
             applier: Applier { epoch: 1, ..Applier::default() },
             applying: HashMap::new(),
             repl: ReplState::Off,
@@ -703,6 +708,8 @@ impl Core {
             }
             Message::Digests { offset, len, data } => self.on_digests(offset, len, data, out),
             Message::StartRepair { bytes } => self.on_start_repair(bytes, out),
+            Message::Invalidate => self.on_invalidate(out),
+            Message::SyncPause { paused } => self.on_sync_pause(paused, out),
             other => tracing::debug!(?other, "message not handled by the data path"),
         }
     }
@@ -862,6 +869,8 @@ fn set_epoch(m: &mut Message, new: u64) {
 mod apply;
 #[path = "intent.rs"]
 mod intent;
+#[path = "operator.rs"]
+mod operator;
 #[path = "resync.rs"]
 mod resync;
 #[path = "verify.rs"]

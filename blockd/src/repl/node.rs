@@ -101,7 +101,12 @@ pub async fn run(
 
     let (control_tx, control_rx) = mpsc::channel(16);
     let (core_stop_tx, core_stop_rx) = watch::channel(false);
-    let control_task = control::spawn(&node.control, control_tx.clone(), core_stop_rx.clone())
+    let (events_tx, events_rx) = watch::channel(crate::events::EventSnapshot::default());
+    let event_source = control::EventSource {
+        snapshots: events_rx,
+        names: crate::events::Names { resource: config.resource.name.clone(), peer: peer.name.clone() },
+    };
+    let control_task = control::spawn(&node.control, control_tx.clone(), event_source, core_stop_rx.clone())
         .with_context(|| format!("cannot create control socket {}", node.control.display()))?;
 
     let (conns_tx, conns_rx) = mpsc::channel(1);
@@ -129,6 +134,7 @@ pub async fn run(
         shared,
         hello: hello_tx,
         link_enabled: link_enabled_tx,
+        events: events_tx,
         nbd_clients,
         disconnector,
         control_tx,

@@ -212,6 +212,9 @@ impl Core {
         }
         // `--discard-my-data` holds for one connection.
         self.discard_my_data = false;
+        if self.sync_paused_here {
+            self.send(Message::SyncPause { paused: true }, &mut out);
+        }
         Ok(out)
     }
 
@@ -342,6 +345,8 @@ impl Core {
     }
 
     fn start_link(&mut self) {
+        // A pause on the peer ended with its link; one here is told again (connect).
+        self.sync_paused_by_peer = false;
         // Both sides number the epochs of a link from 1.
         self.link = Link::Replicating;
         self.epoch = 1;
@@ -351,7 +356,7 @@ impl Core {
     }
 
     /// `exchange`: wait for the target's bitmap before starting.
-    fn start_source(&mut self, scope: SyncScope, exchange: bool, out: &mut Vec<Action>) {
+    pub(super) fn start_source(&mut self, scope: SyncScope, exchange: bool, out: &mut Vec<Action>) {
         if scope == SyncScope::Full {
             // Every bit set: a full sync is as resumable as a bitmap one.
             self.bitmap.set_all();
@@ -376,8 +381,13 @@ impl Core {
     /// left.
     pub(super) fn pump_source(&mut self, out: &mut Vec<Action>) {
         loop {
+            let paused = self.sync_paused();
             let Some(sync) = self.source.as_mut() else { return };
             if sync.awaiting_bitmap || sync.chunks.len() >= RESYNC_PARALLEL {
+                return;
+            }
+            if paused {
+                // The chunks in flight finish; no new ones start until resumed.
                 return;
             }
             let next = self.bitmap.runs_from(sync.cursor).next();

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::control::{Command, ControlRequest};
 use crate::device::spawn_block_status;
+use crate::events::EventSnapshot;
 use crate::meta::{BitmapBlock, MetaStore};
 use crate::peer::link::{LinkEvent, PeerConn};
 use crate::peer::msg::{Hello, Message};
@@ -199,6 +200,8 @@ pub struct CoreTask {
     pub hello: watch::Sender<Hello>,
     /// Tells the peer supervisor whether to connect at all (false: StandAlone).
     pub link_enabled: watch::Sender<bool>,
+    /// The state `blockctl events` reports, published after every event.
+    pub events: watch::Sender<EventSnapshot>,
     pub nbd_clients: Arc<nbd_server::ServerStats>,
     /// Closes NBD clients (`secondary --force`).
     pub disconnector: nbd_server::Disconnector,
@@ -461,6 +464,28 @@ impl Running {
         }
     }
 
+    /// Runs a core request that may refuse; executes its actions.
+    fn core_command(
+        &mut self,
+        f: impl FnOnce(&mut Core, bool) -> Result<Vec<Action>, String>,
+    ) -> Result<serde_json::Value, String> {
+        let peer_primary = self.peer.role == Some(Role::Primary);
+        let actions = f(&mut self.t.core, peer_primary)?;
+        self.execute(actions);
+        self.publish();
+        Ok(serde_json::json!({}))
+    }
+
+    /// The replication state's name (DRBD's, with the paused variants).
+    fn replication_name(&self) -> &'static str {
+        use crate::repl::core::ReplState;
+        match (self.t.core.repl_state(), self.t.core.sync_paused()) {
+            (ReplState::SyncSource, true) => "PausedSyncS",
+            (ReplState::SyncTarget, true) => "PausedSyncT",
+            (state, _) => state.as_str(),
+        }
+    }
+
     fn set_standalone(&mut self, standalone: bool) {
         self.standalone = standalone;
         self.t.link_enabled.send_replace(!standalone);
@@ -533,6 +558,13 @@ impl Running {
                 }
                 Ok(serde_json::json!({}))
             }
+            Command::Invalidate => self.core_command(|c, _| c.invalidate()),
+            Command::InvalidateRemote => {
+                self.core_command(|c, peer_primary| c.invalidate_remote(peer_primary))
+            }
+            Command::PauseSync => self.core_command(|c, _| Ok(c.set_sync_paused(true))),
+            Command::ResumeSync => self.core_command(|c, _| Ok(c.set_sync_paused(false))),
+            Command::Events { .. } => Err("events are served by the control socket itself".to_string()),
             Command::Verify { repair } => {
                 if self.verify_reply.is_some() {
                     Err("a verify is already running".to_string())
@@ -549,6 +581,7 @@ impl Running {
                 }
             }
         };
+        self.publish();
         let _ = req.reply.send(result);
     }
 
@@ -611,6 +644,24 @@ impl Running {
         let flags = (h_flag(c.crashed_primary(), HELLO_CRASHED_PRIMARY))
             | h_flag(c.dirty_bytes() > 0, HELLO_DIRTY)
             | h_flag(c.discard_my_data(), HELLO_DISCARD_MY_DATA);
+        let p = c.resync_progress();
+        let snapshot = EventSnapshot {
+            role: role.as_str(),
+            disk: disk.as_str(),
+            connection: self.peer.connection,
+            peer_role: self.peer.role.map_or("Unknown", Role::as_str),
+            replication: self.replication_name(),
+            peer_disk: self.peer.disk.map_or("DUnknown", DiskState::as_str),
+            out_of_sync_bytes: c.dirty_bytes(),
+            resync_done_bytes: p.done_bytes,
+            resync_total_bytes: p.total_bytes,
+        };
+        // Only a change wakes a subscriber.
+        self.t.events.send_if_modified(|e| {
+            let changed = *e != snapshot;
+            *e = snapshot;
+            changed
+        });
         // Only a change wakes the supervisor: this runs after every event.
         self.t.hello.send_if_modified(|h| {
             let changed = h.gens != gens || h.disk != disk || h.role != role || h.flags != flags;
@@ -636,7 +687,8 @@ impl Running {
             "peers": [{
                 "node": self.t.shared.peer_name,
                 "connection": self.peer.connection,
-                "replication": self.t.core.repl_state().as_str(),
+                "replication": self.replication_name(),
+                "resync_paused": self.t.core.sync_paused(),
                 "role": self.peer.role.map_or("Unknown", Role::as_str),
                 "disk": self.peer.disk.map_or("DUnknown", DiskState::as_str),
                 "out_of_sync_bytes": dirty,

@@ -176,6 +176,8 @@ fn random_messages(rng: &mut StdRng, data_len: usize) -> Vec<Message> {
         Message::DigestReq { offset: rng.random(), len: rng.random(), after_epoch: rng.random() },
         Message::Digests { offset: rng.random(), len: rng.random(), data: random_data(rng, data_len) },
         Message::StartRepair { bytes: rng.random() },
+        Message::Invalidate,
+        Message::SyncPause { paused: rng.random() },
         Message::Bye { reason: random_string(rng, 1024) },
     ]
 }
