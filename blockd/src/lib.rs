@@ -19,6 +19,8 @@
 //!   [`repl::shell`] runs the core as a task and is the replicated `BlockDevice`;
 //!   [`repl::node`] wires a replicated node for `blockd run`.
 //! - [`control`]: the node's control socket (JSON lines) that `blockctl` talks to.
+//! - [`metrics`]: counters, gauges and latency histograms, and the optional
+//!   Prometheus text endpoint.
 //! - [`events`]: the state snapshot the core task publishes, and its `exists`/`change`
 //!   objects for `blockctl events`.
 //! - [`state`]: the replication vocabulary: [`state::Role`], [`state::DiskState`],
@@ -35,6 +37,7 @@ pub mod daemon;
 pub mod device;
 pub mod events;
 pub mod meta;
+pub mod metrics;
 pub mod peer;
 pub mod repl;
 pub mod state;
