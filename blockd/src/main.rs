@@ -55,6 +55,11 @@ fn main() -> ExitCode {
                 Ok(n) => n.clone(),
                 Err(e) => return usage_error(&e),
             };
+            // Before anything is opened or bound: a missing or too small disk is a
+            // mistake in the config (exit 2, file:line:key), not a runtime failure.
+            if let Err(e) = config.check_local(&node) {
+                return usage_error(&e);
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => return failure(&anyhow::Error::new(e).context("cannot start the async runtime")),

@@ -11,7 +11,7 @@ use blockd::config::{Config, NodeConfig};
 use blockd::meta::{CreateOptions, MetaStore, MetaTarget};
 use serde_json::Value;
 
-use crate::{Fail, refused};
+use crate::{Fail, refused, usage};
 
 /// How long `up` waits for the daemon to answer, and `down` for it to go.
 const DAEMON_DEADLINE: Duration = Duration::from_secs(30);
@@ -64,6 +64,9 @@ fn exchange(socket: &Path, req: &Value, timeout: Duration) -> std::io::Result<Va
 }
 
 pub fn create_md(config: &Config, node: &NodeConfig, force: bool, clear_bitmap: bool) -> Result<(), Fail> {
+    // Checked before MetaStore::create, which creates an external metadata file
+    // before it knows whether the disk fits.
+    config.check_local(node).map_err(usage)?;
     let target = MetaTarget { backing: node.disk.clone(), location: node.meta.clone() };
     let opts = CreateOptions {
         resource: config.resource.name.clone(),
@@ -99,6 +102,9 @@ fn blockd_binary() -> PathBuf {
 }
 
 pub fn up(config: &Config, node: &NodeConfig, log: Option<PathBuf>) -> Result<(), Fail> {
+    // A config mistake is reported here as a usage error, not as "blockd exited
+    // with 2" and a log tail.
+    config.check_local(node).map_err(usage)?;
     if exchange(&node.control, &serde_json::json!({"v": 1, "cmd": "status"}), REQUEST_TIMEOUT).is_ok() {
         return Err(refused(format!("node {} is already running", node.name)));
     }

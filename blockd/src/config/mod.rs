@@ -27,7 +27,8 @@
 //! - [`Config`]: the validated file: its path, the [`ResourceConfig`] and the nodes in
 //!   file order. [`Config::load`] reads and validates a file, [`Config::parse`] validates
 //!   text; [`Config::local_node`] picks this host's node (`--node` or the host name) and
-//!   [`Config::peers`] the others.
+//!   [`Config::peers`] the others; [`Config::check_local`] checks the local node's
+//!   disk and metadata paths against this machine.
 //! - [`ResourceConfig`]: name, [`Protocol`], optional size and the bitmap granularity,
 //!   both in bytes, the send buffer, the activity-log size, and the resync settings
 //!   ([`ResyncRate`], minimum rate, checksum mode).
@@ -44,12 +45,20 @@
 //! of a test setup share one host; a replication address is not a wildcard; `nbd` is
 //! not empty; the size is a non-zero multiple of 512. More than two nodes are accepted
 //! here; the replication layer decides what it supports.
+//!
+//! Parsing never touches the machine (`blockctl show` works anywhere). What only the
+//! node itself can check (the disk exists, opens read-write and is large enough; an
+//! external metadata file's directory exists) is [`Config::check_local`], run by
+//! `blockd run`, `blockctl create-md` and `blockctl up` before they change anything.
 
 mod error;
+mod local;
 mod raw;
 mod validate;
 mod values;
 
+#[cfg(test)]
+mod local_tests;
 #[cfg(test)]
 mod tests;
 
@@ -173,6 +182,18 @@ pub struct NodeConfig {
     pub meta: MetaLocation,
     /// Control socket path; default `/run/blockd/<resource>-<node>.sock`.
     pub control: PathBuf,
+    /// Where the keys were written, so that checks made later against the machine
+    /// ([`Config::check_local`]) can point at the line like parse errors do.
+    pub lines: NodeLines,
+}
+
+/// 1-based lines of a node's keys in its file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeLines {
+    /// The `disk` key.
+    pub disk: usize,
+    /// The `meta` key.
+    pub meta: usize,
 }
 
 /// A TCP endpoint as written: the host is an IPv4 address, an IPv6 address (stored

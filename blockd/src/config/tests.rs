@@ -111,8 +111,10 @@ fn spec_example_parses_with_defaults() {
             disk: "/var/lib/blockd/r0-alpha.img".into(),
             meta: MetaLocation::Internal,
             control: "/run/blockd/r0-alpha.sock".into(),
+            lines: NodeLines { disk: L_NODE0_DISK, meta: L_NODE0_META },
         }
     );
+    assert_eq!(c.nodes[1].lines, NodeLines { disk: 20, meta: 21 });
     assert_eq!(c.nodes[1].name, "beta");
     assert_eq!(c.nodes[1].replication.to_string(), "127.0.0.1:7790");
     assert_eq!(c.nodes[1].control, PathBuf::from("/run/blockd/r0-beta.sock"));
@@ -661,7 +663,11 @@ fn effective_toml_round_trips_with_defaults_filled() {
     );
     assert!(shown.contains("control = \"/run/blockd/r0-alpha.sock\""), "{shown}");
     let again = Config::parse(&shown, Path::new("shown.toml")).unwrap();
-    assert_eq!((again.resource, again.nodes), (cfg.resource, cfg.nodes));
+    // The keys sit on other lines in the shown text; the values are what must match.
+    let unplaced = |nodes: Vec<NodeConfig>| -> Vec<NodeConfig> {
+        nodes.into_iter().map(|n| NodeConfig { lines: NodeLines::default(), ..n }).collect()
+    };
+    assert_eq!((again.resource, unplaced(again.nodes)), (cfg.resource, unplaced(cfg.nodes)));
 }
 
 #[test]

@@ -20,7 +20,7 @@ use super::{
     DEFAULT_RESYNC_MIN_RATE_BYTES_PER_SEC, DEFAULT_SEND_BUFFER_BYTES, HostPort, ListenAddr,
     MAX_AL_EXTENTS_CONFIG, MAX_BITMAP_GRANULARITY, MAX_SEND_BUFFER_BYTES, MIN_AL_EXTENTS,
     MIN_BITMAP_GRANULARITY, MIN_RESYNC_RATE_BYTES_PER_SEC, MIN_SEND_BUFFER_BYTES, MetaLocation, NodeConfig,
-    Protocol, ResourceConfig, ResyncRate,
+    NodeLines, Protocol, ResourceConfig, ResyncRate,
 };
 
 /// Sizes must be whole sectors.
@@ -439,7 +439,8 @@ impl Cx<'_> {
             }
         };
 
-        Ok(NodeConfig { name: name.clone(), replication, nbd, disk, meta, control })
+        let lines = NodeLines { disk: self.line(disk_s.span().start), meta: self.line(meta_s.span().start) };
+        Ok(NodeConfig { name: name.clone(), replication, nbd, disk, meta, control, lines })
     }
 }
 
