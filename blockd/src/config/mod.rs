@@ -21,6 +21,8 @@
 //! disk = "/var/lib/blockd/r0-alpha.img"
 //! meta = "internal"               # or an absolute path to external metadata
 //! # control = "/run/blockd/r0-alpha.sock"  # this default when absent
+//! # control-group = "blockd"    # members may use the control socket (0660)
+//! # metrics = "127.0.0.1:9942"  # Prometheus text endpoint, GET /metrics
 //! ```
 //!
 //! Types:
@@ -182,6 +184,11 @@ pub struct NodeConfig {
     pub meta: MetaLocation,
     /// Control socket path; default `/run/blockd/<resource>-<node>.sock`.
     pub control: PathBuf,
+    /// A group whose members may use the control socket too (mode 0660); `None`:
+    /// root only (0600).
+    pub control_group: Option<String>,
+    /// Where the Prometheus text endpoint listens (`GET /metrics`); `None`: off.
+    pub metrics: Option<HostPort>,
     /// Where the keys were written, so that checks made later against the machine
     /// ([`Config::check_local`]) can point at the line like parse errors do.
     pub lines: NodeLines,
@@ -354,6 +361,12 @@ impl Config {
                 meta,
                 q(&n.control.display().to_string()),
             );
+            if let Some(group) = &n.control_group {
+                let _ = writeln!(out, "control-group = {}", q(group));
+            }
+            if let Some(metrics) = &n.metrics {
+                let _ = writeln!(out, "metrics = {}", q(&metrics.to_string()));
+            }
         }
         out
     }

@@ -43,6 +43,8 @@ pub(super) struct RawNode {
     pub disk: Option<Spanned<String>>,
     pub meta: Option<Spanned<RawMeta>>,
     pub control: Option<Spanned<String>>,
+    pub control_group: Option<Spanned<String>>,
+    pub metrics: Option<Spanned<String>>,
 }
 
 /// Declares a string newtype whose type errors name what the string should be.

@@ -111,6 +111,8 @@ fn spec_example_parses_with_defaults() {
             disk: "/var/lib/blockd/r0-alpha.img".into(),
             meta: MetaLocation::Internal,
             control: "/run/blockd/r0-alpha.sock".into(),
+            control_group: None,
+            metrics: None,
             lines: NodeLines { disk: L_NODE0_DISK, meta: L_NODE0_META },
         }
     );
@@ -301,7 +303,7 @@ fn unknown_keys() {
     assert_eq!(
         err(&spec_with(&[(L_NODE0_NBD, r#"nbd-addr = "127.0.0.1:10809""#)])),
         "r0.toml:10: key `node[0].nbd-addr`: unknown key \
-         (expected one of: name, replication, nbd, disk, meta, control)"
+         (expected one of: name, replication, nbd, disk, meta, control, control-group, metrics)"
     );
     assert_eq!(
         err(&spec_with(&[(L_GRANULARITY, "bitmap_granularity = 4096")])),
@@ -805,4 +807,20 @@ fn effective_toml_round_trips_new_keys() {
     );
     let again = Config::parse(&shown, Path::new("shown.toml")).unwrap();
     assert_eq!(again.resource, cfg.resource);
+}
+
+#[test]
+fn metrics_and_control_group_keys() {
+    let c = ok(&spec_with(&[
+        (L_NODE0_CONTROL, "metrics = \"127.0.0.1:9942\""),
+        (L_NODE0_FREE, "control-group = \"blockd\""),
+    ]));
+    assert_eq!(c.nodes[0].metrics.as_ref().map(ToString::to_string).as_deref(), Some("127.0.0.1:9942"));
+    assert_eq!(c.nodes[0].control_group.as_deref(), Some("blockd"));
+    let shown = c.effective_toml();
+    assert!(shown.contains("metrics = \"127.0.0.1:9942\"") && shown.contains("control-group = \"blockd\""));
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_CONTROL, "metrics = \"127.0.0.1:7789\"")])),
+        "r0.toml:14: key `node[0].metrics`: address 127.0.0.1:7789 is already used by node[0].replication (line 9)"
+    );
 }

@@ -439,8 +439,27 @@ impl Cx<'_> {
             }
         };
 
+        let control_group = match &raw.control_group {
+            Some(g) if g.get_ref().is_empty() || g.get_ref().contains(['/', ':', '\n']) => {
+                return Err(self.at(g, &k("control-group"), format!("{:?} is not a group name", g.get_ref())));
+            }
+            Some(g) => Some(g.get_ref().clone()),
+            None => None,
+        };
+        let metrics_key = k("metrics");
+        let metrics = match &raw.metrics {
+            Some(m) => {
+                let hp = parse_host_port(m.get_ref()).map_err(|e| self.at(m, &metrics_key, e))?;
+                endpoints
+                    .add(Endpoint::tcp(&hp), &metrics_key, self.line(m.span().start))
+                    .map_err(|e| self.at(m, &metrics_key, e))?;
+                Some(hp)
+            }
+            None => None,
+        };
+
         let lines = NodeLines { disk: self.line(disk_s.span().start), meta: self.line(meta_s.span().start) };
-        Ok(NodeConfig { name: name.clone(), replication, nbd, disk, meta, control, lines })
+        Ok(NodeConfig { name: name.clone(), replication, nbd, disk, meta, control, control_group, metrics, lines })
     }
 }
 
