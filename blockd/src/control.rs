@@ -5,10 +5,19 @@
 //! Request: `{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"primary","force":false}`, ...
 //! Reply: `{"ok":true,"status":{...}}` or `{"ok":false,"error":"why, and what to do"}`.
 //!
-//! The socket is created with mode 0600 (root only; SPEC: only root or the socket's
-//! group may connect). A malformed or oversized request gets an error reply and the
-//! connection is closed; the daemon is never disturbed. Lines are bounded to
-//! [`MAX_REQUEST_BYTES`]; connections to [`MAX_CONNECTIONS`].
+//! `{"v":1,"cmd":"events"}` turns the connection into a stream of state objects
+//! (see [`crate::events`]) until the client hangs up.
+//!
+//! The socket has mode 0600 (root only), or 0660 with the node's `control-group`
+//! (SPEC: only root or the socket's group may connect); it is bound under a temporary
+//! name and renamed into place only once its mode and group are set, so nobody can
+//! connect while it is still open to others. A request that does not parse gets an
+//! error reply and the connection stays usable; an oversized, non-UTF-8 or
+//! unterminated line gets an error reply and the connection is closed. The daemon is
+//! never disturbed. Lines are bounded to [`MAX_REQUEST_BYTES`], connections to
+//! [`MAX_CONNECTIONS`] (one more is told so and closed), and a connection idle for
+//! [`IDLE_TIMEOUT`] between requests is closed, so idle clients cannot lock the
+//! operator out.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +34,8 @@ use crate::events::{EventSnapshot, Names};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted.
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// How long a request/reply connection may stay idle (event streams are exempt).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Concurrent control connections.
 pub const MAX_CONNECTIONS: usize = 32;
 
@@ -94,23 +105,52 @@ pub struct EventSource {
     pub names: Names,
 }
 
-/// Binds `path` (replacing a stale socket) and serves it until `shutdown`.
+/// Binds `path` (replacing a stale socket) and serves it until `shutdown`. With
+/// `group`, members of that group may connect too (mode 0660).
 pub fn spawn(
     path: &Path,
+    group: Option<&str>,
     requests: mpsc::Sender<ControlRequest>,
     events: EventSource,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    if std::fs::symlink_metadata(path)
-        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-    {
-        std::fs::remove_file(path)?;
+    let gid = match group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .map_err(std::io::Error::from)?
+                .ok_or_else(|| std::io::Error::other(format!("control-group {name:?} does not exist")))?
+                .gid,
+        ),
+        None => None,
+    };
+    // Bound under a temporary name; renamed into place once only its owner (and
+    // group) can use it.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.new", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging)?;
+    let prepared = (|| {
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
+        if let Some(gid) = gid {
+            nix::unistd::chown(&staging, None, Some(gid)).map_err(std::io::Error::from)?;
+            std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))?;
+        }
+        if std::fs::symlink_metadata(path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+        {
+            std::fs::remove_file(path)?;
+        }
+        std::fs::rename(&staging, path)
+    })();
+    if let Err(e) = prepared {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let path = path.to_path_buf();
     Ok(tokio::spawn(accept_loop(listener, path, requests, events, shutdown)))
 }
@@ -124,21 +164,34 @@ async fn accept_loop(
 ) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
-        tokio::select! {
+        let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                if active.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
-                    active.fetch_sub(1, Ordering::Relaxed);
-                    continue; // dropped: the client sees EOF
-                }
-                let (requests, active, events) = (requests.clone(), active.clone(), events.clone());
-                tokio::spawn(async move {
-                    serve(stream, requests, events).await;
-                    active.fetch_sub(1, Ordering::Relaxed);
-                });
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Usually out of file descriptors: pause instead of spinning.
+                tracing::warn!("control socket accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
             }
+        };
+        if active.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let (_, mut w) = stream.into_split();
+                let busy = Err(format!("too many control connections ({MAX_CONNECTIONS}); retry"));
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), write_reply(&mut w, busy)).await;
+            });
+            continue;
         }
+        let (requests, active, events) = (requests.clone(), active.clone(), events.clone());
+        tokio::spawn(async move {
+            serve(stream, requests, events).await;
+            active.fetch_sub(1, Ordering::Relaxed);
+        });
     }
     let _ = std::fs::remove_file(&path);
 }
@@ -159,10 +212,15 @@ async fn serve(stream: UnixStream, requests: mpsc::Sender<ControlRequest>, event
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     loop {
-        let line = match read_line_bounded(&mut reader, MAX_REQUEST_BYTES).await {
-            Ok(Some(line)) => line,
-            Ok(None) => return,
-            Err(why) => {
+        let read = tokio::time::timeout(IDLE_TIMEOUT, read_line_bounded(&mut reader, MAX_REQUEST_BYTES));
+        let line = match read.await {
+            Err(_elapsed) => {
+                let _ = write_reply(&mut w, Err(format!("idle for {IDLE_TIMEOUT:?}; closing"))).await;
+                return;
+            }
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) => return,
+            Ok(Err(why)) => {
                 let _ = write_reply(&mut w, Err(why)).await;
                 return;
             }

@@ -92,7 +92,10 @@ pub fn render(s: &Sources) -> String {
     let mut out = String::with_capacity(4096);
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mut one = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP blockd_{name} {help}\n# TYPE blockd_{name} {kind}\nblockd_{name}{{{labels}}} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP blockd_{name} {help}\n# TYPE blockd_{name} {kind}\nblockd_{name}{{{labels}}} {value}"
+        );
     };
     one("nbd_reads_total", "counter", "NBD read requests.", get(&m.reads));
     one("nbd_read_bytes_total", "counter", "Bytes read by NBD clients.", get(&m.read_bytes));
@@ -100,7 +103,12 @@ pub fn render(s: &Sources) -> String {
     one("nbd_write_bytes_total", "counter", "Bytes written by NBD clients.", get(&m.write_bytes));
     one("nbd_flushes_total", "counter", "NBD flush requests.", get(&m.flushes));
     one("nbd_trims_total", "counter", "NBD trim and write-zeroes requests.", get(&m.trims));
-    one("nbd_request_errors_total", "counter", "NBD requests answered with an error.", get(&m.request_errors));
+    one(
+        "nbd_request_errors_total",
+        "counter",
+        "NBD requests answered with an error.",
+        get(&m.request_errors),
+    );
     one(
         "nbd_connections_failed_total",
         "counter",
@@ -113,21 +121,49 @@ pub fn render(s: &Sources) -> String {
         "NBD client connections open now.",
         s.nbd.active_connections.load(Ordering::Relaxed) as u64,
     );
-    one("out_of_sync_bytes", "gauge", "Bytes that differ (or may differ) from the peer.", get(&m.out_of_sync_bytes));
-    one("replication_unsent_bytes", "gauge", "Replication frames queued and not yet sent.", get(&m.unsent_bytes));
+    one(
+        "out_of_sync_bytes",
+        "gauge",
+        "Bytes that differ (or may differ) from the peer.",
+        get(&m.out_of_sync_bytes),
+    );
+    one(
+        "replication_unsent_bytes",
+        "gauge",
+        "Replication frames queued and not yet sent.",
+        get(&m.unsent_bytes),
+    );
     one("writes_in_flight", "gauge", "Application writes not yet answered.", get(&m.writes_in_flight));
     one("resync_rate_bytes_per_second", "gauge", "Measured resync rate.", get(&m.resync_rate_bytes_per_sec));
     one("resync_done_bytes", "gauge", "Bytes of the running resync done.", get(&m.resync_done_bytes));
     one("resync_total_bytes", "gauge", "Bytes of the running resync in all.", get(&m.resync_total_bytes));
-    one("replicated_bytes_total", "counter", "Payload bytes sent to the peer for replication.", get(&m.replicated_bytes));
-    one("resync_sent_bytes_total", "counter", "Payload bytes sent to the peer for resync.", get(&m.resync_sent_bytes));
+    one(
+        "replicated_bytes_total",
+        "counter",
+        "Payload bytes sent to the peer for replication.",
+        get(&m.replicated_bytes),
+    );
+    one(
+        "resync_sent_bytes_total",
+        "counter",
+        "Payload bytes sent to the peer for resync.",
+        get(&m.resync_sent_bytes),
+    );
     one("activity_log_hot_extents", "gauge", "Hot extents of the activity log.", get(&m.al_hot_extents));
-    one("activity_log_transactions_total", "counter", "Activity-log transactions written.", get(&m.al_transactions));
+    one(
+        "activity_log_transactions_total",
+        "counter",
+        "Activity-log transactions written.",
+        get(&m.al_transactions),
+    );
     one("peer_connected", "gauge", "1 while replicating with the peer.", get(&m.connected));
     one("role_primary", "gauge", "1 while Primary.", get(&m.primary));
     one("disk_up_to_date", "gauge", "1 while the local disk is UpToDate.", get(&m.up_to_date));
     let p = s.peer.snapshot();
-    let _ = writeln!(out, "# HELP blockd_peer_link_errors_total Peer link failures by kind.\n# TYPE blockd_peer_link_errors_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP blockd_peer_link_errors_total Peer link failures by kind.\n# TYPE blockd_peer_link_errors_total counter"
+    );
     for (kind, value) in [
         ("bad_magic", p.bad_magic),
         ("bad_crc", p.bad_crc),
@@ -247,10 +283,18 @@ mod tests {
         sources.metrics.write_latency.observe(Duration::from_secs(3));
         let text = render(&sources);
         assert!(text.contains("blockd_nbd_writes_total{resource=\"r0\",node=\"al\\\"pha\"} 3"), "{text}");
-        assert!(text.contains("blockd_nbd_write_latency_seconds_bucket{resource=\"r0\",node=\"al\\\"pha\",le=\"0.0001\"} 1"));
-        assert!(text.contains("blockd_nbd_write_latency_seconds_bucket{resource=\"r0\",node=\"al\\\"pha\",le=\"0.0005\"} 2"));
-        assert!(text.contains("blockd_nbd_write_latency_seconds_bucket{resource=\"r0\",node=\"al\\\"pha\",le=\"+Inf\"} 3"));
-        assert!(text.contains("blockd_nbd_write_latency_seconds_count{resource=\"r0\",node=\"al\\\"pha\"} 3"));
+        assert!(text.contains(
+            "blockd_nbd_write_latency_seconds_bucket{resource=\"r0\",node=\"al\\\"pha\",le=\"0.0001\"} 1"
+        ));
+        assert!(text.contains(
+            "blockd_nbd_write_latency_seconds_bucket{resource=\"r0\",node=\"al\\\"pha\",le=\"0.0005\"} 2"
+        ));
+        assert!(text.contains(
+            "blockd_nbd_write_latency_seconds_bucket{resource=\"r0\",node=\"al\\\"pha\",le=\"+Inf\"} 3"
+        ));
+        assert!(
+            text.contains("blockd_nbd_write_latency_seconds_count{resource=\"r0\",node=\"al\\\"pha\"} 3")
+        );
         // Every sample line belongs to a family announced by a TYPE line.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();

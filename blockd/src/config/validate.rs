@@ -441,7 +441,11 @@ impl Cx<'_> {
 
         let control_group = match &raw.control_group {
             Some(g) if g.get_ref().is_empty() || g.get_ref().contains(['/', ':', '\n']) => {
-                return Err(self.at(g, &k("control-group"), format!("{:?} is not a group name", g.get_ref())));
+                return Err(self.at(
+                    g,
+                    &k("control-group"),
+                    format!("{:?} is not a group name", g.get_ref()),
+                ));
             }
             Some(g) => Some(g.get_ref().clone()),
             None => None,
@@ -459,7 +463,17 @@ impl Cx<'_> {
         };
 
         let lines = NodeLines { disk: self.line(disk_s.span().start), meta: self.line(meta_s.span().start) };
-        Ok(NodeConfig { name: name.clone(), replication, nbd, disk, meta, control, control_group, metrics, lines })
+        Ok(NodeConfig {
+            name: name.clone(),
+            replication,
+            nbd,
+            disk,
+            meta,
+            control,
+            control_group,
+            metrics,
+            lines,
+        })
     }
 }
 

@@ -50,13 +50,15 @@ pub async fn run(
     let bitmap = load_bitmap(&mut meta, size_bytes, sb.flags.clean_shutdown)?;
     let meta = Arc::new(std::sync::Mutex::new(meta));
 
-    let (sink, inputs_tx, inputs_rx) = new_sink();
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let (sink, inputs_tx, inputs_rx) = new_sink(metrics.clone());
     let storage = Arc::new(
         Storage::open(&node.disk, &storage_opts, sink)
             .with_context(|| format!("cannot open disk {}", node.disk.display()))?,
     );
     let shared = new_shared(&node.name, &peer.name);
-    let device = Arc::new(new_device(storage.clone(), inputs_tx.clone(), shared.clone(), size_bytes));
+    let device =
+        Arc::new(new_device(storage.clone(), inputs_tx.clone(), shared.clone(), size_bytes, metrics.clone()));
 
     let r = &config.resource;
     let cfg = CoreConfig {
@@ -106,19 +108,44 @@ pub async fn run(
         snapshots: events_rx,
         names: crate::events::Names { resource: config.resource.name.clone(), peer: peer.name.clone() },
     };
-    let control_task = control::spawn(&node.control, control_tx.clone(), event_source, core_stop_rx.clone())
-        .with_context(|| format!("cannot create control socket {}", node.control.display()))?;
+    let control_task = control::spawn(
+        &node.control,
+        node.control_group.as_deref(),
+        control_tx.clone(),
+        event_source,
+        core_stop_rx.clone(),
+    )
+    .with_context(|| format!("cannot create control socket {}", node.control.display()))?;
 
     let (conns_tx, conns_rx) = mpsc::channel(1);
     let (link_enabled_tx, link_enabled_rx) = watch::channel(true);
     let mut settings =
         PeerSettings::new(&node.name, &peer.name, node.replication.clone(), peer.replication.clone());
     settings.enabled = Some(link_enabled_rx);
+    let peer_stats = Arc::new(crate::peer::PeerStats::default());
+    let metrics_task = match &node.metrics {
+        Some(addr) => {
+            let sources = crate::metrics::Sources {
+                resource: config.resource.name.clone(),
+                node: node.name.clone(),
+                metrics: metrics.clone(),
+                nbd: nbd_clients.clone(),
+                peer: peer_stats.clone(),
+            };
+            let addr = addr.to_string();
+            Some(
+                crate::metrics::spawn(&addr, sources, core_stop_rx.clone())
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+            )
+        }
+        None => None,
+    };
     let supervisor = spawn_supervisor(
         settings,
         hello_rx,
         nbd_server::buf::BufPool::default(),
-        Arc::default(),
+        peer_stats,
         conns_tx,
         core_stop_rx.clone(),
     );
@@ -135,6 +162,7 @@ pub async fn run(
         hello: hello_tx,
         link_enabled: link_enabled_tx,
         events: events_tx,
+        metrics: metrics.clone(),
         nbd_clients,
         disconnector,
         control_tx,
@@ -161,6 +189,9 @@ pub async fn run(
     core_stop_tx.send_replace(true);
     let core = core_task.await;
     let _ = supervisor.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     let _ = control_task.await;
 
     let (tx, rx) = oneshot::channel();

@@ -29,6 +29,7 @@ use crate::control::{Command, ControlRequest};
 use crate::device::spawn_block_status;
 use crate::events::EventSnapshot;
 use crate::meta::{BitmapBlock, MetaStore};
+use crate::metrics::Metrics;
 use crate::peer::link::{LinkEvent, PeerConn};
 use crate::peer::msg::{Hello, Message};
 use crate::repl::core::{Action, Core, Event, JobId, Outcome, Request};
@@ -56,6 +57,7 @@ pub enum Input {
         job: JobId,
         request: Request,
         responder: Responder,
+        started: std::time::Instant,
     },
     Disk {
         job: JobId,
@@ -79,13 +81,18 @@ const DRAIN_JOB: JobId = crate::repl::core::INTERNAL_JOB_BASE - 1;
 /// the daemon itself (the final flush).
 pub enum Token {
     Core(JobId),
-    Direct { responder: Responder },
+    /// A read (or CACHE) answered straight from the local disk; `started` times it.
+    Direct {
+        responder: Responder,
+        started: std::time::Instant,
+    },
     Internal(oneshot::Sender<Result<(), Errno>>),
 }
 
 /// Storage completions: core jobs go back to the core task; direct reads reply here.
 pub struct CoreSink {
     inputs: mpsc::UnboundedSender<Input>,
+    metrics: Arc<Metrics>,
 }
 
 impl IoSink for CoreSink {
@@ -99,7 +106,13 @@ impl IoSink for CoreSink {
             Token::Internal(tx) => {
                 let _ = tx.send(result);
             }
-            Token::Direct { responder } => crate::device::reply(responder, result, buf, false),
+            Token::Direct { responder, started } => {
+                self.metrics.read_latency.observe(started.elapsed());
+                if result.is_err() {
+                    self.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                crate::device::reply(responder, result, buf, false)
+            }
         }
     }
 }
@@ -123,6 +136,7 @@ impl Shared {
 /// The NBD device of a replicated node.
 pub struct ReplicatedDevice {
     storage: Arc<Storage<CoreSink>>,
+    metrics: Arc<Metrics>,
     inputs: mpsc::UnboundedSender<Input>,
     shared: Arc<Shared>,
     next_job: AtomicU64,
@@ -150,28 +164,46 @@ impl BlockDevice for ReplicatedDevice {
     fn submit(&self, request: NbdRequest, responder: Responder) {
         let job = self.next_job.fetch_add(1, Ordering::Relaxed);
         self.shared.app_requests.fetch_add(1, Ordering::Relaxed);
+        let m = &self.metrics;
+        let count = |n: &AtomicU64, v: u64| {
+            n.fetch_add(v, Ordering::Relaxed);
+        };
+        let started = std::time::Instant::now();
         let request = match request {
             NbdRequest::Read { offset, buf } => {
-                return self.storage.submit(IoOp::Read { offset, buf }, Token::Direct { responder });
+                count(&m.reads, 1);
+                count(&m.read_bytes, buf.len() as u64);
+                return self.storage.submit(IoOp::Read { offset, buf }, Token::Direct { responder, started });
             }
             NbdRequest::Cache { offset, len_bytes } => {
                 let op = IoOp::Cache { offset, len: len_bytes.into() };
-                return self.storage.submit(op, Token::Direct { responder });
+                return self.storage.submit(op, Token::Direct { responder, started });
             }
             NbdRequest::BlockStatus { offset, len_bytes, .. } => {
                 return spawn_block_status(&self.runtime, self.storage.clone(), offset, len_bytes, responder);
             }
-            NbdRequest::Write { offset, data, fua } => Request::Write { offset, data, fua },
-            NbdRequest::Flush => Request::Flush,
+            NbdRequest::Write { offset, data, fua } => {
+                count(&m.writes, 1);
+                count(&m.write_bytes, data.len() as u64);
+                Request::Write { offset, data, fua }
+            }
+            NbdRequest::Flush => {
+                count(&m.flushes, 1);
+                Request::Flush
+            }
             NbdRequest::Trim { offset, len_bytes, fua } => {
+                count(&m.writes, 1);
+                count(&m.trims, 1);
                 Request::Trim { offset, len: len_bytes.into(), fua }
             }
             NbdRequest::WriteZeroes { offset, len_bytes, no_hole, fast_only, fua } => {
+                count(&m.writes, 1);
+                count(&m.trims, 1);
                 Request::WriteZeroes { offset, len: len_bytes.into(), may_trim: !no_hole, fast_only, fua }
             }
         };
         if let Err(mpsc::error::SendError(Input::Nbd { responder, .. })) =
-            self.inputs.send(Input::Nbd { job, request, responder })
+            self.inputs.send(Input::Nbd { job, request, responder, started })
         {
             responder.error(NbdError::Shutdown);
         }
@@ -202,6 +234,8 @@ pub struct CoreTask {
     pub link_enabled: watch::Sender<bool>,
     /// The state `blockctl events` reports, published after every event.
     pub events: watch::Sender<EventSnapshot>,
+    /// Counters the device keeps and gauges this task refreshes on ticks.
+    pub metrics: Arc<Metrics>,
     pub nbd_clients: Arc<nbd_server::ServerStats>,
     /// Closes NBD clients (`secondary --force`).
     pub disconnector: nbd_server::Disconnector,
@@ -270,7 +304,8 @@ struct Running {
     app_requests_seen: u64,
     link: Option<PeerConn>,
     peer: PeerSnapshot,
-    responders: HashMap<JobId, Responder>,
+    /// Each NBD request's responder, and when a write arrived (for its latency).
+    responders: HashMap<JobId, (Responder, Option<std::time::Instant>)>,
     /// Control replies waiting for a metadata update to be durable.
     waiting_durable: Vec<(u64, oneshot::Sender<Result<serde_json::Value, String>>)>,
     drain: Option<oneshot::Sender<()>>,
@@ -303,8 +338,10 @@ impl CoreTask {
             let event = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
                 Some(input) = r.t.inputs.recv() => match input {
-                    Input::Nbd { job, request, responder } => {
-                        r.responders.insert(job, responder);
+                    Input::Nbd { job, request, responder, started } => {
+                        // Flushes are not timed: their latency is the disk's, not ours.
+                        let timed = !matches!(request, Request::Flush);
+                        r.responders.insert(job, (responder, timed.then_some(started)));
                         Event::Nbd { job, request }
                     }
                     Input::Disk { job, result, buf } => {
@@ -332,6 +369,7 @@ impl CoreTask {
                         r.peer.role = Some(role);
                         r.peer.disk = Some(disk);
                         r.t.shared.peer_role.store(role.code(), Ordering::Release);
+                        r.publish();
                         continue;
                     }
                     LinkEvent::Message(m) => Event::PeerMessage(m),
@@ -354,6 +392,7 @@ impl CoreTask {
                     let total = r.t.shared.app_requests.load(Ordering::Relaxed);
                     let app_requests = total - r.app_requests_seen;
                     r.app_requests_seen = total;
+                    r.refresh_metrics();
                     Event::Tick { elapsed_ms, app_requests }
                 }
             };
@@ -444,10 +483,16 @@ impl Running {
                     }
                 }
                 Action::Reply { job, outcome } => {
-                    let Some(responder) = self.responders.remove(&job) else { continue };
+                    let Some((responder, started)) = self.responders.remove(&job) else { continue };
+                    if let Some(started) = started {
+                        self.t.metrics.write_latency.observe(started.elapsed());
+                    }
                     match outcome {
                         Outcome::Ok => responder.ok(),
-                        Outcome::Error(e) => responder.error(e),
+                        Outcome::Error(e) => {
+                            self.t.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+                            responder.error(e)
+                        }
                     }
                 }
                 Action::Persist { seq, gens, disk, was_primary } => {
@@ -462,6 +507,27 @@ impl Running {
                 }
             }
         }
+    }
+
+    /// The gauges of the metrics endpoint (every tick).
+    fn refresh_metrics(&self) {
+        let (m, c) = (&self.t.metrics, &self.t.core);
+        let set = |g: &AtomicU64, v: u64| g.store(v, Ordering::Relaxed);
+        let p = c.resync_progress();
+        let (al_hot, al_tx) = c.al_stats();
+        set(&m.out_of_sync_bytes, c.dirty_bytes());
+        set(&m.unsent_bytes, c.unsent_bytes());
+        set(&m.writes_in_flight, self.responders.len() as u64);
+        set(&m.resync_rate_bytes_per_sec, p.rate_bytes_per_sec);
+        set(&m.resync_done_bytes, p.done_bytes);
+        set(&m.resync_total_bytes, p.total_bytes);
+        set(&m.replicated_bytes, c.replicated_bytes());
+        set(&m.resync_sent_bytes, p.sent_bytes);
+        set(&m.al_hot_extents, al_hot as u64);
+        set(&m.al_transactions, al_tx);
+        set(&m.connected, u64::from(self.link.is_some()));
+        set(&m.primary, u64::from(c.role() == Role::Primary));
+        set(&m.up_to_date, u64::from(c.disk() == DiskState::UpToDate));
     }
 
     /// Runs a core request that may refuse; executes its actions.
@@ -532,6 +598,11 @@ impl Running {
                         Err(e) => Err(e),
                     }
                 }
+            }
+            Command::Connect { discard_my_data } if discard_my_data && self.link.is_some() => {
+                Err("already connected: --discard-my-data only resolves a split brain when connecting \
+                 (the nodes refuse each other then and are StandAlone)"
+                    .to_string())
             }
             Command::Connect { discard_my_data } => {
                 self.set_standalone(false);
@@ -721,9 +792,11 @@ pub fn new_device(
     inputs: mpsc::UnboundedSender<Input>,
     shared: Arc<Shared>,
     size_bytes: u64,
+    metrics: Arc<Metrics>,
 ) -> ReplicatedDevice {
     ReplicatedDevice {
         storage,
+        metrics,
         inputs,
         shared,
         next_job: AtomicU64::new(1),
@@ -733,9 +806,11 @@ pub fn new_device(
 }
 
 /// The sink and the channel its completions travel on.
-pub fn new_sink() -> (Arc<CoreSink>, mpsc::UnboundedSender<Input>, mpsc::UnboundedReceiver<Input>) {
+pub fn new_sink(
+    metrics: Arc<Metrics>,
+) -> (Arc<CoreSink>, mpsc::UnboundedSender<Input>, mpsc::UnboundedReceiver<Input>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    (Arc::new(CoreSink { inputs: tx.clone() }), tx, rx)
+    (Arc::new(CoreSink { inputs: tx.clone(), metrics }), tx, rx)
 }
 
 /// Shared role state, starting as Secondary.
