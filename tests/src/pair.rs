@@ -2,8 +2,10 @@
 //! loopback, each with its own sparse backing file, metadata, control socket and NBD
 //! Unix socket, driven through `blockctl` like an operator would.
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -218,6 +220,38 @@ impl Pair {
         out
     }
 
+    /// `ctl` that must fail with exit code `code` (1: refused, 2: usage or config
+    /// error) and say `needle` on stderr.
+    pub fn ctl_refused(&self, n: usize, args: &[&str], code: i32, needle: &str) -> Output {
+        let out = self.ctl(n, args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "blockctl {args:?} on {}: want exit code {code}\n{}",
+            self.nodes[n].name,
+            out.describe()
+        );
+        assert!(
+            out.stderr.contains(needle),
+            "blockctl {args:?} on {}: stderr does not say {needle:?}\n{}",
+            self.nodes[n].name,
+            out.describe()
+        );
+        out
+    }
+
+    /// `blockctl events [--json]` on node `n` as a child process, streaming until
+    /// the returned [`EventStream`] is stopped or dropped.
+    pub fn events(&self, n: usize, json: bool) -> EventStream {
+        let mut cmd = Command::new(binary("blockctl"));
+        cmd.arg("--config").arg(&self.config).arg("--node").arg(self.nodes[n].name).arg("events");
+        if json {
+            cmd.arg("--json");
+        }
+        let stderr = self.dir.join(&format!("events-{}.err", self.nodes[n].name));
+        EventStream::spawn(cmd, stderr)
+    }
+
     /// `status --json` of node `n`, or None when it does not answer (stopped,
     /// restarting).
     pub fn try_status(&self, n: usize) -> Option<Value> {
@@ -309,5 +343,110 @@ impl Pair {
 
     pub fn disk_path(&self, n: usize) -> &Path {
         &self.nodes[n].disk
+    }
+}
+
+/// A running `blockctl events`: its stdout read line by line on a thread, handed
+/// over with deadlines. Killed on [`EventStream::stop`] or drop.
+pub struct EventStream {
+    child: Child,
+    rx: mpsc::Receiver<String>,
+    stderr: PathBuf,
+    /// Every line read so far, in order.
+    pub lines: Vec<String>,
+    /// Lines before this index were already matched by [`EventStream::wait_for`].
+    cursor: usize,
+}
+
+impl EventStream {
+    fn spawn(mut cmd: Command, stderr: PathBuf) -> EventStream {
+        let err = std::fs::File::create(&stderr).expect("events stderr file");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        // Ends at EOF (the child exited or was killed).
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        EventStream { child, rx, stderr, lines: Vec::new(), cursor: 0 }
+    }
+
+    /// Takes the next line if one arrives before `deadline`; false when the deadline
+    /// passed or the stream ended.
+    fn pull(&mut self, deadline: Instant) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.rx.recv_timeout(left) {
+            Ok(line) => {
+                self.lines.push(line);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Reads lines until one after the last match (parsed as JSON) satisfies `pred`;
+    /// returns its index in [`EventStream::lines`]. Panics, showing every line,
+    /// when none does within `timeout`.
+    pub fn wait_for(&mut self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while self.cursor < self.lines.len() {
+                let i = self.cursor;
+                self.cursor += 1;
+                if serde_json::from_str::<Value>(&self.lines[i]).is_ok_and(|v| pred(&v)) {
+                    return i;
+                }
+            }
+            if !self.pull(deadline) {
+                panic!("events: no line within {timeout:?} for: {what}\n{}", self.describe());
+            }
+        }
+    }
+
+    /// Every line so far, numbered, and the child's stderr.
+    pub fn describe(&self) -> String {
+        let mut out = String::from("--- events seen:\n");
+        for (i, l) in self.lines.iter().enumerate() {
+            out.push_str(&format!("{i:4} {l}\n"));
+        }
+        let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        out.push_str(&format!("--- events stderr:\n{err}"));
+        out
+    }
+
+    /// Kills the child and collects what it printed before (bounded).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = crate::tools::wait_deadline(&mut self.child, Duration::from_secs(10));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.pull(deadline) {}
+    }
+
+    /// The lines parsed as JSON (panics on a line that is not).
+    pub fn json(&self) -> Vec<Value> {
+        self.lines
+            .iter()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("event line {l:?}: {e}\n{}", self.describe()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = crate::tools::wait_deadline(&mut self.child, Duration::from_secs(10));
     }
 }
