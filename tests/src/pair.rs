@@ -36,6 +36,8 @@ pub struct PairOpts {
     /// Raw TOML lines appended to the `[resource]` table, e.g.
     /// `"al-extents = 32\nresync-rate = \"16MiB\"\n"`. Written before `create-md`.
     pub extra_resource: String,
+    /// Raw TOML lines appended to each node's `[[node]]` table (e.g. `metrics = …`).
+    pub extra_node: [String; 2],
 }
 
 impl Default for PairOpts {
@@ -47,6 +49,7 @@ impl Default for PairOpts {
             replication: None,
             prefix: [Vec::new(), Vec::new()],
             extra_resource: String::new(),
+            extra_node: [String::new(), String::new()],
         }
     }
 }
@@ -140,7 +143,7 @@ impl Pair {
                 daemon: None,
             }
         });
-        for node in &nodes {
+        for (node, extra) in nodes.iter().zip(&opts.extra_node) {
             text.push_str(&format!(
                 "\n[[node]]\nname = \"{}\"\nreplication = \"{}\"\nnbd = \"unix:{}\"\n\
                  disk = \"{}\"\nmeta = \"internal\"\ncontrol = \"{}\"\n",
@@ -150,6 +153,10 @@ impl Pair {
                 node.disk.display(),
                 node.control.display()
             ));
+            text.push_str(extra);
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
         }
         let config = dir.join("r0.toml");
         std::fs::write(&config, text).expect("write config");

@@ -342,13 +342,19 @@ fn more_connections_than_the_limit() {
 }
 
 /// Sends a status request on each connection in turn and reads its reply:
-/// (answered, closed). A refused connection sees EOF (or a reset, or a broken pipe on
-/// the write); none may hang: [`Conn::reply`] panics after [`REPLY_DEADLINE`].
+/// (answered, refused). A refused connection gets a "too many control connections"
+/// error line and EOF (or a reset, or a broken pipe on the write); none may hang: [`Conn::reply`] panics after [`REPLY_DEADLINE`].
 fn ask_all(conns: &mut [Conn]) -> (usize, usize) {
     let (mut answered, mut closed) = (0, 0);
     for c in conns {
         c.send(format!("{{\"v\":{PROTOCOL_VERSION},\"cmd\":\"status\"}}\n").as_bytes());
         match c.reply() {
+            // Over the bound the daemon says so in one error line, then closes.
+            Reply::Line(v) if v["ok"] == Value::Bool(false) => {
+                let error = v["error"].as_str().unwrap_or_default();
+                assert!(error.starts_with("too many control connections"), "{v}");
+                closed += 1;
+            }
             Reply::Line(v) => {
                 assert_eq!(v["ok"], Value::Bool(true), "{v}");
                 answered += 1;

@@ -453,6 +453,9 @@ fn refusals_say_why_and_change_nothing() {
     assert_eq!(role(&p, 1), "Secondary");
     p.ctl_refused(0, &["invalidate"], 1, "this node is Primary");
     p.ctl_refused(1, &["invalidate-remote"], 1, "the peer is Primary");
+    // While connected the flag would only linger and resolve a later split brain
+    // nobody saw against this node: refused (DRBD refuses `connect` when connected).
+    p.ctl_refused(1, &["connect", "--discard-my-data"], 1, "already connected");
     assert!(p.is_synced(), "refused verbs started nothing");
 
     // secondary with an NBD client attached.
