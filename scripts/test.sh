@@ -19,6 +19,11 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v losetup >/dev/null || need+=(mount)
 command -v ip >/dev/null || need+=(iproute2)
+# The Pacemaker agent's tests (tests/tests/ocf.rs): ocf-tester and ocf-shellfuncs,
+# xmllint (meta-data against ra-api-1.dtd), cibadmin/crm_attribute on a CIB file.
+command -v ocf-tester >/dev/null || need+=(resource-agents)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
+command -v cibadmin >/dev/null || need+=(pacemaker-cli-utils)
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
