@@ -376,11 +376,14 @@ fn actions_and_scores() {
         "alpha sees beta gone",
     );
     f.monitor(OK);
-    assert_eq!(f.score(), Some(1000), "UpToDate, peer not connected");
+    assert_eq!(f.score(), Some(1000), "UpToDate Secondary, peer not connected");
 
     // stop of a Primary demotes first; stop twice.
     f.expect("promote", &[], OK);
     f.monitor(RUNNING_PROMOTED);
+    // A Primary keeps the best score without its peer (as ocf:linbit:drbd), so a
+    // returning Secondary never looks better than the reference copy.
+    assert_eq!(f.score(), Some(10000), "UpToDate Primary, peer not connected");
     f.expect("stop", &[], OK);
     f.monitor(NOT_RUNNING);
     assert_eq!(f.score(), None, "no score once stopped");
