@@ -59,15 +59,48 @@ struct Cluster {
     script: PathBuf,
     bin: PathBuf,
     ocf: PathBuf,
+    /// `BDPCMK_FENCING=1`: stonith through the harness's fence daemon.
+    fencing: bool,
     /// `down` already ran.
     down: bool,
     /// Declared last: removed after the cluster is down.
     dir: TempDir,
+    /// Held while the cluster exists: the netns names (`bdpcmk-node1/2`) and
+    /// the subnet are fixed, so one cluster at a time on this machine (also
+    /// across test processes). Dropped (unlocked) after everything above.
+    _lock: std::fs::File,
+}
+
+/// Takes the machine-wide lock of this harness (flock on a file under /run/lock
+/// or /tmp), polling with a deadline.
+fn machine_lock() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let dir = if Path::new("/run/lock").is_dir() { "/run/lock" } else { "/tmp" };
+    let path = Path::new(dir).join("blockd-bdpcmk.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        // SAFETY: flock(2) on a descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} still locked after 300 s (another cluster test)",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 impl Cluster {
     /// `cluster.sh up`: namespaces, configs, backing files + `create-md`, both nodes started.
-    fn up() -> Cluster {
+    fn up(fencing: bool) -> Cluster {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (namespaces, mounts)");
         let root = workspace_root();
@@ -83,8 +116,10 @@ impl Cluster {
             script: root.join("tests/pacemaker/cluster.sh"),
             bin,
             ocf,
+            fencing,
             down: false,
             dir: TempDir::new("pacemaker"),
+            _lock: machine_lock(),
         };
         c.sh_ok(&["check"]);
         c.sh_ok(&["up"]);
@@ -96,7 +131,8 @@ impl Cluster {
         cmd.args(args)
             .env("BDPCMK_DIR", self.dir.path())
             .env("BDPCMK_BIN", &self.bin)
-            .env("BDPCMK_OCF", &self.ocf);
+            .env("BDPCMK_OCF", &self.ocf)
+            .env("BDPCMK_FENCING", if self.fencing { "1" } else { "0" });
         cmd
     }
 
@@ -287,12 +323,9 @@ fn assert_disks_equal(c: &Cluster, len: u64) {
     }
 }
 
-#[test]
-fn pacemaker_promotable_clone_failover() {
-    let t_all = Instant::now();
-    let mut c = Cluster::up();
-
-    // 1. The cluster forms; the clone promotes exactly one node.
+/// Waits for the cluster, configures the clone, waits until exactly one node is
+/// Promoted (both nodes agree) and blockd is synced; returns the Promoted node.
+fn form(c: &Cluster) -> &'static str {
     let t = Instant::now();
     c.wait(WAIT, "both nodes online and a DC", |c| {
         let s = c.state(NODES[0]);
@@ -309,6 +342,16 @@ fn pacemaker_promotable_clone_failover() {
     eprintln!(
         "TIMING cluster formed in {formed:?}, clone Promoted on {p1} {promoted_in:?} after configuration"
     );
+    p1
+}
+
+#[test]
+fn pacemaker_promotable_clone_failover() {
+    let t_all = Instant::now();
+    let mut c = Cluster::up(false);
+
+    // 1. The cluster forms; the clone promotes exactly one node.
+    let p1 = form(&c);
     let size = c.export_size(p1);
 
     // 2. Acknowledged writes on the Primary are on the Secondary's disk.
@@ -364,6 +407,54 @@ fn pacemaker_promotable_clone_failover() {
     assert_disks_equal(&c, size);
     c.assert_no_failures(s2);
 
+    let down = c.down(false);
+    eprintln!("TIMING graceful down {down:?}; whole test {:?}", t_all.elapsed());
+}
+
+/// Scenario 5: a network partition (the veth down: corosync and replication
+/// both cut) under write load, with real fencing (stonith: the harness kills
+/// the loser's namespaces; the fence daemon serves one request at a time, so
+/// exactly one node survives the fence race). Exactly one node stays, Promoted,
+/// with every acknowledged write; after the heal the fenced node restarts,
+/// rejoins Unpromoted and resyncs.
+#[test]
+fn pacemaker_partition_with_fencing() {
+    let t_all = Instant::now();
+    let mut c = Cluster::up(true);
+    let p = form(&c);
+    let size = c.export_size(p);
+    let load = LoadGen::start(&c.nbd(p), EXPORT, load_opts(5));
+    load.wait_acked(300, WAIT);
+    let t = Instant::now();
+    c.sh_ok(&["partition"]);
+    // One node is fenced (its namespaces are gone); the other is Promoted.
+    let survivor = c.wait(WAIT, "one node fenced, the other Promoted", |c| {
+        let running: Vec<&str> = NODES.into_iter().filter(|&n| c.state(n)["running"] == true).collect();
+        (running.len() == 1).then(|| running[0]).filter(|&n| {
+            let s = c.state(n);
+            s["promoted"].as_array().is_some_and(|a| a.len() == 1) && s["promoted"][0] == n
+        })
+    });
+    let resolved = t.elapsed();
+    let log = load.finish();
+    let fenced = other(survivor);
+    let history = std::fs::read_to_string(c.dir.path().join("fence/history")).unwrap_or_default();
+    eprintln!(
+        "TIMING partition: {fenced} fenced, {survivor} Promoted after {resolved:?} (was Primary: {p}); fence history: {history:?}; {} writes acked",
+        log.acked_count()
+    );
+    c.wait(WAIT, &format!("blockd on {survivor} Primary"), |c| {
+        c.blockd(survivor).filter(|s| s["role"] == "Primary")
+    });
+    check_acked("5: survivor through NBD", &log, nbd_reader(&c.nbd(survivor), EXPORT, BLOCK));
+    // Heal, restart the fenced node: it rejoins Unpromoted and resyncs.
+    c.sh_ok(&["heal"]);
+    let t = Instant::now();
+    c.sh_ok(&["start-node", fenced]);
+    assert_eq!(c.wait_clone(survivor, WAIT), survivor, "the survivor stays Promoted");
+    c.wait_synced(survivor, WAIT);
+    eprintln!("TIMING {fenced} restarted, Unpromoted and resynced after {:?}", t.elapsed());
+    assert_disks_equal(&c, size);
     let down = c.down(false);
     eprintln!("TIMING graceful down {down:?}; whole test {:?}", t_all.elapsed());
 }
