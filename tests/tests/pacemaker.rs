@@ -436,6 +436,7 @@ fn pacemaker_partition_with_fencing() {
         })
     });
     let resolved = t.elapsed();
+    load.stop(); // the survivor may be the writer's node: it would write on until max_ops
     let log = load.finish();
     let fenced = other(survivor);
     let history = std::fs::read_to_string(c.dir.path().join("fence/history")).unwrap_or_default();
