@@ -19,12 +19,15 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v losetup >/dev/null || need+=(mount)
 command -v ip >/dev/null || need+=(iproute2)
+# The Pacemaker agent's tests (tests/tests/ocf.rs): ocf-tester and ocf-shellfuncs,
+# xmllint (meta-data against ra-api-1.dtd), cibadmin/crm_attribute on a CIB file.
+command -v ocf-tester >/dev/null || need+=(resource-agents)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
+command -v cibadmin >/dev/null || need+=(pacemaker-cli-utils)
 # pacemaker.rs: a real two-node Corosync + Pacemaker cluster in namespaces. The
 # package scripts do not start services here (/usr/sbin/policy-rc.d exits 101).
 command -v corosync >/dev/null || need+=(corosync)
 command -v pacemakerd >/dev/null || need+=(pacemaker)
-command -v crm_mon >/dev/null || need+=(pacemaker-cli-utils)
-[ -e /usr/lib/ocf/lib/heartbeat/ocf-shellfuncs ] || need+=(resource-agents)
 command -v crm >/dev/null || need+=(crmsh)
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"

@@ -145,6 +145,11 @@ impl RawClient {
         c
     }
 
+    /// Read/write timeout of the socket (the default is the harness's `IO_TIMEOUT`).
+    pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) {
+        self.s.set_timeout(timeout).expect("set timeout");
+    }
+
     pub fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
         self.s.write_all(b)?;
         self.s.flush()

@@ -30,6 +30,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("mkfs.ext4", "e2fsprogs"),
     ("e2fsck", "e2fsprogs"),
     ("fusermount3", "fuse3"),
+    ("ocf-tester", "resource-agents"),
+    ("xmllint", "libxml2-utils"),
+    ("cibadmin", "pacemaker-cli-utils"),
+    ("crm_attribute", "pacemaker-cli-utils"),
+    ("crm_simulate", "pacemaker-cli-utils"),
 ];
 
 /// Finds `program` on PATH (plus the sbin directories); panics with the

@@ -23,6 +23,8 @@
 //! # control = "/run/blockd/r0-alpha.sock"  # this default when absent
 //! # control-group = "blockd"    # members may use the control socket (0660)
 //! # metrics = "127.0.0.1:9942"  # Prometheus text endpoint, GET /metrics
+//! # fence-peer = "/usr/lib/ocf/resource.d/blockd/crm-fence-peer"   # handlers, run
+//! # after-resync-target = "/usr/lib/ocf/resource.d/blockd/crm-unfence-peer"  # with sh -c
 //! ```
 //!
 //! Types:
@@ -189,6 +191,8 @@ pub struct NodeConfig {
     pub control_group: Option<String>,
     /// Where the Prometheus text endpoint listens (`GET /metrics`); `None`: off.
     pub metrics: Option<HostPort>,
+    /// Commands run on replication events (DRBD's handlers).
+    pub handlers: Handlers,
     /// Where the keys were written, so that checks made later against the machine
     /// ([`Config::check_local`]) can point at the line like parse errors do.
     pub lines: NodeLines,
@@ -201,6 +205,18 @@ pub struct NodeLines {
     pub disk: usize,
     /// The `meta` key.
     pub meta: usize,
+}
+
+/// Commands (`/bin/sh -c`) blockd runs on replication events, with the environment
+/// `BLOCKD_RESOURCE`, `BLOCKD_NODE` and `BLOCKD_PEER`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Handlers {
+    /// `fence-peer`: a Primary (protocol C) lost its peer; write acks are held until
+    /// it returns (exit 3, 4, 5 or 7: fenced), bounded by a timeout.
+    pub fence_peer: Option<String>,
+    /// `after-resync-target`: this node finished a resync as target (e.g. removes
+    /// the fencing constraint against it).
+    pub after_resync_target: Option<String>,
 }
 
 /// A TCP endpoint as written: the host is an IPv4 address, an IPv6 address (stored
@@ -366,6 +382,12 @@ impl Config {
             }
             if let Some(metrics) = &n.metrics {
                 let _ = writeln!(out, "metrics = {}", q(&metrics.to_string()));
+            }
+            if let Some(cmd) = &n.handlers.fence_peer {
+                let _ = writeln!(out, "fence-peer = {}", q(cmd));
+            }
+            if let Some(cmd) = &n.handlers.after_resync_target {
+                let _ = writeln!(out, "after-resync-target = {}", q(cmd));
             }
         }
         out

@@ -45,6 +45,8 @@ pub(super) struct RawNode {
     pub control: Option<Spanned<String>>,
     pub control_group: Option<Spanned<String>>,
     pub metrics: Option<Spanned<String>>,
+    pub fence_peer: Option<Spanned<String>>,
+    pub after_resync_target: Option<Spanned<String>>,
 }
 
 /// Declares a string newtype whose type errors name what the string should be.

@@ -113,6 +113,7 @@ fn spec_example_parses_with_defaults() {
             control: "/run/blockd/r0-alpha.sock".into(),
             control_group: None,
             metrics: None,
+            handlers: Handlers::default(),
             lines: NodeLines { disk: L_NODE0_DISK, meta: L_NODE0_META },
         }
     );
@@ -303,7 +304,7 @@ fn unknown_keys() {
     assert_eq!(
         err(&spec_with(&[(L_NODE0_NBD, r#"nbd-addr = "127.0.0.1:10809""#)])),
         "r0.toml:10: key `node[0].nbd-addr`: unknown key \
-         (expected one of: name, replication, nbd, disk, meta, control, control-group, metrics)"
+         (expected one of: name, replication, nbd, disk, meta, control, control-group, metrics, fence-peer, after-resync-target)"
     );
     assert_eq!(
         err(&spec_with(&[(L_GRANULARITY, "bitmap_granularity = 4096")])),

@@ -17,7 +17,7 @@ use super::values::{
 };
 use super::{
     Config, ConfigError, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_GRANULARITY, DEFAULT_CONTROL_DIR,
-    DEFAULT_RESYNC_MIN_RATE_BYTES_PER_SEC, DEFAULT_SEND_BUFFER_BYTES, HostPort, ListenAddr,
+    DEFAULT_RESYNC_MIN_RATE_BYTES_PER_SEC, DEFAULT_SEND_BUFFER_BYTES, Handlers, HostPort, ListenAddr,
     MAX_AL_EXTENTS_CONFIG, MAX_BITMAP_GRANULARITY, MAX_SEND_BUFFER_BYTES, MIN_AL_EXTENTS,
     MIN_BITMAP_GRANULARITY, MIN_RESYNC_RATE_BYTES_PER_SEC, MIN_SEND_BUFFER_BYTES, MetaLocation, NodeConfig,
     NodeLines, Protocol, ResourceConfig, ResyncRate,
@@ -462,6 +462,20 @@ impl Cx<'_> {
             None => None,
         };
 
+        let handler = |v: &Option<Spanned<String>>, key: &str| -> Result<Option<String>, ConfigError> {
+            match v {
+                Some(cmd) if cmd.get_ref().trim().is_empty() => {
+                    Err(self.at(cmd, &k(key), "an empty command; leave the key out instead".to_string()))
+                }
+                Some(cmd) => Ok(Some(cmd.get_ref().clone())),
+                None => Ok(None),
+            }
+        };
+        let handlers = Handlers {
+            fence_peer: handler(&raw.fence_peer, "fence-peer")?,
+            after_resync_target: handler(&raw.after_resync_target, "after-resync-target")?,
+        };
+
         let lines = NodeLines { disk: self.line(disk_s.span().start), meta: self.line(meta_s.span().start) };
         Ok(NodeConfig {
             name: name.clone(),
@@ -472,6 +486,7 @@ impl Cx<'_> {
             control,
             control_group,
             metrics,
+            handlers,
             lines,
         })
     }

@@ -79,6 +79,9 @@ pub enum Event {
     /// Before a clean stop: make every write so far durable locally and on the peer
     /// under any protocol; `Reply { job }` comes when done (or the peer is gone).
     Drain { job: JobId },
+    /// The fence-peer handler returned (`Ok(exit code)`), or could not be run or timed
+    /// out (`Err`). Either way, writes are acknowledged again.
+    FenceDone { result: Result<i32, String> },
     /// Time passed (the core reads no clock): drives the resync rate, its measured
     /// rate, and lazy bitmap writes. `app_requests`: NBD requests (reads included)
     /// since the last tick, for the `auto` resync rate.
@@ -109,6 +112,10 @@ pub enum Action {
     WriteBitmap { seq: u64, blocks: Vec<BitmapBlock> },
     /// Record this hot-extent set as the activity log and fsync.
     WriteAl { seq: u64, extents: Vec<u32> },
+    /// Run the `fence-peer` handler; `FenceDone` comes back when it returned.
+    FencePeer,
+    /// Run the `after-resync-target` handler (nothing waits for it).
+    AfterResyncTarget,
     /// The verify started by `blockctl verify` ended (`error` if it was cut short).
     VerifyDone { verified_bytes: u64, out_of_sync_bytes: u64, error: Option<String> },
 }
@@ -132,6 +139,9 @@ pub struct CoreConfig {
     pub resync_min_rate_bytes_per_sec: u64,
     /// Checksum-based resync: only granules whose digests differ are sent.
     pub resync_checksum: bool,
+    /// A `fence-peer` handler is configured (used with protocol C): a Primary that
+    /// loses its peer runs it and acknowledges no write until it returned.
+    pub fence_peer: bool,
 }
 
 /// How a Primary write is covered against a crash (see the module doc).
@@ -273,6 +283,9 @@ pub struct Core {
     /// its epoch so the peer confirms it and the transfer log and extents drain).
     dispatched_writes: u64,
     dispatched_at_tick: u64,
+    /// The fence-peer handler is running: no write or flush is acknowledged.
+    fencing: bool,
+    last_fence: Option<Result<i32, String>>,
     /// `pause-sync` here, and as the peer told.
     sync_paused_here: bool,
     sync_paused_by_peer: bool,
@@ -344,6 +357,8 @@ impl Core {
             discard_my_data: false,
             dispatched_writes: 0,
             dispatched_at_tick: 0,
+            fencing: false,
+            last_fence: None,
             sync_paused_here: false,
             sync_paused_by_peer: false,
             applier: Applier { epoch: 1, ..Applier::default() },
@@ -440,6 +455,7 @@ impl Core {
             Event::PeerDown => self.on_peer_down(out),
             Event::MetaDurable { seq } => self.on_meta_durable(seq, out),
             Event::Tick { elapsed_ms, app_requests } => self.on_tick(elapsed_ms, app_requests, out),
+            Event::FenceDone { result } => self.on_fence_done(result, out),
         }
     }
 
@@ -633,7 +649,7 @@ impl Core {
         let peer_done = matches!(w.peer, PeerPart::Done | PeerPart::NotSent);
         let gens_ok = !w.needs_durable_gens || !self.gens_pending;
         let Some(local) = w.local else { return };
-        if !(peer_done && gens_ok) || w.op.is_some() {
+        if !(peer_done && gens_ok) || w.op.is_some() || self.fencing {
             return;
         }
         let w = self.writes.remove(&job).expect("present");
@@ -655,6 +671,9 @@ impl Core {
     fn try_finish_flush(&mut self, job: JobId, out: &mut Vec<Action>) {
         let Some(f) = self.flushes.get(&job) else { return };
         let (Some(local), None) = (f.local, f.barrier) else { return };
+        if self.fencing {
+            return;
+        }
         self.flushes.remove(&job);
         let outcome = match local {
             Ok(()) => Outcome::Ok,
@@ -736,6 +755,13 @@ impl Core {
         self.abandon_resync(out);
         self.send_waiters.clear();
         self.queued_bytes_total = self.sent_bytes_total;
+        if self.role == Role::Primary && self.cfg.fence_peer && self.cfg.protocol == Protocol::C {
+            // DRBD's resource-and-stonith: the peer may be alive and about to be
+            // promoted; nothing is acknowledged until the handler made sure it cannot.
+            tracing::warn!("peer lost while Primary: running the fence-peer handler; write acks held");
+            self.fencing = true;
+            out.push(Action::FencePeer);
+        }
         if self.role == Role::Primary && self.gens.bitmap == 0 {
             // SPEC §5: a Primary that loses its peer starts a new generation, durable
             // before any write is acknowledged without the peer (unless one already
@@ -774,6 +800,36 @@ impl Core {
         self.applier.held.clear();
         self.abandon_verify("the peer link was lost", out);
         self.digests.clear();
+    }
+
+    fn on_fence_done(&mut self, result: Result<i32, String>, out: &mut Vec<Action>) {
+        if !self.fencing {
+            return;
+        }
+        self.fencing = false;
+        match &result {
+            // DRBD's meanings: 3 peer not UpToDate, 4 peer outdated/fenced, 5 peer
+            // unreachable, 7 peer stonithed.
+            Ok(code @ (3 | 4 | 5 | 7)) => tracing::info!(code, "fence-peer handler: the peer is fenced"),
+            Ok(code) => {
+                tracing::error!(code, "fence-peer handler did not fence the peer; writes resume anyway")
+            }
+            Err(e) => tracing::error!(error = %e, "fence-peer handler failed; writes resume anyway"),
+        }
+        self.last_fence = Some(result);
+        let writes: Vec<JobId> = self.writes.keys().copied().collect();
+        for job in writes {
+            self.try_finish_write(job, out);
+        }
+        let flushes: Vec<JobId> = self.flushes.keys().copied().collect();
+        for job in flushes {
+            self.try_finish_flush(job, out);
+        }
+    }
+
+    /// Whether the fence-peer handler runs now, and how the last one ended.
+    pub fn fencing(&self) -> (bool, Option<&Result<i32, String>>) {
+        (self.fencing, self.last_fence.as_ref())
     }
 
     /// Queues a durable update of the persistent state; returns its sequence number.

@@ -20,6 +20,7 @@ fn cfg(protocol: Protocol, send_buffer_bytes: u64) -> CoreConfig {
         resync_rate_bytes_per_sec: None,
         resync_min_rate_bytes_per_sec: 8 << 20,
         resync_checksum: false,
+        fence_peer: false,
     }
 }
 
@@ -120,6 +121,8 @@ fn show(actions: &[Action]) -> Vec<String> {
             Action::VerifyDone { verified_bytes, out_of_sync_bytes, error } => {
                 format!("verify-done {verified_bytes} {out_of_sync_bytes} {error:?}")
             }
+            Action::FencePeer => "fence-peer".to_string(),
+            Action::AfterResyncTarget => "after-resync-target".to_string(),
         })
         .collect()
 }
@@ -424,8 +427,8 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
     );
     assert_eq!(
         show(&local_done(&mut t, u64::MAX - 1)),
-        ["persist 2", "send State { role: Secondary, disk: UpToDate }"],
-        "the source learns the target is UpToDate"
+        ["persist 2", "send State { role: Secondary, disk: UpToDate }", "after-resync-target"],
+        "the source learns the target is UpToDate; the after-resync-target handler runs"
     );
     assert_eq!(
         (t.disk(), t.generations(), t.repl_state()),
@@ -633,4 +636,29 @@ fn auto_rate_yields_to_application_io_and_a_fixed_rate_holds() {
     let mut f = start(Some(10 * mib));
     assert_eq!(reads(&peer(&mut f, Message::BitmapDone { blocks: 0 })), 1);
     assert_eq!(reads(&h(&mut f, Event::Tick { elapsed_ms: 100, app_requests: 0 })), 1);
+}
+
+#[test]
+fn a_fencing_primary_acknowledges_nothing_until_the_handler_returned() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let cfg = CoreConfig { fence_peer: true, ..cfg(Protocol::C, 0) };
+    let mut c = new_core(cfg, Role::Primary, DiskState::UpToDate, gens, 13);
+    c.connect(remote(10, 0, Role::Secondary)).expect("in sync");
+    write(&mut c, 1, 0, 4096);
+    local_done(&mut c, 1);
+    let down = h(&mut c, Event::PeerDown);
+    assert_eq!(show(&down), ["fence-peer", "persist 2"], "the handler runs at once");
+    assert!(c.fencing().0);
+    h(&mut c, Event::MetaDurable { seq: 2 });
+    // Durable new generation, local write done: still held by the fencing.
+    write(&mut c, 2, 8192, 4096);
+    assert!(local_done(&mut c, 2).is_empty());
+    let flush = h(&mut c, Event::Nbd { job: 3, request: Request::Flush });
+    assert_eq!(show(&flush), ["local 3 flush"]);
+    assert!(local_done(&mut c, 3).is_empty(), "flushes are held too");
+    let done = h(&mut c, Event::FenceDone { result: Ok(4) });
+    let mut shown = show(&done);
+    shown.sort();
+    assert_eq!(shown, ["reply 1 ok", "reply 2 ok", "reply 3 ok"]);
+    assert_eq!(c.fencing(), (false, Some(&Ok(4))));
 }

@@ -73,6 +73,7 @@ pub async fn run(
         },
         resync_min_rate_bytes_per_sec: r.resync_min_rate_bytes_per_sec,
         resync_checksum: r.resync_checksum,
+        fence_peer: node.handlers.fence_peer.is_some(),
     };
     if crashed_primary {
         tracing::warn!("this node crashed while Primary; its hot extents are resynced with the peer");
@@ -163,6 +164,7 @@ pub async fn run(
         link_enabled: link_enabled_tx,
         events: events_tx,
         metrics: metrics.clone(),
+        handlers: node.handlers.clone(),
         nbd_clients,
         disconnector,
         control_tx,

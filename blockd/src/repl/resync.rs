@@ -739,6 +739,8 @@ impl Core {
         self.persist(out);
         self.write_bitmap(out);
         self.send(Message::State { role: self.role, disk: self.disk }, out);
+        // E.g. remove the constraint a fence-peer handler placed against this node.
+        out.push(Action::AfterResyncTarget);
     }
 
     /// The link is gone: resync stops (resumable as long as this process keeps its

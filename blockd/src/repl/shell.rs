@@ -45,6 +45,11 @@ pub const HELLO_DIRTY: u32 = 1 << 1;
 /// `Hello.flags` bit: `connect --discard-my-data` was given on the sender.
 pub const HELLO_DISCARD_MY_DATA: u32 = 1 << 2;
 
+/// How long the fence-peer handler may take before write acks resume anyway.
+const FENCE_PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long an after-resync-target handler may take before it is abandoned.
+const HANDLER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How often the core gets a `Tick`.
 const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -71,6 +76,10 @@ pub enum Input {
     /// Before a clean stop (see `Event::Drain`).
     Drain {
         done: oneshot::Sender<()>,
+    },
+    /// The fence-peer handler ended (exit code, or why it did not run or finish).
+    FenceDone {
+        result: Result<i32, String>,
     },
 }
 
@@ -236,6 +245,8 @@ pub struct CoreTask {
     pub events: watch::Sender<EventSnapshot>,
     /// Counters the device keeps and gauges this task refreshes on ticks.
     pub metrics: Arc<Metrics>,
+    /// Commands run on replication events.
+    pub handlers: crate::config::Handlers,
     pub nbd_clients: Arc<nbd_server::ServerStats>,
     /// Closes NBD clients (`secondary --force`).
     pub disconnector: nbd_server::Disconnector,
@@ -356,6 +367,7 @@ impl CoreTask {
                         r.drain = Some(done);
                         Event::Drain { job: DRAIN_JOB }
                     }
+                    Input::FenceDone { result } => Event::FenceDone { result },
                 },
                 Some(conn) = r.t.conns.recv() => {
                     if let Some(actions) = r.accept_link(conn) {
@@ -500,6 +512,15 @@ impl Running {
                 }
                 Action::WriteBitmap { seq, blocks } => self.meta_job(MetaJob::Bitmap { seq, blocks }),
                 Action::WriteAl { seq, extents } => self.meta_job(MetaJob::Al { seq, extents }),
+                Action::FencePeer => self.run_fence_peer(),
+                Action::AfterResyncTarget => {
+                    if let Some(cmd) = self.t.handlers.after_resync_target.clone() {
+                        let run = self.run_handler("after-resync-target", cmd, HANDLER_TIMEOUT);
+                        tokio::spawn(async move {
+                            let _ = run.await;
+                        });
+                    }
+                }
                 Action::VerifyDone { verified_bytes, out_of_sync_bytes, error } => {
                     if let Some(reply) = self.verify_reply.take() {
                         let _ = reply.send(verify_reply(verified_bytes, out_of_sync_bytes, error));
@@ -555,6 +576,55 @@ impl Running {
     fn set_standalone(&mut self, standalone: bool) {
         self.standalone = standalone;
         self.t.link_enabled.send_replace(!standalone);
+    }
+
+    /// Runs the fence-peer handler; its end (or absence) comes back as `FenceDone`.
+    fn run_fence_peer(&self) {
+        let inputs = self.t.inputs_tx.clone();
+        let Some(cmd) = self.t.handlers.fence_peer.clone() else {
+            let _ = inputs.send(Input::FenceDone { result: Err("no fence-peer handler configured".into()) });
+            return;
+        };
+        let run = self.run_handler("fence-peer", cmd, FENCE_PEER_TIMEOUT);
+        tokio::spawn(async move {
+            let result = run.await;
+            let _ = inputs.send(Input::FenceDone { result });
+        });
+    }
+
+    /// A handler as `/bin/sh -c CMD` with the resource, node and peer names in its
+    /// environment, bounded by `timeout` (then killed). Its output goes to the log.
+    fn run_handler(
+        &self,
+        what: &'static str,
+        cmd: String,
+        timeout: std::time::Duration,
+    ) -> impl std::future::Future<Output = Result<i32, String>> + Send + 'static {
+        let env = [
+            ("BLOCKD_RESOURCE", self.t.resource.clone()),
+            ("BLOCKD_NODE", self.t.shared.local_name.clone()),
+            ("BLOCKD_PEER", self.t.shared.peer_name.clone()),
+        ];
+        async move {
+            tracing::info!(handler = what, command = %cmd, "running handler");
+            let mut command = tokio::process::Command::new("/bin/sh");
+            command.arg("-c").arg(&cmd).envs(env).stdin(std::process::Stdio::null()).kill_on_drop(true);
+            let output = match tokio::time::timeout(timeout, command.output()).await {
+                Err(_) => return Err(format!("{what} handler did not return within {timeout:?}; killed")),
+                Ok(Err(e)) => return Err(format!("cannot run the {what} handler: {e}")),
+                Ok(Ok(output)) => output,
+            };
+            let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+            let code = output.status.code();
+            tracing::info!(
+                handler = what,
+                code,
+                stdout = %text(&output.stdout),
+                stderr = %text(&output.stderr),
+                "handler returned"
+            );
+            code.ok_or_else(|| format!("{what} handler was killed by a signal"))
+        }
     }
 
     fn meta_job(&self, job: MetaJob) {
@@ -777,6 +847,11 @@ impl Running {
             }],
             "al_hot_extents": al_hot_extents,
             "al_transactions": al_transactions,
+            "fencing_peer": self.t.core.fencing().0,
+            "last_fence_result": self.t.core.fencing().1.map(|r| match r {
+                Ok(code) => serde_json::json!({ "exit_code": code }),
+                Err(e) => serde_json::json!({ "error": e }),
+            }),
             "generations": {
                 "current": format!("{:016x}", self.t.core.generations().current),
                 "bitmap": format!("{:016x}", self.t.core.generations().bitmap),
