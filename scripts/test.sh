@@ -24,6 +24,11 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v ocf-tester >/dev/null || need+=(resource-agents)
 command -v xmllint >/dev/null || need+=(libxml2-utils)
 command -v cibadmin >/dev/null || need+=(pacemaker-cli-utils)
+# pacemaker.rs: a real two-node Corosync + Pacemaker cluster in namespaces. The
+# package scripts do not start services here (/usr/sbin/policy-rc.d exits 101).
+command -v corosync >/dev/null || need+=(corosync)
+command -v pacemakerd >/dev/null || need+=(pacemaker)
+command -v crm >/dev/null || need+=(crmsh)
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
