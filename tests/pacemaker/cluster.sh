@@ -155,6 +155,7 @@ write_config() {
     ln -sf "$BIN/blockctl" "$DIR/bin/blockctl"
     if [ -n "$OCF_SRC" ] && [ -e "$OCF_SRC/crm-fence-peer" ]; then
         install -m 755 "$OCF_SRC/crm-fence-peer" "$DIR/bin/crm-fence-peer"
+        install -m 755 "$OCF_SRC/crm-unfence-peer" "$DIR/bin/crm-unfence-peer"
     fi
     [ "$FENCING" = 1 ] && write_fence_agent
     for n in "${NODES[@]}"; do
@@ -459,7 +460,10 @@ configure() {
         nsx "$n" crm_attribute -t crm_config -n stonith-enabled -v false
     fi
     nsx "$n" crm_attribute -t crm_config -n no-quorum-policy -v ignore
-    nsx "$n" crm_attribute -t crm_config -n cluster-recheck-interval -v 1min
+    # Short: a transition left waiting on a lost status update (seen once: an
+    # instance shown "Promoting" though promote and monitor had succeeded) is
+    # re-checked within seconds instead of a minute.
+    nsx "$n" crm_attribute -t crm_config -n cluster-recheck-interval -v 5s
     # Resources stay where they are when a failed node returns.
     nsx "$n" crm_attribute -t rsc_defaults -n resource-stickiness -v 1
     local params=""

@@ -133,6 +133,20 @@ impl Cluster {
             .env("BDPCMK_BIN", &self.bin)
             .env("BDPCMK_OCF", &self.ocf)
             .env("BDPCMK_FENCING", if self.fencing { "1" } else { "0" });
+        if self.fencing {
+            // blockd's own fencing on top of stonith: a Primary that loses its peer
+            // forbids the Promoted role elsewhere until the peer has resynced.
+            let bin = self.dir.path().join("bin");
+            cmd.env(
+                "BDPCMK_NODE_EXTRA",
+                format!(
+                    "fence-peer = \"{}/crm-fence-peer --clone-id blockd-clone\"\n\
+                     after-resync-target = \"{}/crm-unfence-peer --clone-id blockd-clone\"",
+                    bin.display(),
+                    bin.display()
+                ),
+            );
+        }
         cmd
     }
 
@@ -455,6 +469,19 @@ fn pacemaker_partition_with_fencing() {
     assert_eq!(c.wait_clone(survivor, WAIT), survivor, "the survivor stays Promoted");
     c.wait_synced(survivor, WAIT);
     eprintln!("TIMING {fenced} restarted, Unpromoted and resynced after {:?}", t.elapsed());
+    if survivor == p {
+        // The Primary ran its fence-peer handler when the link went; the resynced
+        // node's after-resync-target removed the constraint again.
+        let status = c.blockd(survivor).expect("survivor status");
+        assert!(
+            status["last_fence_result"]["exit_code"].as_i64().is_some_and(|code| [4, 5].contains(&code)),
+            "fence-peer result: {status}"
+        );
+        c.wait(WAIT, "the fencing constraint removed after the resync", |c| {
+            let out = c.sh(&["exec", survivor, "cibadmin", "-Q", "-o", "constraints"]);
+            (out.status.success() && !out.stdout.contains("blockd-fence-")).then_some(())
+        });
+    }
     assert_disks_equal(&c, size);
     let down = c.down(false);
     eprintln!("TIMING graceful down {down:?}; whole test {:?}", t_all.elapsed());
