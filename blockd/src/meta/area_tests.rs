@@ -327,3 +327,33 @@ fn al_refuses_too_many_or_out_of_range_extents() {
     drop(store);
     assert_eq!(MetaStore::open(&loc).unwrap().read_al().unwrap(), full);
 }
+
+#[test]
+fn salvaging_distrusts_only_the_blocks_that_fail_their_crc() {
+    // A torn bitmap write (a block and its crc entry out of step) after an unclean
+    // stop: that block's region becomes dirty, the rest is read as written.
+    let disk = Temp::sparse("bm-salvage.img", GIB);
+    let loc = internal(&disk);
+    MetaStore::create(&loc, &opts("r0", "alpha")).unwrap();
+    let mut store = MetaStore::open(&loc).unwrap();
+    let l = *store.layout();
+    let size = store.data_size_bytes();
+    let mut map = Bitmap::new(size, 4096).unwrap();
+    map.set_range(0..4096);
+    store.write_bitmap_blocks(&changed(&map)).unwrap();
+    // Block 3's bits change on disk without their crc.
+    disk.flip(l.bitmap_offset_bytes + 3 * 4096 + 17);
+    assert!(matches!(store.read_bitmap(size), Err(MetaError::BitmapCorrupt { block: 3, .. })));
+    let (salvaged, bad) = store.read_bitmap_salvaging(size).unwrap();
+    assert_eq!(bad, vec![3]);
+    let per_block = bitmap::BITS_PER_BLOCK * 4096;
+    assert!(salvaged.is_set(0), "block 0 read as written");
+    assert!(!salvaged.is_set(4096), "block 0's clear bits stay clear");
+    assert!(
+        (3 * per_block..4 * per_block.min(size)).step_by(1 << 20).all(|b| b >= size || salvaged.is_set(b))
+    );
+    assert_eq!(
+        salvaged.count_bits(),
+        1 + bitmap::BITS_PER_BLOCK.min(size.div_ceil(4096) - 3 * bitmap::BITS_PER_BLOCK)
+    );
+}

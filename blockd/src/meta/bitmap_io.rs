@@ -124,23 +124,8 @@ impl MetaStore {
     /// returned partly trusted.
     pub fn read_bitmap(&self, device_bytes: u64) -> Result<Bitmap, MetaError> {
         let at = self.target.at_meta();
-        if device_bytes > self.layout.data_bytes {
-            let detail = format!(
-                "a bitmap for {device_bytes} bytes does not fit the data area of {} bytes",
-                self.layout.data_bytes
-            );
-            return Err(MetaError::BadBitmapIo { at, detail });
-        }
+        let (bits, crcs) = self.read_bitmap_area(device_bytes)?;
         let granularity_bytes = self.sb.bitmap_granularity_bytes;
-        // Within the layout's areas, since device_bytes <= data_bytes at the same
-        // granularity.
-        let (bits_bytes, crc_bytes) = Bitmap::on_disk_bytes(device_bytes, granularity_bytes);
-        let mut bits = vec![0u8; bits_bytes as usize];
-        self.file.read(&mut bits, self.layout.bitmap_offset_bytes, "bitmap blocks")?;
-        // The table on disk, not the copy in memory: this answers whether what a restart
-        // would read can be trusted.
-        let mut crcs = vec![0u8; crc_bytes as usize];
-        self.file.read(&mut crcs, self.layout.bitmap_crc_offset_bytes(), "bitmap crc table")?;
         Bitmap::decode(device_bytes, granularity_bytes, &bits, &crcs).map_err(|e| match e {
             BitmapError::Corrupt { block, expected, found } => {
                 MetaError::BitmapCorrupt { at, block, expected, found }
@@ -156,19 +141,8 @@ impl MetaStore {
     /// crc table page.
     pub fn read_bitmap_salvaging(&self, device_bytes: u64) -> Result<(Bitmap, Vec<u64>), MetaError> {
         let at = self.target.at_meta();
-        if device_bytes > self.layout.data_bytes {
-            let detail = format!(
-                "a bitmap for {device_bytes} bytes does not fit the data area of {} bytes",
-                self.layout.data_bytes
-            );
-            return Err(MetaError::BadBitmapIo { at, detail });
-        }
+        let (mut bits, mut crcs) = self.read_bitmap_area(device_bytes)?;
         let granularity_bytes = self.sb.bitmap_granularity_bytes;
-        let (bits_bytes, crc_bytes) = Bitmap::on_disk_bytes(device_bytes, granularity_bytes);
-        let mut bits = vec![0u8; bits_bytes as usize];
-        self.file.read(&mut bits, self.layout.bitmap_offset_bytes, "bitmap blocks")?;
-        let mut crcs = vec![0u8; crc_bytes as usize];
-        self.file.read(&mut crcs, self.layout.bitmap_crc_offset_bytes(), "bitmap crc table")?;
         let mut bad = Vec::new();
         for (index, (block, crc)) in
             bits.chunks_exact_mut(BLOCK_BYTES).zip(crcs.chunks_exact_mut(4)).enumerate()
@@ -182,6 +156,27 @@ impl MetaStore {
         let map = Bitmap::decode(device_bytes, granularity_bytes, &bits, &crcs)
             .map_err(|e| MetaError::BadBitmapIo { at, detail: e.to_string() })?;
         Ok((map, bad))
+    }
+
+    /// The bits and the crc table as they are on disk (the table on disk, not the
+    /// copy in memory: this answers whether what a restart would read can be
+    /// trusted), for a bitmap of `device_bytes`, which must fit the data area.
+    fn read_bitmap_area(&self, device_bytes: u64) -> Result<(Vec<u8>, Vec<u8>), MetaError> {
+        if device_bytes > self.layout.data_bytes {
+            let detail = format!(
+                "a bitmap for {device_bytes} bytes does not fit the data area of {} bytes",
+                self.layout.data_bytes
+            );
+            return Err(MetaError::BadBitmapIo { at: self.target.at_meta(), detail });
+        }
+        // Within the layout's areas, since device_bytes <= data_bytes at the same
+        // granularity.
+        let (bits_bytes, crc_bytes) = Bitmap::on_disk_bytes(device_bytes, self.sb.bitmap_granularity_bytes);
+        let mut bits = vec![0u8; bits_bytes as usize];
+        self.file.read(&mut bits, self.layout.bitmap_offset_bytes, "bitmap blocks")?;
+        let mut crcs = vec![0u8; crc_bytes as usize];
+        self.file.read(&mut crcs, self.layout.bitmap_crc_offset_bytes(), "bitmap crc table")?;
+        Ok((bits, crcs))
     }
 
     /// Writes `blocks` into the bits area and their crcs into the crc table (one 4 KiB
