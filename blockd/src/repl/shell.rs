@@ -304,8 +304,12 @@ fn spawn_meta_thread(
     (tx, handle)
 }
 
+/// What `publish` last sent: the event snapshot and the handshake fields.
+type Published = (EventSnapshot, (Generations, DiskState, Role, u32));
+
 struct Running {
     t: CoreTask,
+    published: std::cell::Cell<Option<Published>>,
     meta_jobs: std::sync::mpsc::Sender<MetaJob>,
     /// No connection attempts are used until `blockctl connect` (split brain,
     /// unrelated data, `blockctl disconnect`).
@@ -332,6 +336,7 @@ impl CoreTask {
         let mut last_tick = tokio::time::Instant::now();
         let mut r = Running {
             t: self,
+            published: std::cell::Cell::new(None),
             meta_jobs,
             standalone: false,
             verify_reply: None,
@@ -797,21 +802,22 @@ impl Running {
             resync_done_bytes: p.done_bytes,
             resync_total_bytes: p.total_bytes,
         };
-        // Only a change wakes a subscriber.
-        self.t.events.send_if_modified(|e| {
-            let changed = *e != snapshot;
-            *e = snapshot;
-            changed
-        });
-        // Only a change wakes the supervisor: this runs after every event.
-        self.t.hello.send_if_modified(|h| {
-            let changed = h.gens != gens || h.disk != disk || h.role != role || h.flags != flags;
-            h.gens = gens;
-            h.disk = disk;
-            h.role = role;
-            h.flags = flags;
-            changed
-        });
+        // This runs after every event: compared with what was published last, so the
+        // watches' locks are taken (and subscribers woken) only on a change.
+        let hello = (gens, disk, role, flags);
+        let (last_snapshot, last_hello) = self.published.get().unzip();
+        if last_snapshot != Some(snapshot) {
+            self.t.events.send_replace(snapshot);
+        }
+        if last_hello != Some(hello) {
+            self.t.hello.send_modify(|h| {
+                h.gens = gens;
+                h.disk = disk;
+                h.role = role;
+                h.flags = flags;
+            });
+        }
+        self.published.set(Some((snapshot, hello)));
     }
 
     fn status_json(&self) -> serde_json::Value {
