@@ -56,6 +56,8 @@ struct SourceChunk {
     /// Checksum resync: the local data, and the target's digests, until both came.
     data: Option<BufMut>,
     remote: Option<Buf>,
+    /// The target failed a piece: the chunk's bits stay set.
+    failed: bool,
 }
 
 /// Resync progress on the source.
@@ -297,11 +299,10 @@ impl Core {
 
     /// Source: a block of the target's bitmap.
     pub(super) fn on_bitmap_block(&mut self, index: u64, data: &Buf) {
-        let Some(sync) = self.source.as_mut().filter(|s| s.awaiting_bitmap) else {
+        if !self.source.as_ref().is_some_and(|s| s.awaiting_bitmap) {
             tracing::warn!(index, "bitmap block outside a bitmap exchange; ignored");
             return;
-        };
-        let _ = sync;
+        }
         match <&[u8; bitmap::BLOCK_BYTES]>::try_from(&data[..]) {
             Ok(block) if self.bitmap.or_block(index, block) => {}
             _ => tracing::warn!(index, len = data.len(), "malformed bitmap block from the peer; ignored"),
@@ -405,7 +406,13 @@ impl Core {
             self.next_internal += 1;
             let sync = self.source.as_mut().expect("checked");
             sync.cursor = range.end;
-            let chunk = SourceChunk { range: range.clone(), state: Chunk::Waiting, data: None, remote: None };
+            let chunk = SourceChunk {
+                range: range.clone(),
+                state: Chunk::Waiting,
+                data: None,
+                remote: None,
+                failed: false,
+            };
             sync.chunks.insert(job, chunk);
             if self.inflight.admit(job, range) {
                 self.read_chunk(job, out);
@@ -559,6 +566,7 @@ impl Core {
         if errno != 0 {
             tracing::warn!(offset, len, errno, "the sync target failed a chunk; it stays out of sync");
             sync.failed = true;
+            chunk.failed = true;
         }
         let Chunk::Sent { acks } = &mut chunk.state else { return };
         *acks -= 1;
@@ -573,7 +581,7 @@ impl Core {
         let Some(sync) = self.source.as_mut() else { return };
         let Some(chunk) = sync.chunks.remove(&job) else { return };
         let len = chunk.range.end - chunk.range.start;
-        if !sync.failed {
+        if !chunk.failed {
             self.bitmap.clear_range(chunk.range.clone());
         }
         sync.done_bytes += len;
