@@ -238,7 +238,7 @@ pub fn human_status(s: &Value, verbose: bool) -> String {
                     progress_bar(done, total)
                 ));
             } else {
-                // The target does not know the total; the source's status has it.
+                // Before the source's first progress report.
                 out.push_str(&format!("    resync: received {done} bytes rate:{rate_kib} KiB/s\n"));
             }
         }

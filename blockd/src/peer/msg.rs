@@ -31,6 +31,7 @@
 //! | StartRepair | 0x28 | out-of-sync bytes 8 (verify --repair: become sync target) |
 //! | Invalidate | 0x29 | reserved 8 (zero): the sender discards its data; resync it in full |
 //! | SyncPause | 0x2a | flags 1 (bit 0 paused): the sender paused or resumed resync |
+//! | ResyncInfo | 0x2b | done 8, total 8 (source → target, bytes of the resync) |
 //!
 //! A string is a u16 byte length and UTF-8 bytes; gens are current, bitmap and the
 //! four history ids, 8 bytes each. Unknown enum codes and unknown flag bits are
@@ -133,6 +134,8 @@ pub enum Message {
     Invalidate,
     /// `blockctl pause-sync` / `resume-sync` on the sender.
     SyncPause { paused: bool },
+    /// Sync source → target: progress of the resync (the target's status shows it).
+    ResyncInfo { done_bytes: u64, total_bytes: u64 },
     /// Orderly close with a reason (≤ 1 KiB).
     Bye { reason: String },
 }
@@ -164,6 +167,7 @@ pub enum Kind {
     StartRepair,
     Invalidate,
     SyncPause,
+    ResyncInfo,
 }
 
 /// How a type's payload is laid out, which is all the frame reader needs to know
@@ -180,7 +184,7 @@ pub(crate) enum Layout {
 
 impl Kind {
     /// Every type, for tests and tables.
-    pub const ALL: [Kind; 23] = [
+    pub const ALL: [Kind; 24] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Pong,
@@ -204,6 +208,7 @@ impl Kind {
         Kind::StartRepair,
         Kind::Invalidate,
         Kind::SyncPause,
+        Kind::ResyncInfo,
     ];
 
     /// The type code in the frame header.
@@ -232,6 +237,7 @@ impl Kind {
             Kind::StartRepair => 0x28,
             Kind::Invalidate => 0x29,
             Kind::SyncPause => 0x2a,
+            Kind::ResyncInfo => 0x2b,
         }
     }
 
@@ -266,6 +272,7 @@ impl Kind {
             Kind::StartRepair => "StartRepair",
             Kind::Invalidate => "Invalidate",
             Kind::SyncPause => "SyncPause",
+            Kind::ResyncInfo => "ResyncInfo",
         }
     }
 
@@ -286,6 +293,7 @@ impl Kind {
             Kind::BitmapBlock => Layout::Data { fixed: 8 },
             Kind::BitmapDone | Kind::StartRepair | Kind::Invalidate => Layout::Fixed(8),
             Kind::SyncPause => Layout::Fixed(1),
+            Kind::ResyncInfo => Layout::Fixed(16),
             Kind::DigestReq => Layout::Fixed(24),
             Kind::Digests => Layout::Data { fixed: 16 },
         }
@@ -327,6 +335,7 @@ impl Message {
             Message::StartRepair { .. } => Kind::StartRepair,
             Message::Invalidate => Kind::Invalidate,
             Message::SyncPause { .. } => Kind::SyncPause,
+            Message::ResyncInfo { .. } => Kind::ResyncInfo,
             Message::Bye { .. } => Kind::Bye,
         }
     }
@@ -456,6 +465,10 @@ impl Message {
             Message::StartRepair { bytes } => put(out, *bytes),
             Message::Invalidate => put(out, 0u64),
             Message::SyncPause { paused } => out.push(u8::from(*paused)),
+            Message::ResyncInfo { done_bytes, total_bytes } => {
+                put(out, *done_bytes);
+                put(out, *total_bytes);
+            }
             Message::Bye { reason } => put_str(out, reason, MAX_REASON_BYTES),
         }
         debug_assert_eq!(out.len() - start, self.fixed_len(), "{:?}", self.kind());
@@ -537,6 +550,7 @@ fn decode_fields(kind: Kind, c: &mut Cursor<'_>, data: Option<Buf>) -> Result<Me
             Message::Invalidate
         }
         Kind::SyncPause => Message::SyncPause { paused: c.flags(1)? & 1 != 0 },
+        Kind::ResyncInfo => Message::ResyncInfo { done_bytes: c.u64()?, total_bytes: c.u64()? },
     })
 }
 

@@ -729,6 +729,7 @@ impl Core {
             Message::StartRepair { bytes } => self.on_start_repair(bytes, out),
             Message::Invalidate => self.on_invalidate(out),
             Message::SyncPause { paused } => self.on_sync_pause(paused, out),
+            Message::ResyncInfo { done_bytes, total_bytes } => self.on_resync_info(done_bytes, total_bytes),
             other => tracing::debug!(?other, "message not handled by the data path"),
         }
     }

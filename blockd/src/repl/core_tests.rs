@@ -662,3 +662,23 @@ fn a_fencing_primary_acknowledges_nothing_until_the_handler_returned() {
     assert_eq!(shown, ["reply 1 ok", "reply 2 ok", "reply 3 ok"]);
     assert_eq!(c.fencing(), (false, Some(&Ok(4))));
 }
+
+#[test]
+fn the_target_learns_the_resync_progress_from_the_source() {
+    let (mut c, _) = source_core(2 * RESYNC_CHUNK_BYTES);
+    let total = 2 * RESYNC_CHUNK_BYTES;
+    let tick = || Event::Tick { elapsed_ms: 100, app_requests: 0 };
+    let shown = show(&h(&mut c, tick()));
+    assert!(
+        shown.contains(&format!("send ResyncInfo {{ done_bytes: 0, total_bytes: {total} }}")),
+        "{shown:?}"
+    );
+    assert!(show(&h(&mut c, tick())).is_empty(), "sent again only when it moved");
+
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut t = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 14);
+    t.connect(remote(20, 10, Role::Primary)).expect("target");
+    peer(&mut t, Message::ResyncInfo { done_bytes: total / 2, total_bytes: total });
+    let p = t.resync_progress();
+    assert_eq!((p.done_bytes, p.total_bytes), (total / 2, total));
+}

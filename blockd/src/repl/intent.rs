@@ -66,6 +66,7 @@ impl Core {
             self.write_bitmap(out);
         }
         self.pump_source(out);
+        self.send_resync_info(out);
         self.idle_housekeeping(out);
     }
 

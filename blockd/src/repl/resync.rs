@@ -75,6 +75,8 @@ pub struct SourceSync {
     pub total_bytes: u64,
     /// A chunk failed on the target: it stays dirty and the sync is not complete.
     failed: bool,
+    /// The (done, total) last sent to the target in `ResyncInfo`.
+    info_sent: Option<(u64, u64)>,
 }
 
 impl SourceSync {
@@ -156,6 +158,9 @@ pub struct TargetSync {
     writes: HashMap<JobId, (u64, u64)>,
     done: Option<Generations>,
     pub received_bytes: u64,
+    /// The source's view of the resync (`ResyncInfo`): done and total bytes.
+    source_done_bytes: u64,
+    source_total_bytes: u64,
 }
 
 /// Replication state toward the peer (SPEC §2 words).
@@ -242,12 +247,12 @@ impl Core {
     pub fn resync_progress(&self) -> ResyncProgress {
         let (done_bytes, total_bytes) = match (&self.source, &self.target) {
             (Some(s), _) => (s.done_bytes, s.total_bytes),
-            (None, Some(t)) => (t.received_bytes, 0),
+            (None, Some(t)) => (t.source_done_bytes, t.source_total_bytes),
             (None, None) => (0, 0),
         };
         let rate = self.rate.measured_bytes_per_sec as u64;
         let running = self.source.is_some() || self.target.is_some();
-        let eta_secs = (self.source.is_some() && rate > 0).then(|| (total_bytes - done_bytes).div_ceil(rate));
+        let eta_secs = (running && rate > 0).then(|| total_bytes.saturating_sub(done_bytes).div_ceil(rate));
         ResyncProgress {
             done_bytes,
             total_bytes,
@@ -671,12 +676,10 @@ impl Core {
             Message::ResyncData { offset, data } => {
                 let len = data.len() as u64;
                 t.received_bytes += len;
-                self.rate.progress_bytes += len;
                 (offset, len, IoOp::Write { offset, buf: data, fua: false })
             }
             Message::ResyncZeroes { offset, len } => {
                 t.received_bytes += len;
-                self.rate.progress_bytes += len;
                 (offset, len, IoOp::WriteZeroes { offset, len, may_trim: true, fast_only: false, fua: false })
             }
             Message::ResyncDone { gens } => {
@@ -693,6 +696,25 @@ impl Core {
         let t = self.target.as_mut().expect("checked");
         t.writes.insert(job, (offset, len));
         out.push(Action::Local { job, op });
+    }
+
+    /// Target: the source's progress (status, events, the measured rate and ETA).
+    pub(super) fn on_resync_info(&mut self, done_bytes: u64, total_bytes: u64) {
+        let Some(t) = self.target.as_mut() else { return };
+        self.rate.progress_bytes += done_bytes.saturating_sub(t.source_done_bytes);
+        t.source_done_bytes = done_bytes;
+        t.source_total_bytes = total_bytes;
+    }
+
+    /// Source: tells the target how far the resync is (on ticks, when it moved).
+    pub(super) fn send_resync_info(&mut self, out: &mut Vec<Action>) {
+        let Some(s) = self.source.as_mut() else { return };
+        let info = (s.done_bytes, s.total_bytes);
+        if s.awaiting_bitmap || s.info_sent == Some(info) {
+            return;
+        }
+        s.info_sent = Some(info);
+        self.send(Message::ResyncInfo { done_bytes: info.0, total_bytes: info.1 }, out);
     }
 
     /// Target: the metadata saying Inconsistent is durable; apply what waited.

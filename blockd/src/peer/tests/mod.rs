@@ -178,6 +178,7 @@ fn random_messages(rng: &mut StdRng, data_len: usize) -> Vec<Message> {
         Message::StartRepair { bytes: rng.random() },
         Message::Invalidate,
         Message::SyncPause { paused: rng.random() },
+        Message::ResyncInfo { done_bytes: rng.random(), total_bytes: rng.random() },
         Message::Bye { reason: random_string(rng, 1024) },
     ]
 }
