@@ -309,6 +309,21 @@ impl Pair {
         self.try_status(n).map_or(Value::Null, |s| s["peers"][0].clone())
     }
 
+    /// `peers[0][key]` of node `n` as a number (panics, showing the status, if absent).
+    pub fn peer_u64(&self, n: usize, key: &str) -> u64 {
+        let s = self.status(n);
+        s["peers"][0][key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{}: no numeric peers[0].{key} in {s}", NODES[n]))
+    }
+
+    /// The export size, from an NBD handshake with node `n` (a Primary).
+    pub fn export_size(&self, n: usize) -> u64 {
+        let addr = crate::daemon::Addr::Unix(self.nodes[n].nbd.clone());
+        let (_c, size, _) = crate::raw::RawClient::handshake(&addr, EXPORT, false);
+        size
+    }
+
     /// Both nodes Connected and Established (not resyncing), both disks
     /// UpToDate as seen by either side, and nothing out of sync on either.
     pub fn is_synced(&self) -> bool {

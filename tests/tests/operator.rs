@@ -28,28 +28,16 @@ fn addr(p: &Pair, n: usize) -> Addr {
     Addr::Unix(p.nodes[n].nbd.clone())
 }
 
-/// The export size, from an NBD handshake with node `n` (a Primary).
-fn export_size(p: &Pair, n: usize) -> u64 {
-    let (_c, size, _) = RawClient::handshake(&addr(p, n), EXPORT, false);
-    size
-}
-
-/// `peers[0][key]` of node `n` as a number (panics, showing the status, if absent).
-fn peer_u64(p: &Pair, n: usize, key: &str) -> u64 {
-    let s = p.status(n);
-    s["peers"][0][key].as_u64().unwrap_or_else(|| panic!("{}: no numeric peers[0].{key} in {s}", NODES[n]))
-}
-
 fn peer_str(p: &Pair, n: usize, key: &str) -> String {
     p.peer(n)[key].as_str().unwrap_or("").to_string()
 }
 
 fn sent(p: &Pair, n: usize) -> u64 {
-    peer_u64(p, n, "resync_sent_bytes")
+    p.peer_u64(n, "resync_sent_bytes")
 }
 
 fn done(p: &Pair, n: usize) -> u64 {
-    peer_u64(p, n, "resync_done_bytes")
+    p.peer_u64(n, "resync_done_bytes")
 }
 
 fn role(p: &Pair, n: usize) -> String {
@@ -76,7 +64,7 @@ fn primary_pair(label: &str, opts: &PairOpts) -> (Pair, u64) {
     let mut p = Pair::start(label, opts);
     p.wait_established();
     p.ctl_ok(0, &["primary"]);
-    let size = export_size(&p, 0);
+    let size = p.export_size(0);
     (p, size)
 }
 
@@ -237,7 +225,7 @@ fn verbs_change_the_state_status_reports() {
     assert_eq!(role(&p, 0), "Secondary");
     wait_peer(&mut p, 1, "role", "Secondary");
     p.ctl_ok(0, &["primary"]);
-    let size = export_size(&p, 0);
+    let size = p.export_size(0);
 
     // disconnect: StandAlone with the reason; the peer notices; writes are tracked.
     p.ctl_ok(0, &["disconnect"]);
@@ -260,7 +248,7 @@ fn verbs_change_the_state_status_reports() {
     assert_eq!(peer_str(&p, 0, "connection"), "StandAlone");
     let plan = Plan::random(0x0e_7b5, 0..16 * MIB, 2 * MIB, 4096, 64 * 1024);
     write_plan(&addr(&p, 0), EXPORT, &plan, QD);
-    assert_eq!(peer_u64(&p, 0, "out_of_sync_bytes"), plan.dirty_bytes(), "alpha tracks the writes");
+    assert_eq!(p.peer_u64(0, "out_of_sync_bytes"), plan.dirty_bytes(), "alpha tracks the writes");
 
     // connect: Connected again, the writes resynced, the reason gone.
     p.ctl_ok(0, &["connect"]);
@@ -376,7 +364,7 @@ fn pause_sync_holds_a_resync_and_resume_sync_finishes_it() {
     p.ctl_ok(0, &["disconnect"]);
     let plan = Plan::sequential(0x9a05e, 0..32 * MIB, 256 * 1024);
     write_plan(&addr(&p, 0), EXPORT, &plan, QD);
-    assert_eq!(peer_u64(&p, 0, "out_of_sync_bytes"), 32 * MIB);
+    assert_eq!(p.peer_u64(0, "out_of_sync_bytes"), 32 * MIB);
     p.ctl_ok(0, &["connect"]);
     p.wait(
         WAIT,
@@ -525,7 +513,7 @@ fn connect_discard_my_data_without_split_brain_discards_nothing() {
     p.wait(WAIT, |p| peer_str(p, 1, "connection") != "Connected", "beta notices the disconnect");
     let newer = Plan::random(0xd15d, 16 * MIB..32 * MIB, 2 * MIB, 4096, 64 * 1024);
     write_plan(&addr(&p, 0), EXPORT, &newer, QD);
-    assert_eq!(peer_u64(&p, 0, "out_of_sync_bytes"), newer.dirty_bytes());
+    assert_eq!(p.peer_u64(0, "out_of_sync_bytes"), newer.dirty_bytes());
     let sent0 = sent(&p, 0);
     p.ctl_ok(0, &["connect", "--discard-my-data"]);
     p.wait_synced(WAIT);

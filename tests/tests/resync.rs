@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use blockd_tests::loadgen::{LoadGen, LoadOpts, verify_acked};
 use blockd_tests::pair::{NODES, Pair, PairOpts};
 use blockd_tests::pattern::nbd_reader;
-use blockd_tests::raw::RawClient;
 use blockd_tests::scatter::{self, GRANULE, Plan, ScatterLoad, assert_data_equal, check_plan, write_plan};
 use blockd_tests::*;
 use serde_json::Value;
@@ -64,7 +63,7 @@ fn primary_pair(label: &str, opts: &PairOpts) -> (Pair, u64) {
     let mut p = Pair::start(label, opts);
     p.wait_established();
     p.ctl_ok(0, &["primary"]);
-    let size = export_size(&p, 0);
+    let size = p.export_size(0);
     assert!(size >= opts.disk_bytes - META_ROOM, "exported size {size} for a {} byte disk", opts.disk_bytes);
     (p, size)
 }
@@ -73,24 +72,12 @@ fn addr(p: &Pair, n: usize) -> Addr {
     Addr::Unix(p.nodes[n].nbd.clone())
 }
 
-/// The export size, from an NBD handshake with node `n` (a Primary).
-fn export_size(p: &Pair, n: usize) -> u64 {
-    let (_c, size, _) = RawClient::handshake(&addr(p, n), EXPORT, false);
-    size
-}
-
-/// `peers[0][key]` of node `n` as a number (panics, showing the status, if absent).
-fn peer_u64(p: &Pair, n: usize, key: &str) -> u64 {
-    let s = p.status(n);
-    s["peers"][0][key].as_u64().unwrap_or_else(|| panic!("{}: no numeric peers[0].{key} in {s}", NODES[n]))
-}
-
 fn sent(p: &Pair, n: usize) -> u64 {
-    peer_u64(p, n, "resync_sent_bytes")
+    p.peer_u64(n, "resync_sent_bytes")
 }
 
 fn out_of_sync(p: &Pair, n: usize) -> u64 {
-    peer_u64(p, n, "out_of_sync_bytes")
+    p.peer_u64(n, "out_of_sync_bytes")
 }
 
 fn connection(p: &Pair, n: usize) -> String {
