@@ -73,8 +73,6 @@ pub struct SourceSync {
     by_digest: HashMap<u64, JobId>,
     pub done_bytes: u64,
     pub total_bytes: u64,
-    /// A chunk failed on the target: it stays dirty and the sync is not complete.
-    failed: bool,
     /// The (done, total) last sent to the target in `ResyncInfo`.
     info_sent: Option<(u64, u64)>,
 }
@@ -570,7 +568,6 @@ impl Core {
         let Some(chunk) = sync.chunks.get_mut(&job) else { return };
         if errno != 0 {
             tracing::warn!(offset, len, errno, "the sync target failed a chunk; it stays out of sync");
-            sync.failed = true;
             chunk.failed = true;
         }
         let Chunk::Sent { acks } = &mut chunk.state else { return };
@@ -599,8 +596,8 @@ impl Core {
     fn finish_source(&mut self, out: &mut Vec<Action>) {
         let sync = self.source.take().expect("finishing a resync");
         tracing::info!(bytes = sync.done_bytes, sent_bytes = self.rate.sent_bytes, "resync done (source)");
-        if sync.failed || self.bitmap.count_bits() > 0 {
-            // Some chunk failed on the target: keep it dirty, do not declare sync.
+        if self.bitmap.count_bits() > 0 {
+            // Some chunk failed on the target (its bits stayed set): do not declare sync.
             self.repl = ReplState::Established;
             return;
         }

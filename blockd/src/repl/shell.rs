@@ -130,8 +130,6 @@ impl IoSink for CoreSink {
 pub struct Shared {
     role: AtomicU8,
     peer_role: AtomicU8,
-    /// NBD requests submitted (reads included), for the `auto` resync rate.
-    app_requests: AtomicU64,
     pub local_name: String,
     pub peer_name: String,
 }
@@ -172,7 +170,6 @@ impl BlockDevice for ReplicatedDevice {
 
     fn submit(&self, request: NbdRequest, responder: Responder) {
         let job = self.next_job.fetch_add(1, Ordering::Relaxed);
-        self.shared.app_requests.fetch_add(1, Ordering::Relaxed);
         let m = &self.metrics;
         let count = |n: &AtomicU64, v: u64| {
             n.fetch_add(v, Ordering::Relaxed);
@@ -406,7 +403,13 @@ impl CoreTask {
                 now = ticks.tick() => {
                     let elapsed_ms = now.duration_since(last_tick).as_millis() as u64;
                     last_tick = now;
-                    let total = r.t.shared.app_requests.load(Ordering::Relaxed);
+                    // Application requests for the `auto` resync rate: the metrics'
+                    // counters, so the hot path counts each request once.
+                    let m = &r.t.metrics;
+                    let total = [&m.reads, &m.writes, &m.flushes]
+                        .iter()
+                        .map(|c| c.load(Ordering::Relaxed))
+                        .sum::<u64>();
                     let app_requests = total - r.app_requests_seen;
                     r.app_requests_seen = total;
                     r.refresh_metrics();
@@ -899,7 +902,6 @@ pub fn new_shared(local_name: &str, peer_name: &str) -> Arc<Shared> {
     Arc::new(Shared {
         role: AtomicU8::new(Role::Secondary.code()),
         peer_role: AtomicU8::new(0),
-        app_requests: AtomicU64::new(0),
         local_name: local_name.to_string(),
         peer_name: peer_name.to_string(),
     })
