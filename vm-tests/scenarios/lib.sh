@@ -1,3 +1,6 @@
+# shellcheck shell=dash source-path=SCRIPTDIR disable=SC2119
+# (busybox ash; dash is the closest shell shellcheck knows. SC2119: attach and
+# detach default to $NBD when called without arguments.)
 # Helpers sourced by every scenario (busybox sh, inside the guest).
 #
 # From /init: VMTEST_NAME, VMTEST_DIR (this scenario's directory on tmpfs) and
@@ -82,7 +85,7 @@ says() {
 # wait_until DESC SECS CMD...: polls CMD (every 0.1 s) until it succeeds; fails the
 # scenario with DESC after SECS seconds.
 wait_until() {
-    local desc=$1 limit=$2 deadline
+    local desc="$1" limit="$2" deadline
     shift 2
     deadline=$(($(secs) + limit))
     until "$@" >/dev/null 2>&1; do
@@ -119,7 +122,7 @@ EOF
 }
 
 ctl() {
-    local node=$1
+    local node="$1"
     shift
     blockctl --config "$CFG" --node "$node" "$@"
 }
@@ -168,6 +171,10 @@ pair_down() {
 
 # ------------------------------------------------------------------ attach
 
+# dev_pid DEVICE: the pid in /sys/block/nbdN/pid; empty when the device is not
+# connected (the kernel removes the file then).
+dev_pid() { cat "/sys/block/${1#/dev/}/pid" 2>/dev/null || true; }
+
 # attach [DEVICE] [OPTIONS...]: `blockctl attach r0 DEVICE` (default $NBD); checks
 # the device is usable on return.
 attach() {
@@ -178,8 +185,8 @@ attach() {
         ;;
     esac
     must blockctl --config "$CFG" attach r0 "$dev" --log "$DIR/attach-${dev#/dev/}.log" "$@"
-    local sys=/sys/block/${dev#/dev/}
-    [ -s "$sys/pid" ] || fail "$dev: no $sys/pid after attach returned"
+    local sys="/sys/block/${dev#/dev/}"
+    [ -n "$(dev_pid "$dev")" ] || fail "$dev: no $sys/pid after attach returned"
     [ "$(cat "$sys/size")" -gt 0 ] || fail "$dev: size 0 after attach returned"
     RESIDENT=$(cat "$sys/pid")
     log "  $dev attached: resident pid $RESIDENT, $(($(cat "$sys/size") / 2048)) MiB," \
@@ -189,8 +196,8 @@ attach() {
 }
 
 gone() {
-    local sys=/sys/block/${1#/dev/}
-    { [ ! -s "$sys/pid" ] || [ "$(cat "$sys/size")" = 0 ]; } && [ ! -d "/proc/$2" ]
+    local sys="/sys/block/${1#/dev/}"
+    { [ -z "$(dev_pid "$1")" ] || [ "$(cat "$sys/size")" = 0 ]; } && not_running "$2"
 }
 
 # detached DEVICE RESIDENT: the device is disconnected and the resident has exited.
@@ -199,6 +206,7 @@ detached() {
 }
 
 # detach [DEVICE] [OPTIONS...]
+# shellcheck disable=SC2120
 detach() {
     local dev=$NBD
     case ${1:-} in /dev/*)
@@ -207,7 +215,7 @@ detach() {
         ;;
     esac
     local resident
-    resident=$(cat "/sys/block/${dev#/dev/}/pid" 2>/dev/null || echo 0)
+    resident=$(dev_pid "$dev")
     must blockctl detach "$dev" "$@"
     detached "$dev" "$resident"
 }
@@ -322,7 +330,35 @@ stop_writer() {
     log "writer stopped after $(written) files"
 }
 
-not_running() { ! kill -0 "$1" 2>/dev/null; }
+# not_running PID: gone, or a zombie (a killed daemon is an orphan that /init reaps
+# only when its own loop comes round).
+not_running() {
+    local st
+    [ -e "/proc/$1/stat" ] || return 0
+    read -r _ _ st _ <"/proc/$1/stat" 2>/dev/null || return 0
+    [ "$st" = Z ]
+}
+
+# fs_roundtrip FS [ATTACH OPTIONS...]: on the attached $NBD: mkfs, mount, files of
+# known sha256, sync, fstrim, umount, detach; attach again, read-only fsck must be
+# clean, mount, every file's sha256 again, umount, detach.
+fs_roundtrip() {
+    local fs="$1"
+    shift
+    mkfs_ "$fs" "$NBD"
+    must mount -t "$fs" "$NBD" "$MNT"
+    write_files 22
+    must sync
+    must fstrim -v "$MNT"
+    must umount "$MNT"
+    detach
+    attach "$@"
+    fsck_ "$fs" "$NBD"
+    must mount -t "$fs" "$NBD" "$MNT"
+    verify_sums "$DIR/sums"
+    must umount "$MNT"
+    detach
+}
 
 # ------------------------------------------------------------------ cleanup
 
@@ -335,7 +371,7 @@ cleanup() {
     touch "$DIR/stop"
     if mounted; then timeout 30 umount "$MNT" 2>/dev/null || umount -l "$MNT"; fi
     for d in "$NBD" "$NBD2"; do
-        [ -s "/sys/block/${d#/dev/}/pid" ] && timeout 30 blockctl detach --force "$d" >/dev/null 2>&1
+        [ -n "$(dev_pid "$d")" ] && timeout 30 blockctl detach --force "$d" >/dev/null 2>&1
     done
     for n in alpha beta; do
         timeout 30 blockctl --config "$CFG" --node "$n" down >/dev/null 2>&1

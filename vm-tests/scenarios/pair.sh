@@ -1,7 +1,9 @@
+# shellcheck shell=dash source-path=SCRIPTDIR disable=SC2119
 # pair: the guest basics without the kernel client: the nbd module gave block
 # devices, a replicated pair comes up on loopback, alpha is promoted, status --json
 # shows both sides Connected and UpToDate, beta refuses promotion while alpha is
 # Primary, and both nodes stop cleanly.
+# shellcheck source=lib.sh
 . /scenarios/lib.sh
 
 [ -b "$NBD" ] || fail "$NBD is not a block device (nbd module?)"
