@@ -145,10 +145,12 @@ enum Verb {
     /// Disconnect a device attached with `attach`. Refused while it is mounted, held
     /// or open, unless --force.
     Detach {
-        /// `[RESOURCE] DEVICE`: the resource, when given, must be what the device is
-        /// attached to.
-        #[arg(num_args = 1..=2, required = true, value_name = "RESOURCE] [DEVICE")]
-        args: Vec<String>,
+        /// The device (/dev/nbdN); or the resource, which the device must be
+        /// attached to, followed by the device.
+        #[arg(value_name = "RESOURCE|DEVICE")]
+        first: String,
+        /// The device, when the first argument names the resource.
+        device: Option<String>,
         /// Disconnect even while in use: outstanding and later I/O fails.
         #[arg(long)]
         force: bool,
@@ -316,11 +318,10 @@ fn run(cli: Cli) -> Result<(), Fail> {
             };
             attach::attach(&config, opts)
         }
-        Verb::Detach { args, force } => {
-            let (resource, device) = match args.as_slice() {
-                [device] => (None, device),
-                [resource, device] => (Some(resource.as_str()), device),
-                _ => return Err(usage("detach takes [RESOURCE] DEVICE")),
+        Verb::Detach { first, device, force } => {
+            let (resource, device) = match &device {
+                Some(device) => (Some(first.as_str()), device),
+                None => (None, &first),
             };
             attach::detach(resource, std::path::Path::new(device), force)
         }

@@ -6,19 +6,19 @@
 use std::fs;
 use std::path::Path;
 
-/// Why a device is busy, as a sentence for the operator.
+/// How a device is in use: "mounted on /mnt", "held by dm-0", "open in pid 7 (dd)".
 pub fn in_use(index: u32, resident_pid: Option<u32>) -> Option<String> {
     let name = format!("nbd{index}");
     if let Some(mounts) = mounted(&name) {
-        return Some(format!("/dev/{name} is mounted on {mounts}; unmount it first"));
+        return Some(format!("mounted on {mounts}"));
     }
     let holders = holders(&name);
     if !holders.is_empty() {
-        return Some(format!("/dev/{name} is held by {}; remove those first", holders.join(", ")));
+        return Some(format!("held by {}", holders.join(", ")));
     }
     let users = openers(&name, resident_pid);
     if !users.is_empty() {
-        return Some(format!("/dev/{name} is open in {}; stop those first", users.join(", ")));
+        return Some(format!("open in {}", users.join(", ")));
     }
     None
 }

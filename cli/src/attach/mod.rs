@@ -484,10 +484,11 @@ pub fn detach(resource: Option<&str>, device: &Path, force: bool) -> Result<(), 
     let resident = resident_pid(index);
     if !force && let Some(why) = busy::in_use(index, resident) {
         return Err(refused(format!(
-            "{why}, or use `blockctl detach --force` (its outstanding and later I/O fails)"
+            "/dev/nbd{index} is in use ({why}): unmount it or stop its users first, or use \
+             `blockctl detach --force` (its outstanding and later I/O fails)"
         )));
     }
-    let mounted = busy::in_use(index, resident);
+    let in_use = busy::in_use(index, resident);
     // DISCONNECT first: the kernel sends NBD_CMD_DISC to the server and does not
     // report the closed sockets as dead links, so the resident does not reconnect.
     let sent = match &mut driver {
@@ -515,11 +516,13 @@ pub fn detach(resource: Option<&str>, device: &Path, force: bool) -> Result<(), 
             std::thread::sleep(POLL);
         }
     }
-    while mounted.is_none() && is_attached(&mut driver, index)? && Instant::now() < deadline {
+    while in_use.is_none() && is_attached(&mut driver, index)? && Instant::now() < deadline {
         std::thread::sleep(POLL);
     }
-    match mounted {
-        Some(why) => println!("detached /dev/nbd{index} (forced: {why}; it fails I/O until released)"),
+    match in_use {
+        Some(why) => {
+            println!("detached /dev/nbd{index} although it was in use ({why}): its I/O fails from now on")
+        }
         None => println!("detached /dev/nbd{index}"),
     }
     Ok(())
