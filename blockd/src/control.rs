@@ -81,6 +81,10 @@ pub enum Command {
         #[serde(default)]
         now: bool,
     },
+    /// Internal (never on the wire): the last step of `secondary --force`, once its
+    /// NBD clients are gone.
+    #[serde(skip)]
+    FinishForcedDemotion,
 }
 
 #[derive(Debug, Deserialize)]
@@ -345,6 +349,7 @@ mod tests {
             Ok(Command::Primary { force: true })
         );
         assert_eq!(parse_request(r#"{"v":1,"cmd":"secondary"}"#), Ok(Command::Secondary { force: false }));
+        assert!(parse_request(r#"{"v":1,"cmd":"finish-forced-demotion"}"#).is_err(), "internal only");
         assert!(parse_request("garbage").unwrap_err().starts_with("malformed request"));
         assert!(parse_request(r#"{"v":2,"cmd":"status"}"#).unwrap_err().contains("version 2"));
         assert!(

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ListenAddr, NodeConfig};
 use crate::device::{LocalDevice, ReplySink};
+use crate::safety::{IoPathSafety, protect_io_path};
 use crate::storage::{EngineKind, Storage, StorageOptions};
 
 /// Options of `blockd run` beyond the config file.
@@ -26,6 +27,7 @@ pub struct RunOptions {
 pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::Result<()> {
     let storage_opts = StorageOptions { engine: opts.engine, ..StorageOptions::default() };
     let stop = stop_on_signals()?;
+    protect_io_path_logged(&node);
     let peer = config.peers(&node.name).next().cloned();
     if let Some(peer) = peer {
         return crate::repl::node::run(config, node, peer, storage_opts, stop).await;
@@ -57,10 +59,20 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
     );
 
     let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
+    server.pool().prefill_for_kernel_client();
     server.serve(listeners, stop.subscribe()).await;
     device.flush().await.context("final flush of the backing store failed")?;
     tracing::info!("clean shutdown");
     Ok(())
+}
+
+/// A kernel NBD client on this host (`blockctl attach`) puts blockd in the block
+/// I/O path: see [`crate::safety`]. Failures are logged, not fatal.
+fn protect_io_path_logged(node: &NodeConfig) {
+    let settings = IoPathSafety { mlock: node.mlock, oom_score_adj: Some(node.oom_score_adj) };
+    for warning in protect_io_path(settings) {
+        tracing::warn!("I/O-path safety not applied: {warning}");
+    }
 }
 
 /// Binds every NBD address of `node` (TCP or Unix).

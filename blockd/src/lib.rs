@@ -28,6 +28,9 @@
 //! - [`daemon`]: `blockd run`: a single-node config serves its disk standalone
 //!   ([`device::LocalDevice`]); with a peer it runs [`repl::node`]. Both stop
 //!   gracefully on SIGTERM/SIGINT.
+//! - [`safety`]: `PR_SET_IO_FLUSHER`, `oom_score_adj`, `mlockall` for processes in
+//!   the block I/O path of a kernel NBD client on the same host (blockd, and
+//!   `blockctl attach`'s resident).
 //!
 //! `ARCHITECTURE.md` at the repository root has the request paths and invariants.
 
@@ -40,5 +43,6 @@ pub mod meta;
 pub mod metrics;
 pub mod peer;
 pub mod repl;
+pub mod safety;
 pub mod state;
 pub mod storage;

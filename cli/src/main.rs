@@ -4,6 +4,7 @@
 //!
 //! Exit codes: 0 done; 1 refused or failed (stderr says why); 2 usage or config error.
 
+mod attach;
 mod client;
 
 use std::path::PathBuf;
@@ -111,6 +112,49 @@ enum Verb {
     DumpMd { resource: Option<String> },
     /// Print the effective config (every key, defaults filled in) after validating it.
     Show { resource: Option<String> },
+    /// Attach the resource's Primary as a kernel block device (/dev/nbdN) through the
+    /// kernel NBD client. Tries every node's `nbd` address; a resident process stays
+    /// to reconnect the device to the new Primary after a failover (I/O waits up to
+    /// --dead-conn-timeout-secs meanwhile). Needs root and the nbd module.
+    Attach {
+        resource: String,
+        /// The device, e.g. /dev/nbd0.
+        device: PathBuf,
+        /// Connections (sockets) per device; more than 1 needs a multi-conn export.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Per-request I/O timeout: a request unanswered this long marks its
+        /// connection dead and is retried on the reconnected one.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        /// How long I/O waits for a reconnect after every connection died (then it
+        /// fails with EIO).
+        #[arg(long, default_value_t = 120)]
+        dead_conn_timeout_secs: u64,
+        /// Use the legacy ioctl interface even where netlink is available (no
+        /// reconnect after a failover).
+        #[arg(long)]
+        ioctl: bool,
+        /// Stay in the foreground instead of leaving a resident process.
+        #[arg(long)]
+        foreground: bool,
+        /// Where the resident logs (default /var/log/blockd/attach-nbdN.log).
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
+    /// Disconnect a device attached with `attach`. Refused while it is mounted, held
+    /// or open, unless --force.
+    Detach {
+        /// The device (/dev/nbdN); or the resource, which the device must be
+        /// attached to, followed by the device.
+        #[arg(value_name = "RESOURCE|DEVICE")]
+        first: String,
+        /// The device, when the first argument names the resource.
+        device: Option<String>,
+        /// Disconnect even while in use: outstanding and later I/O fails.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// A failure with its exit code.
@@ -251,6 +295,35 @@ fn run(cli: Cli) -> Result<(), Fail> {
             let config = load(cli.config, resource.as_deref())?;
             let node = local(&config, node_arg)?;
             client::events(&node, json, now)
+        }
+        Verb::Attach {
+            resource,
+            device,
+            connections,
+            timeout_secs,
+            dead_conn_timeout_secs,
+            ioctl,
+            foreground,
+            log,
+        } => {
+            let config = load(cli.config, Some(&resource))?;
+            let opts = attach::AttachOptions {
+                device,
+                connections,
+                timeout_secs,
+                dead_conn_timeout_secs,
+                force_ioctl: ioctl,
+                foreground,
+                log,
+            };
+            attach::attach(&config, opts)
+        }
+        Verb::Detach { first, device, force } => {
+            let (resource, device) = match &device {
+                Some(device) => (Some(first.as_str()), device),
+                None => (None, &first),
+            };
+            attach::detach(resource, std::path::Path::new(device), force)
         }
         Verb::Invalidate { resource } => simple(cli.config, resource, node_arg, "invalidate"),
         Verb::InvalidateRemote { resource } => simple(cli.config, resource, node_arg, "invalidate-remote"),

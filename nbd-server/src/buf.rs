@@ -125,6 +125,44 @@ impl BufPool {
     }
 }
 
+impl BufPool {
+    /// Puts up to `count` buffers of `len` bytes' size class in the free list, their
+    /// pages touched, so that serving requests of that size allocates nothing — what
+    /// a server in the I/O path of a kernel client on the same host needs when memory
+    /// is short (the pages exist before reclaim can need this process). Returns how
+    /// many were added (the free list's bound caps it).
+    pub fn prefill(&self, len: usize, count: usize) -> usize {
+        let class = class_of(len.min(MAX_BUF_BYTES));
+        let size = 1usize << (MIN_CLASS_SHIFT as usize + class);
+        let mut added = 0;
+        for _ in 0..count {
+            let mut storage = Storage::new(size);
+            // calloc'd memory may not be backed yet; writing makes the pages real.
+            for page in storage.bytes.chunks_mut(BUF_ALIGN_BYTES) {
+                page[0] = 1;
+            }
+            let inner = Arc::new(Inner { storage, len: 0, pool: None });
+            if self.shared.classes[class].push(inner).is_err() {
+                break;
+            }
+            added += 1;
+        }
+        added
+    }
+
+    /// [`BufPool::prefill`] of every size class a kernel NBD client uses by default
+    /// (4 KiB to 2 MiB; requests are at most `max_sectors_kb`, 1280 KiB unless
+    /// raised): about 24 MiB.
+    pub fn prefill_for_kernel_client(&self) -> usize {
+        (MIN_CLASS_SHIFT..=21)
+            .map(|shift| {
+                let size = 1usize << shift;
+                self.prefill(size, ((4usize << 20) / size).clamp(2, 32))
+            })
+            .sum()
+    }
+}
+
 fn class_of(len: usize) -> usize {
     let shift = len.max(1).next_power_of_two().trailing_zeros().max(MIN_CLASS_SHIFT);
     (shift - MIN_CLASS_SHIFT) as usize
@@ -310,5 +348,18 @@ mod tests {
         m[9] = 1;
         m.truncate(5);
         assert_eq!(m.len(), 5);
+    }
+
+    #[test]
+    fn prefilled_buffers_are_handed_out_and_bounded() {
+        let pool = BufPool::new(4 * 65536); // four 64 KiB buffers at most
+        assert_eq!(pool.prefill(65536, 10), 4, "capped by the free list");
+        assert_eq!(pool.shared.classes[4].len(), 4);
+        let b = pool.get(40_000);
+        assert_eq!((b.len(), pool.shared.classes[4].len()), (40_000, 3), "taken from the free list");
+        drop(b);
+        assert_eq!(pool.shared.classes[4].len(), 4, "and returned to it");
+        let all = BufPool::default().prefill_for_kernel_client();
+        assert_eq!(all, 6 * 32 + 16 + 8 + 4 + 2);
     }
 }

@@ -45,6 +45,8 @@ impl ServerConfig {
 pub struct ServerStats {
     /// Connections currently open (handshake or transmission).
     pub active_connections: AtomicUsize,
+    /// Connections in transmission (they can do I/O); what a role change waits for.
+    pub transmission_connections: AtomicUsize,
     /// Connections accepted since start.
     pub accepted_connections: AtomicU64,
     /// Connections that ended with a protocol violation or I/O error.
@@ -272,6 +274,15 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// The same for the transmission count.
+struct TransmissionGuard(Arc<ServerStats>);
+
+impl Drop for TransmissionGuard {
+    fn drop(&mut self) {
+        self.0.transmission_connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn connection<S: IntoHalves, D: BlockDevice>(stream: S, peer: String, ctx: Ctx<D>) {
     let stats = &ctx.stats;
     stats.accepted_connections.fetch_add(1, Ordering::Relaxed);
@@ -307,8 +318,18 @@ async fn serve_stream<S: IntoHalves, D: BlockDevice>(
     let Outcome::Transmission(negotiated) = outcome else { return Ok(()) };
     tracing::debug!(%peer, structured = negotiated.structured_replies, "transmission phase");
     let (r, w) = stream.into_halves();
+    ctx.stats.transmission_connections.fetch_add(1, Ordering::SeqCst);
+    let _counted = TransmissionGuard(ctx.stats.clone());
     // Subscribed now: a disconnect requested from here on ends this connection.
     let kick = ctx.kick.subscribe();
+    // The export may have closed (a role change, a forced disconnect) between GO and
+    // here, unseen by the kick above: checked again now that both are in place, so a
+    // role change that waits for the transmission count to reach zero is never
+    // overtaken by a client.
+    if let Err(why) = ctx.device.check_open() {
+        tracing::info!(%peer, %why, "export closed during the handshake; disconnecting");
+        return Ok(());
+    }
     transmission::run(r, w, ctx.device.clone(), negotiated, ctx.pool.clone(), ctx.shutdown.clone(), kick)
         .await
 }

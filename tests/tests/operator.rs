@@ -645,3 +645,50 @@ fn events_stream_follows_connect_resync_role_switch_and_disconnect() {
     p.stop_node(0);
     p.stop_node(1);
 }
+
+/// `secondary --force` against a client that reconnects as soon as it is closed (what
+/// `blockctl attach`'s resident does): while the demotion waits for its clients to
+/// go, new ones are refused ("becoming Secondary"), so the demotion completes.
+#[test]
+fn forced_demotion_is_not_held_off_by_a_reconnecting_client() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    let (mut p, _size) = primary_pair("op-redial", &PairOpts::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let sessions = Arc::new(AtomicU32::new(0));
+    let refusals = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let redialer = {
+        let (addr, stop, sessions, refusals) =
+            (addr(&p, 0), stop.clone(), sessions.clone(), refusals.clone());
+        std::thread::spawn(move || {
+            // Bounded: the demotion takes well under this many rounds.
+            for _ in 0..100_000 {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let mut c = RawClient::connect_fixed(&addr);
+                match c.info_or_go(blockd_tests::raw::OPT_GO, EXPORT) {
+                    Ok(_) => {
+                        sessions.fetch_add(1, Ordering::SeqCst);
+                        // Held until the server closes it; then redial at once.
+                        while !stop.load(Ordering::SeqCst) && !c.closed_by_server() {}
+                    }
+                    Err(t) => refusals.lock().expect("lock").push(t),
+                }
+            }
+        })
+    };
+    p.wait(WAIT, |_| sessions.load(Ordering::SeqCst) >= 1, "the redialing client is connected");
+    p.ctl_ok(0, &["secondary", "--force"]);
+    assert_eq!(role(&p, 0), "Secondary");
+    stop.store(true, Ordering::SeqCst);
+    redialer.join().expect("redialer");
+    assert_eq!(sessions.load(Ordering::SeqCst), 1, "no client got in during or after the demotion");
+    let refusals = refusals.lock().expect("lock");
+    assert!(!refusals.is_empty(), "the client redialed and was refused");
+    assert!(refusals.iter().all(|t| *t == 0x8000_0002), "ERR_POLICY each time: {refusals:x?}");
+    // And the node serves again once promoted.
+    p.ctl_ok(0, &["primary"]);
+    RawClient::handshake(&addr(&p, 0), EXPORT, false);
+}

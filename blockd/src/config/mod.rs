@@ -25,6 +25,8 @@
 //! # metrics = "127.0.0.1:9942"  # Prometheus text endpoint, GET /metrics
 //! # fence-peer = "/usr/lib/ocf/resource.d/blockd/crm-fence-peer"   # handlers, run
 //! # after-resync-target = "/usr/lib/ocf/resource.d/blockd/crm-unfence-peer"  # with sh -c
+//! # mlock = false               # mlockall: for a kernel NBD client on the same host
+//! # oom-score-adj = -1000       # /proc/self/oom_score_adj at start
 //! ```
 //!
 //! Types:
@@ -86,6 +88,8 @@ pub const MIN_SEND_BUFFER_BYTES: u64 = 64 << 10;
 pub const MAX_SEND_BUFFER_BYTES: u64 = 4 << 30;
 /// Default activity-log size in extents (DRBD's `al-extents` default).
 pub const DEFAULT_AL_EXTENTS: u32 = 1237;
+/// `oom-score-adj` when absent: blockd is in its clients' I/O path.
+pub const DEFAULT_OOM_SCORE_ADJ: i32 = -1000;
 /// Fewest activity-log extents: a smaller log would write its slot on almost every
 /// write that touches a new region.
 pub const MIN_AL_EXTENTS: u32 = 16;
@@ -193,6 +197,12 @@ pub struct NodeConfig {
     pub metrics: Option<HostPort>,
     /// Commands run on replication events (DRBD's handlers).
     pub handlers: Handlers,
+    /// `mlock`: lock all of blockd's memory (`mlockall`), so serving a kernel NBD
+    /// client on the same host never waits on paging. Default off.
+    pub mlock: bool,
+    /// `oom-score-adj`: written to `/proc/self/oom_score_adj` at start; default
+    /// -1000 (never chosen by the OOM killer: a killed blockd stalls every client).
+    pub oom_score_adj: i32,
     /// Where the keys were written, so that checks made later against the machine
     /// ([`Config::check_local`]) can point at the line like parse errors do.
     pub lines: NodeLines,
@@ -389,6 +399,7 @@ impl Config {
             if let Some(cmd) = &n.handlers.after_resync_target {
                 let _ = writeln!(out, "after-resync-target = {}", q(cmd));
             }
+            let _ = writeln!(out, "mlock = {}\noom-score-adj = {}", n.mlock, n.oom_score_adj);
         }
         out
     }

@@ -47,6 +47,8 @@ pub(super) struct RawNode {
     pub metrics: Option<Spanned<String>>,
     pub fence_peer: Option<Spanned<String>>,
     pub after_resync_target: Option<Spanned<String>>,
+    pub mlock: Option<Spanned<bool>>,
+    pub oom_score_adj: Option<Spanned<RawInt>>,
 }
 
 /// Declares a string newtype whose type errors name what the string should be.

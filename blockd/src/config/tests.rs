@@ -114,6 +114,8 @@ fn spec_example_parses_with_defaults() {
             control_group: None,
             metrics: None,
             handlers: Handlers::default(),
+            mlock: false,
+            oom_score_adj: DEFAULT_OOM_SCORE_ADJ,
             lines: NodeLines { disk: L_NODE0_DISK, meta: L_NODE0_META },
         }
     );
@@ -304,7 +306,8 @@ fn unknown_keys() {
     assert_eq!(
         err(&spec_with(&[(L_NODE0_NBD, r#"nbd-addr = "127.0.0.1:10809""#)])),
         "r0.toml:10: key `node[0].nbd-addr`: unknown key \
-         (expected one of: name, replication, nbd, disk, meta, control, control-group, metrics, fence-peer, after-resync-target)"
+         (expected one of: name, replication, nbd, disk, meta, control, control-group, metrics, \
+         fence-peer, after-resync-target, mlock, oom-score-adj)"
     );
     assert_eq!(
         err(&spec_with(&[(L_GRANULARITY, "bitmap_granularity = 4096")])),
@@ -824,4 +827,22 @@ fn metrics_and_control_group_keys() {
         err(&spec_with(&[(L_NODE0_CONTROL, "metrics = \"127.0.0.1:7789\"")])),
         "r0.toml:14: key `node[0].metrics`: address 127.0.0.1:7789 is already used by node[0].replication (line 9)"
     );
+}
+
+#[test]
+fn io_path_safety_keys() {
+    let c = ok(&spec_with(&[(L_NODE0_CONTROL, "mlock = true"), (L_NODE0_FREE, "oom-score-adj = -500")]));
+    assert!(c.nodes[0].mlock);
+    assert_eq!(c.nodes[0].oom_score_adj, -500);
+    assert!(!c.nodes[1].mlock);
+    assert_eq!(c.nodes[1].oom_score_adj, DEFAULT_OOM_SCORE_ADJ);
+    let shown = c.effective_toml();
+    assert!(shown.contains("mlock = true\noom-score-adj = -500"), "{shown}");
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_FREE, "oom-score-adj = -1001")])),
+        format!(
+            "r0.toml:{L_NODE0_FREE}: key `node[0].oom-score-adj`: -1001 is not allowed; use -1000 to 1000"
+        )
+    );
+    assert!(err(&spec_with(&[(L_NODE0_FREE, "mlock = \"yes\"")])).contains("node[0].mlock"));
 }

@@ -17,10 +17,10 @@ use super::values::{
 };
 use super::{
     Config, ConfigError, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_GRANULARITY, DEFAULT_CONTROL_DIR,
-    DEFAULT_RESYNC_MIN_RATE_BYTES_PER_SEC, DEFAULT_SEND_BUFFER_BYTES, Handlers, HostPort, ListenAddr,
-    MAX_AL_EXTENTS_CONFIG, MAX_BITMAP_GRANULARITY, MAX_SEND_BUFFER_BYTES, MIN_AL_EXTENTS,
-    MIN_BITMAP_GRANULARITY, MIN_RESYNC_RATE_BYTES_PER_SEC, MIN_SEND_BUFFER_BYTES, MetaLocation, NodeConfig,
-    NodeLines, Protocol, ResourceConfig, ResyncRate,
+    DEFAULT_OOM_SCORE_ADJ, DEFAULT_RESYNC_MIN_RATE_BYTES_PER_SEC, DEFAULT_SEND_BUFFER_BYTES, Handlers,
+    HostPort, ListenAddr, MAX_AL_EXTENTS_CONFIG, MAX_BITMAP_GRANULARITY, MAX_SEND_BUFFER_BYTES,
+    MIN_AL_EXTENTS, MIN_BITMAP_GRANULARITY, MIN_RESYNC_RATE_BYTES_PER_SEC, MIN_SEND_BUFFER_BYTES,
+    MetaLocation, NodeConfig, NodeLines, Protocol, ResourceConfig, ResyncRate,
 };
 
 /// Sizes must be whole sectors.
@@ -476,6 +476,18 @@ impl Cx<'_> {
             after_resync_target: handler(&raw.after_resync_target, "after-resync-target")?,
         };
 
+        let oom_score_adj = match &raw.oom_score_adj {
+            None => DEFAULT_OOM_SCORE_ADJ,
+            Some(n) => match i32::try_from(n.get_ref().0) {
+                Ok(v) if (-1000..=1000).contains(&v) => v,
+                _ => {
+                    let why = format!("{} is not allowed; use -1000 to 1000", n.get_ref().0);
+                    return Err(self.at(n, &k("oom-score-adj"), why));
+                }
+            },
+        };
+        let mlock = raw.mlock.as_ref().is_some_and(|m| *m.get_ref());
+
         let lines = NodeLines { disk: self.line(disk_s.span().start), meta: self.line(meta_s.span().start) };
         Ok(NodeConfig {
             name: name.clone(),
@@ -487,6 +499,8 @@ impl Cx<'_> {
             control_group,
             metrics,
             handlers,
+            mlock,
+            oom_score_adj,
             lines,
         })
     }

@@ -99,6 +99,8 @@ pub async fn run(
 
     let listeners = crate::daemon::bind_nbd(&node).await?;
     let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
+    // Buffers for a kernel client's requests exist before memory gets short.
+    server.pool().prefill_for_kernel_client();
     let nbd_clients = server.stats();
     let disconnector = server.disconnector();
 

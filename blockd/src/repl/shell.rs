@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use nbd_server::{BlockDevice, ExportInfo, NbdError, Request as NbdRequest, Responder};
 use nix::errno::Errno;
@@ -130,6 +130,10 @@ impl IoSink for CoreSink {
 pub struct Shared {
     role: AtomicU8,
     peer_role: AtomicU8,
+    /// `secondary --force` is closing the NBD clients: refuse new ones meanwhile (a
+    /// reconnecting kernel client would otherwise come straight back and hold off
+    /// the demotion).
+    demoting: AtomicBool,
     pub local_name: String,
     pub peer_name: String,
 }
@@ -158,6 +162,9 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     fn check_open(&self) -> Result<(), String> {
+        if self.shared.demoting.load(Ordering::Acquire) {
+            return Err(format!("node {} is becoming Secondary", self.shared.local_name));
+        }
         if self.shared.role() == Role::Primary {
             return Ok(());
         }
@@ -664,7 +671,7 @@ impl Running {
                 Err(e) => Err(e),
             },
             Command::Secondary { force } => {
-                let clients = self.t.nbd_clients.active_connections.load(Ordering::Relaxed);
+                let clients = self.t.nbd_clients.transmission_connections.load(Ordering::SeqCst);
                 if clients > 0 && force {
                     return self.force_demote(req.reply);
                 }
@@ -675,6 +682,15 @@ impl Running {
                         Ok(actions) => return self.after_role_change(actions, req.reply),
                         Err(e) => Err(e),
                     }
+                }
+            }
+            Command::FinishForcedDemotion => {
+                // Clients counted now came in during their handshake and leave on
+                // their own (the export check after GO), with no I/O done.
+                self.t.shared.demoting.store(false, Ordering::Release);
+                match self.t.core.demote() {
+                    Ok(actions) => return self.after_role_change(actions, req.reply),
+                    Err(e) => Err(e),
                 }
             }
             Command::Connect { discard_my_data } if discard_my_data && self.link.is_some() => {
@@ -739,14 +755,17 @@ impl Running {
     /// the peer, then demote as usual.
     fn force_demote(&mut self, reply: oneshot::Sender<Result<serde_json::Value, String>>) {
         tracing::info!("secondary --force: disconnecting NBD clients");
+        self.t.shared.demoting.store(true, Ordering::Release);
         self.t.disconnector.disconnect_all();
         let clients = self.t.nbd_clients.clone();
+        let shared = self.t.shared.clone();
         let inputs = self.t.inputs_tx.clone();
         let control = self.t.control_tx.clone();
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + FORCE_DEMOTE_TIMEOUT;
-            while clients.active_connections.load(Ordering::Relaxed) > 0 {
+            while clients.transmission_connections.load(Ordering::SeqCst) > 0 {
                 if tokio::time::Instant::now() >= deadline {
+                    shared.demoting.store(false, Ordering::Release);
                     let _ = reply.send(Err("NBD clients did not disconnect in time; retry".into()));
                     return;
                 }
@@ -756,7 +775,7 @@ impl Running {
             if inputs.send(Input::Drain { done: done_tx }).is_ok() {
                 let _ = tokio::time::timeout(FORCE_DEMOTE_TIMEOUT, done_rx).await;
             }
-            let again = ControlRequest { command: Command::Secondary { force: false }, reply };
+            let again = ControlRequest { command: Command::FinishForcedDemotion, reply };
             let _ = control.send(again).await;
         });
     }
@@ -902,6 +921,7 @@ pub fn new_shared(local_name: &str, peer_name: &str) -> Arc<Shared> {
     Arc::new(Shared {
         role: AtomicU8::new(Role::Secondary.code()),
         peer_role: AtomicU8::new(0),
+        demoting: AtomicBool::new(false),
         local_name: local_name.to_string(),
         peer_name: peer_name.to_string(),
     })

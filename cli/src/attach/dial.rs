@@ -1,0 +1,122 @@
+//! Finding the Primary: try every node's `nbd` address from the config in order,
+//! negotiate the resource's export with the `nbd-server` crate's client handshake
+//! (a Secondary refuses `NBD_OPT_GO`), and return the negotiated sockets in
+//! blocking mode, ready to hand to the kernel.
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use blockd::config::{Config, ListenAddr};
+use nbd_server::client::{ExportDetails, handshake};
+use nbd_server::proto::tflags;
+use tokio::net::{TcpStream, UnixStream};
+use tokio::runtime::Runtime;
+
+/// One TCP connect (or Unix connect) may take this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// One handshake may take this long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sockets negotiated with one node.
+#[derive(Debug)]
+pub struct Session {
+    pub node: String,
+    pub addr: String,
+    pub details: ExportDetails,
+    pub sockets: Vec<OwnedFd>,
+}
+
+/// A current-thread runtime: dialing is a handful of sequential handshakes, and a
+/// process that forks (the attach resident) must not have runtime threads yet.
+pub fn runtime() -> std::io::Result<Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()
+}
+
+async fn open(addr: &ListenAddr, export: &str) -> Result<(ExportDetails, OwnedFd), String> {
+    let within = |d, what: &'static str| move |_| format!("{what} timed out after {d:?}");
+    match addr {
+        ListenAddr::Tcp(hp) => {
+            let mut s =
+                tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((hp.host.as_str(), hp.port)))
+                    .await
+                    .map_err(within(CONNECT_TIMEOUT, "connect"))?
+                    .map_err(|e| e.to_string())?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            let details = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut s, export))
+                .await
+                .map_err(within(HANDSHAKE_TIMEOUT, "handshake"))?
+                .map_err(|e| e.to_string())?;
+            let s = s.into_std().map_err(|e| e.to_string())?;
+            s.set_nonblocking(false).map_err(|e| e.to_string())?;
+            Ok((details, s.into()))
+        }
+        ListenAddr::Unix(path) => {
+            let mut s = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
+                .await
+                .map_err(within(CONNECT_TIMEOUT, "connect"))?
+                .map_err(|e| e.to_string())?;
+            let details = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut s, export))
+                .await
+                .map_err(within(HANDSHAKE_TIMEOUT, "handshake"))?
+                .map_err(|e| e.to_string())?;
+            let s = s.into_std().map_err(|e| e.to_string())?;
+            s.set_nonblocking(false).map_err(|e| e.to_string())?;
+            Ok((details, s.into()))
+        }
+    }
+}
+
+/// Negotiates `connections` sockets with the first node that serves the export.
+/// `expect`: the size and flags a reconnect must find unchanged. The error lists
+/// every address tried and why it failed.
+pub fn primary(
+    rt: &Runtime,
+    config: &Config,
+    connections: usize,
+    expect: Option<&ExportDetails>,
+) -> Result<Session, String> {
+    let export = config.resource.name.as_str();
+    let mut tried = Vec::new();
+    for node in &config.nodes {
+        for addr in &node.nbd {
+            let first = rt.block_on(open(addr, export));
+            let (details, sock) = match first {
+                Ok(ok) => ok,
+                Err(e) => {
+                    tried.push(format!("{} ({addr}): {e}", node.name));
+                    continue;
+                }
+            };
+            if let Some(old) = expect
+                && (old.size_bytes != details.size_bytes
+                    || old.transmission_flags != details.transmission_flags)
+            {
+                tried.push(format!(
+                    "{} ({addr}): exports {} bytes with flags {:#x}, but the device has {} bytes with flags {:#x}",
+                    node.name, details.size_bytes, details.transmission_flags, old.size_bytes, old.transmission_flags
+                ));
+                continue;
+            }
+            if connections > 1 && details.transmission_flags & tflags::CAN_MULTI_CONN == 0 {
+                return Err(format!(
+                    "{} ({addr}) does not allow several connections (no CAN_MULTI_CONN); use --connections 1",
+                    node.name
+                ));
+            }
+            let mut sockets = vec![sock];
+            while sockets.len() < connections {
+                match rt.block_on(open(addr, export)) {
+                    Ok((d, s)) if d == details => sockets.push(s),
+                    Ok(_) => {
+                        return Err(format!("{} ({addr}) changed its export between connections", node.name));
+                    }
+                    Err(e) => {
+                        return Err(format!("{} ({addr}): connection {}: {e}", node.name, sockets.len() + 1));
+                    }
+                }
+            }
+            return Ok(Session { node: node.name.clone(), addr: addr.to_string(), details, sockets });
+        }
+    }
+    Err(format!("no node serves {export:?} (is one Primary?): {}", tried.join("; ")))
+}
