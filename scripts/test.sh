@@ -46,3 +46,7 @@ echo "== tests"
 # Unit tests and integration suites (real blockd processes) in one run; the
 # integration tests find target/release/blockd built above.
 cargo test --workspace --release -q -- --test-threads "${BLOCKD_TEST_THREADS:-4}"
+# The kernel NBD client (blockctl attach/detach, failover) in a qemu guest: the
+# host kernel has no nbd module. Uses the release binaries built above.
+echo "== vm-tests"
+./vm-tests/run
