@@ -2,7 +2,8 @@
 # detach: detach while idle works; while the filesystem is mounted and being written,
 # `blockctl detach` is refused (exit 1, says why), the device stays attached and the
 # filesystem intact; while a raw writer holds the device open, plain detach is refused
-# too and `detach --force` disconnects it (the writer gets errors, the device is gone).
+# too and `detach --force` disconnects it (the writer gets errors, the device is gone);
+# with no Primary left, `detach --force` ends a write waiting for a reconnect.
 # shellcheck source=lib.sh
 . /scenarios/lib.sh
 
@@ -61,4 +62,28 @@ says 'open|held|busy|in use' "detach of a device open by a raw writer"
 [ -n "$(dev_pid "$NBD")" ] || fail "$NBD detached by a refused detach"
 detach --force
 wait_until "the raw writer failed and exited after detach --force" 30 not_running "$RAW"
+
+# No Primary any more: alpha's blockd killed, beta left Secondary. A write waits for
+# a reconnect that cannot come (dead-conn timeout 120 s); detach --force ends the
+# wait, the write fails.
+attach --timeout-secs 10 --dead-conn-timeout-secs 120
+# The first open after attach rescans partitions (reads): done now, so that the
+# write below is what waits, not its open.
+must dd if="$NBD" of=/dev/null bs=4096 count=1
+kill -9 "$(field alpha .pid)"
+(
+    rc=0
+    dd if=/dev/zero of="$NBD" bs=65536 count=16 conv=fsync 2>"$DIR/stuck.err" || rc=$?
+    echo "$rc" >"$DIR/stuck.rc"
+) &
+STUCK=$!
+BG_PIDS="$BG_PIDS $STUCK"
+sleep 2 # not a synchronization: the write must still be waiting after this long
+[ ! -e "$DIR/stuck.rc" ] || fail "a write with no Primary completed (exit $(cat "$DIR/stuck.rc"))"
+t0=$(now)
+detach --force
+says 'in use' "detach --force of a device with a waiting writer (its message)"
+wait_until "the waiting write ended after detach --force" 30 test -e "$DIR/stuck.rc"
+[ "$(cat "$DIR/stuck.rc")" != 0 ] || fail "the write waiting for a Primary succeeded after detach --force"
+log "the waiting write failed $(awk "BEGIN {print $(now) - $t0}")s after detach --force: $(tail -n1 "$DIR/stuck.err")"
 pair_down
