@@ -127,7 +127,8 @@ net_down() {   # kills what is left in OUR namespaces (only this harness uses th
 write_blockd_config() {
     local n
     {
-        printf '[resource]\nname = "r0"\nprotocol = "C"\n'
+        # The nodes talk over a veth, not loopback: peers must authenticate.
+        printf '[resource]\nname = "r0"\nprotocol = "C"\nshared-secret = "pacemaker test cluster secret"\n'
         for n in "${NODES[@]}"; do
             # NBD on a Unix socket in the node's host dir (a path: reachable from
             # the test process too); control socket in the node's private /run.

@@ -63,6 +63,9 @@ pub struct Node {
     pub control: PathBuf,
     pub nbd: PathBuf,
     pub daemon: Option<Daemon>,
+    /// This node's own config file, when a test gives it one that differs from
+    /// the pair's (e.g. another `shared-secret`).
+    pub config: Option<PathBuf>,
 }
 
 /// Two nodes of resource `r0`.
@@ -126,6 +129,10 @@ impl Pair {
             .clone()
             .unwrap_or_else(|| [free_port(), free_port()].map(|port| format!("127.0.0.1:{port}")));
         let mut text = format!("[resource]\nname = \"{EXPORT}\"\nprotocol = \"{}\"\n", opts.protocol);
+        if opts.replication.is_some() && !opts.extra_resource.contains("shared-secret") {
+            // Off loopback (namespaces), peers must authenticate (SPEC §6).
+            text.push_str("shared-secret = \"blockd test pair secret 0123456789\"\n");
+        }
         text.push_str(&opts.extra_resource);
         if !text.ends_with('\n') {
             text.push('\n');
@@ -141,6 +148,7 @@ impl Pair {
                 control: dir.join(&format!("{name}.ctl")),
                 nbd: dir.join(&format!("{name}.nbd")),
                 daemon: None,
+                config: None,
             }
         });
         for (node, extra) in nodes.iter().zip(&opts.extra_node) {
@@ -185,7 +193,7 @@ impl Pair {
         let args = vec![
             "run".to_string(),
             "--config".to_string(),
-            self.config.display().to_string(),
+            self.node_config(n).display().to_string(),
             "--node".to_string(),
             node.name.to_string(),
         ];
@@ -204,6 +212,11 @@ impl Pair {
         self.wait(Duration::from_secs(30), |p| p.try_status(n).is_some(), &format!("{} answers", NODES[n]));
     }
 
+    /// The config file node `n` runs with.
+    pub fn node_config(&self, n: usize) -> &Path {
+        self.nodes[n].config.as_deref().unwrap_or(&self.config)
+    }
+
     pub fn daemon(&mut self, n: usize) -> &mut Daemon {
         self.nodes[n].daemon.as_mut().expect("node started")
     }
@@ -211,7 +224,7 @@ impl Pair {
     /// Runs `blockctl --config C --node N ARGS`.
     pub fn ctl(&self, n: usize, args: &[&str]) -> Output {
         let mut cmd = Command::new(binary("blockctl"));
-        cmd.arg("--config").arg(&self.config).arg("--node").arg(self.nodes[n].name).args(args);
+        cmd.arg("--config").arg(self.node_config(n)).arg("--node").arg(self.nodes[n].name).args(args);
         run_capture(&mut cmd, Duration::from_secs(120))
     }
 
@@ -251,7 +264,7 @@ impl Pair {
     /// the returned [`EventStream`] is stopped or dropped.
     pub fn events(&self, n: usize, json: bool) -> EventStream {
         let mut cmd = Command::new(binary("blockctl"));
-        cmd.arg("--config").arg(&self.config).arg("--node").arg(self.nodes[n].name).arg("events");
+        cmd.arg("--config").arg(self.node_config(n)).arg("--node").arg(self.nodes[n].name).arg("events");
         if json {
             cmd.arg("--json");
         }

@@ -13,6 +13,9 @@
 //! # resync-rate = "auto"          # or bytes per second, e.g. "100MiB"; at least 1MiB
 //! # resync-min-rate = "8MiB"      # auto: the rate kept while applications write
 //! # resync-checksum = false       # resync sends only granules whose digests differ
+//! # shared-secret = "…"           # peers authenticate (HMAC challenge); >= 16 bytes;
+//! #                               # required when a replication address is not loopback
+//! # allow-unauthenticated-peers = false   # opt out of that requirement
 //!
 //! [[node]]
 //! name = "alpha"
@@ -88,6 +91,8 @@ pub const MIN_SEND_BUFFER_BYTES: u64 = 64 << 10;
 pub const MAX_SEND_BUFFER_BYTES: u64 = 4 << 30;
 /// Default activity-log size in extents (DRBD's `al-extents` default).
 pub const DEFAULT_AL_EXTENTS: u32 = 1237;
+/// Shortest `shared-secret`, in bytes.
+pub const MIN_SHARED_SECRET_BYTES: usize = 16;
 /// `oom-score-adj` when absent: blockd is in its clients' I/O path.
 pub const DEFAULT_OOM_SCORE_ADJ: i32 = -1000;
 /// Fewest activity-log extents: a smaller log would write its slot on almost every
@@ -139,6 +144,32 @@ pub struct ResourceConfig {
     /// Checksum-based resync: the target sends per-granule digests and the source
     /// sends only granules that differ.
     pub resync_checksum: bool,
+    /// `shared-secret`: peers prove they know it (HMAC-SHA256 challenge at connect)
+    /// before anything they send is used.
+    pub shared_secret: Option<SharedSecret>,
+    /// `allow-unauthenticated-peers`: run without `shared-secret` although a node's
+    /// replication address is not loopback.
+    pub allow_unauthenticated_peers: bool,
+}
+
+/// The peers' shared secret; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SharedSecret(String);
+
+impl SharedSecret {
+    pub fn new(secret: String) -> SharedSecret {
+        SharedSecret(secret)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for SharedSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedSecret(<hidden>)")
+    }
 }
 
 /// `resync-rate`.
@@ -371,6 +402,13 @@ impl Config {
         }
         let _ = writeln!(out, "resync-min-rate = {}", r.resync_min_rate_bytes_per_sec);
         let _ = writeln!(out, "resync-checksum = {}", r.resync_checksum);
+        if r.shared_secret.is_some() {
+            // Never printed; `show` output may end up in tickets and logs.
+            let _ = writeln!(out, "# shared-secret: set (not shown)");
+        }
+        if r.allow_unauthenticated_peers {
+            let _ = writeln!(out, "allow-unauthenticated-peers = true");
+        }
         for n in &self.nodes {
             let nbd: Vec<String> = n.nbd.iter().map(|a| q(&a.to_string())).collect();
             let meta = match &n.meta {

@@ -31,6 +31,8 @@ pub(super) struct RawResource {
     pub resync_rate: Option<Spanned<RawRate>>,
     pub resync_min_rate: Option<Spanned<RawRate>>,
     pub resync_checksum: Option<Spanned<bool>>,
+    pub shared_secret: Option<Spanned<String>>,
+    pub allow_unauthenticated_peers: Option<Spanned<bool>>,
 }
 
 /// One `[[node]]`.

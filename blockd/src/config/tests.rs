@@ -99,6 +99,8 @@ fn spec_example_parses_with_defaults() {
             resync_rate: ResyncRate::Auto,
             resync_min_rate_bytes_per_sec: 8 << 20,
             resync_checksum: false,
+            shared_secret: None,
+            allow_unauthenticated_peers: false,
         }
     );
     assert_eq!(c.nodes.len(), 2);
@@ -180,6 +182,7 @@ fn ipv6_and_dns_hosts() {
         (L_NODE0_REPL, r#"replication = "[fe80::1]:7789""#),
         (L_NODE0_NBD, r#"nbd = "[::1]:10809""#),
         (L_NODE1_REPL, r#"replication = "beta.example.com:7790""#),
+        (L_SIZE, r#"shared-secret = "0123456789abcdef""#),
     ]));
     assert_eq!(c.nodes[0].replication, tcp("fe80::1", 7789));
     assert_eq!(c.nodes[0].replication.to_string(), "[fe80::1]:7789");
@@ -313,7 +316,7 @@ fn unknown_keys() {
         err(&spec_with(&[(L_GRANULARITY, "bitmap_granularity = 4096")])),
         "r0.toml:5: key `resource.bitmap_granularity`: unknown key \
          (expected one of: name, protocol, size, bitmap-granularity, send-buffer, al-extents, \
-         resync-rate, resync-min-rate, resync-checksum)"
+         resync-rate, resync-min-rate, resync-checksum, shared-secret, allow-unauthenticated-peers)"
     );
     assert_eq!(
         err(&spec_with(&[(1, "[resources]")])),
@@ -845,4 +848,34 @@ fn io_path_safety_keys() {
         )
     );
     assert!(err(&spec_with(&[(L_NODE0_FREE, "mlock = \"yes\"")])).contains("node[0].mlock"));
+}
+
+#[test]
+fn peers_off_loopback_must_authenticate() {
+    let off = r#"replication = "10.0.0.1:7789""#;
+    assert_eq!(
+        err(&spec_with(&[(L_NODE0_REPL, off)])),
+        format!(
+            "r0.toml:{L_NODE0_REPL}: key `node[0].replication`: 10.0.0.1:7789 is not a loopback address, so \
+             peers must authenticate: set resource.shared-secret (the same on every node), or \
+             resource.allow-unauthenticated-peers = true"
+        )
+    );
+    let secret = r#"shared-secret = "0123456789abcdef""#;
+    let c = ok(&spec_with(&[(L_NODE0_REPL, off), (L_SIZE, secret)]));
+    assert_eq!(c.resource.shared_secret.as_ref().map(|s| s.as_bytes()), Some(&b"0123456789abcdef"[..]));
+    assert_eq!(format!("{:?}", c.resource.shared_secret), "Some(SharedSecret(<hidden>))");
+    let shown = c.effective_toml();
+    assert!(!shown.contains("0123456789abcdef") && shown.contains("# shared-secret: set (not shown)"));
+    let c = ok(&spec_with(&[(L_NODE0_REPL, off), (L_SIZE, "allow-unauthenticated-peers = true")]));
+    assert!(c.resource.allow_unauthenticated_peers && c.resource.shared_secret.is_none());
+    // Loopback pairs (tests, a demo on one machine) need neither; "localhost" counts.
+    ok(&spec_with(&[(L_NODE0_REPL, r#"replication = "localhost:7789""#)]));
+    assert_eq!(
+        err(&spec_with(&[(L_SIZE, r#"shared-secret = "short""#)])),
+        format!(
+            "r0.toml:{L_SIZE}: key `resource.shared-secret`: 5 bytes is too short; use at least 16 (e.g. the \
+             output of `openssl rand -base64 32`)"
+        )
+    );
 }

@@ -20,7 +20,8 @@ use super::{
     DEFAULT_OOM_SCORE_ADJ, DEFAULT_RESYNC_MIN_RATE_BYTES_PER_SEC, DEFAULT_SEND_BUFFER_BYTES, Handlers,
     HostPort, ListenAddr, MAX_AL_EXTENTS_CONFIG, MAX_BITMAP_GRANULARITY, MAX_SEND_BUFFER_BYTES,
     MIN_AL_EXTENTS, MIN_BITMAP_GRANULARITY, MIN_RESYNC_RATE_BYTES_PER_SEC, MIN_SEND_BUFFER_BYTES,
-    MetaLocation, NodeConfig, NodeLines, Protocol, ResourceConfig, ResyncRate,
+    MIN_SHARED_SECRET_BYTES, MetaLocation, NodeConfig, NodeLines, Protocol, ResourceConfig, ResyncRate,
+    SharedSecret,
 };
 
 /// Sizes must be whole sectors.
@@ -158,6 +159,24 @@ impl Cx<'_> {
             let key = format!("node[{i}]");
             out.push(self.node(&key, node, &resource.name, &mut names, &mut endpoints)?);
         }
+        // SPEC §6: peers authenticate in production. A pair on loopback (tests, a
+        // demo on one machine) may go without; anything that crosses a network needs
+        // the secret or an explicit opt-out.
+        if out.len() > 1 && resource.shared_secret.is_none() && !resource.allow_unauthenticated_peers {
+            let nodes = nodes.get_ref();
+            if let Some((i, n)) = out.iter().enumerate().find(|(_, n)| !is_loopback(&n.replication.host)) {
+                let why = format!(
+                    "{} is not a loopback address, so peers must authenticate: set resource.shared-secret \
+                     (the same on every node), or resource.allow-unauthenticated-peers = true",
+                    n.replication
+                );
+                let key = format!("node[{i}].replication");
+                return Err(match &nodes[i].get_ref().replication {
+                    Some(r) => self.at(r, &key, why),
+                    None => self.at(&nodes[i], &key, why),
+                });
+            }
+        }
         Ok(Config { path: self.path.to_owned(), resource, nodes: out })
     }
 
@@ -266,6 +285,20 @@ impl Cx<'_> {
             Some(r) => self.rate(r, "resource.resync-min-rate", false)?,
         };
         let resync_checksum = raw.resync_checksum.as_ref().is_some_and(|b| *b.get_ref());
+        let shared_secret = match &raw.shared_secret {
+            None => None,
+            Some(s) if s.get_ref().len() < MIN_SHARED_SECRET_BYTES => {
+                let why = format!(
+                    "{} bytes is too short; use at least {MIN_SHARED_SECRET_BYTES} (e.g. the output of \
+                     `openssl rand -base64 32`)",
+                    s.get_ref().len()
+                );
+                return Err(self.at(s, "resource.shared-secret", why));
+            }
+            Some(s) => Some(SharedSecret::new(s.get_ref().clone())),
+        };
+        let allow_unauthenticated_peers =
+            raw.allow_unauthenticated_peers.as_ref().is_some_and(|b| *b.get_ref());
 
         Ok(ResourceConfig {
             name: name.get_ref().clone(),
@@ -277,6 +310,8 @@ impl Cx<'_> {
             resync_rate,
             resync_min_rate_bytes_per_sec,
             resync_checksum,
+            shared_secret,
+            allow_unauthenticated_peers,
         })
     }
 
@@ -504,6 +539,11 @@ impl Cx<'_> {
             lines,
         })
     }
+}
+
+/// `localhost`, 127.0.0.0/8 or ::1. Other names may resolve anywhere.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Something a node listens on, normalised for comparison: IP addresses by value,

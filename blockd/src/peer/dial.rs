@@ -75,6 +75,8 @@ pub struct PeerSettings {
     /// dialer does not dial and the acceptor drops connections before any handshake,
     /// so the peer never sees a link come and go. `None`: always enabled.
     pub enabled: Option<watch::Receiver<bool>>,
+    /// `resource.shared-secret`: authenticate the peer (see [`super::auth`]).
+    pub secret: Option<crate::config::SharedSecret>,
 }
 
 impl PeerSettings {
@@ -92,6 +94,7 @@ impl PeerSettings {
             backoff_min_ms: 100,
             backoff_max_ms: 5000,
             enabled: None,
+            secret: None,
         }
     }
 
@@ -106,7 +109,9 @@ impl PeerSettings {
         let me = config.node(local)?;
         let mut peers = config.peers(local);
         let (peer, None) = (peers.next()?, peers.next()) else { return None };
-        Some(PeerSettings::new(local, &peer.name, me.replication.clone(), peer.replication.clone()))
+        let mut s = PeerSettings::new(local, &peer.name, me.replication.clone(), peer.replication.clone());
+        s.secret = config.resource.shared_secret.clone();
+        Some(s)
     }
 
     /// True if this node dials (its name sorts lower); false if it accepts.
@@ -201,6 +206,7 @@ impl Supervisor {
             expected_peer: self.settings.peer_name.clone(),
             timeout: self.settings.handshake_timeout(),
             remote_addr,
+            secret: self.settings.secret.clone(),
         }
     }
 

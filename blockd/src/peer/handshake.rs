@@ -5,8 +5,10 @@
 //! Both sides write before they read; a Hello is a few hundred bytes, far below any
 //! socket buffer, so the exchange cannot deadlock. A refusal is logged (naming both
 //! values), counted, told to the peer in a `Bye` when possible, and the connection is
-//! closed: nothing the peer sent is ever applied. Which way to resync is not decided
-//! here; the core reads `remote.gens`.
+//! closed: nothing the peer sent is ever applied. With a `shared-secret` (a Hello
+//! feature bit both must have), the Hellos are followed by the [`super::auth`]
+//! challenge both ways; a peer that fails it is refused like an incompatible one.
+//! Which way to resync is not decided here; the core reads `remote.gens`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,11 +16,12 @@ use std::time::Duration;
 use nbd_server::buf::BufPool;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::auth;
 use super::error::bump;
 use super::frame::{FrameReader, FrameWriter};
-use super::msg::{Hello, MAX_NAME_BYTES, Message, PROTOCOL_VERSION};
+use super::msg::{FEATURE_AUTH, Hello, MAX_NAME_BYTES, Message, PROTOCOL_VERSION};
 use super::{LinkError, PeerStats};
-use crate::config::Protocol;
+use crate::config::{Protocol, SharedSecret};
 
 /// Why this node will not talk to a peer. The text names both sides' values.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -38,6 +41,18 @@ pub enum Refusal {
     Granularity { local: u32, remote: u32 },
     #[error("peer uses replication protocol {remote}, this node protocol {local}")]
     Protocol { local: Protocol, remote: Protocol },
+    #[error(
+        "{} requires peer authentication (resource.shared-secret) but {} has none; set the same \
+         shared-secret on both nodes",
+        if *local { "this node" } else { "the peer" },
+        if *local { "the peer" } else { "this node" }
+    )]
+    AuthMismatch { local: bool },
+    #[error(
+        "peer failed authentication: it does not know this node's shared-secret (a different secret, \
+         or not the configured peer)"
+    )]
+    AuthFailed,
 }
 
 /// Why a handshake did not produce a connection.
@@ -53,6 +68,9 @@ pub enum HandshakeError {
     /// The peer's first frame was something other than a Hello.
     #[error("peer sent a {kind} frame before its Hello")]
     NotHello { kind: &'static str },
+    /// The peer sent something else where its authentication belonged.
+    #[error("peer sent a {kind} frame instead of its {wanted}")]
+    NotAuth { kind: &'static str, wanted: &'static str },
     /// The peer refused this node (its `Bye` reason).
     #[error("peer refused the connection: {reason}")]
     PeerRefused { reason: String },
@@ -86,6 +104,8 @@ pub struct HandshakeParams {
     pub timeout: Duration,
     /// The peer's address, for log lines.
     pub remote_addr: String,
+    /// `resource.shared-secret`: when set, the peer must prove it knows it.
+    pub secret: Option<SharedSecret>,
 }
 
 /// Checks that `remote` may be connected with. `expected_peer` is the node name the
@@ -117,6 +137,10 @@ pub fn check_compatible(local: &Hello, remote: &Hello, expected_peer: &str) -> R
     }
     if remote.protocol != local.protocol {
         return Err(Refusal::Protocol { local: local.protocol, remote: remote.protocol });
+    }
+    let auth = |h: &Hello| h.features & FEATURE_AUTH != 0;
+    if auth(local) != auth(remote) {
+        return Err(Refusal::AuthMismatch { local: auth(local) });
     }
     Ok(())
 }
@@ -189,7 +213,45 @@ where
         Err(e) => return Err(e.into()),
     };
     check_compatible(local, &remote, &params.expected_peer)?;
+    if let Some(secret) = &params.secret {
+        tokio::time::timeout(params.timeout, authenticate(reader, writer, secret.as_bytes(), local, &remote))
+            .await
+            .map_err(|_| HandshakeError::Timeout { timeout_ms })??;
+    }
     Ok(remote)
+}
+
+/// The challenge both ways (see [`super::auth`]). Both sides write before they
+/// read, as with the Hellos.
+async fn authenticate<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    secret: &[u8],
+    local: &Hello,
+    remote: &Hello,
+) -> Result<(), HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let ours = auth::nonce();
+    writer.send(Message::AuthChallenge { nonce: ours }).await?;
+    let theirs = match reader.read().await? {
+        Message::AuthChallenge { nonce } => nonce,
+        Message::Bye { reason } => return Err(HandshakeError::PeerRefused { reason }),
+        other => return Err(HandshakeError::NotAuth { kind: other.kind().name(), wanted: "AuthChallenge" }),
+    };
+    let mac = auth::response(secret, &local.resource, &local.node, &theirs, &ours);
+    writer.send(Message::AuthResponse { mac }).await?;
+    let answer = match reader.read().await? {
+        Message::AuthResponse { mac } => mac,
+        Message::Bye { reason } => return Err(HandshakeError::PeerRefused { reason }),
+        other => return Err(HandshakeError::NotAuth { kind: other.kind().name(), wanted: "AuthResponse" }),
+    };
+    if !auth::verify(secret, &local.resource, &remote.node, &ours, &theirs, &answer) {
+        return Err(Refusal::AuthFailed.into());
+    }
+    Ok(())
 }
 
 /// Best effort: tell the peer why, end our direction, and read until the peer closes

@@ -206,8 +206,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // Its arrival already reset the idle timer; nothing else to do.
             Message::Pong { .. } => {}
             Message::Bye { reason } => return LinkError::Bye { reason },
-            Message::Hello(_) => {
-                let e = LinkError::Unexpected { kind: "Hello" };
+            // Handshake-only frames.
+            Message::Hello(_) | Message::AuthChallenge { .. } | Message::AuthResponse { .. } => {
+                let e = LinkError::Unexpected { kind: msg.kind().name() };
                 stats.record(&e);
                 return e;
             }

@@ -6,7 +6,8 @@
 //!   travels in pool buffers ([`nbd_server::buf::Buf`]) and is never copied into a
 //!   frame buffer.
 //! - [`msg`]: the messages ([`Message`], [`Hello`]) and their payload layouts.
-//! - [`handshake`](mod@handshake): Hello exchange with a timeout and [`check_compatible`].
+//! - [`handshake`](mod@handshake): Hello exchange with a timeout and [`check_compatible`],
+//!   then, with a `shared-secret`, the [`auth`] challenge both ways.
 //! - [`link`]: an established connection as channels ([`PeerConn`]): batching
 //!   writer, back-pressured reader, keepalive, exactly one `Closed` at the end.
 //! - [`dial`]: the supervisor that keeps one connection up (the lower name dials,
@@ -17,6 +18,7 @@
 //! sync direction, epochs and acks. Nothing here applies anything to a disk: a frame
 //! that fails any check ends the link before it becomes a [`Message`].
 
+pub mod auth;
 pub mod dial;
 pub mod error;
 pub mod frame;

@@ -12,6 +12,8 @@
 //! | Hello | 0x01 | version 4, features 8, size 8, granularity 4, protocol 1 (`A`/`B`/`C`), role 1, disk 1, gens 48, flags 4, resource str, node str |
 //! | Ping / Pong | 0x02 / 0x03 | nonce 8 |
 //! | Bye | 0x04 | reason str |
+//! | AuthChallenge | 0x05 | nonce 32 (right after the Hellos, when both have [`FEATURE_AUTH`]) |
+//! | AuthResponse | 0x06 | HMAC-SHA256 32 (see `peer::auth`) |
 //! | Write | 0x10 | id 8, epoch 8, offset 8, flags 1 (bit 0 fua) + data |
 //! | Trim | 0x11 | id 8, epoch 8, offset 8, len 8, flags 1 (bit 0 fua) |
 //! | WriteZeroes | 0x12 | id 8, epoch 8, offset 8, len 8, flags 1 (bit 0 fua, bit 1 may_trim) |
@@ -45,6 +47,11 @@ use crate::state::{DiskState, Generations, HISTORY_LEN, Role};
 
 /// The protocol version this node speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// Hello feature bit: this node has a `shared-secret` and requires the peer to prove
+/// it knows it (AuthChallenge / AuthResponse) before anything else.
+pub const FEATURE_AUTH: u64 = 1 << 0;
+/// Bytes of an auth nonce and of an HMAC-SHA256.
+pub const AUTH_BYTES: usize = 32;
 /// Longest resource or node name on the wire, in bytes.
 pub const MAX_NAME_BYTES: usize = 255;
 /// Longest `Bye` reason on the wire, in bytes (longer reasons are cut when sent).
@@ -61,7 +68,7 @@ const HELLO_MIN_BYTES: usize = 4 + 8 + 8 + 4 + 1 + 1 + 1 + GENS_BYTES + 4 + 2 + 
 pub struct Hello {
     /// [`PROTOCOL_VERSION`].
     pub version: u32,
-    /// Optional-feature bits; none are defined in version 1.
+    /// Optional-feature bits: [`FEATURE_AUTH`].
     pub features: u64,
     /// Resource name (≤ 255 bytes).
     pub resource: String,
@@ -138,6 +145,10 @@ pub enum Message {
     ResyncInfo { done_bytes: u64, total_bytes: u64 },
     /// Orderly close with a reason (≤ 1 KiB).
     Bye { reason: String },
+    /// Authentication: a fresh random nonce the peer must answer.
+    AuthChallenge { nonce: [u8; AUTH_BYTES] },
+    /// Authentication: the HMAC over the peer's nonce (see `peer::auth`).
+    AuthResponse { mac: [u8; AUTH_BYTES] },
 }
 
 /// A message type: its wire code and payload layout.
@@ -148,6 +159,8 @@ pub enum Kind {
     Ping,
     Pong,
     Bye,
+    AuthChallenge,
+    AuthResponse,
     Write,
     Trim,
     WriteZeroes,
@@ -184,11 +197,13 @@ pub(crate) enum Layout {
 
 impl Kind {
     /// Every type, for tests and tables.
-    pub const ALL: [Kind; 24] = [
+    pub const ALL: [Kind; 26] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Pong,
         Kind::Bye,
+        Kind::AuthChallenge,
+        Kind::AuthResponse,
         Kind::Write,
         Kind::Trim,
         Kind::WriteZeroes,
@@ -218,6 +233,8 @@ impl Kind {
             Kind::Ping => 0x02,
             Kind::Pong => 0x03,
             Kind::Bye => 0x04,
+            Kind::AuthChallenge => 0x05,
+            Kind::AuthResponse => 0x06,
             Kind::Write => 0x10,
             Kind::Trim => 0x11,
             Kind::WriteZeroes => 0x12,
@@ -253,6 +270,8 @@ impl Kind {
             Kind::Ping => "Ping",
             Kind::Pong => "Pong",
             Kind::Bye => "Bye",
+            Kind::AuthChallenge => "AuthChallenge",
+            Kind::AuthResponse => "AuthResponse",
             Kind::Write => "Write",
             Kind::Trim => "Trim",
             Kind::WriteZeroes => "WriteZeroes",
@@ -281,6 +300,7 @@ impl Kind {
             Kind::Hello => Layout::Var { min: HELLO_MIN_BYTES, max: HELLO_MIN_BYTES + 2 * MAX_NAME_BYTES },
             Kind::Bye => Layout::Var { min: 2, max: 2 + MAX_REASON_BYTES },
             Kind::Ping | Kind::Pong | Kind::RecvAck => Layout::Fixed(8),
+            Kind::AuthChallenge | Kind::AuthResponse => Layout::Fixed(AUTH_BYTES),
             Kind::Write => Layout::Data { fixed: 25 },
             Kind::Trim | Kind::WriteZeroes => Layout::Fixed(33),
             Kind::WriteAck | Kind::BarrierAck => Layout::Fixed(12),
@@ -337,6 +357,8 @@ impl Message {
             Message::SyncPause { .. } => Kind::SyncPause,
             Message::ResyncInfo { .. } => Kind::ResyncInfo,
             Message::Bye { .. } => Kind::Bye,
+            Message::AuthChallenge { .. } => Kind::AuthChallenge,
+            Message::AuthResponse { .. } => Kind::AuthResponse,
         }
     }
 
@@ -470,6 +492,9 @@ impl Message {
                 put(out, *total_bytes);
             }
             Message::Bye { reason } => put_str(out, reason, MAX_REASON_BYTES),
+            Message::AuthChallenge { nonce: bytes } | Message::AuthResponse { mac: bytes } => {
+                out.extend_from_slice(bytes)
+            }
         }
         debug_assert_eq!(out.len() - start, self.fixed_len(), "{:?}", self.kind());
     }
@@ -512,6 +537,8 @@ fn decode_fields(kind: Kind, c: &mut Cursor<'_>, data: Option<Buf>) -> Result<Me
         Kind::Ping => Message::Ping { nonce: c.u64()? },
         Kind::Pong => Message::Pong { nonce: c.u64()? },
         Kind::Bye => Message::Bye { reason: c.string(MAX_REASON_BYTES, "reason longer than 1024 bytes")? },
+        Kind::AuthChallenge => Message::AuthChallenge { nonce: c.take()? },
+        Kind::AuthResponse => Message::AuthResponse { mac: c.take()? },
         Kind::Write => {
             let (id, epoch, offset) = (c.u64()?, c.u64()?, c.u64()?);
             let fua = c.flags(1)? & 1 != 0;

@@ -82,9 +82,10 @@ pub async fn run(
     let seed = crate::meta::random_id().context("cannot read random bytes for generation ids")?;
     let core = Core::new(cfg, Role::Secondary, sb.disk, sb.generations, crashed_primary, bitmap, seed);
 
+    let auth = config.resource.shared_secret.is_some();
     let hello = Hello {
         version: 1,
-        features: 0,
+        features: if auth { crate::peer::msg::FEATURE_AUTH } else { 0 },
         resource: config.resource.name.clone(),
         node: node.name.clone(),
         size_bytes,
@@ -125,6 +126,7 @@ pub async fn run(
     let mut settings =
         PeerSettings::new(&node.name, &peer.name, node.replication.clone(), peer.replication.clone());
     settings.enabled = Some(link_enabled_rx);
+    settings.secret = config.resource.shared_secret.clone();
     let peer_stats = Arc::new(crate::peer::PeerStats::default());
     let metrics_task = match &node.metrics {
         Some(addr) => {

@@ -32,36 +32,37 @@ pub fn runtime() -> std::io::Result<Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()
 }
 
+async fn within<T, E: std::fmt::Display>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("{what} timed out after {limit:?}")),
+    }
+}
+
 async fn open(addr: &ListenAddr, export: &str) -> Result<(ExportDetails, OwnedFd), String> {
-    let within = |d, what: &'static str| move |_| format!("{what} timed out after {d:?}");
+    let blocking = |fd: OwnedFd| -> Result<OwnedFd, String> {
+        // The kernel uses the socket as it is: blocking, like nbd-client's. (FIONBIO
+        // works on any socket, Unix ones too.)
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(false).map_err(|e| e.to_string())?;
+        Ok(std.into())
+    };
     match addr {
         ListenAddr::Tcp(hp) => {
             let mut s =
-                tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((hp.host.as_str(), hp.port)))
-                    .await
-                    .map_err(within(CONNECT_TIMEOUT, "connect"))?
-                    .map_err(|e| e.to_string())?;
+                within(CONNECT_TIMEOUT, "connect", TcpStream::connect((hp.host.as_str(), hp.port))).await?;
             s.set_nodelay(true).map_err(|e| e.to_string())?;
-            let details = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut s, export))
-                .await
-                .map_err(within(HANDSHAKE_TIMEOUT, "handshake"))?
-                .map_err(|e| e.to_string())?;
-            let s = s.into_std().map_err(|e| e.to_string())?;
-            s.set_nonblocking(false).map_err(|e| e.to_string())?;
-            Ok((details, s.into()))
+            let details = within(HANDSHAKE_TIMEOUT, "handshake", handshake(&mut s, export)).await?;
+            Ok((details, blocking(s.into_std().map_err(|e| e.to_string())?.into())?))
         }
         ListenAddr::Unix(path) => {
-            let mut s = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
-                .await
-                .map_err(within(CONNECT_TIMEOUT, "connect"))?
-                .map_err(|e| e.to_string())?;
-            let details = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut s, export))
-                .await
-                .map_err(within(HANDSHAKE_TIMEOUT, "handshake"))?
-                .map_err(|e| e.to_string())?;
-            let s = s.into_std().map_err(|e| e.to_string())?;
-            s.set_nonblocking(false).map_err(|e| e.to_string())?;
-            Ok((details, s.into()))
+            let mut s = within(CONNECT_TIMEOUT, "connect", UnixStream::connect(path)).await?;
+            let details = within(HANDSHAKE_TIMEOUT, "handshake", handshake(&mut s, export)).await?;
+            Ok((details, blocking(s.into_std().map_err(|e| e.to_string())?.into())?))
         }
     }
 }

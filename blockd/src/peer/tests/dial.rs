@@ -286,6 +286,7 @@ fn settings_from_a_two_node_config() {
     let toml = r#"
 [resource]
 name = "r0"
+shared-secret = "0123456789abcdef"
 
 [[node]]
 name = "alpha"
@@ -307,6 +308,7 @@ meta = "internal"
     assert_eq!(s.listen, HostPort { host: "beta.example".into(), port: 7790 });
     assert_eq!(s.peer_addr, loopback(7789));
     assert!(!s.dials(), "beta sorts after alpha: it accepts");
+    assert_eq!(s.secret.as_ref().map(|x| x.as_bytes()), Some(&b"0123456789abcdef"[..]));
     assert!(PeerSettings::from_config(&config, "alpha").expect("two nodes").dials());
     assert!(PeerSettings::from_config(&config, "gamma").is_none());
 }

@@ -16,6 +16,7 @@ fn params(local: Hello, expected_peer: &str) -> HandshakeParams {
         expected_peer: expected_peer.into(),
         timeout: Duration::from_secs(5),
         remote_addr: "test".into(),
+        secret: None,
     }
 }
 
@@ -65,17 +66,20 @@ fn each_mismatch_is_refused_naming_both_values() {
     remote.role = Role::Primary;
     remote.disk = DiskState::Inconsistent;
     remote.gens.current = 99;
-    remote.features = 1;
+    remote.features = 1 << 5;
     remote.flags = 3;
     assert_eq!(check_compatible(&local, &remote, "beta"), Ok(()));
 }
 
 async fn both(a: Hello, a_expects: &str, b: Hello, b_expects: &str) -> [(HsResult, Arc<PeerStats>); 2] {
+    both_params(params(a, a_expects), params(b, b_expects)).await
+}
+
+async fn both_params(pa: HandshakeParams, pb: HandshakeParams) -> [(HsResult, Arc<PeerStats>); 2] {
     let (x, y) = tokio::io::duplex(64 << 10);
     let (xr, xw) = tokio::io::split(x);
     let (yr, yw) = tokio::io::split(y);
     let (sa, sb) = (Arc::new(PeerStats::default()), Arc::new(PeerStats::default()));
-    let (pa, pb) = (params(a, a_expects), params(b, b_expects));
     let (ra, rb) = within(async {
         tokio::join!(
             handshake(xr, xw, &pa, BufPool::default(), sa.clone()),
@@ -204,4 +208,70 @@ async fn overlong_local_name_is_not_sent() {
     let p = params(hello(&"n".repeat(256)), "beta");
     let r = handshake(xr, xw, &p, BufPool::default(), Arc::new(PeerStats::default())).await;
     assert!(matches!(r, Err(HandshakeError::InvalidLocal(_))), "{:?}", r.err());
+}
+
+/// alpha and beta, each with its own `shared-secret` (or none).
+fn with_secrets(a: Option<&str>, b: Option<&str>) -> (HandshakeParams, HandshakeParams) {
+    let side = |node: &str, peer: &str, secret: Option<&str>| {
+        let mut p = params(hello(node), peer);
+        if let Some(s) = secret {
+            p.local.features |= crate::peer::msg::FEATURE_AUTH;
+            p.secret = Some(crate::config::SharedSecret::new(s.into()));
+        }
+        p
+    };
+    (side("alpha", "beta", a), side("beta", "alpha", b))
+}
+
+#[tokio::test]
+async fn peers_with_the_same_secret_authenticate() {
+    let (pa, pb) = with_secrets(Some("sixteen bytes at least"), Some("sixteen bytes at least"));
+    let [(ra, sa), (rb, sb)] = both_params(pa, pb).await;
+    assert_eq!(ra.expect("alpha").remote.node, "beta");
+    assert_eq!(rb.expect("beta").remote.node, "alpha");
+    assert_eq!((sa.snapshot(), sb.snapshot()), (PeerStatsSnapshot::default(), PeerStatsSnapshot::default()));
+}
+
+#[tokio::test]
+async fn a_different_secret_is_refused_by_both() {
+    let (pa, pb) = with_secrets(Some("sixteen bytes at least"), Some("another secret, also long"));
+    let [(ra, sa), (rb, sb)] = both_params(pa, pb).await;
+    for (r, s) in [(ra, sa), (rb, sb)] {
+        let Err(HandshakeError::Refused(refusal)) = r else { panic!("{:?}", r.err()) };
+        assert_eq!(refusal, Refusal::AuthFailed);
+        assert!(refusal.to_string().starts_with("peer failed authentication"), "{refusal}");
+        assert_eq!(s.snapshot().handshake_refused, 1);
+    }
+}
+
+#[tokio::test]
+async fn a_secret_on_one_side_only_is_refused_by_both_saying_which() {
+    let (pa, pb) = with_secrets(Some("sixteen bytes at least"), None);
+    let [(ra, _), (rb, _)] = both_params(pa, pb).await;
+    let Err(HandshakeError::Refused(a)) = ra else { panic!("{:?}", ra.err()) };
+    let Err(HandshakeError::Refused(b)) = rb else { panic!("{:?}", rb.err()) };
+    assert_eq!(
+        a.to_string(),
+        "this node requires peer authentication (resource.shared-secret) but the peer has none; \
+         set the same shared-secret on both nodes"
+    );
+    assert!(b.to_string().starts_with("the peer requires peer authentication"), "{b}");
+}
+
+#[tokio::test]
+async fn a_peer_that_skips_the_challenge_is_not_accepted() {
+    // Claims the feature in its Hello, then goes straight to data.
+    let mut b = hello("beta");
+    b.features |= crate::peer::msg::FEATURE_AUTH;
+    let frames = encode(vec![Message::Hello(b), Message::Ping { nonce: 7 }]).await;
+    let (x, mut y) = tokio::io::duplex(64 << 10);
+    tokio::io::AsyncWriteExt::write_all(&mut y, &frames).await.unwrap();
+    let (xr, xw) = tokio::io::split(x);
+    let (pa, _) = with_secrets(Some("sixteen bytes at least"), None);
+    let stats = Arc::new(PeerStats::default());
+    let r = within(handshake(xr, xw, &pa, BufPool::default(), stats.clone())).await;
+    drop(y);
+    let Err(e) = r else { panic!("accepted a peer that never authenticated") };
+    assert!(matches!(e, HandshakeError::NotAuth { kind: "Ping", wanted: "AuthChallenge" }), "{e}");
+    assert_eq!(stats.snapshot().handshake_failed, 1);
 }

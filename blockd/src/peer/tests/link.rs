@@ -25,6 +25,7 @@ fn params(node: &str, peer: &str) -> HandshakeParams {
         expected_peer: peer.into(),
         timeout: Duration::from_secs(5),
         remote_addr: "test".into(),
+        secret: None,
     }
 }
 

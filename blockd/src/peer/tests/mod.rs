@@ -140,6 +140,8 @@ fn random_messages(rng: &mut StdRng, data_len: usize) -> Vec<Message> {
         Message::Hello(h),
         Message::Ping { nonce: rng.random() },
         Message::Pong { nonce: rng.random() },
+        Message::AuthChallenge { nonce: rng.random() },
+        Message::AuthResponse { mac: rng.random() },
         Message::Write {
             id: rng.random(),
             epoch: rng.random(),
