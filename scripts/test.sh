@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project on a fresh machine of this kind:
 # installs the external tools the tests drive, builds once (release), then runs
-# formatting, lints, unit tests and the integration suites in one cargo invocation.
+# formatting, lints, unit tests and the integration suites in one cargo invocation,
+# and last the qemu guest tests of the kernel NBD client (vm-tests/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

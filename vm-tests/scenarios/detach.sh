@@ -65,11 +65,10 @@ wait_until "the raw writer failed and exited after detach --force" 30 not_runnin
 
 # No Primary any more: alpha's blockd killed, beta left Secondary. A write waits for
 # a reconnect that cannot come (dead-conn timeout 120 s); detach --force ends the
-# wait, the write fails.
+# wait, the write fails. The device was never opened before, so the writer is stuck
+# inside open() (the first partition scan reads) and holds no descriptor yet: detach
+# sees it by the requests in flight.
 attach --timeout-secs 10 --dead-conn-timeout-secs 120
-# The first open after attach rescans partitions (reads): done now, so that the
-# write below is what waits, not its open.
-must dd if="$NBD" of=/dev/null bs=4096 count=1
 kill -9 "$(field alpha .pid)"
 (
     rc=0
@@ -80,6 +79,8 @@ STUCK=$!
 BG_PIDS="$BG_PIDS $STUCK"
 sleep 2 # not a synchronization: the write must still be waiting after this long
 [ ! -e "$DIR/stuck.rc" ] || fail "a write with no Primary completed (exit $(cat "$DIR/stuck.rc"))"
+refused blockctl detach "$NBD"
+says 'in flight' "detach of a device whose writer waits inside open()"
 t0=$(now)
 detach --force
 says 'in use' "detach --force of a device with a waiting writer (its message)"

@@ -1,7 +1,9 @@
 //! Is an NBD device in use? `detach` refuses (without `--force`) while the device or
-//! one of its partitions is mounted, held by another block device (dm, md), or open
-//! in any process but the attach resident — the checks `umount`, `fuser` and
-//! `lsblk` would make, read straight from /proc and /sys.
+//! one of its partitions is mounted, held by another block device (dm, md), open in
+//! any process but the attach resident, or has requests in flight (a process still
+//! inside `open()`, e.g. the first partition scan, holds no descriptor yet) — the
+//! checks `umount`, `fuser` and `lsblk` would make, read straight from /proc and
+//! /sys.
 
 use std::fs;
 use std::path::Path;
@@ -19,6 +21,12 @@ pub fn in_use(index: u32, resident_pid: Option<u32>) -> Option<String> {
     let users = openers(&name, resident_pid);
     if !users.is_empty() {
         return Some(format!("open in {}", users.join(", ")));
+    }
+    // `inflight`: "READS WRITES" outstanding in the block layer.
+    let inflight = fs::read_to_string(Path::new("/sys/block").join(&name).join("inflight")).unwrap_or_default();
+    let requests: u64 = inflight.split_whitespace().filter_map(|n| n.parse::<u64>().ok()).sum();
+    if requests > 0 {
+        return Some(format!("{requests} request(s) in flight"));
     }
     None
 }
