@@ -23,7 +23,8 @@ pub fn in_use(index: u32, resident_pid: Option<u32>) -> Option<String> {
         return Some(format!("open in {}", users.join(", ")));
     }
     // `inflight`: "READS WRITES" outstanding in the block layer.
-    let inflight = fs::read_to_string(Path::new("/sys/block").join(&name).join("inflight")).unwrap_or_default();
+    let inflight =
+        fs::read_to_string(Path::new("/sys/block").join(&name).join("inflight")).unwrap_or_default();
     let requests: u64 = inflight.split_whitespace().filter_map(|n| n.parse::<u64>().ok()).sum();
     if requests > 0 {
         return Some(format!("{requests} request(s) in flight"));
