@@ -74,15 +74,32 @@ fn sys(index: u32, attr: &str) -> Option<String> {
     fs::read_to_string(format!("/sys/block/nbd{index}/{attr}")).ok().map(|s| s.trim().to_string())
 }
 
-/// The resident's process id, when `/sys/block/nbdN/pid` names a live `blockctl`
-/// (the kernel records the configuring thread; in ioctl mode that is not the main
-/// thread, hence the thread group id).
-fn resident_pid(index: u32) -> Option<u32> {
-    let tid: u32 = sys(index, "pid")?.parse().ok()?;
-    let status = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+/// Where a resident records its pid: `/sys/block/nbdN/pid` names the process that
+/// sent CONNECT, which is not the resident after an adoption.
+fn pidfile(index: u32) -> PathBuf {
+    PathBuf::from(format!("/run/blockd/attach-nbd{index}.pid"))
+}
+
+/// Whether `pid` (a thread or process id) is a live `blockctl attach` of
+/// `/dev/nbdN`; its process id if so (the kernel records the configuring thread; in
+/// ioctl mode that is not the main thread, hence the thread group id).
+fn attach_process(pid: u32, index: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
     (field("Name:")? == "blockctl").then_some(())?;
-    field("Tgid:")?.parse().ok()
+    let tgid: u32 = field("Tgid:")?.parse().ok()?;
+    let cmdline = fs::read(format!("/proc/{tgid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|b| *b == 0).map(String::from_utf8_lossy);
+    let device = format!("nbd{index}");
+    let ours = args.any(|a| a == "attach") && args.any(|a| a.rsplit('/').next() == Some(device.as_str()));
+    ours.then_some(tgid)
+}
+
+/// The live resident of `/dev/nbdN`, if any.
+fn resident_pid(index: u32) -> Option<u32> {
+    let from_sys = sys(index, "pid").and_then(|p| p.parse().ok());
+    let from_file = fs::read_to_string(pidfile(index)).ok().and_then(|p| p.trim().parse().ok());
+    [from_sys, from_file].into_iter().flatten().find_map(|pid| attach_process(pid, index))
 }
 
 /// How the device is driven.
@@ -165,18 +182,36 @@ pub fn attach(config: &Config, opts: AttachOptions) -> Result<(), Fail> {
         return Err(usage("--timeout-secs must be at least 1"));
     }
     let mut driver = driver(index, opts.force_ioctl)?;
+    // A device attached to this resource whose resident is gone (killed, crashed) is
+    // adopted: a new resident reconnects and watches it.
+    let mut adopt = false;
     if is_attached(&mut driver, index)? {
         let backend = sys(index, "backend").filter(|b| !b.is_empty()).unwrap_or_else(|| "unknown".into());
-        let pid = sys(index, "pid").unwrap_or_else(|| "?".into());
-        return Err(refused(format!(
-            "/dev/nbd{index} is already attached (backend {backend}, pid {pid}); `blockctl detach /dev/nbd{index}` first"
-        )));
+        let resident = resident_pid(index);
+        adopt = matches!(driver, Driver::Netlink(_)) && backend == backend_of(config) && resident.is_none();
+        if !adopt {
+            let pid =
+                resident.map_or_else(|| sys(index, "pid").unwrap_or_else(|| "?".into()), |p| p.to_string());
+            return Err(refused(format!(
+                "/dev/nbd{index} is already attached (backend {backend}, pid {pid}); `blockctl detach /dev/nbd{index}` first"
+            )));
+        }
     }
     let rt = dial::runtime().map_err(|e| refused(format!("cannot start the async runtime: {e}")))?;
     let session = dial::primary(&rt, config, opts.connections, None).map_err(refused)?;
     drop(rt);
+    if adopt {
+        let device_bytes = sys(index, "size").and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) * 512;
+        if device_bytes != session.details.size_bytes {
+            return Err(refused(format!(
+                "/dev/nbd{index} has {device_bytes} bytes but {} exports {}; detach it and attach again",
+                session.node, session.details.size_bytes
+            )));
+        }
+    }
     let summary = format!(
-        "attached /dev/nbd{index} to {} on {} ({}), {} bytes, {} connection(s), {}",
+        "{} /dev/nbd{index} to {} on {} ({}), {} bytes, {} connection(s), {}",
+        if adopt { "adopted (its resident was gone)" } else { "attached" },
         config.resource.name,
         session.node,
         session.addr,
@@ -188,7 +223,8 @@ pub fn attach(config: &Config, opts: AttachOptions) -> Result<(), Fail> {
         }
     );
     if opts.foreground {
-        return resident(config, &opts, index, driver, session, &mut Reporter::stdout()).map_err(refused);
+        return resident(config, &opts, index, driver, session, adopt, &mut Reporter::stdout())
+            .map_err(refused);
     }
     let log_path =
         opts.log.clone().unwrap_or_else(|| PathBuf::from(format!("/var/log/blockd/attach-nbd{index}.log")));
@@ -209,7 +245,7 @@ pub fn attach(config: &Config, opts: AttachOptions) -> Result<(), Fail> {
             drop(read_end);
             detach_from_terminal(&log_file);
             let mut reporter = Reporter::pipe(write_end);
-            let code = match resident(config, &opts, index, driver, session, &mut reporter) {
+            let code = match resident(config, &opts, index, driver, session, adopt, &mut reporter) {
                 Ok(()) => 0,
                 Err(e) => {
                     log(index, &e);
@@ -237,6 +273,20 @@ pub fn attach(config: &Config, opts: AttachOptions) -> Result<(), Fail> {
             }
         }
     }
+}
+
+/// Records this resident's pid for `detach` and a later `attach` (best effort: the
+/// sysfs pid still names it unless this is an adoption).
+fn write_pidfile(index: u32) -> bool {
+    let path = pidfile(index);
+    let written = path
+        .parent()
+        .map_or(Ok(()), fs::create_dir_all)
+        .and_then(|()| fs::write(&path, format!("{}\n", std::process::id())));
+    if let Err(e) = &written {
+        log(index, format_args!("warning: cannot write {}: {e}", path.display()));
+    }
+    written.is_ok()
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -300,6 +350,7 @@ fn resident(
     index: u32,
     driver: Driver,
     session: dial::Session,
+    adopt: bool,
     reporter: &mut Reporter,
 ) -> Result<(), String> {
     install_signal_handlers();
@@ -350,22 +401,33 @@ fn resident(
             // Subscribe before CONNECT, so no LINK_DEAD can be missed.
             let mut events =
                 nbd.subscribe(Duration::from_millis(500)).map_err(|e| format!("nbd events: {e}"))?;
-            nbd.connect(&ConnectParams {
-                index,
-                size_bytes: size,
-                block_size_bytes: block_size,
-                timeout_secs: opts.timeout_secs,
-                dead_conn_timeout_secs: opts.dead_conn_timeout_secs,
-                server_flags: flags,
-                backend: &backend,
-                fds: &fds,
-            })
-            .map_err(|e| explain_errno(&e, index))?;
+            if adopt {
+                // Its connections may have died while nobody watched: the fresh
+                // sockets fill dead slots (the kernel ignores them if none is dead).
+                nbd.reconfigure(index, &backend, &fds).map_err(|e| explain_errno(&e, index))?;
+            } else {
+                nbd.connect(&ConnectParams {
+                    index,
+                    size_bytes: size,
+                    block_size_bytes: block_size,
+                    timeout_secs: opts.timeout_secs,
+                    dead_conn_timeout_secs: opts.dead_conn_timeout_secs,
+                    server_flags: flags,
+                    backend: &backend,
+                    fds: &fds,
+                })
+                .map_err(|e| explain_errno(&e, index))?;
+            }
             let expect = session.details.clone();
             drop(session);
+            let recorded = write_pidfile(index);
             log(index, &summary);
             reporter.ready(&summary);
-            watch(config, opts, index, &mut nbd, &mut events, &expect, &backend)
+            let result = watch(config, opts, index, &mut nbd, &mut events, &expect, &backend);
+            if recorded {
+                let _ = fs::remove_file(pidfile(index));
+            }
+            result
         }
     }
 }
