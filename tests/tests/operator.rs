@@ -646,49 +646,65 @@ fn events_stream_follows_connect_resync_role_switch_and_disconnect() {
     p.stop_node(1);
 }
 
-/// `secondary --force` against a client that reconnects as soon as it is closed (what
-/// `blockctl attach`'s resident does): while the demotion waits for its clients to
-/// go, new ones are refused ("becoming Secondary"), so the demotion completes.
+/// `secondary --force` against a client that reconnects as soon as it is closed and
+/// writes all the time (what a kernel client behind `blockctl attach`'s resident
+/// does), ten times over: the demotion is not held off (new clients are refused,
+/// "becoming Secondary", until the role says Secondary), and no write ever gets an
+/// error: a client let in during the demotion would have its writes refused as a
+/// Secondary's, which fails a filesystem.
 #[test]
 fn forced_demotion_is_not_held_off_by_a_reconnecting_client() {
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
 
+    const CYCLES: u32 = 10;
     let (mut p, _size) = primary_pair("op-redial", &PairOpts::default());
     let stop = Arc::new(AtomicBool::new(false));
     let sessions = Arc::new(AtomicU32::new(0));
-    let refusals = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let refusals = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let write_errors = Arc::new(Mutex::new(Vec::<u32>::new()));
     let redialer = {
-        let (addr, stop, sessions, refusals) =
-            (addr(&p, 0), stop.clone(), sessions.clone(), refusals.clone());
+        let (addr, stop, sessions) = (addr(&p, 0), stop.clone(), sessions.clone());
+        let (refusals, write_errors) = (refusals.clone(), write_errors.clone());
         std::thread::spawn(move || {
-            // Bounded: the demotion takes well under this many rounds.
-            for _ in 0..100_000 {
+            let block = [0x5au8; 4096];
+            // Bounded: every cycle takes well under this many rounds.
+            for _ in 0..1_000_000 {
                 if stop.load(Ordering::SeqCst) {
                     return;
                 }
                 let mut c = RawClient::connect_fixed(&addr);
-                match c.info_or_go(blockd_tests::raw::OPT_GO, EXPORT) {
-                    Ok(_) => {
-                        sessions.fetch_add(1, Ordering::SeqCst);
-                        // Held until the server closes it; then redial at once.
-                        while !stop.load(Ordering::SeqCst) && !c.closed_by_server() {}
+                if let Err(t) = c.info_or_go(blockd_tests::raw::OPT_GO, EXPORT) {
+                    refusals.lock().expect("lock").push(t);
+                    continue;
+                }
+                sessions.fetch_add(1, Ordering::SeqCst);
+                // Write until the server closes the connection; then redial at once.
+                for cookie in 1u64.. {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
                     }
-                    Err(t) => refusals.lock().expect("lock").push(t),
+                    let sent = c.request(0, blockd_tests::raw::CMD_WRITE, cookie, 0, 4096, &block);
+                    match sent.and_then(|()| c.read_reply()) {
+                        Ok(r) if r.error() != 0 => write_errors.lock().expect("lock").push(r.error()),
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
                 }
             }
         })
     };
-    p.wait(WAIT, |_| sessions.load(Ordering::SeqCst) >= 1, "the redialing client is connected");
-    p.ctl_ok(0, &["secondary", "--force"]);
-    assert_eq!(role(&p, 0), "Secondary");
+    for cycle in 1..=CYCLES {
+        p.wait(WAIT, |_| sessions.load(Ordering::SeqCst) >= cycle, "the redialing client is connected");
+        p.ctl_ok(0, &["secondary", "--force"]);
+        assert_eq!(role(&p, 0), "Secondary");
+        p.ctl_ok(0, &["primary"]);
+    }
     stop.store(true, Ordering::SeqCst);
     redialer.join().expect("redialer");
-    assert_eq!(sessions.load(Ordering::SeqCst), 1, "no client got in during or after the demotion");
+    assert_eq!(*write_errors.lock().expect("lock"), Vec::<u32>::new(), "writes refused around a demotion");
+    assert!(sessions.load(Ordering::SeqCst) >= CYCLES);
     let refusals = refusals.lock().expect("lock");
-    assert!(!refusals.is_empty(), "the client redialed and was refused");
+    assert!(!refusals.is_empty(), "the client redialed during a demotion and was refused");
     assert!(refusals.iter().all(|t| *t == 0x8000_0002), "ERR_POLICY each time: {refusals:x?}");
-    // And the node serves again once promoted.
-    p.ctl_ok(0, &["primary"]);
-    RawClient::handshake(&addr(&p, 0), EXPORT, false);
 }

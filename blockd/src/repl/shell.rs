@@ -164,7 +164,8 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     fn check_open(&self) -> Result<(), String> {
-        if self.shared.demoting.load(Ordering::Acquire) {
+        // SeqCst: pairs with the demotion's flag store and transmission count load.
+        if self.shared.demoting.load(Ordering::SeqCst) {
             return Err(format!("node {} is becoming Secondary", self.shared.local_name));
         }
         if self.shared.role() == Role::Primary {

@@ -29,27 +29,25 @@ impl Running {
                 Err(e) => Err(e),
             },
             Command::Secondary { force } => {
+                // Refuse new clients first, then count the ones in transmission: a
+                // client counts itself before it checks the export (both SeqCst), so
+                // either it is counted here or it sees the flag and leaves.
+                self.t.shared.demoting.store(true, Ordering::SeqCst);
                 let clients = self.t.nbd_clients.transmission_connections.load(Ordering::SeqCst);
                 if clients > 0 && force {
                     return self.force_demote(req.reply);
                 }
                 if clients > 0 {
+                    self.t.shared.demoting.store(false, Ordering::SeqCst);
                     Err(format!("{clients} NBD client(s) connected; disconnect them first or use --force"))
                 } else {
-                    match self.t.core.demote() {
-                        Ok(actions) => return self.after_role_change(actions, req.reply),
-                        Err(e) => Err(e),
-                    }
+                    return self.demote_now(req.reply);
                 }
             }
             Command::FinishForcedDemotion => {
                 // Clients counted now came in during their handshake and leave on
                 // their own (the export check after GO), with no I/O done.
-                self.t.shared.demoting.store(false, Ordering::Release);
-                match self.t.core.demote() {
-                    Ok(actions) => return self.after_role_change(actions, req.reply),
-                    Err(e) => Err(e),
-                }
+                return self.demote_now(req.reply);
             }
             Command::Connect { discard_my_data } if discard_my_data && self.link.is_some() => {
                 Err("already connected: --discard-my-data only resolves a split brain when connecting \
@@ -108,12 +106,27 @@ impl Running {
         let _ = req.reply.send(result);
     }
 
+    /// Demotes with no client in transmission and new ones refused (`demoting`);
+    /// the flag is cleared only once the role says Secondary (or the demotion was
+    /// refused), so no client is accepted in between and then has its writes refused
+    /// as a Secondary's, failing its filesystem.
+    fn demote_now(&mut self, reply: oneshot::Sender<Result<serde_json::Value, String>>) {
+        match self.t.core.demote() {
+            Ok(actions) => self.after_role_change(actions, reply),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+        self.t.shared.demoting.store(false, Ordering::SeqCst);
+        self.publish();
+    }
+
     /// `secondary --force` with clients connected: close them (each answers what it
     /// has in flight first), wait until they are gone (bounded), flush locally and on
     /// the peer, then demote as usual.
     fn force_demote(&mut self, reply: oneshot::Sender<Result<serde_json::Value, String>>) {
         tracing::info!("secondary --force: disconnecting NBD clients");
-        self.t.shared.demoting.store(true, Ordering::Release);
+        self.t.shared.demoting.store(true, Ordering::SeqCst);
         self.t.disconnector.disconnect_all();
         let clients = self.t.nbd_clients.clone();
         let shared = self.t.shared.clone();
@@ -123,7 +136,7 @@ impl Running {
             let deadline = tokio::time::Instant::now() + FORCE_DEMOTE_TIMEOUT;
             while clients.transmission_connections.load(Ordering::SeqCst) > 0 {
                 if tokio::time::Instant::now() >= deadline {
-                    shared.demoting.store(false, Ordering::Release);
+                    shared.demoting.store(false, Ordering::SeqCst);
                     let _ = reply.send(Err("NBD clients did not disconnect in time; retry".into()));
                     return;
                 }
