@@ -42,11 +42,7 @@ wait_until "20 more files written after beta's promotion (the adopted device did
 stop_writer
 grep -q "reconnected to beta" "$DIR/attach-adopt.log" || fail "the adopted resident did not log its reconnect"
 
-must umount "$MNT"
-fsck_ ext4 "$NBD"
-must mount -t ext4 "$NBD" "$MNT"
-verify_sums "$DIR/wlog"
-must umount "$MNT"
+verify_fs
 must blockctl detach "$NBD"
 wait_until "the adopted resident (pid $new) gone after detach" 15 not_running "$new"
 [ ! -e "$pidfile" ] || fail "$pidfile left behind"

@@ -43,11 +43,7 @@ failover_to beta alpha
 
 stop_writer
 total=$(written)
-must umount "$MNT"
-fsck_ ext4 "$NBD"
-must mount -t ext4 "$NBD" "$MNT"
-verify_sums "$DIR/wlog"
-must umount "$MNT"
+verify_fs
 detach
 pair_down
 note "2 connections; writer stalled$STALLS; $total files"

@@ -39,11 +39,7 @@ stall=$(awk -v k="$t_kill" '$1 < k {last = $1} $1 >= k && !first {first = $1}
     END {if (first && last) printf "%.1f", first - last; else print "?"}' "$DIR/wtimes")
 log "writer stalled ${stall}s across the failover; $total files in all"
 
-must umount "$MNT"
-fsck_ ext4 "$NBD"
-must mount -t ext4 "$NBD" "$MNT"
-verify_sums "$DIR/wlog"
-must umount "$MNT"
+verify_fs
 detach
 pair_down
 note "writer stalled ${stall}s; beta Primary $(awk "BEGIN {printf \"%.1f\", $t_prom - $t_kill}")s after kill -9;" \

@@ -82,6 +82,16 @@ says() {
         fail "$2: the message does not say why (expected /$1/): $(printf '%s' "$OUT" | tr '\n' ' ')"
 }
 
+# verify_fs: after the writer: unmount, a clean e2fsck, mount again, every logged
+# file's sha256, unmount.
+verify_fs() {
+    must umount "$MNT"
+    fsck_ ext4 "$NBD"
+    must mount -t ext4 "$NBD" "$MNT"
+    verify_sums "$DIR/wlog"
+    must umount "$MNT"
+}
+
 # wait_until DESC SECS CMD...: polls CMD (every 0.1 s) until it succeeds; fails the
 # scenario with DESC after SECS seconds.
 wait_until() {

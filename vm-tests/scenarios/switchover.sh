@@ -28,11 +28,7 @@ STALLS=
 switch alpha beta
 switch beta alpha
 stop_writer
-must umount "$MNT"
-fsck_ ext4 "$NBD"
-must mount -t ext4 "$NBD" "$MNT"
-verify_sums "$DIR/wlog"
-must umount "$MNT"
+verify_fs
 detach
 pair_down
 note "writer stalled$STALLS; $(written) files"
