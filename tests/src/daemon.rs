@@ -71,10 +71,31 @@ impl ReadWrite for UnixStream {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound to port 0, then released).
+/// Ports handed out by [`free_port`]: below the kernel's ephemeral range
+/// (32768–60999 by default), so the source port of some other test's outgoing
+/// connection cannot take a port between its release here and the server's bind.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free TCP port on 127.0.0.1: each call in this process tries the next port of
+/// [`TEST_PORTS`] (from a per-process random start) until one binds, then releases it.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let seed = std::process::id()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+        let _ = NEXT.compare_exchange(u32::MAX, seed % span, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let port = TEST_PORTS.start + (NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {TEST_PORTS:?} on 127.0.0.1");
 }
 
 /// Is the NBD server at `addr` answering? Reads the 8-byte `NBDMAGIC` of the
