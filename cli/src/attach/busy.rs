@@ -1,9 +1,11 @@
 //! Is an NBD device in use? `detach` refuses (without `--force`) while the device or
 //! one of its partitions is mounted, held by another block device (dm, md), open in
-//! any process but the attach resident, or has requests in flight (a process still
-//! inside `open()`, e.g. the first partition scan, holds no descriptor yet) — the
-//! checks `umount`, `fuser` and `lsblk` would make, read straight from /proc and
-//! /sys.
+//! any process but the attach resident, or has requests in flight — the checks
+//! `umount`, `fuser` and `lsblk` would make, read straight from /proc and /sys.
+//!
+//! Not seen: a process still inside `open()` (the first open after attach reads the
+//! partition table) holds no descriptor yet; its read shows in `inflight` only once
+//! the kernel has sent it, not while it waits for a reconnect.
 
 use std::fs;
 use std::path::Path;
