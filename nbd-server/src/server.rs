@@ -265,21 +265,15 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// Decrements the active-connection count however the connection ends.
-struct ActiveGuard(Arc<ServerStats>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active_connections.fetch_sub(1, Ordering::Relaxed);
-    }
+/// Decrements one of the connection counts however the connection ends.
+struct CountGuard {
+    stats: Arc<ServerStats>,
+    count: fn(&ServerStats) -> &AtomicUsize,
 }
 
-/// The same for the transmission count.
-struct TransmissionGuard(Arc<ServerStats>);
-
-impl Drop for TransmissionGuard {
+impl Drop for CountGuard {
     fn drop(&mut self) {
-        self.0.transmission_connections.fetch_sub(1, Ordering::SeqCst);
+        (self.count)(&self.stats).fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -287,7 +281,7 @@ async fn connection<S: IntoHalves, D: BlockDevice>(stream: S, peer: String, ctx:
     let stats = &ctx.stats;
     stats.accepted_connections.fetch_add(1, Ordering::Relaxed);
     let active = stats.active_connections.fetch_add(1, Ordering::Relaxed) + 1;
-    let _guard = ActiveGuard(stats.clone());
+    let _guard = CountGuard { stats: stats.clone(), count: |s| &s.active_connections };
     if active > ctx.config.max_connections {
         tracing::warn!(%peer, limit = ctx.config.max_connections, "too many connections; closing");
         return;
@@ -319,7 +313,7 @@ async fn serve_stream<S: IntoHalves, D: BlockDevice>(
     tracing::debug!(%peer, structured = negotiated.structured_replies, "transmission phase");
     let (r, w) = stream.into_halves();
     ctx.stats.transmission_connections.fetch_add(1, Ordering::SeqCst);
-    let _counted = TransmissionGuard(ctx.stats.clone());
+    let _counted = CountGuard { stats: ctx.stats.clone(), count: |s| &s.transmission_connections };
     // Subscribed now: a disconnect requested from here on ends this connection.
     let kick = ctx.kick.subscribe();
     // The export may have closed (a role change, a forced disconnect) between GO and

@@ -223,7 +223,7 @@ pub fn attach(config: &Config, opts: AttachOptions) -> Result<(), Fail> {
         }
     );
     if opts.foreground {
-        return resident(config, &opts, index, driver, session, adopt, &mut Reporter::stdout())
+        return resident(config, &opts, index, driver, session, adopt, &mut Reporter::stdout(summary))
             .map_err(refused);
     }
     let log_path =
@@ -244,7 +244,7 @@ pub fn attach(config: &Config, opts: AttachOptions) -> Result<(), Fail> {
         0 => {
             drop(read_end);
             detach_from_terminal(&log_file);
-            let mut reporter = Reporter::pipe(write_end);
+            let mut reporter = Reporter::pipe(write_end, summary.clone());
             let code = match resident(config, &opts, index, driver, session, adopt, &mut reporter) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -312,26 +312,30 @@ fn detach_from_terminal(log_file: &fs::File) {
     }
 }
 
-/// Tells whoever waits for `attach` that the device is ready (or why not).
+/// Tells whoever waits for `attach` that the device is ready (or why not): the
+/// parent through a pipe (it prints `summary`), or stdout in the foreground.
 struct Reporter {
     pipe: Option<fs::File>,
+    summary: String,
 }
 
 impl Reporter {
-    fn pipe(fd: OwnedFd) -> Reporter {
-        Reporter { pipe: Some(fs::File::from(fd)) }
+    fn pipe(fd: OwnedFd, summary: String) -> Reporter {
+        Reporter { pipe: Some(fs::File::from(fd)), summary }
     }
 
-    fn stdout() -> Reporter {
-        Reporter { pipe: None }
+    fn stdout(summary: String) -> Reporter {
+        Reporter { pipe: None, summary }
     }
 
-    fn ready(&mut self, summary: &str) {
+    /// Logs the summary and reports readiness.
+    fn ready(&mut self, index: u32) {
+        log(index, &self.summary);
         match self.pipe.take() {
             Some(mut p) => {
                 let _ = p.write_all(b"ok\n");
             }
-            None => println!("{summary}"),
+            None => println!("{}", self.summary),
         }
     }
 
@@ -364,13 +368,6 @@ fn resident(
     let fds: Vec<RawFd> = session.sockets.iter().map(AsRawFd::as_raw_fd).collect();
     let flags = u64::from(session.details.transmission_flags);
     let backend = backend_of(config);
-    let summary = format!(
-        "attached /dev/nbd{index} to {} on {} ({}), {size} bytes, {} connection(s)",
-        config.resource.name,
-        session.node,
-        session.addr,
-        fds.len()
-    );
     match driver {
         Driver::Ioctl => {
             let dev = ioctl::configure(&opts.device, size, block_size, opts.timeout_secs, flags, &fds)
@@ -391,8 +388,7 @@ fn resident(
                 };
                 return Err(why);
             }
-            log(index, format_args!("{summary} (ioctl)"));
-            reporter.ready(&summary);
+            reporter.ready(index);
             let result = ready.join().map_err(|_| "the device thread panicked".to_string())?;
             log(index, format_args!("device stopped: {result:?}"));
             Ok(())
@@ -421,8 +417,7 @@ fn resident(
             let expect = session.details.clone();
             drop(session);
             let recorded = write_pidfile(index);
-            log(index, &summary);
-            reporter.ready(&summary);
+            reporter.ready(index);
             let result = watch(config, opts, index, &mut nbd, &mut events, &expect, &backend);
             if recorded {
                 let _ = fs::remove_file(pidfile(index));

@@ -118,7 +118,6 @@ impl Running {
             }
         }
         self.t.shared.demoting.store(false, Ordering::SeqCst);
-        self.publish();
     }
 
     /// `secondary --force` with clients connected: close them (each answers what it
