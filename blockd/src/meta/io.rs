@@ -18,10 +18,26 @@ use super::MetaError;
 /// Zeroes are written in chunks of this size where holes cannot be punched.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
-/// An open, exclusively locked metadata file (or backing store).
+/// Storage for metadata other than a file: the simulator's disks. Reads past the
+/// end fill zeroes; `write_at` with `durable` is durable on return (`RWF_DSYNC`);
+/// `sync` makes every earlier write durable (`fdatasync`).
+pub trait MetaDevice: Send + Sync + std::fmt::Debug {
+    fn len_bytes(&self) -> io::Result<u64>;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()>;
+    fn sync(&self) -> io::Result<()>;
+}
+
+#[derive(Debug)]
+enum Backend {
+    File(Flock<File>),
+    Device(std::sync::Arc<dyn MetaDevice>),
+}
+
+/// An open, exclusively locked metadata file (or backing store), or a device.
 #[derive(Debug)]
 pub(crate) struct MetaFile {
-    file: Flock<File>,
+    backend: Backend,
     /// Regular file (holes can be punched) rather than a block device.
     pub regular: bool,
     /// For messages.
@@ -72,24 +88,44 @@ impl MetaFile {
                 MetaError::io(at, "locking", errno.into())
             }
         })?;
-        Ok(MetaFile { file, regular, at: at.to_owned() })
+        Ok(MetaFile { backend: Backend::File(file), regular, at: at.to_owned() })
+    }
+
+    /// Metadata on a device that is not a file (the simulator's).
+    pub fn device(device: std::sync::Arc<dyn MetaDevice>, at: &str) -> MetaFile {
+        MetaFile { backend: Backend::Device(device), regular: false, at: at.to_owned() }
     }
 
     pub fn len_bytes(&self) -> Result<u64, MetaError> {
-        len_bytes(&self.file, &self.at)
+        match &self.backend {
+            Backend::File(file) => len_bytes(file, &self.at),
+            Backend::Device(d) => d.len_bytes().map_err(|e| MetaError::io(&self.at, "finding its size", e)),
+        }
     }
 
     /// Grows a regular file to `len_bytes` (sparse).
     pub fn grow(&self, len_bytes: u64) -> Result<(), MetaError> {
-        self.file.set_len(len_bytes).map_err(|e| MetaError::io(&self.at, "growing the file", e))
+        let Backend::File(file) = &self.backend else {
+            let e = io::Error::new(io::ErrorKind::Unsupported, "not a regular file");
+            return Err(MetaError::io(&self.at, "growing the file", e));
+        };
+        file.set_len(len_bytes).map_err(|e| MetaError::io(&self.at, "growing the file", e))
     }
 
     /// Fills `buf` from `offset`; bytes past the end of the file read as zeroes (a
     /// slot that was never written has no magic).
     pub fn read(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<(), MetaError> {
+        let file = match &self.backend {
+            Backend::File(file) => file,
+            Backend::Device(d) => {
+                return d
+                    .read_at(buf, offset)
+                    .map_err(|e| MetaError::io(&self.at, format!("reading {what}"), e));
+            }
+        };
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     break;
@@ -104,7 +140,11 @@ impl MetaFile {
 
     /// Writes all of `buf` at `offset` (not yet durable: see [`Self::sync`]).
     pub fn write(&self, buf: &[u8], offset: u64, what: &str) -> Result<(), MetaError> {
-        self.file.write_all_at(buf, offset).map_err(|e| MetaError::io(&self.at, format!("writing {what}"), e))
+        let result = match &self.backend {
+            Backend::File(file) => file.write_all_at(buf, offset),
+            Backend::Device(d) => d.write_at(buf, offset, false),
+        };
+        result.map_err(|e| MetaError::io(&self.at, format!("writing {what}"), e))
     }
 
     /// Writes all of `buf` at `offset` durably (`RWF_DSYNC`): only this range is
@@ -113,21 +153,30 @@ impl MetaFile {
     /// log, which is written while the application writes.
     pub fn write_durable(&self, buf: &[u8], offset: u64, what: &str) -> Result<(), MetaError> {
         use std::os::fd::AsFd;
-        crate::storage::ops::pwrite_full(self.file.as_fd(), buf, offset, true)
-            .map_err(|e| MetaError::io(&self.at, format!("writing {what}"), e.into()))
+        let result = match &self.backend {
+            Backend::File(file) => {
+                crate::storage::ops::pwrite_full(file.as_fd(), buf, offset, true).map_err(Into::into)
+            }
+            Backend::Device(d) => d.write_at(buf, offset, true),
+        };
+        result.map_err(|e| MetaError::io(&self.at, format!("writing {what}"), e))
     }
 
     /// `fdatasync`: everything written so far is on stable storage.
     pub fn sync(&self) -> Result<(), MetaError> {
-        self.file.sync_data().map_err(|e| MetaError::io(&self.at, "fdatasync", e))
+        let result = match &self.backend {
+            Backend::File(file) => file.sync_data(),
+            Backend::Device(d) => d.sync(),
+        };
+        result.map_err(|e| MetaError::io(&self.at, "fdatasync", e))
     }
 
     /// Makes `len_bytes` at `offset` read as zeroes: a punched hole in a regular
     /// file (no writes for a 512 MiB bitmap), written zeroes otherwise.
     pub fn zero(&self, offset: u64, len_bytes: u64, what: &str) -> Result<(), MetaError> {
-        if self.regular {
+        if let (true, Backend::File(file)) = (self.regular, &self.backend) {
             let punched = nix::fcntl::fallocate(
-                &*self.file,
+                &**file,
                 FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                 offset as libc::off_t,
                 len_bytes as libc::off_t,

@@ -105,7 +105,7 @@ use crate::state::{DiskState, Generations};
 pub use self::al::{AL_MAGIC, AL_VERSION, MAX_AL_EXTENTS};
 pub use self::bitmap_io::BitmapBlock;
 pub use self::error::MetaError;
-pub use self::io::random_id;
+pub use self::io::{MetaDevice, random_id};
 pub use self::layout::{Layout, MetaKind};
 pub use self::superblock::{
     AL_EXTENT_BYTES, DEFAULT_AL_EXTENTS, FORMAT_VERSION, MAGIC, MetaFlags, NAME_MAX_BYTES, Superblock,
@@ -268,6 +268,16 @@ impl Slots {
     }
 }
 
+/// Refuses resource and node names the superblock cannot hold.
+fn check_names(opts: &CreateOptions) -> Result<(), MetaError> {
+    for (what, name) in [("resource", &opts.resource), ("node", &opts.node)] {
+        if let Some(why) = superblock::name_problem(name) {
+            return Err(MetaError::BadName { what, name: name.clone(), why });
+        }
+    }
+    Ok(())
+}
+
 impl MetaStore {
     /// Initializes the metadata: writes an empty bitmap (zero bits, valid crcs) and
     /// zeroes the AL area (no hot extents), then writes both superblock slots,
@@ -278,11 +288,7 @@ impl MetaStore {
     /// generation is [`clear_bitmap_gen`] of the resource name and exported size,
     /// which the peer derives identically. Without: `Inconsistent`, generations all 0.
     pub fn create(loc: &MetaTarget, opts: &CreateOptions) -> Result<Superblock, MetaError> {
-        for (what, name) in [("resource", &opts.resource), ("node", &opts.node)] {
-            if let Some(why) = superblock::name_problem(name) {
-                return Err(MetaError::BadName { what, name: name.clone(), why });
-            }
-        }
+        check_names(opts)?;
         let at = loc.at_meta();
         let path = loc.meta_path();
         let external = matches!(loc.location, MetaLocation::External(_));
@@ -292,6 +298,31 @@ impl MetaStore {
             io::sync_parent_dir(path, &at)?;
         }
         let backing_bytes = loc.backing_bytes(&file)?;
+        Self::create_in(loc, &file, backing_bytes, opts)
+    }
+
+    /// [`MetaStore::create`] with internal metadata on `device` (the simulator's
+    /// disks); `name` stands for the path in messages.
+    pub fn create_on_device(
+        device: std::sync::Arc<dyn MetaDevice>,
+        name: &str,
+        opts: &CreateOptions,
+    ) -> Result<Superblock, MetaError> {
+        let loc = MetaTarget { backing: PathBuf::from(name), location: MetaLocation::Internal };
+        let file = MetaFile::device(device, &loc.at_meta());
+        let backing_bytes = file.len_bytes()?;
+        Self::create_in(&loc, &file, backing_bytes, opts)
+    }
+
+    fn create_in(
+        loc: &MetaTarget,
+        file: &MetaFile,
+        backing_bytes: u64,
+        opts: &CreateOptions,
+    ) -> Result<Superblock, MetaError> {
+        check_names(opts)?;
+        let at = loc.at_meta();
+        let external = matches!(loc.location, MetaLocation::External(_));
         let layout = Layout::compute(backing_bytes, opts.granularity_bytes, &loc.location)
             .map_err(|e| e.at(&loc.at_disk()))?;
         let data_size_bytes = Self::exported_size(loc, &layout, opts.size_bytes)?;
@@ -306,7 +337,7 @@ impl MetaStore {
             }
         }
 
-        let slots = Slots::read(&file, layout.superblock_offset_bytes)?;
+        let slots = Slots::read(file, layout.superblock_offset_bytes)?;
         let found = slots
             .newest()
             .map(|(_, sb, _)| (sb.resource.clone(), sb.node.clone()))
@@ -321,7 +352,7 @@ impl MetaStore {
             file.sync()?;
         }
         file.zero(layout.bitmap_offset_bytes, layout.bitmap_bytes, "bitmap area")?;
-        CrcTable::empty(&layout).write_all(&file, &layout)?;
+        CrcTable::empty(&layout).write_all(file, &layout)?;
         file.zero(layout.al_offset_bytes, layout.al_bytes, "activity-log area")?;
         file.sync()?;
 
@@ -395,6 +426,22 @@ impl MetaStore {
             other => other?,
         };
         let backing_bytes = loc.backing_bytes(&file)?;
+        Self::open_in(loc, file, backing_bytes)
+    }
+
+    /// [`MetaStore::open`] of internal metadata on `device` (the simulator's disks).
+    pub fn open_on_device(
+        device: std::sync::Arc<dyn MetaDevice>,
+        name: &str,
+    ) -> Result<MetaStore, MetaError> {
+        let loc = MetaTarget { backing: PathBuf::from(name), location: MetaLocation::Internal };
+        let file = MetaFile::device(device, &loc.at_meta());
+        let backing_bytes = file.len_bytes()?;
+        Self::open_in(&loc, file, backing_bytes)
+    }
+
+    fn open_in(loc: &MetaTarget, file: MetaFile, backing_bytes: u64) -> Result<MetaStore, MetaError> {
+        let at = loc.at_meta();
         let kind = MetaKind::from(&loc.location);
         let Some(superblock_offset_bytes) = Layout::superblock_offset_for(kind, backing_bytes) else {
             return Err(MetaError::NoMetadata { at });

@@ -33,6 +33,7 @@ use crate::config::Protocol;
 use crate::meta::BitmapBlock;
 use crate::peer::msg::Message;
 use crate::repl::al::ActivityLog;
+use crate::repl::decide::SideState;
 use crate::repl::inflight::InFlight;
 use crate::state::{DiskState, Generations, Role};
 use crate::storage::IoOp;
@@ -68,14 +69,20 @@ pub enum Event {
     Nbd { job: JobId, request: Request },
     /// A local storage op of `job` finished; `buf` is the op's buffer coming back.
     LocalDone { job: JobId, result: Result<(), Errno>, buf: Option<BufMut> },
+    /// A peer link is up (the shell holds no other): decide whether and how to
+    /// replicate. `remote` is the peer's state as it announced it.
+    LinkUp { remote: SideState },
     /// A message from the peer.
     PeerMessage(Message),
     /// The link wrote `bytes` of queued frames to the socket.
     PeerSent { bytes: u64 },
     /// The link is gone.
-    PeerDown,
-    /// The metadata update with this sequence number is durable.
-    MetaDurable { seq: u64 },
+    LinkDown,
+    /// The metadata update with this sequence number was carried out: durable, or
+    /// failed with the error's text.
+    MetaDone { seq: u64, result: Result<(), String> },
+    /// An operator command (`blockctl`); `Action::Done { id }` answers it.
+    Command { id: CmdId, cmd: Command },
     /// Before a clean stop: make every write so far durable locally and on the peer
     /// under any protocol; `Reply { job }` comes when done (or the peer is gone).
     Drain { job: JobId },
@@ -116,8 +123,65 @@ pub enum Action {
     FencePeer,
     /// Run the `after-resync-target` handler (nothing waits for it).
     AfterResyncTarget,
-    /// The verify started by `blockctl verify` ended (`error` if it was cut short).
-    VerifyDone { verified_bytes: u64, out_of_sync_bytes: u64, error: Option<String> },
+    /// The answer to `Event::Command { id }`.
+    Done { id: CmdId, result: Result<CmdOutput, String> },
+    /// Close the peer link (sending `reason` to the peer first); no `LinkDown`
+    /// follows for it.
+    DropLink { reason: String },
+    /// Whether the shell should connect to the peer at all (false: StandAlone).
+    LinkPolicy { enabled: bool },
+}
+
+/// Identifies an operator command until its `Action::Done`.
+pub type CmdId = u64;
+
+/// An operator command the core decides (SPEC §8 verbs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `primary [--force]`.
+    Promote { force: bool },
+    /// `secondary` (the shell has closed the NBD clients first).
+    Demote,
+    /// `connect [--discard-my-data]`: leave StandAlone.
+    Connect { discard_my_data: bool },
+    /// `disconnect`: drop the link and stay StandAlone.
+    Disconnect,
+    /// `invalidate`: this node's data is resynced in full from the peer.
+    Invalidate,
+    /// `invalidate-remote`: the peer's data is resynced in full from this node.
+    InvalidateRemote,
+    /// `pause-sync` (true) / `resume-sync` (false).
+    SetSyncPaused(bool),
+    /// `verify [--repair]`: answered when the verify ends.
+    Verify { repair: bool },
+}
+
+/// What a successful command reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CmdOutput {
+    Done,
+    Verified { verified_bytes: u64, out_of_sync_bytes: u64 },
+}
+
+/// The connection to the peer, as status shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    /// Trying to reach the peer (or a link is being set up).
+    Connecting,
+    /// Replicating.
+    Connected,
+    /// Not connecting: refused (split brain, …) or `blockctl disconnect`.
+    StandAlone,
+}
+
+impl ConnState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Connecting => "Connecting",
+            ConnState::Connected => "Connected",
+            ConnState::StandAlone => "StandAlone",
+        }
+    }
 }
 
 /// The core's fixed settings.
@@ -304,6 +368,19 @@ pub struct Core {
     pool: nbd_server::buf::BufPool,
     /// Payload bytes of application writes sent to the peer.
     replicated_bytes: u64,
+    /// The peer as it last told (connect, `State`); `None` while not linked.
+    peer_role: Option<Role>,
+    peer_disk: Option<DiskState>,
+    /// The connection as status shows it, and why the last link was refused.
+    conn: ConnState,
+    refusal: Option<String>,
+    /// No connection is used until `blockctl connect` (split brain, unrelated
+    /// data, `blockctl disconnect`).
+    standalone: bool,
+    /// Commands answered once the metadata update with this sequence is done.
+    replies_after_meta: Vec<(u64, CmdId)>,
+    /// The `blockctl verify` waiting for the verify's end.
+    verify_cmd: Option<CmdId>,
 }
 
 impl Core {
@@ -370,6 +447,13 @@ impl Core {
             crashed_primary,
             pool: nbd_server::buf::BufPool::new(8 << 20),
             replicated_bytes: 0,
+            peer_role: None,
+            peer_disk: None,
+            conn: ConnState::Connecting,
+            refusal: None,
+            standalone: false,
+            replies_after_meta: Vec::new(),
+            verify_cmd: None,
         }
     }
 
@@ -452,8 +536,10 @@ impl Core {
                 self.sent_bytes_total = (self.sent_bytes_total + bytes).min(self.queued_bytes_total);
                 self.release_send_waiters(out);
             }
-            Event::PeerDown => self.on_peer_down(out),
-            Event::MetaDurable { seq } => self.on_meta_durable(seq, out),
+            Event::LinkUp { remote } => self.on_link_up(remote, out),
+            Event::LinkDown => self.on_link_down(out),
+            Event::MetaDone { seq, result } => self.on_meta_done(seq, result, out),
+            Event::Command { id, cmd } => self.on_command(id, cmd, out),
             Event::Tick { elapsed_ms, app_requests } => self.on_tick(elapsed_ms, app_requests, out),
             Event::FenceDone { result } => self.on_fence_done(result, out),
         }
@@ -730,6 +816,7 @@ impl Core {
             Message::Invalidate => self.on_invalidate(out),
             Message::SyncPause { paused } => self.on_sync_pause(paused, out),
             Message::ResyncInfo { done_bytes, total_bytes } => self.on_resync_info(done_bytes, total_bytes),
+            Message::State { role, disk } => self.on_peer_state(role, disk),
             other => tracing::debug!(?other, "message not handled by the data path"),
         }
     }
@@ -852,23 +939,23 @@ impl Core {
         }
     }
 
-    /// `blockctl primary [--force]`. `peer_role` is the connected peer's role, if any.
-    /// On success the returned actions include a `Persist`; the caller opens the NBD
-    /// export only after it is durable.
-    pub fn promote(&mut self, force: bool, peer_role: Option<Role>) -> Result<Vec<Action>, String> {
+    /// `blockctl primary [--force]`. Its persist is queued in `out`; the command is
+    /// answered once it is durable (the export opens at once: writes acknowledged
+    /// under a new generation wait for it, see `needs_durable_gens`).
+    fn promote(&mut self, force: bool, out: &mut Vec<Action>) -> Result<(), String> {
         if self.role == Role::Primary {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        if peer_role == Some(Role::Primary) {
+        if self.peer_role == Some(Role::Primary) {
             return Err("the peer is Primary; demote it first (`blockctl secondary` there)".to_string());
         }
         if self.disk != DiskState::UpToDate && !force {
             return Err(format!(
-                "the local disk is {}; only an UpToDate node can be promoted                  (use --force to make this node's data the authoritative copy)",
+                "the local disk is {}; only an UpToDate node can be promoted \
+                 (use --force to make this node's data the authoritative copy)",
                 self.disk
             ));
         }
-        let mut out = Vec::new();
         if force && self.disk != DiskState::UpToDate {
             // This copy becomes the reference: a generation of its own, so the peer
             // sees it as newer and takes a full sync from it.
@@ -884,26 +971,25 @@ impl Core {
             self.gens.start_new(fresh);
             self.gens_pending = true;
         }
-        // The export may open before the persist below is durable: writes acknowledged
-        // under the new generation wait for it (`needs_durable_gens`).
         self.role = Role::Primary;
-        self.persist(&mut out);
-        Ok(out)
+        self.persist(out);
+        self.announce_state(out);
+        Ok(())
     }
 
-    /// `blockctl secondary`: the caller has already closed the NBD export and drained
+    /// `blockctl secondary`: the shell has already closed the NBD export and drained
     /// its clients. Refused while writes are in flight.
-    pub fn demote(&mut self) -> Result<Vec<Action>, String> {
+    fn demote(&mut self, out: &mut Vec<Action>) -> Result<(), String> {
         if self.role == Role::Secondary {
-            return Ok(Vec::new());
+            return Ok(());
         }
         if !self.writes.is_empty() || !self.flushes.is_empty() {
             return Err("writes are still in flight; retry in a moment".to_string());
         }
         self.role = Role::Secondary;
-        let mut out = Vec::new();
-        self.persist(&mut out);
-        Ok(out)
+        self.persist(out);
+        self.announce_state(out);
+        Ok(())
     }
 }
 
@@ -930,6 +1016,8 @@ mod intent;
 mod operator;
 #[path = "resync.rs"]
 mod resync;
+#[path = "session.rs"]
+mod session;
 #[path = "verify.rs"]
 mod verify;
 pub use intent::encode_changed;

@@ -46,7 +46,7 @@ fn h(c: &mut Core, event: Event) -> Vec<Action> {
         for a in pending {
             match a {
                 Action::WriteAl { seq, .. } | Action::WriteBitmap { seq, .. } => {
-                    next.extend(c.handle(Event::MetaDurable { seq }))
+                    next.extend(c.handle(Event::MetaDone { seq, result: Ok(()) }))
                 }
                 other => shown.push(other),
             }
@@ -54,6 +54,12 @@ fn h(c: &mut Core, event: Event) -> Vec<Action> {
         pending = next;
     }
     shown
+}
+
+/// `blockctl primary [--force]`: the actions, or the refusal.
+fn promote(c: &mut Core, force: bool) -> Result<Vec<Action>, String> {
+    let mut out = Vec::new();
+    c.promote(force, &mut out).map(|()| out)
 }
 
 fn remote(current: u64, bitmap: u64, role: Role) -> SideState {
@@ -118,9 +124,9 @@ fn show(actions: &[Action]) -> Vec<String> {
             Action::Persist { seq, .. } => format!("persist {seq}"),
             Action::WriteBitmap { seq, blocks } => format!("write-bitmap {seq} {}", blocks.len()),
             Action::WriteAl { seq, extents } => format!("write-al {seq} {extents:?}"),
-            Action::VerifyDone { verified_bytes, out_of_sync_bytes, error } => {
-                format!("verify-done {verified_bytes} {out_of_sync_bytes} {error:?}")
-            }
+            Action::Done { id, result } => format!("done {id} {result:?}"),
+            Action::DropLink { reason } => format!("drop-link {reason}"),
+            Action::LinkPolicy { enabled } => format!("link-policy {enabled}"),
             Action::FencePeer => "fence-peer".to_string(),
             Action::AfterResyncTarget => "after-resync-target".to_string(),
         })
@@ -230,12 +236,12 @@ fn peer_loss_completes_locally_after_a_durable_new_generation() {
     let mut c = core(Protocol::C, Role::Primary, 0);
     write(&mut c, 1, 0, 4096);
     local_done(&mut c, 1);
-    let down = h(&mut c, Event::PeerDown);
+    let down = h(&mut c, Event::LinkDown);
     assert_eq!(show(&down), ["persist 2"], "no ack before the new generation is durable");
     let g = c.generations();
     assert_eq!((g.bitmap, g.current != 10 && g.current != 0), (10, true));
     assert_eq!(c.dirty_bytes(), 4096, "the peer may lack write 1");
-    assert_eq!(show(&h(&mut c, Event::MetaDurable { seq: 2 })), ["reply 1 ok"]);
+    assert_eq!(show(&h(&mut c, Event::MetaDone { seq: 2, result: Ok(()) })), ["reply 1 ok"]);
     // Disconnected: local only, recorded dirty.
     assert_eq!(show(&write(&mut c, 2, 1 << 20, 8192)), ["local 2 write"]);
     assert_eq!(show(&local_done(&mut c, 2)), ["reply 2 ok"]);
@@ -247,7 +253,7 @@ fn acknowledged_protocol_a_writes_are_dirty_after_peer_loss() {
     let mut c = core(Protocol::A, Role::Primary, 1 << 20);
     write(&mut c, 1, 0, 4096);
     assert_eq!(show(&local_done(&mut c, 1)), ["reply 1 ok"]);
-    h(&mut c, Event::PeerDown);
+    h(&mut c, Event::LinkDown);
     assert_eq!(c.dirty_bytes(), 4096, "acked to the client but never confirmed by the peer");
 }
 
@@ -260,7 +266,7 @@ fn barrier_ack_trims_the_transfer_log() {
     h(&mut c, Event::Nbd { job: 2, request: Request::Flush });
     local_done(&mut c, 2);
     peer(&mut c, Message::BarrierAck { epoch: 1, errno: 0 });
-    h(&mut c, Event::PeerDown);
+    h(&mut c, Event::LinkDown);
     assert_eq!(c.dirty_bytes(), 0, "the peer confirmed write 1's epoch");
 }
 
@@ -305,18 +311,22 @@ fn promotion_rules() {
     let gens = Generations { current: 10, ..Generations::default() };
     let cfg = cfg(Protocol::C, 0);
     let mut c = new_core(cfg.clone(), Role::Secondary, DiskState::Inconsistent, gens, 1);
-    assert!(c.promote(false, None).unwrap_err().contains("local disk is Inconsistent"));
-    assert!(c.promote(true, Some(Role::Primary)).unwrap_err().contains("peer is Primary"));
-    let a = c.promote(true, None).expect("forced");
+    assert!(promote(&mut c, false).unwrap_err().contains("local disk is Inconsistent"));
+    c.peer_role = Some(Role::Primary);
+    assert!(promote(&mut c, true).unwrap_err().contains("peer is Primary"));
+    c.peer_role = None;
+    let a = promote(&mut c, true).expect("forced");
     assert_eq!(show(&a), ["persist 1"]);
     assert_eq!((c.role(), c.disk()), (Role::Primary, DiskState::UpToDate));
     assert_eq!(c.generations().bitmap, 10, "a new generation of its own");
-    assert!(c.promote(false, None).expect("idempotent").is_empty());
+    assert!(promote(&mut c, false).expect("idempotent").is_empty());
     // Promoted while disconnected: a new generation too.
     let mut d = new_core(cfg, Role::Secondary, DiskState::UpToDate, gens, 2);
-    d.promote(false, None).expect("UpToDate");
+    promote(&mut d, false).expect("UpToDate");
     assert_eq!(d.generations().bitmap, 10);
-    assert_eq!(show(&d.demote().expect("idle")), ["persist 2"], "after the promotion's persist 1");
+    let mut a = Vec::new();
+    d.demote(&mut a).expect("idle");
+    assert_eq!(show(&a), ["persist 2"], "after the promotion's persist 1");
     assert_eq!(d.role(), Role::Secondary);
 }
 
@@ -394,7 +404,7 @@ fn losing_the_link_mid_resync_releases_chunk_ranges() {
     let (mut c, _) = source_core(RESYNC_CHUNK_BYTES);
     read_done(&mut c, INTERNAL_JOB_BASE, RESYNC_CHUNK_BYTES as usize, 3);
     assert!(write(&mut c, 1, 0, 4096).is_empty());
-    let down = h(&mut c, Event::PeerDown);
+    let down = h(&mut c, Event::LinkDown);
     assert!(show(&down).contains(&"local 1 write".to_string()), "{:?}", show(&down));
     assert_eq!(c.repl_state(), ReplState::Off);
 }
@@ -413,7 +423,7 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
     let data = Message::ResyncData { offset: 0, data: data(4096) };
     assert!(peer(&mut t, data).is_empty(), "held until Inconsistent is durable");
     let j = INTERNAL_JOB_BASE;
-    assert_eq!(show(&h(&mut t, Event::MetaDurable { seq: 1 })), [format!("local {j} write")]);
+    assert_eq!(show(&h(&mut t, Event::MetaDone { seq: 1, result: Ok(()) })), [format!("local {j} write")]);
     assert!(peer(&mut t, Message::ResyncZeroes { offset: 4096, len: 8192 }).len() == 1);
     assert_eq!(show(&local_done(&mut t, j)), ["send resync-ack 0 4096 0"]);
     let done_gens = Generations { current: 20, bitmap: 0, history: [10, 0, 0, 0] };
@@ -440,11 +450,11 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
 fn writes_after_a_promotion_wait_for_its_durable_generation() {
     let gens = Generations { current: 10, ..Generations::default() };
     let mut c = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 5);
-    assert_eq!(show(&c.promote(false, None).expect("promote")), ["persist 1"]);
+    assert_eq!(show(&promote(&mut c, false).expect("promote")), ["persist 1"]);
     let w = Event::Nbd { job: 1, request: Request::Write { offset: 0, data: data(4096), fua: false } };
     assert_eq!(show(&c.handle(w)), ["write-al 2 [0]"], "the extent is made hot first");
-    assert!(c.handle(Event::MetaDurable { seq: 1 }).is_empty());
-    assert_eq!(show(&c.handle(Event::MetaDurable { seq: 2 })), ["local 1 write"]);
+    assert!(c.handle(Event::MetaDone { seq: 1, result: Ok(()) }).is_empty());
+    assert_eq!(show(&c.handle(Event::MetaDone { seq: 2, result: Ok(()) })), ["local 1 write"]);
     assert_eq!(show(&local_done(&mut c, 1)), ["reply 1 ok"]);
 }
 
@@ -455,7 +465,10 @@ fn a_sync_target_applies_nothing_before_it_is_durably_inconsistent() {
     t.connect(remote(20, 10, Role::Primary)).expect("target");
     let w = Message::Write { id: 5, epoch: 1, offset: 0, fua: false, data: data(512) };
     assert!(peer(&mut t, w).is_empty(), "an application write waits too");
-    assert_eq!(show(&h(&mut t, Event::MetaDurable { seq: 1 })), [format!("local {INTERNAL_JOB_BASE} write")]);
+    assert_eq!(
+        show(&h(&mut t, Event::MetaDone { seq: 1, result: Ok(()) })),
+        [format!("local {INTERNAL_JOB_BASE} write")]
+    );
 }
 
 #[test]
@@ -470,7 +483,7 @@ fn a_range_too_large_for_the_log_uses_the_bitmap_as_intent() {
     assert_eq!(show(&a), ["write-bitmap 1 1"], "the bits are on disk before the trim starts");
     assert_eq!(c.dirty_bytes(), len);
     assert_eq!(
-        show(&c.handle(Event::MetaDurable { seq: 1 })),
+        show(&c.handle(Event::MetaDone { seq: 1, result: Ok(()) })),
         [
             "local 1 trim".to_string(),
             format!("send Trim {{ id: 1, epoch: 1, offset: 0, len: {len}, fua: false }}")
@@ -508,9 +521,9 @@ fn evicting_an_extent_writes_the_bitmap_first() {
 
 /// Promotes a disconnected Secondary (returns the event that makes it durable).
 fn c_promote(c: &mut Core) -> Event {
-    let a = c.promote(false, None).expect("promote");
+    let a = promote(c, false).expect("promote");
     let Action::Persist { seq, .. } = a[0] else { panic!("{:?}", show(&a)) };
-    Event::MetaDurable { seq }
+    Event::MetaDone { seq, result: Ok(()) }
 }
 
 #[test]
@@ -551,7 +564,7 @@ fn verify_reports_differing_granules_after_the_epoch_is_applied() {
     write(&mut c, 1, 0, 4096);
     local_done(&mut c, 1);
     peer(&mut c, Message::WriteAck { id: 1, errno: 0 });
-    let a = c.start_verify(false, false).expect("verify");
+    let a = c.handle(Event::Command { id: 7, cmd: Command::Verify { repair: false } });
     let j = INTERNAL_JOB_BASE;
     assert_eq!(
         show(&a),
@@ -570,7 +583,7 @@ fn verify_reports_differing_granules_after_the_epoch_is_applied() {
     let mut d = BufMut::unpooled(digests.len());
     d.copy_from_slice(&digests);
     let done = peer(&mut c, Message::Digests { offset: 0, len: 1 << 20, data: d.freeze() });
-    assert_eq!(show(&done), ["verify-done 1048576 8192 None"]);
+    assert_eq!(show(&done), ["done 7 Ok(Verified { verified_bytes: 1048576, out_of_sync_bytes: 8192 })"]);
     assert_eq!(c.dirty_bytes(), 8192, "recorded for the next resync");
     assert!(!c.verify_status().running);
 }
@@ -646,10 +659,10 @@ fn a_fencing_primary_acknowledges_nothing_until_the_handler_returned() {
     c.connect(remote(10, 0, Role::Secondary)).expect("in sync");
     write(&mut c, 1, 0, 4096);
     local_done(&mut c, 1);
-    let down = h(&mut c, Event::PeerDown);
+    let down = h(&mut c, Event::LinkDown);
     assert_eq!(show(&down), ["fence-peer", "persist 2"], "the handler runs at once");
     assert!(c.fencing().0);
-    h(&mut c, Event::MetaDurable { seq: 2 });
+    h(&mut c, Event::MetaDone { seq: 2, result: Ok(()) });
     // Durable new generation, local write done: still held by the fencing.
     write(&mut c, 2, 8192, 4096);
     assert!(local_done(&mut c, 2).is_empty());

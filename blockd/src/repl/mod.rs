@@ -15,25 +15,14 @@
 //! - [`shell`]: runs the core in one task, feeding it events and executing its
 //!   actions; the replicated `nbd_server::BlockDevice` (reads bypass the core).
 //! - [`node`]: wires a replicated node for `blockd run` and stops it in order.
+//! - [`recover`]: starting a node from its metadata (crash recovery of the bitmap
+//!   and activity log), and carrying out the core's metadata actions; shared with
+//!   the simulator.
 
 pub mod al;
 pub mod core;
 pub mod decide;
 pub mod inflight;
 pub mod node;
+pub mod recover;
 pub mod shell;
-
-/// The control reply of `blockctl verify`.
-pub(crate) fn verify_reply(
-    verified_bytes: u64,
-    out_of_sync_bytes: u64,
-    error: Option<String>,
-) -> Result<serde_json::Value, String> {
-    match error {
-        Some(e) => Err(e),
-        None => Ok(serde_json::json!({
-            "verified_bytes": verified_bytes,
-            "out_of_sync_bytes": out_of_sync_bytes,
-        })),
-    }
-}

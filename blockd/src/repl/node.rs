@@ -10,10 +10,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, NodeConfig, ResyncRate};
 use crate::control;
-use crate::meta::{MetaError, MetaStore, MetaTarget};
+use crate::meta::{MetaStore, MetaTarget};
 use crate::peer::dial::{PeerSettings, spawn_supervisor};
 use crate::peer::msg::Hello;
-use crate::repl::core::{Core, CoreConfig, encode_changed};
+use crate::repl::core::{Core, CoreConfig};
 use crate::repl::shell::{CoreTask, HELLO_CRASHED_PRIMARY, Input, Token, new_device, new_shared, new_sink};
 use crate::state::Role;
 use crate::storage::{IoOp, Storage, StorageOptions};
@@ -33,21 +33,8 @@ pub async fn run(
     let target = MetaTarget { backing: node.disk.clone(), location: node.meta.clone() };
     let mut meta = MetaStore::open(&target)?;
     meta.verify_identity(&config.resource.name, &node.name)?;
-    let sb = meta.superblock().clone();
-    // Cleared while running, set at a clean stop: after a crash it stays false.
-    // The activity log's size follows the config (informational in the superblock:
-    // the log itself records its hot set).
-    let al_extents = config.resource.al_extents;
-    meta.update(|sb| {
-        sb.flags.clean_shutdown = false;
-        sb.al_extents = al_extents;
-    })
-    .context("cannot update the metadata")?;
-    let size_bytes =
-        config.resource.size_bytes.map_or(meta.data_size_bytes(), |s| s.min(meta.data_size_bytes()));
-    // Was Primary and did not stop cleanly: it may hold writes its peer lacks.
-    let crashed_primary = sb.flags.was_primary && !sb.flags.clean_shutdown;
-    let bitmap = load_bitmap(&mut meta, size_bytes, sb.flags.clean_shutdown)?;
+    let crate::repl::recover::Recovered { superblock: sb, size_bytes, crashed_primary, bitmap } =
+        crate::repl::recover::recover(&mut meta, config.resource.al_extents, config.resource.size_bytes)?;
     let meta = Arc::new(std::sync::Mutex::new(meta));
 
     let metrics = Arc::new(crate::metrics::Metrics::default());
@@ -216,68 +203,4 @@ pub async fn run(
         .context("cannot record the clean shutdown in the metadata")?;
     tracing::info!("clean shutdown");
     Ok(())
-}
-
-/// The persisted bitmap, plus the activity log's hot extents after a crash, written
-/// back so that the log can be emptied. A corrupt bitmap is never trusted: every bit
-/// is set (a full resync), with an error in the log.
-fn load_bitmap(
-    meta: &mut MetaStore,
-    size_bytes: u64,
-    clean_shutdown: bool,
-) -> anyhow::Result<bitmap::Bitmap> {
-    let granularity_bytes = meta.superblock().bitmap_granularity_bytes;
-    let mut bitmap = match meta.read_bitmap(size_bytes) {
-        Ok(b) => b,
-        // After an unclean stop a bitmap write may have been torn between a block and
-        // its crc: only the blocks that do not check out are distrusted (their whole
-        // region is resynced).
-        Err(MetaError::BitmapCorrupt { .. }) if !clean_shutdown => {
-            let (mut b, bad) = meta.read_bitmap_salvaging(size_bytes).context("cannot read the bitmap")?;
-            tracing::warn!(
-                blocks = ?bad,
-                "bitmap blocks do not match their crc after an unclean stop (a torn write?); \
-                 their regions are marked out of sync"
-            );
-            let block_bytes = bitmap::BITS_PER_BLOCK * granularity_bytes;
-            for index in bad {
-                // Rewritten below with a matching crc.
-                b.set_range(index * block_bytes..(index + 1) * block_bytes);
-            }
-            b
-        }
-        // After a clean stop every write had completed: a mismatch is corruption at
-        // rest, and nothing in the bitmap is trusted.
-        Err(e @ MetaError::BitmapCorrupt { .. }) => {
-            tracing::error!(error = %e, "the on-disk bitmap is corrupt; falling back to a full resync");
-            let mut b =
-                bitmap::Bitmap::new(size_bytes, granularity_bytes).context("cannot size the bitmap")?;
-            b.set_all();
-            b
-        }
-        Err(e) => return Err(e).context("cannot read the bitmap"),
-    };
-    let hot =
-        if clean_shutdown { Vec::new() } else { meta.read_al().context("cannot read the activity log")? };
-    for extent in &hot {
-        let start = u64::from(*extent) << crate::repl::al::AL_EXTENT_SHIFT;
-        bitmap.set_range(start..start + (1 << crate::repl::al::AL_EXTENT_SHIFT));
-    }
-    if !hot.is_empty() {
-        tracing::warn!(
-            extents = hot.len(),
-            "unclean stop: the activity log's hot extents are marked out of sync"
-        );
-    }
-    let blocks = encode_changed(&mut bitmap);
-    if !blocks.is_empty() {
-        meta.write_bitmap_blocks(&blocks).context("cannot write the bitmap")?;
-    }
-    if !hot.is_empty() {
-        meta.write_al(&[]).context("cannot clear the activity log")?;
-    }
-    if bitmap.count_bits() > 0 {
-        tracing::info!(out_of_sync_bytes = bitmap.dirty_bytes(), "bitmap loaded");
-    }
-    Ok(bitmap)
 }

@@ -10,7 +10,7 @@ impl Core {
     /// the peer. Connected: the peer starts the resync at once (`Invalidate`).
     /// Disconnected: the disk becomes Inconsistent (durably), so the next connect
     /// makes it the target of a full sync.
-    pub fn invalidate(&mut self) -> Result<Vec<Action>, String> {
+    pub(super) fn invalidate(&mut self, out: &mut Vec<Action>) -> Result<(), String> {
         if self.role == Role::Primary {
             return Err("this node is Primary: its data is what clients see; demote it first \
                         (`blockctl secondary`), or use `invalidate-remote` on this node to resync the peer"
@@ -19,26 +19,25 @@ impl Core {
         if self.source.is_some() || self.target.is_some() {
             return Err(format!("a resync is running ({}); retry when it is done", self.repl.as_str()));
         }
-        let mut out = Vec::new();
         if self.link == Link::Replicating {
             tracing::info!("invalidate: asking the peer for a full resync");
-            self.send(Message::Invalidate, &mut out);
+            self.send(Message::Invalidate, out);
         } else {
             tracing::info!("invalidate while disconnected: the disk is Inconsistent until the next resync");
             self.disk = DiskState::Inconsistent;
-            self.persist(&mut out);
+            self.persist(out);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// `blockctl invalidate-remote`: the peer's data is discarded and copied in full
     /// from this node. Needs the link, an UpToDate disk here, and a peer that is not
     /// Primary (a Primary is never a sync target).
-    pub fn invalidate_remote(&mut self, peer_primary: bool) -> Result<Vec<Action>, String> {
+    pub(super) fn invalidate_remote(&mut self, out: &mut Vec<Action>) -> Result<(), String> {
         if self.link != Link::Replicating {
             return Err("not connected to the peer; `connect` first".into());
         }
-        if peer_primary {
+        if self.peer_role == Some(Role::Primary) {
             return Err("the peer is Primary; demote it first (`blockctl secondary` there)".into());
         }
         if self.disk != DiskState::UpToDate {
@@ -47,9 +46,8 @@ impl Core {
         if self.source.is_some() || self.target.is_some() {
             return Err(format!("a resync is running ({}); retry when it is done", self.repl.as_str()));
         }
-        let mut out = Vec::new();
-        self.start_full_repair(&mut out);
-        Ok(out)
+        self.start_full_repair(out);
+        Ok(())
     }
 
     /// The peer ran `invalidate`: resync it in full if this node can be the source.
@@ -72,20 +70,18 @@ impl Core {
     /// `blockctl pause-sync` (`paused`) / `resume-sync`: holds resync (this one and
     /// later ones) until resumed on the same node. The peer is told, so a pause on the
     /// target holds the source too.
-    pub fn set_sync_paused(&mut self, paused: bool) -> Vec<Action> {
-        let mut out = Vec::new();
+    pub(super) fn set_sync_paused(&mut self, paused: bool, out: &mut Vec<Action>) {
         if self.sync_paused_here == paused {
-            return out;
+            return;
         }
         self.sync_paused_here = paused;
         tracing::info!(paused, "resync pause set by the operator");
         if self.link == Link::Replicating {
-            self.send(Message::SyncPause { paused }, &mut out);
+            self.send(Message::SyncPause { paused }, out);
         }
         if !paused {
-            self.pump_source(&mut out);
+            self.pump_source(out);
         }
-        out
     }
 
     pub(super) fn on_sync_pause(&mut self, paused: bool, out: &mut Vec<Action>) {

@@ -230,6 +230,12 @@ impl Core {
 
     /// This node's side for [`decide`], given the peer's.
     pub fn side_state(&self, remote: &SideState) -> SideState {
+        self.own_state(!remote.lower_name)
+    }
+
+    /// This node's state as it announces it to a peer (`lower_name`: its name sorts
+    /// before the peer's).
+    pub fn own_state(&self, lower_name: bool) -> SideState {
         SideState {
             gens: self.gens,
             disk: self.disk,
@@ -237,7 +243,7 @@ impl Core {
             crashed_primary: self.crashed_primary,
             dirty: self.bitmap.count_bits() > 0,
             discard_my_data: self.discard_my_data,
-            lower_name: !remote.lower_name,
+            lower_name,
         }
     }
 

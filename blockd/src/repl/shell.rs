@@ -28,13 +28,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::control::{Command, ControlRequest};
 use crate::device::spawn_block_status;
 use crate::events::EventSnapshot;
-use crate::meta::{BitmapBlock, MetaStore};
+use crate::meta::MetaStore;
 use crate::metrics::Metrics;
 use crate::peer::link::{LinkEvent, PeerConn};
 use crate::peer::msg::{Hello, Message};
-use crate::repl::core::{Action, Core, Event, JobId, Outcome, Request};
+use crate::repl::core::{Action, CmdId, CmdOutput, ConnState, Core, Event, JobId, Outcome, Request};
 use crate::repl::decide::SideState;
-use crate::repl::verify_reply;
+use crate::repl::recover::{MetaJob, run_meta_job};
 use crate::state::{DiskState, Generations, Role};
 use crate::storage::{IoBuf, IoOp, IoSink, Storage};
 
@@ -71,7 +71,7 @@ pub enum Input {
         result: Result<(), Errno>,
         buf: IoBuf,
     },
-    MetaDurable {
+    MetaDone {
         seq: u64,
         result: Result<(), String>,
     },
@@ -226,15 +226,6 @@ impl BlockDevice for ReplicatedDevice {
     }
 }
 
-/// What the shell knows about the peer, for `status --json`.
-#[derive(Clone, Debug, Default)]
-pub struct PeerSnapshot {
-    pub connection: &'static str,
-    pub role: Option<Role>,
-    pub disk: Option<DiskState>,
-    pub refusal: Option<String>,
-}
-
 /// Everything the core task needs.
 pub struct CoreTask {
     pub core: Core,
@@ -266,14 +257,7 @@ pub struct CoreTask {
     pub stop_daemon: watch::Sender<bool>,
 }
 
-/// A metadata action for the metadata thread.
-enum MetaJob {
-    Persist { seq: u64, gens: Generations, disk: DiskState, was_primary: bool },
-    Bitmap { seq: u64, blocks: Vec<BitmapBlock> },
-    Al { seq: u64, extents: Vec<u32> },
-}
-
-/// Runs metadata actions one at a time, in order, and reports each as durable.
+/// Runs metadata actions one at a time, in order, and reports each one's result.
 /// Unbounded channel: the core keeps at most one bitmap write and one activity-log
 /// transaction queued, and superblock updates and bitmap intents are bounded by the
 /// writes in flight.
@@ -290,21 +274,9 @@ fn spawn_meta_thread(
                     tracing::error!("metadata lock poisoned; metadata updates stop");
                     return;
                 };
-                let (seq, result) = match job {
-                    MetaJob::Persist { seq, gens, disk, was_primary } => (
-                        seq,
-                        m.update(|sb| {
-                            sb.generations = gens;
-                            sb.disk = disk;
-                            sb.flags.consistent = disk >= DiskState::Outdated;
-                            sb.flags.was_primary = was_primary;
-                        }),
-                    ),
-                    MetaJob::Bitmap { seq, blocks } => (seq, m.write_bitmap_blocks(&blocks)),
-                    MetaJob::Al { seq, extents } => (seq, m.write_al(&extents)),
-                };
+                let result = run_meta_job(&mut m, &job).map_err(|e| e.to_string());
                 drop(m);
-                let _ = inputs.send(Input::MetaDurable { seq, result: result.map_err(|e| e.to_string()) });
+                let _ = inputs.send(Input::MetaDone { seq: job.seq(), result });
             }
         })
         .expect("spawning the metadata thread");
@@ -318,18 +290,13 @@ struct Running {
     t: CoreTask,
     published: std::cell::Cell<Option<Published>>,
     meta_jobs: std::sync::mpsc::Sender<MetaJob>,
-    /// No connection attempts are used until `blockctl connect` (split brain,
-    /// unrelated data, `blockctl disconnect`).
-    standalone: bool,
-    /// `blockctl verify` waiting for its result.
-    verify_reply: Option<oneshot::Sender<Result<serde_json::Value, String>>>,
     app_requests_seen: u64,
     link: Option<PeerConn>,
-    peer: PeerSnapshot,
     /// Each NBD request's responder, and when a write arrived (for its latency).
     responders: HashMap<JobId, (Responder, Option<std::time::Instant>)>,
-    /// Control replies waiting for a metadata update to be durable.
-    waiting_durable: Vec<(u64, oneshot::Sender<Result<serde_json::Value, String>>)>,
+    /// Control requests the core has not answered yet, by command id.
+    commands: HashMap<CmdId, oneshot::Sender<Result<serde_json::Value, String>>>,
+    next_cmd: CmdId,
     drain: Option<oneshot::Sender<()>>,
 }
 
@@ -345,13 +312,11 @@ impl CoreTask {
             t: self,
             published: std::cell::Cell::new(None),
             meta_jobs,
-            standalone: false,
-            verify_reply: None,
             app_requests_seen: 0,
             link: None,
-            peer: PeerSnapshot { connection: "Connecting", ..PeerSnapshot::default() },
             responders: HashMap::new(),
-            waiting_durable: Vec::new(),
+            commands: HashMap::new(),
+            next_cmd: 1,
             drain: None,
         };
         r.publish();
@@ -371,39 +336,24 @@ impl CoreTask {
                         let buf = match buf { IoBuf::Read(b) => Some(b), _ => None };
                         Event::LocalDone { job, result, buf }
                     }
-                    Input::MetaDurable { seq, result } => {
-                        r.meta_done(seq, result);
-                        Event::MetaDurable { seq }
-                    }
+                    Input::MetaDone { seq, result } => Event::MetaDone { seq, result },
                     Input::Drain { done } => {
                         r.drain = Some(done);
                         Event::Drain { job: DRAIN_JOB }
                     }
                     Input::FenceDone { result } => Event::FenceDone { result },
                 },
-                Some(conn) = r.t.conns.recv() => {
-                    if let Some(actions) = r.accept_link(conn) {
-                        r.execute(actions);
-                        r.publish();
-                    }
-                    continue;
-                }
+                Some(conn) = r.t.conns.recv() => match r.accept_link(conn) {
+                    Some(event) => event,
+                    None => continue,
+                },
                 Some(ev) = next_link_event(&mut r.link) => match ev {
-                    LinkEvent::Message(Message::State { role, disk }) => {
-                        r.peer.role = Some(role);
-                        r.peer.disk = Some(disk);
-                        r.t.shared.peer_role.store(role.code(), Ordering::Release);
-                        r.publish();
-                        continue;
-                    }
                     LinkEvent::Message(m) => Event::PeerMessage(m),
                     LinkEvent::Sent { bytes } => Event::PeerSent { bytes },
                     LinkEvent::Closed(e) => {
                         tracing::warn!(peer = %r.t.shared.peer_name, error = %e, "peer link lost");
                         r.link = None;
-                        r.peer = PeerSnapshot { connection: "Connecting", ..PeerSnapshot::default() };
-                        r.t.shared.peer_role.store(0, Ordering::Release);
-                        Event::PeerDown
+                        Event::LinkDown
                     }
                 },
                 Some(req) = r.t.control.recv() => {
@@ -448,15 +398,11 @@ async fn next_link_event(link: &mut Option<PeerConn>) -> Option<LinkEvent> {
 }
 
 impl Running {
-    /// A fresh link: the core decides from both sides' generations whether and how
-    /// to replicate (in sync, resync direction, or a refusal).
-    fn accept_link(&mut self, conn: PeerConn) -> Option<Vec<Action>> {
+    /// A fresh link: the core decides whether and how to replicate (the supervisor
+    /// hands over one at a time; a second one while a link is up is not used).
+    fn accept_link(&mut self, conn: PeerConn) -> Option<Event> {
         if self.link.is_some() {
-            return None; // the supervisor only hands over one link at a time
-        }
-        if self.standalone {
-            tracing::debug!(peer = %self.t.shared.peer_name, "StandAlone: connection not used");
-            let _ = conn.outgoing.send(Message::Bye { reason: "the peer is StandAlone".into() });
+            let _ = conn.outgoing.send(Message::Bye { reason: "a link to this node is up already".into() });
             return None;
         }
         let h = &conn.remote;
@@ -469,33 +415,8 @@ impl Running {
             discard_my_data: h.flags & HELLO_DISCARD_MY_DATA != 0,
             lower_name: self.t.shared.peer_name < self.t.shared.local_name,
         };
-        self.peer.role = Some(remote.role);
-        self.peer.disk = Some(remote.disk);
-        self.t.shared.peer_role.store(remote.role.code(), Ordering::Release);
-        match self.t.core.connect(remote) {
-            Ok(actions) => {
-                tracing::info!(peer = %self.t.shared.peer_name, state = self.t.core.repl_state().as_str(), "connected");
-                self.peer.connection = "Connected";
-                self.peer.refusal = None;
-                self.link = Some(conn);
-                // A role or disk change since the handshake is news to the peer.
-                let (role, disk) = (self.t.core.role(), self.t.core.disk());
-                if let Some(link) = &self.link {
-                    let _ = link.outgoing.send(Message::State { role, disk });
-                }
-                Some(actions)
-            }
-            Err(refusal) => {
-                tracing::warn!(peer = %self.t.shared.peer_name, reason = %refusal.reason, "not replicating");
-                self.peer.connection = "StandAlone";
-                self.peer.refusal = Some(refusal.reason);
-                if refusal.standalone {
-                    self.set_standalone(true);
-                }
-                let _ = conn.outgoing.send(Message::Bye { reason: "not replicating".into() });
-                None
-            }
-        }
+        self.link = Some(conn);
+        Some(Event::LinkUp { remote })
     }
 
     fn execute(&mut self, actions: impl IntoIterator<Item = Action>) {
@@ -505,6 +426,26 @@ impl Running {
                 Action::Send(m) => {
                     if let Some(link) = &self.link {
                         let _ = link.outgoing.send(m);
+                    }
+                }
+                Action::DropLink { reason } => {
+                    if let Some(link) = self.link.take() {
+                        // Dropping the sender sends what is queued, then closes.
+                        let _ = link.outgoing.send(Message::Bye { reason });
+                    }
+                }
+                Action::LinkPolicy { enabled } => {
+                    self.t.link_enabled.send_replace(enabled);
+                }
+                Action::Done { id, result } => {
+                    if let Some(reply) = self.commands.remove(&id) {
+                        let _ = reply.send(result.map(|output| match output {
+                            CmdOutput::Done => serde_json::json!({}),
+                            CmdOutput::Verified { verified_bytes, out_of_sync_bytes } => serde_json::json!({
+                                "verified_bytes": verified_bytes,
+                                "out_of_sync_bytes": out_of_sync_bytes,
+                            }),
+                        }));
                     }
                 }
                 Action::Reply { job: DRAIN_JOB, .. } => {
@@ -539,11 +480,6 @@ impl Running {
                         });
                     }
                 }
-                Action::VerifyDone { verified_bytes, out_of_sync_bytes, error } => {
-                    if let Some(reply) = self.verify_reply.take() {
-                        let _ = reply.send(verify_reply(verified_bytes, out_of_sync_bytes, error));
-                    }
-                }
             }
         }
     }
@@ -564,7 +500,7 @@ impl Running {
         set(&m.resync_sent_bytes, p.sent_bytes);
         set(&m.al_hot_extents, al_hot as u64);
         set(&m.al_transactions, al_tx);
-        set(&m.connected, u64::from(self.link.is_some()));
+        set(&m.connected, u64::from(c.connection().0 == ConnState::Connected));
         set(&m.primary, u64::from(c.role() == Role::Primary));
         set(&m.up_to_date, u64::from(c.disk() == DiskState::UpToDate));
     }
@@ -577,11 +513,6 @@ impl Running {
             (ReplState::SyncTarget, true) => "PausedSyncT",
             (state, _) => state.as_str(),
         }
-    }
-
-    fn set_standalone(&mut self, standalone: bool) {
-        self.standalone = standalone;
-        self.t.link_enabled.send_replace(!standalone);
     }
 
     /// Runs the fence-peer handler; its end (or absence) comes back as `FenceDone`.
@@ -639,17 +570,6 @@ impl Running {
         }
     }
 
-    fn meta_done(&mut self, seq: u64, result: Result<(), String>) {
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "metadata update failed");
-        }
-        let (done, waiting): (Vec<_>, Vec<_>) = self.waiting_durable.drain(..).partition(|(s, _)| *s <= seq);
-        self.waiting_durable = waiting;
-        for (_, reply) in done {
-            let _ = reply.send(result.clone().map(|()| serde_json::json!({})));
-        }
-    }
-
     /// Keeps the handshake `Hello` current for the next connection.
     fn publish(&self) {
         let (gens, disk, role) = (self.t.core.generations(), self.t.core.disk(), self.t.core.role());
@@ -658,13 +578,16 @@ impl Running {
             | h_flag(c.dirty_bytes() > 0, HELLO_DIRTY)
             | h_flag(c.discard_my_data(), HELLO_DISCARD_MY_DATA);
         let p = c.resync_progress();
+        let (peer_role, peer_disk) = c.peer_view();
+        self.t.shared.role.store(role.code(), Ordering::Release);
+        self.t.shared.peer_role.store(peer_role.map_or(0, Role::code), Ordering::Release);
         let snapshot = EventSnapshot {
             role: role.as_str(),
             disk: disk.as_str(),
-            connection: self.peer.connection,
-            peer_role: self.peer.role.map_or("Unknown", Role::as_str),
+            connection: c.connection().0.as_str(),
+            peer_role: peer_role.map_or("Unknown", Role::as_str),
             replication: self.replication_name(),
-            peer_disk: self.peer.disk.map_or("DUnknown", DiskState::as_str),
+            peer_disk: peer_disk.map_or("DUnknown", DiskState::as_str),
             out_of_sync_bytes: c.dirty_bytes(),
             resync_done_bytes: p.done_bytes,
             resync_total_bytes: p.total_bytes,

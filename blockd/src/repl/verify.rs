@@ -96,7 +96,8 @@ pub struct VerifyStatus {
 impl Core {
     /// `blockctl verify [--repair]`. `peer_primary`: a repair would make the peer a
     /// sync target, which a Primary never is.
-    pub fn start_verify(&mut self, repair: bool, peer_primary: bool) -> Result<Vec<Action>, String> {
+    pub(super) fn start_verify(&mut self, repair: bool, out: &mut Vec<Action>) -> Result<(), String> {
+        let peer_primary = self.peer_role == Some(Role::Primary);
         if self.link != Link::Replicating {
             return Err("not connected to the peer".into());
         }
@@ -123,9 +124,8 @@ impl Core {
             total_bytes: self.cfg.size_bytes,
             out_of_sync_bytes: 0,
         });
-        let mut out = Vec::new();
-        self.pump_verify(&mut out);
-        Ok(out)
+        self.pump_verify(out);
+        Ok(())
     }
 
     /// Verify progress or the last result.
@@ -252,7 +252,7 @@ impl Core {
         v.finished = true;
         let (done, oos, repair) = (v.done_bytes, v.out_of_sync_bytes, v.repair);
         tracing::info!(verified_bytes = done, out_of_sync_bytes = oos, "online verify done");
-        out.push(Action::VerifyDone { verified_bytes: done, out_of_sync_bytes: oos, error: None });
+        self.verify_ended(done, oos, None, out);
         if oos > 0 {
             if repair {
                 self.start_repair(oos, out);
@@ -280,11 +280,7 @@ impl Core {
             }
         }
         tracing::warn!(verified_bytes = done, why, "online verify stopped");
-        out.push(Action::VerifyDone {
-            verified_bytes: done,
-            out_of_sync_bytes: oos,
-            error: Some(format!("verify stopped after {done} bytes: {why}")),
-        });
+        self.verify_ended(done, oos, Some(format!("verify stopped after {done} bytes: {why}")), out);
     }
 
     /// The peer asks for digests: served once its `after_epoch` is applied here.

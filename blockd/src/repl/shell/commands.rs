@@ -5,29 +5,38 @@
 use super::*;
 
 impl Running {
-    /// Runs a core request that may refuse; executes its actions.
+    /// Hands a command to the core; `reply` is answered with its `Done`.
     fn core_command(
         &mut self,
-        f: impl FnOnce(&mut Core, bool) -> Result<Vec<Action>, String>,
-    ) -> Result<serde_json::Value, String> {
-        let peer_primary = self.peer.role == Some(Role::Primary);
-        let actions = f(&mut self.t.core, peer_primary)?;
+        cmd: crate::repl::core::Command,
+        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    ) {
+        let id = self.next_cmd;
+        self.next_cmd += 1;
+        self.commands.insert(id, reply);
+        let mut actions = Vec::new();
+        self.t.core.handle_into(Event::Command { id, cmd }, &mut actions);
         self.execute(actions);
         self.publish();
-        Ok(serde_json::json!({}))
     }
 
     pub(super) fn control(&mut self, req: ControlRequest) {
-        let result = match req.command {
-            Command::Status => Ok(self.status_json()),
+        use crate::repl::core::Command as Core;
+        let cmd = match req.command {
+            Command::Status => {
+                let _ = req.reply.send(Ok(self.status_json()));
+                return;
+            }
             Command::Down => {
                 self.t.stop_daemon.send_replace(true);
-                Ok(serde_json::json!({}))
+                let _ = req.reply.send(Ok(serde_json::json!({})));
+                return;
             }
-            Command::Primary { force } => match self.t.core.promote(force, self.peer.role) {
-                Ok(actions) => return self.after_role_change(actions, req.reply),
-                Err(e) => Err(e),
-            },
+            Command::Events { .. } => {
+                let _ = req.reply.send(Err("events are served by the control socket itself".to_string()));
+                return;
+            }
+            Command::Primary { force } => Core::Promote { force },
             Command::Secondary { force } => {
                 // Refuse new clients first, then count the ones in transmission: a
                 // client counts itself before it checks the export (both SeqCst), so
@@ -39,84 +48,37 @@ impl Running {
                 }
                 if clients > 0 {
                     self.t.shared.demoting.store(false, Ordering::SeqCst);
-                    Err(format!("{clients} NBD client(s) connected; disconnect them first or use --force"))
-                } else {
-                    return self.demote_now(req.reply);
+                    let e =
+                        format!("{clients} NBD client(s) connected; disconnect them first or use --force");
+                    let _ = req.reply.send(Err(e));
+                    return;
                 }
-            }
-            Command::FinishForcedDemotion => {
-                // Clients counted now came in during their handshake and leave on
-                // their own (the export check after GO), with no I/O done.
                 return self.demote_now(req.reply);
             }
-            Command::Connect { discard_my_data } if discard_my_data && self.link.is_some() => {
-                Err("already connected: --discard-my-data only resolves a split brain when connecting \
-                 (the nodes refuse each other then and are StandAlone)"
-                    .to_string())
-            }
-            Command::Connect { discard_my_data } => {
-                self.set_standalone(false);
-                self.t.core.set_discard_my_data(discard_my_data);
-                if self.link.is_none() {
-                    self.peer.connection = "Connecting";
-                }
-                Ok(serde_json::json!({}))
-            }
+            // Clients counted now came in during their handshake and leave on their
+            // own (the export check after GO), with no I/O done.
+            Command::FinishForcedDemotion => return self.demote_now(req.reply),
+            Command::Connect { discard_my_data } => Core::Connect { discard_my_data },
             Command::Disconnect => {
-                self.set_standalone(true);
-                self.peer = PeerSnapshot {
-                    connection: "StandAlone",
-                    refusal: Some("disconnected by `blockctl disconnect`".into()),
-                    ..PeerSnapshot::default()
-                };
-                self.t.shared.peer_role.store(0, Ordering::Release);
-                if self.link.take().is_some() {
-                    tracing::info!(peer = %self.t.shared.peer_name, "disconnected by the operator");
-                    let mut actions = Vec::new();
-                    self.t.core.handle_into(Event::PeerDown, &mut actions);
-                    self.execute(actions);
-                    self.publish();
-                }
-                Ok(serde_json::json!({}))
+                // The link is the shell's: dropped here, the core is told it is down.
+                Core::Disconnect
             }
-            Command::Invalidate => self.core_command(|c, _| c.invalidate()),
-            Command::InvalidateRemote => {
-                self.core_command(|c, peer_primary| c.invalidate_remote(peer_primary))
-            }
-            Command::PauseSync => self.core_command(|c, _| Ok(c.set_sync_paused(true))),
-            Command::ResumeSync => self.core_command(|c, _| Ok(c.set_sync_paused(false))),
-            Command::Events { .. } => Err("events are served by the control socket itself".to_string()),
-            Command::Verify { repair } => {
-                if self.verify_reply.is_some() {
-                    Err("a verify is already running".to_string())
-                } else {
-                    let peer_primary = self.peer.role == Some(Role::Primary);
-                    match self.t.core.start_verify(repair, peer_primary) {
-                        Ok(actions) => {
-                            self.verify_reply = Some(req.reply);
-                            self.execute(actions);
-                            return;
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-            }
+            Command::Invalidate => Core::Invalidate,
+            Command::InvalidateRemote => Core::InvalidateRemote,
+            Command::PauseSync => Core::SetSyncPaused(true),
+            Command::ResumeSync => Core::SetSyncPaused(false),
+            Command::Verify { repair } => Core::Verify { repair },
         };
-        self.publish();
-        let _ = req.reply.send(result);
+        self.core_command(cmd, req.reply);
     }
 
     /// Demotes with no client in transmission and new ones refused (`demoting`);
     /// the flag is cleared only once the role says Secondary (or the demotion was
     /// refused), so no client is accepted in between and then has its writes refused
-    /// as a Secondary's, failing its filesystem.
+    /// as a Secondary's, failing its filesystem. The role is published (`publish`,
+    /// after the core handled the command) before the flag is cleared.
     fn demote_now(&mut self, reply: oneshot::Sender<Result<serde_json::Value, String>>) {
-        match self.t.core.demote() {
-            Ok(actions) => self.after_role_change(actions, reply),
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-        }
+        self.core_command(crate::repl::core::Command::Demote, reply);
         self.t.shared.demoting.store(false, Ordering::SeqCst);
     }
 
@@ -150,36 +112,13 @@ impl Running {
         });
     }
 
-    /// Executes a role change's actions; replies once its persist is durable.
-    fn after_role_change(
-        &mut self,
-        actions: Vec<Action>,
-        reply: oneshot::Sender<Result<serde_json::Value, String>>,
-    ) {
-        let seq = actions.iter().find_map(|a| match a {
-            Action::Persist { seq, .. } => Some(*seq),
-            _ => None,
-        });
-        self.execute(actions);
-        let role = self.t.core.role();
-        self.t.shared.role.store(role.code(), Ordering::Release);
-        if let Some(link) = &self.link {
-            let _ = link.outgoing.send(Message::State { role, disk: self.t.core.disk() });
-        }
-        self.publish();
-        match seq {
-            Some(seq) => self.waiting_durable.push((seq, reply)),
-            None => {
-                let _ = reply.send(Ok(serde_json::json!({})));
-            }
-        }
-    }
-
     pub(super) fn status_json(&self) -> serde_json::Value {
         let dirty = self.t.core.dirty_bytes();
         let p = self.t.core.resync_progress();
         let v = self.t.core.verify_status();
         let (al_hot_extents, al_transactions) = self.t.core.al_stats();
+        let (connection, refusal) = self.t.core.connection();
+        let (peer_role, peer_disk) = self.t.core.peer_view();
         serde_json::json!({
             "resource": self.t.resource,
             "pid": std::process::id(),
@@ -188,11 +127,11 @@ impl Running {
             "disk": self.t.core.disk().as_str(),
             "peers": [{
                 "node": self.t.shared.peer_name,
-                "connection": self.peer.connection,
+                "connection": connection.as_str(),
                 "replication": self.replication_name(),
                 "resync_paused": self.t.core.sync_paused(),
-                "role": self.peer.role.map_or("Unknown", Role::as_str),
-                "disk": self.peer.disk.map_or("DUnknown", DiskState::as_str),
+                "role": peer_role.map_or("Unknown", Role::as_str),
+                "disk": peer_disk.map_or("DUnknown", DiskState::as_str),
                 "out_of_sync_bytes": dirty,
                 "resync_done_bytes": p.done_bytes,
                 "resync_total_bytes": p.total_bytes,
@@ -204,7 +143,7 @@ impl Running {
                 "verify_done_bytes": v.done_bytes,
                 "verify_total_bytes": v.total_bytes,
                 "verify_out_of_sync_bytes": v.out_of_sync_bytes,
-                "reason": self.peer.refusal,
+                "reason": refusal,
             }],
             "al_hot_extents": al_hot_extents,
             "al_transactions": al_transactions,

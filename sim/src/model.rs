@@ -1,0 +1,251 @@
+//! The reference model: every write the clients submitted, in submission order,
+//! and per node the acknowledged writes it must hold.
+//!
+//! A write acknowledged by a Primary must be on that Primary; under protocol C (B)
+//! it must also be on the peer whose `WriteAck` (`RecvAck`) it waited for. Such a
+//! requirement survives a crash of the node only once a FLUSH that was submitted
+//! after the acknowledgement was itself acknowledged with that node's part in it
+//! (or the write was FUA): a crash may lose anything not flushed, as a disk may.
+//!
+//! A block satisfies a requirement if each of its sectors holds the required write
+//! or any write submitted after it (later writes, acknowledged or not, may have
+//! landed), or zeroes where such a write was a trim or zeroing. Sectors of two
+//! writes in one block are a torn write, which is fine sector by sector; a sector
+//! that is no whole write of this block is corruption.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::pattern::{SectorContent, Tag};
+
+/// Write numbers: the index in submission order.
+pub type WriteNo = u32;
+
+#[derive(Debug)]
+pub struct WriteRec {
+    pub tag: Tag,
+    /// A trim or write-zeroes: the blocks read back as zeroes.
+    pub zero: bool,
+    pub first_block: u64,
+    pub blocks: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct BlockReq {
+    /// The newest required write that survives a crash of this node.
+    durable: Option<WriteNo>,
+    /// Required writes not yet covered by a flush: (write, acknowledgement number).
+    pending: Vec<(WriteNo, u64)>,
+}
+
+impl BlockReq {
+    /// The newest required write (of those a crash keeps, with `durable_only`).
+    fn floor(&self, durable_only: Option<u64>) -> Option<WriteNo> {
+        let pending = self.pending.iter().filter(|(_, ack)| durable_only.is_none_or(|mark| *ack <= mark));
+        pending.map(|(w, _)| *w).chain(self.durable).max()
+    }
+}
+
+/// What one node must hold.
+#[derive(Debug, Default, Clone)]
+struct NodeReq {
+    blocks: BTreeMap<u64, BlockReq>,
+    /// Acknowledgements numbered up to here are covered by a completed flush.
+    flush_mark: u64,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    writes: Vec<WriteRec>,
+    by_tag: HashMap<Tag, WriteNo>,
+    /// Per block: the writes that touched it, in submission order.
+    history: HashMap<u64, Vec<WriteNo>>,
+    ack_counter: u64,
+    nodes: Vec<NodeReq>,
+}
+
+impl Model {
+    pub fn new(nodes: usize) -> Model {
+        Model {
+            writes: Vec::new(),
+            by_tag: HashMap::new(),
+            history: HashMap::new(),
+            ack_counter: 0,
+            nodes: vec![NodeReq::default(); nodes],
+        }
+    }
+
+    /// A client submitted a write (or trim/zeroes) of `blocks` blocks.
+    pub fn submit(&mut self, tag: Tag, zero: bool, first_block: u64, blocks: u64) -> WriteNo {
+        let no = WriteNo::try_from(self.writes.len()).expect("fewer than 2^32 writes per seed");
+        self.writes.push(WriteRec { tag, zero, first_block, blocks });
+        if !zero {
+            self.by_tag.insert(tag, no);
+        }
+        for b in first_block..first_block + blocks {
+            self.history.entry(b).or_default().push(no);
+        }
+        no
+    }
+
+    pub fn write(&self, no: WriteNo) -> &WriteRec {
+        &self.writes[no as usize]
+    }
+
+    /// The acknowledgement number a FLUSH submitted now covers.
+    pub fn ack_mark(&self) -> u64 {
+        self.ack_counter
+    }
+
+    /// Write `no` was acknowledged to the client: `holders` must hold it from now
+    /// on, durably at once where `durable` (FUA).
+    pub fn acked(&mut self, no: WriteNo, holders: &[(usize, bool)]) {
+        self.ack_counter += 1;
+        let ack = self.ack_counter;
+        let (first, n) = (self.writes[no as usize].first_block, self.writes[no as usize].blocks);
+        for &(node, durable) in holders {
+            for b in first..first + n {
+                let req = self.nodes[node].blocks.entry(b).or_default();
+                if durable {
+                    req.durable = req.durable.max(Some(no));
+                } else {
+                    req.pending.push((no, ack));
+                }
+            }
+        }
+    }
+
+    /// A FLUSH that covers acknowledgements up to `mark` completed with `node`'s
+    /// part in it.
+    pub fn flushed(&mut self, node: usize, mark: u64) {
+        let n = &mut self.nodes[node];
+        n.flush_mark = n.flush_mark.max(mark);
+        let mark = n.flush_mark;
+        // Fold what the flush covers, so the pending lists stay short.
+        for req in n.blocks.values_mut() {
+            fold(req, mark);
+        }
+    }
+
+    /// `node` lost power: only what was flushed is still required.
+    pub fn crashed(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        let mark = n.flush_mark;
+        for req in n.blocks.values_mut() {
+            fold(req, mark);
+            req.pending.clear();
+        }
+    }
+
+    /// `target` now holds a copy of `source`'s data (a resync finished), flushed.
+    pub fn copied(&mut self, target: usize, source: usize) {
+        let mut copy = self.nodes[source].clone();
+        for req in copy.blocks.values_mut() {
+            let floor = req.floor(None);
+            req.pending.clear();
+            req.durable = floor;
+        }
+        copy.flush_mark = self.ack_counter;
+        self.nodes[target] = copy;
+    }
+
+    /// Nothing is required of `node` any more (its data was discarded by an
+    /// operator's choice, or forced to be the reference).
+    pub fn forget(&mut self, node: usize) {
+        self.nodes[node] = NodeReq { flush_mark: self.ack_counter, ..NodeReq::default() };
+    }
+
+    fn durable_mark(&self, node: usize, durable_only: bool) -> Option<u64> {
+        durable_only.then_some(self.nodes[node].flush_mark)
+    }
+
+    /// Blocks with a requirement on `node`, in order (`durable_only`: of those that
+    /// survive its crash).
+    pub fn required_blocks(&self, node: usize, durable_only: bool) -> Vec<u64> {
+        let mark = self.durable_mark(node, durable_only);
+        self.nodes[node].blocks.iter().filter(|(_, r)| r.floor(mark).is_some()).map(|(b, _)| *b).collect()
+    }
+
+    /// Every block a client ever wrote, in order.
+    pub fn touched_blocks(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.history.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Checks block `block` of `node` (its sectors' contents) against what the node
+    /// must hold; `Err` says what is wrong.
+    pub fn check_block(
+        &self,
+        node: usize,
+        block: u64,
+        sectors: &[SectorContent],
+        durable_only: bool,
+    ) -> Result<(), String> {
+        let mark = self.durable_mark(node, durable_only);
+        let floor = self.nodes[node].blocks.get(&block).and_then(|r| r.floor(mark));
+        let later = |w: WriteNo| floor.is_none_or(|f| w >= f);
+        for (i, s) in sectors.iter().enumerate() {
+            let ok = match *s {
+                SectorContent::Garbage => false,
+                SectorContent::Written(tag) => match self.by_tag.get(&tag) {
+                    Some(&w) => {
+                        let rec = &self.writes[w as usize];
+                        (rec.first_block..rec.first_block + rec.blocks).contains(&block) && later(w)
+                    }
+                    None => false,
+                },
+                SectorContent::Zeroes => match floor {
+                    None => true,
+                    Some(f) => self.history[&block].iter().any(|&w| w >= f && self.writes[w as usize].zero),
+                },
+            };
+            if !ok {
+                let required = floor.map(|f| self.writes[f as usize].tag);
+                return Err(format!(
+                    "block {block} sector {i} holds {} but must hold write {} or a later one",
+                    describe(s),
+                    required.map_or("(none)".to_string(), |t| format!("#{t}"))
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fold(req: &mut BlockReq, mark: u64) {
+    let covered = req.pending.iter().filter(|(_, ack)| *ack <= mark).map(|(w, _)| *w).max();
+    req.durable = req.durable.max(covered);
+    req.pending.retain(|(_, ack)| *ack > mark);
+}
+
+fn describe(s: &SectorContent) -> String {
+    match s {
+        SectorContent::Zeroes => "zeroes".into(),
+        SectorContent::Written(t) => format!("write #{t}"),
+        SectorContent::Garbage => "garbage".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unflushed_acknowledgement_is_not_required_after_a_crash() {
+        let mut m = Model::new(2);
+        let w1 = m.submit(1, false, 0, 1);
+        m.acked(w1, &[(0, false), (1, false)]);
+        let mark = m.ack_mark();
+        m.flushed(0, mark);
+        let w2 = m.submit(2, false, 0, 1);
+        m.acked(w2, &[(0, false), (1, false)]);
+        let old = [SectorContent::Written(1); 8];
+        assert!(m.check_block(0, 0, &old, false).is_err(), "w2 is required while node 0 runs");
+        assert!(m.check_block(0, 0, &old, true).is_ok(), "w2 was not flushed");
+        m.crashed(0);
+        assert!(m.check_block(0, 0, &old, false).is_ok(), "w1 was flushed; w2 may be lost");
+        assert!(m.check_block(0, 0, &[SectorContent::Zeroes; 8], false).is_err(), "w1 must survive");
+        m.crashed(1);
+        assert!(m.check_block(1, 0, &[SectorContent::Zeroes; 8], false).is_ok(), "node 1 never flushed");
+    }
+}
