@@ -88,6 +88,9 @@ impl World {
                 self.fail("a promoted node holds every acknowledged write", format!("{name} promoted: {e}"));
             }
         }
+        if after.repl == ReplState::SyncTarget && before.repl != ReplState::SyncTarget {
+            self.model.resync_started(node);
+        }
         let finished_target = before.repl == ReplState::SyncTarget
             && after.repl == ReplState::Established
             && after.disk == DiskState::UpToDate;

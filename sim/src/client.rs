@@ -116,8 +116,15 @@ impl World {
             let fua = self.rng.random_bool(0.1);
             (Request::Write { offset, data: data.freeze(), fua }, Pending::Write { no, fua })
         };
+        let tag = self.client.next_tag;
+        self.debug(|| {
+            format!(
+                "client: job {} tag #{tag} {request:?} blocks {first}+{n}",
+                self.nodes[node].run.as_ref().map_or(0, |r| r.next_nbd_job)
+            )
+        });
         let run = self.nodes[node].run.as_mut().expect("target runs");
-        let job = run.next_nbd_job;
+        let job = JobId::nbd(run.next_nbd_job);
         run.next_nbd_job += 1;
         run.app_requests += 1;
         self.client.outstanding.insert((node, job), pending);
@@ -131,7 +138,6 @@ impl World {
             }
             return;
         }
-        self.sent_writes.remove(&(node, job));
         let peer = self.peer_acked.remove(&(node, job));
         let Some(pending) = self.client.outstanding.remove(&(node, job)) else { return };
         if !matches!(outcome, Outcome::Ok) {

@@ -143,7 +143,7 @@ impl SimDisk {
         }
         for state in d.blocks.values_mut() {
             let Some(i) = state.pending.iter().rposition(|v| v.stamp <= submitted_stamp) else { continue };
-            let newest_covered = state.pending.drain(..=i).last().expect("non-empty");
+            let newest_covered = state.pending.drain(..=i).next_back().expect("non-empty");
             state.durable = Some(newest_covered.data);
         }
     }

@@ -136,6 +136,14 @@ impl Model {
         }
     }
 
+    /// `node` became a sync target: its data is being replaced by the source's, so
+    /// only what it held durably is still its own requirement (the stale-side check
+    /// at the end uses it); a later flush must not vouch for what the resync may
+    /// have overwritten.
+    pub fn resync_started(&mut self, node: usize) {
+        self.crashed(node);
+    }
+
     /// `target` now holds a copy of `source`'s data (a resync finished), flushed.
     pub fn copied(&mut self, target: usize, source: usize) {
         let mut copy = self.nodes[source].clone();

@@ -30,7 +30,7 @@ pub struct Running {
     /// Metadata jobs, carried out one at a time in order (the metadata thread).
     pub meta_queue: VecDeque<MetaJob>,
     pub meta_busy: bool,
-    pub next_nbd_job: JobId,
+    pub next_nbd_job: u64,
     pub next_op: u64,
     pub ops: HashMap<u64, PendingOp>,
     /// The session the core believes it is linked through.

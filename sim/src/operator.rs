@@ -35,9 +35,8 @@ impl World {
         let roll = self.rng.random_range(0..100);
         match roll {
             0..12 => {
-                if let Some(session) = self.session_of(node) {
-                    self.cut(session);
-                }
+                let session = self.session_of(node);
+                session.into_iter().for_each(|s| self.cut(s));
             }
             12..16 => {
                 let other = (node + 1) % nodes;
@@ -51,19 +50,15 @@ impl World {
                     self.nodes[node].name, self.nodes[other].name
                 ));
             }
-            16..22 => {
-                if self.running(node) {
-                    self.crash(node, "chaos");
-                    let after = self.rng.random_range(50 * MS..3 * SEC);
-                    self.at(after, Ev::Restart { node });
-                }
+            16..22 if self.running(node) => {
+                self.crash(node, "chaos");
+                let after = self.rng.random_range(50 * MS..3 * SEC);
+                self.at(after, Ev::Restart { node });
             }
-            22..26 => {
-                if self.cfg.meta_fault_probability > 0.0 {
-                    let p = self.cfg.meta_fault_probability;
-                    self.nodes[node].disk.set_meta_faults(MetaFaults { fail_probability: p });
-                    self.log(format!("{}: metadata faults on", self.nodes[node].name));
-                }
+            22..26 if self.cfg.meta_fault_probability > 0.0 => {
+                let p = self.cfg.meta_fault_probability;
+                self.nodes[node].disk.set_meta_faults(MetaFaults { fail_probability: p });
+                self.log(format!("{}: metadata faults on", self.nodes[node].name));
             }
             26..36 => {
                 let force = self.rng.random_bool(0.2);

@@ -121,8 +121,7 @@ pub struct World {
     /// Operator commands waiting for their `Done`: (node, id) → what.
     pub commands: HashMap<(usize, CmdId), Command>,
     next_cmd: CmdId,
-    /// Writes sent to a peer: (node, job) → session; and acknowledged by it.
-    pub sent_writes: HashMap<(usize, JobId), u64>,
+    /// Writes the peer acknowledged: (node, job) → the peer.
     pub peer_acked: HashMap<(usize, JobId), usize>,
     /// Nodes whose next completed resync is by an operator's choice (discard,
     /// invalidate): the stale-side check does not apply.
@@ -136,7 +135,7 @@ pub struct World {
 }
 
 /// The job id of a forced demotion's drain (NBD job ids stay far below).
-pub const DRAIN_JOB: JobId = blockd::repl::core::INTERNAL_JOB_BASE - 1;
+pub const DRAIN_JOB: JobId = JobId::nbd(u64::MAX);
 
 impl World {
     pub fn new(cfg: SimConfig) -> anyhow::Result<World> {
@@ -167,7 +166,6 @@ impl World {
             pool: BufPool::new(64 << 20),
             commands: HashMap::new(),
             next_cmd: 1,
-            sent_writes: HashMap::new(),
             peer_acked: HashMap::new(),
             discarding: vec![false; n],
             draining: vec![false; n],
@@ -199,6 +197,13 @@ impl World {
             self.trace.pop_front();
         }
         self.trace.push_back(format!("[{:.3} ms #{}] {line}", self.now_us as f64 / 1000.0, self.steps));
+    }
+
+    /// A detail shown only with `--verbose` (not kept for failure reports).
+    pub fn debug(&self, line: impl FnOnce() -> String) {
+        if self.cfg.verbose {
+            eprintln!("[{:>10.3} ms #{}]   {}", self.now_us as f64 / 1000.0, self.steps, line());
+        }
     }
 
     pub fn trace(&self) -> impl Iterator<Item = &String> {
@@ -289,6 +294,19 @@ impl World {
 
     /// Hands `event` to `node`'s core, checks what changed, executes the actions.
     pub fn handle(&mut self, node: usize, event: Event) {
+        if self.cfg.verbose {
+            let name = &self.nodes[node].name;
+            let text = match &event {
+                Event::Nbd { job, request } => format!("{name} <- nbd {job} {}", describe_request(request)),
+                Event::PeerMessage(m) => format!("{name} <- {}", describe_message(m)),
+                Event::LocalDone { job, .. } => format!("{name} <- done {job}"),
+                Event::PeerSent { .. } | Event::Tick { .. } => String::new(),
+                other => format!("{name} <- {other:?}"),
+            };
+            if !text.is_empty() {
+                self.debug(|| text);
+            }
+        }
         let Some(run) = self.nodes[node].run.as_mut() else { return };
         let before = crate::checks::Observed::of(&run.core);
         let mut actions = Vec::new();
@@ -311,13 +329,15 @@ impl World {
 
     fn execute(&mut self, node: usize, actions: Vec<Action>) {
         for action in actions {
-            let action = match MetaJob::from_action(action) {
-                Ok(job) => {
-                    self.queue_meta(node, job);
-                    continue;
-                }
-                Err(a) => a,
-            };
+            if self.cfg.verbose {
+                let name = self.nodes[node].name.clone();
+                let text = match &action {
+                    Action::Local { job, op } => format!("{name} -> local {job} {}", describe_op(op)),
+                    Action::Send(m) => format!("{name} -> send {}", describe_message(m)),
+                    other => format!("{name} -> {other:?}"),
+                };
+                self.debug(|| text);
+            }
             match action {
                 Action::Local { job, op } => self.submit_io(node, job, op),
                 Action::Send(msg) => self.send(node, msg),
@@ -330,8 +350,10 @@ impl World {
                         run.link_enabled = enabled;
                     }
                 }
-                Action::Persist { .. } | Action::WriteBitmap { .. } | Action::WriteAl { .. } => {
-                    unreachable!("metadata actions are taken above")
+                meta @ (Action::Persist { .. } | Action::WriteBitmap { .. } | Action::WriteAl { .. }) => {
+                    if let Some(job) = MetaJob::from_action(meta) {
+                        self.queue_meta(node, job);
+                    }
                 }
             }
         }
@@ -340,7 +362,7 @@ impl World {
     fn submit_io(&mut self, node: usize, job: JobId, op: IoOp) {
         let primary = self.core(node).is_some_and(|c| c.role() == Role::Primary);
         let writes = matches!(op, IoOp::Write { .. } | IoOp::Trim { .. } | IoOp::WriteZeroes { .. });
-        if primary && writes && job >= blockd::repl::core::INTERNAL_JOB_BASE {
+        if primary && writes && job.kind() != blockd::repl::core::JobKind::Nbd {
             let name = self.nodes[node].name.clone();
             self.fail(
                 "a Primary applies no peer data",
@@ -546,9 +568,6 @@ impl World {
         }
         let to = s.other(from);
         let to_side = s.side(to);
-        if let Message::Write { id, .. } = msg {
-            self.sent_writes.insert((from, id), session);
-        }
         let bytes = msg.wire_len();
         let latency = self.rng.random_range(20..600) + bytes / 2000;
         let s = self.net.get_mut(session).expect("checked");
@@ -567,7 +586,7 @@ impl World {
         let from = self.net.get(session).expect("checked").other(to);
         match &msg {
             Message::WriteAck { id, errno: 0 } | Message::RecvAck { id } => {
-                self.peer_acked.insert((to, *id), from);
+                self.peer_acked.insert((to, JobId::from_raw(*id)), from);
             }
             _ => {}
         }
@@ -698,5 +717,48 @@ impl World {
 
     pub fn protocol(&self) -> Protocol {
         self.core_cfg.protocol
+    }
+}
+
+fn describe_request(r: &blockd::repl::core::Request) -> String {
+    use blockd::repl::core::Request;
+    match r {
+        Request::Write { offset, data, fua } => {
+            let tag = u64::from_le_bytes(data[0..8].try_into().expect("8 bytes"));
+            format!("write #{tag} blocks {}+{} fua={fua}", offset / 4096, data.len() / 4096)
+        }
+        Request::Trim { offset, len, fua } => {
+            format!("trim blocks {}+{} fua={fua}", offset / 4096, len / 4096)
+        }
+        Request::WriteZeroes { offset, len, fua, .. } => {
+            format!("zeroes blocks {}+{} fua={fua}", offset / 4096, len / 4096)
+        }
+        Request::Flush => "flush".into(),
+    }
+}
+
+fn describe_op(op: &IoOp) -> String {
+    match op {
+        IoOp::Write { offset, buf, fua } => {
+            let tag = u64::from_le_bytes(buf[0..8].try_into().expect("8 bytes"));
+            format!("write #{tag} blocks {}+{} fua={fua}", offset / 4096, buf.len() / 4096)
+        }
+        IoOp::Read { offset, buf } => format!("read blocks {}+{}", offset / 4096, buf.len() / 4096),
+        other => format!("{other:?}"),
+    }
+}
+
+fn describe_message(m: &Message) -> String {
+    match m {
+        Message::Write { id, epoch, offset, fua, data } => {
+            let tag = u64::from_le_bytes(data[0..8].try_into().expect("8 bytes"));
+            format!("Write id {id} e{epoch} #{tag} blocks {}+{} fua={fua}", offset / 4096, data.len() / 4096)
+        }
+        Message::ResyncData { offset, data } => {
+            format!("ResyncData blocks {}+{}", offset / 4096, data.len() / 4096)
+        }
+        Message::BitmapBlock { index, .. } => format!("BitmapBlock {index}"),
+        Message::Digests { offset, len, .. } => format!("Digests {offset}+{len}"),
+        other => format!("{other:?}"),
     }
 }

@@ -41,8 +41,8 @@ impl Core {
         if self.cfg.protocol == Protocol::B {
             self.send(Message::RecvAck { id: peer_id }, out);
         }
-        let job = self.next_internal;
-        self.next_internal += 1;
+        let job = self.ids.next(JobKind::Apply, self.link_gen);
+        self.peer_write_started(job);
         self.applier.outstanding += 1;
         self.applying.insert(job, ApplyJob { peer_id, epoch: self.applier.epoch });
         out.push(Action::Local { job, op });
@@ -65,7 +65,8 @@ impl Core {
         }
         if flush {
             self.applier.flushing = true;
-            out.push(Action::Local { job: APPLIER_FLUSH_JOB, op: IoOp::Flush });
+            let job = self.ids.next(JobKind::ApplyFlush, self.link_gen);
+            out.push(Action::Local { job, op: IoOp::Flush });
             return;
         }
         self.finish_epoch(0, out);

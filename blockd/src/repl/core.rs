@@ -38,16 +38,8 @@ use crate::repl::inflight::InFlight;
 use crate::state::{DiskState, Generations, Role};
 use crate::storage::IoOp;
 
-/// Identifies a job: an NBD request (id chosen by the shell), or work the core
-/// starts itself (ids from a separate range, see [`INTERNAL_JOB_BASE`]).
-pub type JobId = u64;
-
-/// Jobs the core creates for itself (Secondary writes) get ids from here up, so they
-/// never collide with the shell's NBD job ids.
-pub const INTERNAL_JOB_BASE: JobId = 1 << 62;
-
-/// The Secondary's epoch flush.
-const APPLIER_FLUSH_JOB: JobId = u64::MAX;
+use super::job::JobIds;
+pub use super::job::{JobId, JobKind};
 
 /// Writes per epoch before a barrier is forced (DRBD's `max-epoch-size` default), so
 /// the transfer log is trimmed regularly even under a stream of independent writes.
@@ -308,7 +300,10 @@ pub struct Core {
     gens_pending: bool,
     /// Source of fresh generation ids (seeded: deterministic in tests).
     rng: rand::rngs::StdRng,
-    next_internal: JobId,
+    /// Ids for the jobs the core starts itself, and the current link's generation
+    /// (bumped at every link start; link-bound job ids carry it).
+    ids: JobIds,
+    link_gen: u32,
     writes: HashMap<JobId, WriteJob>,
     flushes: HashMap<JobId, FlushJob>,
     inflight: InFlight,
@@ -362,6 +357,14 @@ pub struct Core {
     target: Option<TargetSync>,
     /// Resync or verify chunks of a dropped run still held by the in-flight table.
     abandoned_chunks: HashMap<JobId, std::ops::Range<u64>>,
+    /// Writes on behalf of the peer (applied writes, resync writes) in flight, per
+    /// link generation. While one of an earlier link is in flight, nothing of the
+    /// current link is written (`ingress_held`): it could land before the older
+    /// write and be overwritten by it.
+    peer_writes: HashMap<u32, u32>,
+    /// Data-path messages from the peer held until they may be applied (an earlier
+    /// link's writes still in flight, or a sync target not yet durably Inconsistent).
+    ingress_held: VecDeque<Message>,
     /// It crashed while Primary and was not resynced since (see `repl::decide`).
     crashed_primary: bool,
     /// Buffers for resync reads.
@@ -410,7 +413,8 @@ impl Core {
             next_meta_seq: 1,
             gens_pending: false,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
-            next_internal: INTERNAL_JOB_BASE,
+            ids: JobIds::default(),
+            link_gen: 0,
             writes: HashMap::new(),
             flushes: HashMap::new(),
             inflight: InFlight::new(),
@@ -444,6 +448,8 @@ impl Core {
             source: None,
             target: None,
             abandoned_chunks: HashMap::new(),
+            peer_writes: HashMap::new(),
+            ingress_held: VecDeque::new(),
             crashed_primary,
             pool: nbd_server::buf::BufPool::new(8 << 20),
             replicated_bytes: 0,
@@ -546,11 +552,11 @@ impl Core {
     }
 
     fn on_request(&mut self, job: JobId, request: Request, out: &mut Vec<Action>) {
-        assert!(job < INTERNAL_JOB_BASE, "NBD job ids stay below the internal range");
+        debug_assert_eq!(job.kind(), JobKind::Nbd, "requests come with NBD job ids");
         if self.role != Role::Primary {
             // Only a client connected before a demotion can get here; a Secondary
             // never writes on its own behalf.
-            tracing::warn!(job, "write request on a Secondary refused");
+            tracing::warn!(%job, "write request on a Secondary refused");
             out.push(Action::Reply { job, outcome: Outcome::Error(NbdError::Perm) });
             return;
         }
@@ -558,15 +564,15 @@ impl Core {
             Request::Flush => self.start_flush(job, false, out),
             Request::Write { offset, data, fua } => {
                 let range = offset..offset + data.len() as u64;
-                let message = Message::Write { id: job, epoch: 0, offset, fua, data: data.clone() };
+                let message = Message::Write { id: job.raw(), epoch: 0, offset, fua, data: data.clone() };
                 self.start_write(job, range, IoOp::Write { offset, buf: data, fua }, message, out);
             }
             Request::Trim { offset, len, fua } => {
-                let message = Message::Trim { id: job, epoch: 0, offset, len, fua };
+                let message = Message::Trim { id: job.raw(), epoch: 0, offset, len, fua };
                 self.start_write(job, offset..offset + len, IoOp::Trim { offset, len, fua }, message, out);
             }
             Request::WriteZeroes { offset, len, may_trim, fast_only, fua } => {
-                let message = Message::WriteZeroes { id: job, epoch: 0, offset, len, may_trim, fua };
+                let message = Message::WriteZeroes { id: job.raw(), epoch: 0, offset, len, may_trim, fua };
                 let op = IoOp::WriteZeroes { offset, len, may_trim, fast_only, fua };
                 self.start_write(job, offset..offset + len, op, message, out);
             }
@@ -702,31 +708,44 @@ impl Core {
         buf: Option<BufMut>,
         out: &mut Vec<Action>,
     ) {
-        if let Some(w) = self.writes.get_mut(&job) {
-            w.local = Some(result);
-            if w.intent == Some(Intent::Log) {
-                let range = w.range.clone();
-                self.release_al(&range, out);
+        let current = job.of_link(self.link_gen);
+        match job.kind() {
+            JobKind::Nbd => {
+                if let Some(w) = self.writes.get_mut(&job) {
+                    w.local = Some(result);
+                    if w.intent == Some(Intent::Log) {
+                        let range = w.range.clone();
+                        self.release_al(&range, out);
+                    }
+                    self.try_finish_write(job, out);
+                } else if let Some(f) = self.flushes.get_mut(&job) {
+                    f.local = Some(result);
+                    self.try_finish_flush(job, out);
+                } else {
+                    debug_assert!(false, "NBD job {job} completed but was not tracked");
+                }
             }
-            self.try_finish_write(job, out);
-        } else if let Some(f) = self.flushes.get_mut(&job) {
-            f.local = Some(result);
-            self.try_finish_flush(job, out);
-        } else if let Some(apply) = self.applying.remove(&job) {
-            self.on_applied(apply, result, out);
-        } else if job == APPLIER_FLUSH_JOB {
-            self.on_applier_flushed(result, out);
-        } else if self.source.as_ref().is_some_and(|s| s.is_chunk(job)) {
-            self.on_chunk_read(job, result, buf, out);
-        } else if self.verify.as_ref().is_some_and(|v| v.is_chunk(job))
-            || self.abandoned_chunks.contains_key(&job)
-        {
-            self.on_verify_read(job, result, buf, out);
-        } else if self.digests.is_read(job) {
-            self.on_digest_read(job, result, buf, out);
-        } else if !self.on_target_local(job, result, out) {
-            // An internal op of a link or resync that is gone: nothing waits for it.
-            debug_assert!(job >= INTERNAL_JOB_BASE, "NBD job {job} completed but was not tracked");
+            JobKind::Apply | JobKind::ResyncWrite if !current => self.stale_peer_write_done(job, out),
+            JobKind::Apply => {
+                self.peer_write_done(job);
+                if let Some(apply) = self.applying.remove(&job) {
+                    self.on_applied(apply, result, out);
+                }
+            }
+            JobKind::ApplyFlush if current => self.on_applier_flushed(result, out),
+            JobKind::ResyncRead => self.on_chunk_read(job, result, buf, out),
+            JobKind::VerifyRead => self.on_verify_read(job, result, buf, out),
+            JobKind::DigestRead if current => self.on_digest_read(job, result, buf, out),
+            JobKind::ResyncWrite => {
+                self.peer_write_done(job);
+                self.on_target_local(job, result, out);
+            }
+            JobKind::ResyncFlush if current => {
+                self.on_target_local(job, result, out);
+            }
+            // A flush or digest read of a link that is gone: nothing waits for it.
+            JobKind::ApplyFlush | JobKind::DigestRead | JobKind::ResyncFlush => {}
+            JobKind::MetaFlush => {}
         }
     }
 
@@ -769,12 +788,17 @@ impl Core {
     }
 
     fn on_peer_message(&mut self, msg: Message, out: &mut Vec<Action>) {
-        if self.hold_for_target(&msg) {
+        if self.must_hold(&msg) {
+            self.ingress_held.push_back(msg);
             return;
         }
+        self.on_peer_message_now(msg, out);
+    }
+
+    fn on_peer_message_now(&mut self, msg: Message, out: &mut Vec<Action>) {
         match msg {
-            Message::WriteAck { id, errno } => self.on_peer_ack(id, errno, out),
-            Message::RecvAck { id } => self.on_peer_ack(id, 0, out),
+            Message::WriteAck { id, errno } => self.on_peer_ack(JobId::from_raw(id), errno, out),
+            Message::RecvAck { id } => self.on_peer_ack(JobId::from_raw(id), 0, out),
             Message::BarrierAck { epoch, errno } => {
                 if errno != 0 {
                     tracing::warn!(epoch, errno, "peer failed to complete a barrier");
@@ -821,6 +845,59 @@ impl Core {
         }
     }
 
+    /// A data-path message that may not be applied yet (or would pass held ones).
+    fn must_hold(&self, msg: &Message) -> bool {
+        let data_path = matches!(
+            msg,
+            Message::Write { .. }
+                | Message::Trim { .. }
+                | Message::WriteZeroes { .. }
+                | Message::Barrier { .. }
+                | Message::ResyncData { .. }
+                | Message::ResyncZeroes { .. }
+                | Message::ResyncDone { .. }
+        );
+        if !data_path {
+            return false;
+        }
+        !self.ingress_held.is_empty()
+            || self.stale_peer_writes()
+            || self.target.as_ref().is_some_and(|t| !t.ready)
+    }
+
+    /// Applies the held data-path messages, in order, as far as nothing blocks.
+    pub(super) fn release_ingress(&mut self, out: &mut Vec<Action>) {
+        while !self.stale_peer_writes() && self.target.as_ref().is_none_or(|t| t.ready) {
+            let Some(msg) = self.ingress_held.pop_front() else { break };
+            self.on_peer_message_now(msg, out);
+        }
+    }
+
+    pub(super) fn peer_write_started(&mut self, job: JobId) {
+        *self.peer_writes.entry(job.link()).or_default() += 1;
+    }
+
+    pub(super) fn peer_write_done(&mut self, job: JobId) {
+        if let Some(n) = self.peer_writes.get_mut(&job.link()) {
+            *n -= 1;
+            if *n == 0 {
+                self.peer_writes.remove(&job.link());
+            }
+        }
+    }
+
+    /// A write of an earlier link finished; its result has nobody to go to.
+    fn stale_peer_write_done(&mut self, job: JobId, out: &mut Vec<Action>) {
+        self.peer_write_done(job);
+        if !self.stale_peer_writes() {
+            self.release_ingress(out);
+        }
+    }
+
+    fn stale_peer_writes(&self) -> bool {
+        self.peer_writes.keys().any(|link| *link != self.link_gen)
+    }
+
     fn on_peer_ack(&mut self, id: JobId, errno: i32, out: &mut Vec<Action>) {
         let Some(w) = self.writes.get_mut(&id) else { return };
         if w.peer != PeerPart::Awaiting {
@@ -828,7 +905,7 @@ impl Core {
         }
         if errno != 0 {
             // The peer could not write it: its copy of the range is stale.
-            tracing::warn!(job = id, errno, "peer failed a replicated write; range marked out of sync");
+            tracing::warn!(job = %id, errno, "peer failed a replicated write; range marked out of sync");
             self.bitmap.set_range(w.range.clone());
         }
         w.peer = PeerPart::Done;
@@ -886,6 +963,7 @@ impl Core {
         }
         // A Secondary drops what it had not applied; the Primary resyncs it later.
         self.applier.held.clear();
+        self.ingress_held.clear();
         self.abandon_verify("the peer link was lost", out);
         self.digests.clear();
     }

@@ -88,11 +88,35 @@ fn data(len: usize) -> Buf {
     BufMut::unpooled(len).freeze()
 }
 
-fn write(c: &mut Core, job: JobId, offset: u64, len: usize) -> Vec<Action> {
+/// An internal job of the first link (the tests connect once).
+fn ij(kind: JobKind, seq: u64) -> JobId {
+    JobId::new(kind, 1, seq)
+}
+
+/// NBD job ids are given as plain numbers in these tests.
+trait IntoJob {
+    fn job(self) -> JobId;
+}
+
+impl IntoJob for u64 {
+    fn job(self) -> JobId {
+        JobId::nbd(self)
+    }
+}
+
+impl IntoJob for JobId {
+    fn job(self) -> JobId {
+        self
+    }
+}
+
+fn write(c: &mut Core, job: u64, offset: u64, len: usize) -> Vec<Action> {
+    let job = JobId::nbd(job);
     h(c, Event::Nbd { job, request: Request::Write { offset, data: data(len), fua: false } })
 }
 
-fn local_done(c: &mut Core, job: JobId) -> Vec<Action> {
+fn local_done(c: &mut Core, job: impl IntoJob) -> Vec<Action> {
+    let job = job.job();
     h(c, Event::LocalDone { job, result: Ok(()), buf: None })
 }
 
@@ -101,11 +125,19 @@ fn peer(c: &mut Core, m: Message) -> Vec<Action> {
 }
 
 /// A compact picture of actions, for readable assertions.
+/// NBD jobs by their number, the core's own by kind, link and sequence.
+fn name(job: JobId) -> String {
+    match job.kind() {
+        JobKind::Nbd => job.raw().to_string(),
+        _ => job.to_string(),
+    }
+}
+
 fn show(actions: &[Action]) -> Vec<String> {
     actions
         .iter()
         .map(|a| match a {
-            Action::Local { job, op } => format!("local {job} {}", op_name(op)),
+            Action::Local { job, op } => format!("local {} {}", name(*job), op_name(op)),
             Action::Send(m) => match m {
                 Message::ResyncData { offset, data } => format!("send resync-data {offset} {}", data.len()),
                 Message::ResyncZeroes { offset, len } => format!("send resync-zeroes {offset} {len}"),
@@ -120,7 +152,7 @@ fn show(actions: &[Action]) -> Vec<String> {
                 Message::RecvAck { id } => format!("send recv-ack {id}"),
                 other => format!("send {other:?}"),
             },
-            Action::Reply { job, outcome } => format!("reply {job} {}", outcome_name(outcome)),
+            Action::Reply { job, outcome } => format!("reply {} {}", name(*job), outcome_name(outcome)),
             Action::Persist { seq, .. } => format!("persist {seq}"),
             Action::WriteBitmap { seq, blocks } => format!("write-bitmap {seq} {}", blocks.len()),
             Action::WriteAl { seq, extents } => format!("write-al {seq} {extents:?}"),
@@ -220,13 +252,13 @@ fn a_write_after_an_ack_starts_a_new_epoch() {
 #[test]
 fn flush_waits_for_local_and_peer_flush_except_under_a() {
     let mut c = core(Protocol::C, Role::Primary, 0);
-    let f = h(&mut c, Event::Nbd { job: 5, request: Request::Flush });
+    let f = h(&mut c, Event::Nbd { job: JobId::nbd(5), request: Request::Flush });
     assert_eq!(show(&f), ["send barrier e1 flush=true", "local 5 flush"]);
     assert!(local_done(&mut c, 5).is_empty());
     assert_eq!(show(&peer(&mut c, Message::BarrierAck { epoch: 1, errno: 0 })), ["reply 5 ok"]);
 
     let mut a = core(Protocol::A, Role::Primary, 1 << 20);
-    let f = h(&mut a, Event::Nbd { job: 5, request: Request::Flush });
+    let f = h(&mut a, Event::Nbd { job: JobId::nbd(5), request: Request::Flush });
     assert_eq!(show(&f), ["send barrier e1 flush=true", "local 5 flush"], "A still orders the peer");
     assert_eq!(show(&local_done(&mut a, 5)), ["reply 5 ok"]);
 }
@@ -263,7 +295,7 @@ fn barrier_ack_trims_the_transfer_log() {
     write(&mut c, 1, 0, 4096);
     local_done(&mut c, 1);
     peer(&mut c, Message::WriteAck { id: 1, errno: 0 });
-    h(&mut c, Event::Nbd { job: 2, request: Request::Flush });
+    h(&mut c, Event::Nbd { job: JobId::nbd(2), request: Request::Flush });
     local_done(&mut c, 2);
     peer(&mut c, Message::BarrierAck { epoch: 1, errno: 0 });
     h(&mut c, Event::LinkDown);
@@ -274,19 +306,20 @@ fn barrier_ack_trims_the_transfer_log() {
 fn secondary_applies_epochs_in_order() {
     let mut s = core(Protocol::C, Role::Secondary, 0);
     let w = |id, epoch, offset| Message::Write { id, epoch, offset, fua: false, data: data(4096) };
-    let base = INTERNAL_JOB_BASE;
-    assert_eq!(show(&peer(&mut s, w(1, 1, 0))), [format!("local {base} write")]);
-    assert_eq!(show(&peer(&mut s, w(2, 1, 4096))), [format!("local {} write", base + 1)]);
+    let (a1, a2) = (ij(JobKind::Apply, 1), ij(JobKind::Apply, 2));
+    assert_eq!(show(&peer(&mut s, w(1, 1, 0))), [format!("local {a1} write")]);
+    assert_eq!(show(&peer(&mut s, w(2, 1, 4096))), [format!("local {a2} write")]);
     assert!(peer(&mut s, Message::Barrier { epoch: 1, flush: true }).is_empty(), "epoch 1 still running");
     assert!(peer(&mut s, w(3, 2, 8192)).is_empty(), "epoch 2 waits for epoch 1");
-    assert_eq!(show(&local_done(&mut s, base)), ["send write-ack 1 0"]);
+    assert_eq!(show(&local_done(&mut s, a1)), ["send write-ack 1 0"]);
+    let flush = ij(JobKind::ApplyFlush, 3);
     assert_eq!(
-        show(&local_done(&mut s, base + 1)),
-        ["send write-ack 2 0".to_string(), format!("local {APPLIER_FLUSH_JOB} flush")]
+        show(&local_done(&mut s, a2)),
+        ["send write-ack 2 0".to_string(), format!("local {flush} flush")]
     );
     assert_eq!(
-        show(&local_done(&mut s, APPLIER_FLUSH_JOB)),
-        ["send barrier-ack e1 0".to_string(), format!("local {} write", base + 2)],
+        show(&local_done(&mut s, flush)),
+        ["send barrier-ack e1 0".to_string(), format!("local {} write", ij(JobKind::Apply, 4))],
         "after the flush, epoch 2 starts"
     );
 }
@@ -297,13 +330,13 @@ fn secondary_under_b_acks_receipt_and_under_a_stays_silent() {
     let m = Message::Write { id: 7, epoch: 1, offset: 0, fua: false, data: data(512) };
     assert_eq!(
         show(&peer(&mut s, m)),
-        ["send recv-ack 7".to_string(), format!("local {INTERNAL_JOB_BASE} write")]
+        ["send recv-ack 7".to_string(), format!("local {} write", ij(JobKind::Apply, 1))]
     );
-    assert!(local_done(&mut s, INTERNAL_JOB_BASE).is_empty());
+    assert!(local_done(&mut s, ij(JobKind::Apply, 1)).is_empty());
     let mut a = core(Protocol::A, Role::Secondary, 0);
     let m = Message::Write { id: 7, epoch: 1, offset: 0, fua: false, data: data(512) };
-    assert_eq!(show(&peer(&mut a, m)), [format!("local {INTERNAL_JOB_BASE} write")]);
-    assert!(local_done(&mut a, INTERNAL_JOB_BASE).is_empty());
+    assert_eq!(show(&peer(&mut a, m)), [format!("local {} write", ij(JobKind::Apply, 1))]);
+    assert!(local_done(&mut a, ij(JobKind::Apply, 1)).is_empty());
 }
 
 #[test]
@@ -335,7 +368,7 @@ fn drain_waits_for_the_peer_even_under_a() {
     let mut a = core(Protocol::A, Role::Primary, 1 << 20);
     write(&mut a, 1, 0, 4096);
     local_done(&mut a, 1);
-    let d = h(&mut a, Event::Drain { job: 99 });
+    let d = h(&mut a, Event::Drain { job: JobId::nbd(99) });
     assert_eq!(show(&d), ["send barrier e1 flush=true", "local 99 flush"]);
     assert!(local_done(&mut a, 99).is_empty(), "the peer has not confirmed yet");
     assert_eq!(show(&peer(&mut a, Message::BarrierAck { epoch: 1, errno: 0 })), ["reply 99 ok"]);
@@ -356,7 +389,8 @@ fn source_core(size_bytes: u64) -> (Core, Vec<Action>) {
     (c, a)
 }
 
-fn read_done(c: &mut Core, job: JobId, len: usize, fill: u8) -> Vec<Action> {
+fn read_done(c: &mut Core, job: impl IntoJob, len: usize, fill: u8) -> Vec<Action> {
+    let job = job.job();
     let mut buf = BufMut::unpooled(len);
     buf.fill(fill);
     h(c, Event::LocalDone { job, result: Ok(()), buf: Some(buf) })
@@ -366,16 +400,16 @@ fn read_done(c: &mut Core, job: JobId, len: usize, fill: u8) -> Vec<Action> {
 fn full_resync_sends_data_and_zeroes_then_done() {
     let mib = RESYNC_CHUNK_BYTES;
     let (mut c, a) = source_core(2 * mib + 4096);
-    let j = INTERNAL_JOB_BASE;
+    let j = |seq| ij(JobKind::ResyncRead, seq);
     assert_eq!(
         show(&a),
-        [format!("local {j} read"), format!("local {} read", j + 1), format!("local {} read", j + 2)]
+        [format!("local {} read", j(1)), format!("local {} read", j(2)), format!("local {} read", j(3))]
     );
     let p = c.resync_progress();
     assert_eq!((p.done_bytes, p.total_bytes, p.sent_bytes), (0, 2 * mib + 4096, 0));
-    assert_eq!(show(&read_done(&mut c, j, mib as usize, 7)), [format!("send resync-data 0 {mib}")]);
-    assert_eq!(show(&read_done(&mut c, j + 1, mib as usize, 0)), [format!("send resync-zeroes {mib} {mib}")]);
-    assert_eq!(show(&read_done(&mut c, j + 2, 4096, 1)), [format!("send resync-data {} 4096", 2 * mib)]);
+    assert_eq!(show(&read_done(&mut c, j(1), mib as usize, 7)), [format!("send resync-data 0 {mib}")]);
+    assert_eq!(show(&read_done(&mut c, j(2), mib as usize, 0)), [format!("send resync-zeroes {mib} {mib}")]);
+    assert_eq!(show(&read_done(&mut c, j(3), 4096, 1)), [format!("send resync-data {} 4096", 2 * mib)]);
     assert!(peer(&mut c, Message::ResyncAck { offset: 0, len: mib, errno: 0 }).is_empty());
     assert!(peer(&mut c, Message::ResyncAck { offset: 2 * mib, len: 4096, errno: 0 }).is_empty());
     let done = peer(&mut c, Message::ResyncAck { offset: mib, len: mib, errno: 0 });
@@ -389,7 +423,7 @@ fn full_resync_sends_data_and_zeroes_then_done() {
 #[test]
 fn an_application_write_waits_for_an_overlapping_chunk() {
     let (mut c, _) = source_core(RESYNC_CHUNK_BYTES);
-    let chunk = INTERNAL_JOB_BASE;
+    let chunk = ij(JobKind::ResyncRead, 1);
     assert!(write(&mut c, 1, 4096, 4096).is_empty(), "the chunk holds the range");
     read_done(&mut c, chunk, RESYNC_CHUNK_BYTES as usize, 3);
     let after = peer(&mut c, Message::ResyncAck { offset: 0, len: RESYNC_CHUNK_BYTES, errno: 0 });
@@ -402,7 +436,7 @@ fn an_application_write_waits_for_an_overlapping_chunk() {
 #[test]
 fn losing_the_link_mid_resync_releases_chunk_ranges() {
     let (mut c, _) = source_core(RESYNC_CHUNK_BYTES);
-    read_done(&mut c, INTERNAL_JOB_BASE, RESYNC_CHUNK_BYTES as usize, 3);
+    read_done(&mut c, ij(JobKind::ResyncRead, 1), RESYNC_CHUNK_BYTES as usize, 3);
     assert!(write(&mut c, 1, 0, 4096).is_empty());
     let down = h(&mut c, Event::LinkDown);
     assert!(show(&down).contains(&"local 1 write".to_string()), "{:?}", show(&down));
@@ -422,7 +456,7 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
     assert_eq!((t.repl_state(), t.disk()), (ReplState::SyncTarget, DiskState::Inconsistent));
     let data = Message::ResyncData { offset: 0, data: data(4096) };
     assert!(peer(&mut t, data).is_empty(), "held until Inconsistent is durable");
-    let j = INTERNAL_JOB_BASE;
+    let j = ij(JobKind::ResyncWrite, 1);
     assert_eq!(show(&h(&mut t, Event::MetaDone { seq: 1, result: Ok(()) })), [format!("local {j} write")]);
     assert!(peer(&mut t, Message::ResyncZeroes { offset: 4096, len: 8192 }).len() == 1);
     assert_eq!(show(&local_done(&mut t, j)), ["send resync-ack 0 4096 0"]);
@@ -431,12 +465,13 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
         peer(&mut t, Message::ResyncDone { gens: done_gens }).is_empty(),
         "a chunk is still being written"
     );
+    let flush = ij(JobKind::ResyncFlush, 3);
     assert_eq!(
-        show(&local_done(&mut t, j + 1)),
-        ["send resync-ack 4096 8192 0".to_string(), format!("local {} flush", u64::MAX - 1)]
+        show(&local_done(&mut t, ij(JobKind::ResyncWrite, 2))),
+        ["send resync-ack 4096 8192 0".to_string(), format!("local {flush} flush")]
     );
     assert_eq!(
-        show(&local_done(&mut t, u64::MAX - 1)),
+        show(&local_done(&mut t, flush)),
         ["persist 2", "send State { role: Secondary, disk: UpToDate }", "after-resync-target"],
         "the source learns the target is UpToDate; the after-resync-target handler runs"
     );
@@ -451,7 +486,10 @@ fn writes_after_a_promotion_wait_for_its_durable_generation() {
     let gens = Generations { current: 10, ..Generations::default() };
     let mut c = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 5);
     assert_eq!(show(&promote(&mut c, false).expect("promote")), ["persist 1"]);
-    let w = Event::Nbd { job: 1, request: Request::Write { offset: 0, data: data(4096), fua: false } };
+    let w = Event::Nbd {
+        job: JobId::nbd(1),
+        request: Request::Write { offset: 0, data: data(4096), fua: false },
+    };
     assert_eq!(show(&c.handle(w)), ["write-al 2 [0]"], "the extent is made hot first");
     assert!(c.handle(Event::MetaDone { seq: 1, result: Ok(()) }).is_empty());
     assert_eq!(show(&c.handle(Event::MetaDone { seq: 2, result: Ok(()) })), ["local 1 write"]);
@@ -467,7 +505,7 @@ fn a_sync_target_applies_nothing_before_it_is_durably_inconsistent() {
     assert!(peer(&mut t, w).is_empty(), "an application write waits too");
     assert_eq!(
         show(&h(&mut t, Event::MetaDone { seq: 1, result: Ok(()) })),
-        [format!("local {INTERNAL_JOB_BASE} write")]
+        [format!("local {} write", ij(JobKind::Apply, 1))]
     );
 }
 
@@ -479,7 +517,8 @@ fn a_range_too_large_for_the_log_uses_the_bitmap_as_intent() {
     c.connect(remote(10, 0, Role::Secondary)).expect("in sync");
     // 16 extents of capacity: a trim over 10 extents is more than half.
     let len = 10 << 22;
-    let a = c.handle(Event::Nbd { job: 1, request: Request::Trim { offset: 0, len, fua: false } });
+    let a =
+        c.handle(Event::Nbd { job: JobId::nbd(1), request: Request::Trim { offset: 0, len, fua: false } });
     assert_eq!(show(&a), ["write-bitmap 1 1"], "the bits are on disk before the trim starts");
     assert_eq!(c.dirty_bytes(), len);
     assert_eq!(
@@ -510,7 +549,7 @@ fn evicting_an_extent_writes_the_bitmap_first() {
     assert_eq!(c.al_stats().0, 16);
     // Disconnected: the bits of writes 1..16 are only in memory; extent 16 evicts one.
     let a = c.handle(Event::Nbd {
-        job: 17,
+        job: JobId::nbd(17),
         request: Request::Write { offset: 16 << 22, data: data(4096), fua: false },
     });
     let shown = show(&a);
@@ -535,7 +574,7 @@ fn checksum_resync_sends_only_differing_granules() {
     dirty.set_all();
     let mut c = Core::new(cfg, Role::Primary, DiskState::UpToDate, gens, false, dirty, 8);
     c.connect(remote(10, 0, Role::Secondary)).expect("source");
-    let j = INTERNAL_JOB_BASE;
+    let j = ij(JobKind::ResyncRead, 1);
     assert_eq!(
         show(&peer(&mut c, Message::BitmapDone { blocks: 0 })),
         [format!("send DigestReq {{ offset: 0, len: {size}, after_epoch: 0 }}"), format!("local {j} read")]
@@ -565,7 +604,7 @@ fn verify_reports_differing_granules_after_the_epoch_is_applied() {
     local_done(&mut c, 1);
     peer(&mut c, Message::WriteAck { id: 1, errno: 0 });
     let a = c.handle(Event::Command { id: 7, cmd: Command::Verify { repair: false } });
-    let j = INTERNAL_JOB_BASE;
+    let j = ij(JobKind::VerifyRead, 1);
     assert_eq!(
         show(&a),
         [
@@ -595,13 +634,13 @@ fn a_secondary_serves_digests_only_after_the_named_epoch() {
     peer(&mut s, w);
     assert!(peer(&mut s, Message::DigestReq { offset: 0, len: 4096, after_epoch: 1 }).is_empty());
     peer(&mut s, Message::Barrier { epoch: 1, flush: false });
-    let a = local_done(&mut s, INTERNAL_JOB_BASE);
+    let a = local_done(&mut s, ij(JobKind::Apply, 1));
     assert_eq!(
         show(&a),
         [
             "send write-ack 1 0".to_string(),
             "send barrier-ack e1 0".to_string(),
-            format!("local {} read", INTERNAL_JOB_BASE + 1)
+            format!("local {} read", ij(JobKind::DigestRead, 2))
         ]
     );
 }
@@ -666,7 +705,7 @@ fn a_fencing_primary_acknowledges_nothing_until_the_handler_returned() {
     // Durable new generation, local write done: still held by the fencing.
     write(&mut c, 2, 8192, 4096);
     assert!(local_done(&mut c, 2).is_empty());
-    let flush = h(&mut c, Event::Nbd { job: 3, request: Request::Flush });
+    let flush = h(&mut c, Event::Nbd { job: JobId::nbd(3), request: Request::Flush });
     assert_eq!(show(&flush), ["local 3 flush"]);
     assert!(local_done(&mut c, 3).is_empty(), "flushes are held too");
     let done = h(&mut c, Event::FenceDone { result: Ok(4) });
@@ -694,4 +733,27 @@ fn the_target_learns_the_resync_progress_from_the_source() {
     peer(&mut t, Message::ResyncInfo { done_bytes: total / 2, total_bytes: total });
     let p = t.resync_progress();
     assert_eq!((p.done_bytes, p.total_bytes), (total / 2, total));
+}
+
+/// Issue 12: a completion of the previous link was taken for the current link's
+/// (underflowing `outstanding`, or acknowledging an epoch still in flight). Now it
+/// is recognised by its link generation, and nothing of the new link is written
+/// until the old write has landed (it could otherwise overwrite the newer data).
+#[test]
+fn a_completion_of_the_previous_link_is_not_taken_for_the_current_one() {
+    let mut s = core(Protocol::C, Role::Secondary, 0);
+    let w = |id, offset| Message::Write { id, epoch: 1, offset, fua: false, data: data(4096) };
+    let old = ij(JobKind::Apply, 1);
+    assert_eq!(show(&peer(&mut s, w(1, 0))), [format!("local {old} write")]);
+    h(&mut s, Event::LinkDown);
+    s.connect(remote(10, 0, Role::Primary)).expect("in sync again");
+    assert!(peer(&mut s, w(9, 0)).is_empty(), "held: the old write to the same blocks is in flight");
+    assert!(peer(&mut s, Message::Barrier { epoch: 1, flush: false }).is_empty());
+    let new = JobId::new(JobKind::Apply, 2, 2);
+    assert_eq!(
+        show(&local_done(&mut s, old)),
+        [format!("local {new} write")],
+        "the old write's completion acknowledges nothing; then the new link's write starts"
+    );
+    assert_eq!(show(&local_done(&mut s, new)), ["send write-ack 9 0", "send barrier-ack e1 0"]);
 }

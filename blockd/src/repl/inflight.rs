@@ -11,23 +11,29 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
-/// Writes in flight and writes waiting for an overlapping one to finish.
-#[derive(Debug, Default)]
-pub struct InFlight {
+/// Writes in flight and writes waiting for an overlapping one to finish, by job id.
+#[derive(Debug)]
+pub struct InFlight<Id = crate::repl::job::JobId> {
     /// In flight: start → (end, job id). Disjoint.
-    active: BTreeMap<u64, (u64, u64)>,
+    active: BTreeMap<u64, (u64, Id)>,
     /// Waiting, in arrival order.
-    waiting: VecDeque<(u64, Range<u64>)>,
+    waiting: VecDeque<(Id, Range<u64>)>,
 }
 
-impl InFlight {
-    pub fn new() -> InFlight {
+impl<Id> Default for InFlight<Id> {
+    fn default() -> Self {
+        InFlight { active: BTreeMap::new(), waiting: VecDeque::new() }
+    }
+}
+
+impl<Id: Copy + Eq + std::fmt::Debug> InFlight<Id> {
+    pub fn new() -> InFlight<Id> {
         InFlight::default()
     }
 
     /// Offers job `id` writing `range` (non-empty). True: it may start now (it is
     /// recorded as in flight); false: it waits and comes back from [`Self::complete`].
-    pub fn admit(&mut self, id: u64, range: Range<u64>) -> bool {
+    pub fn admit(&mut self, id: Id, range: Range<u64>) -> bool {
         assert!(range.start < range.end, "empty write range {range:?}");
         let free = !self.overlaps_active(&range) && !self.waiting.iter().any(|(_, r)| overlap(r, &range));
         if free {
@@ -40,9 +46,9 @@ impl InFlight {
 
     /// Job `id` (in flight at `start`) finished; returns the waiting jobs that may
     /// start now, in arrival order (they are recorded as in flight).
-    pub fn complete(&mut self, id: u64, start: u64) -> Vec<u64> {
+    pub fn complete(&mut self, id: Id, start: u64) -> Vec<Id> {
         let removed = self.active.remove(&start);
-        assert_eq!(removed.map(|(_, job)| job), Some(id), "job {id} was not in flight at {start}");
+        assert_eq!(removed.map(|(_, job)| job), Some(id), "job {id:?} was not in flight at {start}");
         let mut started = Vec::new();
         let mut still_waiting = VecDeque::with_capacity(self.waiting.len());
         while let Some((job, range)) = self.waiting.pop_front() {
@@ -94,7 +100,7 @@ mod tests {
 
     #[test]
     fn disjoint_writes_start_at_once() {
-        let mut t = InFlight::new();
+        let mut t = InFlight::<u64>::new();
         assert!(t.admit(1, 0..4096));
         assert!(t.admit(2, 4096..8192), "adjacent is not overlapping");
         assert!(t.admit(3, 100_000..100_001));
@@ -103,7 +109,7 @@ mod tests {
 
     #[test]
     fn overlapping_writes_wait_in_order() {
-        let mut t = InFlight::new();
+        let mut t = InFlight::<u64>::new();
         assert!(t.admit(1, 0..8192));
         assert!(!t.admit(2, 4096..12288), "overlaps 1");
         assert!(!t.admit(3, 10_000..11_000), "overlaps waiting 2: must not pass it");
@@ -117,7 +123,7 @@ mod tests {
 
     #[test]
     fn one_completion_can_release_several() {
-        let mut t = InFlight::new();
+        let mut t = InFlight::<u64>::new();
         assert!(t.admit(1, 0..100));
         assert!(!t.admit(2, 0..10));
         assert!(!t.admit(3, 50..60));
@@ -131,7 +137,7 @@ mod tests {
     fn matches_a_brute_force_model() {
         let mut rng = StdRng::seed_from_u64(7);
         for _round in 0..50 {
-            let mut t = InFlight::new();
+            let mut t = InFlight::<u64>::new();
             let mut ranges = std::collections::HashMap::new();
             let mut started_order = Vec::new();
             let mut running: Vec<u64> = Vec::new();

@@ -10,6 +10,8 @@
 //! - [`al`]: the activity log (write-intent extents), pure bookkeeping for the core.
 //! - [`decide`]: what two nodes do when they connect, from their data generations
 //!   (in sync, sync direction and scope, or a refusal such as split brain).
+//! - [`job`]: job ids typed by owner and link generation, so a completion routes
+//!   by its kind and one from an earlier link is recognised.
 //! - [`inflight`]: the Primary's writes in flight, serializing overlapping ones so
 //!   both copies apply them in the same order (resync chunks take part too).
 //! - [`shell`]: runs the core in one task, feeding it events and executing its
@@ -23,6 +25,7 @@ pub mod al;
 pub mod core;
 pub mod decide;
 pub mod inflight;
+pub mod job;
 pub mod node;
 pub mod recover;
 pub mod shell;

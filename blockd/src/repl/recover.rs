@@ -118,15 +118,15 @@ pub enum MetaJob {
 }
 
 impl MetaJob {
-    /// The metadata job of `action`, or the action back if it is none.
-    pub fn from_action(action: Action) -> Result<MetaJob, Action> {
+    /// The metadata job of a metadata action (`Persist`, `WriteBitmap`, `WriteAl`).
+    pub fn from_action(action: Action) -> Option<MetaJob> {
         match action {
             Action::Persist { seq, gens, disk, was_primary } => {
-                Ok(MetaJob::Persist { seq, gens, disk, was_primary })
+                Some(MetaJob::Persist { seq, gens, disk, was_primary })
             }
-            Action::WriteBitmap { seq, blocks } => Ok(MetaJob::Bitmap { seq, blocks }),
-            Action::WriteAl { seq, extents } => Ok(MetaJob::Al { seq, extents }),
-            other => Err(other),
+            Action::WriteBitmap { seq, blocks } => Some(MetaJob::Bitmap { seq, blocks }),
+            Action::WriteAl { seq, extents } => Some(MetaJob::Al { seq, extents }),
+            _ => None,
         }
     }
 

@@ -24,7 +24,7 @@
 //!   wait for that. Each chunk is written and acknowledged. On `ResyncDone` it
 //!   flushes, adopts the source's generations, clears its bitmap, and is UpToDate.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::ops::Range;
 
 use super::verify::{DIGEST_BYTES, digests_of};
@@ -35,8 +35,6 @@ use crate::repl::decide::{Decision, Refusal, SideState, SyncScope, decide};
 pub const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
 /// Resync chunks in flight at once (bounds the memory and the peer's queue).
 pub const RESYNC_PARALLEL: usize = 4;
-/// The target's flush before it declares its disk UpToDate.
-const TARGET_FLUSH_JOB: JobId = u64::MAX - 1;
 
 /// Where a source chunk is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,8 +149,7 @@ pub struct ResyncProgress {
 pub struct TargetSync {
     /// The metadata update marking the disk Inconsistent; resync data waits for it.
     inconsistent_seq: u64,
-    ready: bool,
-    held: VecDeque<Message>,
+    pub(super) ready: bool,
     writes: HashMap<JobId, (u64, u64)>,
     done: Option<Generations>,
     pub received_bytes: u64,
@@ -362,7 +359,11 @@ impl Core {
         self.epoch = 1;
         self.epoch_acked = false;
         self.epoch_writes = 0;
+        // Completions of the previous link's jobs are recognised by this (their
+        // writes still count in `peer_writes` until they land).
+        self.link_gen = (self.link_gen + 1) & ((1 << 24) - 1);
         self.applier = Applier { epoch: 1, ..Applier::default() };
+        self.applying.clear();
     }
 
     /// `exchange`: wait for the target's bitmap before starting.
@@ -411,8 +412,7 @@ impl Core {
             if !self.rate.take(range.end - range.start) {
                 return;
             }
-            let job = self.next_internal;
-            self.next_internal += 1;
+            let job = self.ids.next(JobKind::ResyncRead, self.link_gen);
             let sync = self.source.as_mut().expect("checked");
             sync.cursor = range.end;
             let chunk = SourceChunk {
@@ -469,11 +469,19 @@ impl Core {
         buf: Option<BufMut>,
         out: &mut Vec<Action>,
     ) {
+        if let Some(range) = self.abandoned_chunks.remove(&job) {
+            // A chunk of a resync that was dropped: give its range back.
+            let next = self.inflight.complete(job, range.start);
+            return self.start_released(next, out);
+        }
+        if !self.source.as_ref().is_some_and(|s| s.is_chunk(job)) {
+            return;
+        }
         let data = match (result, buf) {
             (Ok(()), Some(data)) => data,
             (result, _) => {
                 // A source that cannot read its own disk cannot sync.
-                tracing::error!(job, ?result, "resync read failed; resync stops");
+                tracing::error!(%job, ?result, "resync read failed; resync stops");
                 self.abandon_source(out);
                 return;
             }
@@ -644,31 +652,6 @@ impl Core {
         }
     }
 
-    /// Target: until the Inconsistent state is durable, every data-path message
-    /// (application writes and barriers too, not just resync data) waits: applying
-    /// anything newer first could leave, after a crash, a disk that mixes generations
-    /// while its metadata still claims the old one is consistent. True if held.
-    pub(super) fn hold_for_target(&mut self, msg: &Message) -> bool {
-        let Some(t) = self.target.as_mut() else { return false };
-        if t.ready {
-            return false;
-        }
-        let data_path = matches!(
-            msg,
-            Message::Write { .. }
-                | Message::Trim { .. }
-                | Message::WriteZeroes { .. }
-                | Message::Barrier { .. }
-                | Message::ResyncData { .. }
-                | Message::ResyncZeroes { .. }
-                | Message::ResyncDone { .. }
-        );
-        if data_path {
-            t.held.push_back(msg.clone());
-        }
-        data_path
-    }
-
     /// Target: resync data, zeroes and the end of the resync.
     pub(super) fn on_resync_message(&mut self, msg: Message, out: &mut Vec<Action>) {
         let Some(t) = self.target.as_mut() else {
@@ -688,14 +671,15 @@ impl Core {
             Message::ResyncDone { gens } => {
                 t.done = Some(gens);
                 if t.writes.is_empty() {
-                    out.push(Action::Local { job: TARGET_FLUSH_JOB, op: IoOp::Flush });
+                    let job = self.ids.next(JobKind::ResyncFlush, self.link_gen);
+                    out.push(Action::Local { job, op: IoOp::Flush });
                 }
                 return;
             }
             _ => return,
         };
-        let job = self.next_internal;
-        self.next_internal += 1;
+        let job = self.ids.next(JobKind::ResyncWrite, self.link_gen);
+        self.peer_write_started(job);
         let t = self.target.as_mut().expect("checked");
         t.writes.insert(job, (offset, len));
         out.push(Action::Local { job, op });
@@ -726,11 +710,12 @@ impl Core {
         if t.ready || seq < t.inconsistent_seq {
             return;
         }
+        // Until the Inconsistent state is durable, every data-path message waited
+        // (`must_hold`): applying anything newer first could leave, after a crash, a
+        // disk that mixes generations while its metadata still claims the old one is
+        // consistent.
         t.ready = true;
-        let held: Vec<Message> = t.held.drain(..).collect();
-        for m in held {
-            self.on_peer_message(m, out);
-        }
+        self.release_ingress(out);
     }
 
     /// Target: a local op finished; true if it was a resync op.
@@ -740,7 +725,7 @@ impl Core {
         result: Result<(), Errno>,
         out: &mut Vec<Action>,
     ) -> bool {
-        if job == TARGET_FLUSH_JOB {
+        if job.kind() == JobKind::ResyncFlush {
             self.finish_target(result, out);
             return true;
         }
@@ -750,7 +735,8 @@ impl Core {
         let last = t.done.is_some() && t.writes.is_empty();
         self.send(Message::ResyncAck { offset, len, errno }, out);
         if last {
-            out.push(Action::Local { job: TARGET_FLUSH_JOB, op: IoOp::Flush });
+            let job = self.ids.next(JobKind::ResyncFlush, self.link_gen);
+            out.push(Action::Local { job, op: IoOp::Flush });
         }
         true
     }

@@ -86,7 +86,7 @@ pub enum Input {
 }
 
 /// The job id of the stop-time drain (NBD job ids count up from 1 and never get here).
-const DRAIN_JOB: JobId = crate::repl::core::INTERNAL_JOB_BASE - 1;
+const DRAIN_JOB: JobId = JobId::nbd(u64::MAX);
 
 /// Storage completion token: through the core, straight back to the client, or to
 /// the daemon itself (the final flush).
@@ -179,7 +179,7 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     fn submit(&self, request: NbdRequest, responder: Responder) {
-        let job = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let job = JobId::nbd(self.next_job.fetch_add(1, Ordering::Relaxed));
         let m = &self.metrics;
         let count = |n: &AtomicU64, v: u64| {
             n.fetch_add(v, Ordering::Relaxed);
@@ -466,11 +466,11 @@ impl Running {
                         }
                     }
                 }
-                Action::Persist { seq, gens, disk, was_primary } => {
-                    self.meta_job(MetaJob::Persist { seq, gens, disk, was_primary })
+                meta @ (Action::Persist { .. } | Action::WriteBitmap { .. } | Action::WriteAl { .. }) => {
+                    if let Some(job) = MetaJob::from_action(meta) {
+                        self.meta_job(job);
+                    }
                 }
-                Action::WriteBitmap { seq, blocks } => self.meta_job(MetaJob::Bitmap { seq, blocks }),
-                Action::WriteAl { seq, extents } => self.meta_job(MetaJob::Al { seq, extents }),
                 Action::FencePeer => self.run_fence_peer(),
                 Action::AfterResyncTarget => {
                     if let Some(cmd) = self.t.handlers.after_resync_target.clone() {

@@ -73,10 +73,6 @@ pub struct DigestServer {
 }
 
 impl DigestServer {
-    pub(super) fn is_read(&self, job: JobId) -> bool {
-        self.reads.contains_key(&job)
-    }
-
     /// The link is gone: nobody waits for the answers.
     pub(super) fn clear(&mut self) {
         self.held.clear();
@@ -153,8 +149,7 @@ impl Core {
             }
             let range = v.cursor..(v.cursor + VERIFY_CHUNK_BYTES).min(size);
             v.cursor = range.end;
-            let job = self.next_internal;
-            self.next_internal += 1;
+            let job = self.ids.next(JobKind::VerifyRead, self.link_gen);
             let chunk = VerifyChunk { range: range.clone(), started: false, local: None, remote: None };
             self.verify.as_mut().expect("checked").chunks.insert(job, chunk);
             if self.inflight.admit(job, range) {
@@ -197,7 +192,7 @@ impl Core {
         let digests = match (result, buf) {
             (Ok(()), Some(data)) => digests_of(&data, granularity),
             (result, _) => {
-                tracing::error!(job, ?result, "verify read failed; verify stops");
+                tracing::error!(%job, ?result, "verify read failed; verify stops");
                 return self.abandon_verify("a local read failed", out);
             }
         };
@@ -303,8 +298,7 @@ impl Core {
             self.digests.held.drain(..).partition(|(_, _, after)| *after <= applied_through);
         self.digests.held = held;
         for (offset, len, _) in ready {
-            let job = self.next_internal;
-            self.next_internal += 1;
+            let job = self.ids.next(JobKind::DigestRead, self.link_gen);
             self.digests.reads.insert(job, (offset, len));
             let buf = self.pool.get(len as usize);
             out.push(Action::Local { job, op: IoOp::Read { offset, buf } });
