@@ -16,6 +16,7 @@ use blockd::repl::core::{Core, Link, ReplState};
 use blockd::state::{DiskState, Role};
 
 use crate::disk::BLOCK_BYTES;
+use crate::model::Need;
 use crate::pattern::sectors;
 use crate::world::World;
 
@@ -75,6 +76,7 @@ impl World {
             after.link
         ));
         if before.role == Role::Secondary && after.role == Role::Primary {
+            self.model.promoted(node);
             if before.disk != DiskState::UpToDate {
                 // `primary --force`: this node's data is the reference now; what the
                 // others hold may be overwritten by the operator's choice.
@@ -84,7 +86,7 @@ impl World {
                         self.discarding[other] = true;
                     }
                 }
-            } else if let Err(e) = self.check_node(node, false) {
+            } else if let Err(e) = self.check_node(node, Need::All) {
                 self.fail("a promoted node holds every acknowledged write", format!("{name} promoted: {e}"));
             }
         }
@@ -96,9 +98,12 @@ impl World {
             && after.disk == DiskState::UpToDate;
         if finished_target {
             let source = self.session_of(node).and_then(|s| self.net.get(s)).map(|s| s.other(node));
+            let need = Need::AgainstSource {
+                source_promoted_at_ack: source.map_or(0, |s| self.model.promoted_at_ack(s)),
+            };
             if std::mem::take(&mut self.discarding[node]) {
                 self.log(format!("{name}: resync done; its own data was discarded by choice"));
-            } else if let Err(e) = self.check_node(node, true) {
+            } else if let Err(e) = self.check_node(node, need) {
                 self.fail("no resync from the stale side", format!("{name} finished a resync: {e}"));
             }
             if let Some(source) = source {
@@ -114,21 +119,21 @@ impl World {
         if core.disk() == DiskState::Inconsistent {
             return;
         }
-        if let Err(e) = self.check_node(node, false) {
+        if let Err(e) = self.check_node(node, Need::All) {
             let name = self.nodes[node].name.clone();
             self.fail("flushed data survives any crash", format!("{name} restarted: {e}"));
         }
     }
 
-    /// Checks every block with a requirement on `node` against its disk.
-    /// `durable_only`: only what survives a crash is required.
-    fn check_node(&mut self, node: usize, durable_only: bool) -> Result<(), String> {
+    /// Checks every block with a requirement on `node` (under `need`) against its
+    /// disk.
+    fn check_node(&mut self, node: usize, need: Need) -> Result<(), String> {
         self.checks_passed += 1;
-        let blocks = self.model.required_blocks(node, durable_only);
+        let blocks = self.model.required_blocks(node, need);
         let mut buf = vec![0u8; BLOCK_BYTES];
         for b in blocks {
             self.nodes[node].disk.read(b * BLOCK_BYTES as u64, &mut buf);
-            self.model.check_block(node, b, &sectors(&buf, b), durable_only)?;
+            self.model.check_block(node, b, &sectors(&buf, b), need)?;
         }
         Ok(())
     }

@@ -138,7 +138,11 @@ impl World {
             }
             return;
         }
-        let peer = self.peer_acked.remove(&(node, job));
+        let peer = self
+            .peer_acked
+            .remove(&(node, job))
+            .filter(|(p, inc)| self.nodes[*p].incarnation == *inc)
+            .map(|(p, _)| p);
         let Some(pending) = self.client.outstanding.remove(&(node, job)) else { return };
         if !matches!(outcome, Outcome::Ok) {
             return;

@@ -29,19 +29,69 @@ pub struct WriteRec {
     pub blocks: u64,
 }
 
+/// One required write on one node.
+#[derive(Debug, Clone, Copy)]
+struct Req {
+    no: WriteNo,
+    /// Its acknowledgement number.
+    ack: u64,
+    /// Durable at once (FUA), or covered by a flush since.
+    durable: bool,
+    /// Acknowledged with another node holding it too (protocol B/C while linked).
+    shared: bool,
+}
+
+impl Req {
+    /// `other` makes this one irrelevant: newer, and at least as strong.
+    fn dominated_by(&self, other: &Req) -> bool {
+        other.no > self.no
+            && other.durable >= self.durable
+            && other.shared >= self.shared
+            && other.ack >= self.ack
+    }
+}
+
+/// Which requirements a check enforces.
+#[derive(Clone, Copy, Debug)]
+pub enum Need {
+    /// Everything acknowledged (the node did not crash).
+    All,
+    /// What survives a crash: FUA or flushed.
+    Durable,
+    /// What a resync may not overwrite: durable, and either shared with the source
+    /// or acknowledged after the source was last promoted (before that, the
+    /// source's later history legitimately wins: protocol A's failover window).
+    AgainstSource { source_promoted_at_ack: u64 },
+}
+
 #[derive(Debug, Default, Clone)]
 struct BlockReq {
-    /// The newest required write that survives a crash of this node.
-    durable: Option<WriteNo>,
-    /// Required writes not yet covered by a flush: (write, acknowledgement number).
-    pending: Vec<(WriteNo, u64)>,
+    reqs: Vec<Req>,
 }
 
 impl BlockReq {
-    /// The newest required write (of those a crash keeps, with `durable_only`).
-    fn floor(&self, durable_only: Option<u64>) -> Option<WriteNo> {
-        let pending = self.pending.iter().filter(|(_, ack)| durable_only.is_none_or(|mark| *ack <= mark));
-        pending.map(|(w, _)| *w).chain(self.durable).max()
+    /// The newest write this check requires.
+    fn floor(&self, need: Need, flush_mark: u64) -> Option<WriteNo> {
+        let durable = |r: &Req| r.durable || r.ack <= flush_mark;
+        self.reqs
+            .iter()
+            .filter(|r| match need {
+                Need::All => true,
+                Need::Durable => durable(r),
+                Need::AgainstSource { source_promoted_at_ack } => {
+                    durable(r) && (r.shared || r.ack > source_promoted_at_ack)
+                }
+            })
+            .map(|r| r.no)
+            .max()
+    }
+
+    fn add(&mut self, req: Req) {
+        if self.reqs.iter().any(|r| req.dominated_by(r)) {
+            return;
+        }
+        self.reqs.retain(|r| !r.dominated_by(&req));
+        self.reqs.push(req);
     }
 }
 
@@ -61,6 +111,8 @@ pub struct Model {
     history: HashMap<u64, Vec<WriteNo>>,
     ack_counter: u64,
     nodes: Vec<NodeReq>,
+    /// The acknowledgement count when each node was last promoted.
+    promoted_at_ack: Vec<u64>,
 }
 
 impl Model {
@@ -71,6 +123,7 @@ impl Model {
             history: HashMap::new(),
             ack_counter: 0,
             nodes: vec![NodeReq::default(); nodes],
+            promoted_at_ack: vec![0; nodes],
         }
     }
 
@@ -101,17 +154,22 @@ impl Model {
     pub fn acked(&mut self, no: WriteNo, holders: &[(usize, bool)]) {
         self.ack_counter += 1;
         let ack = self.ack_counter;
+        let shared = holders.len() > 1;
         let (first, n) = (self.writes[no as usize].first_block, self.writes[no as usize].blocks);
         for &(node, durable) in holders {
             for b in first..first + n {
-                let req = self.nodes[node].blocks.entry(b).or_default();
-                if durable {
-                    req.durable = req.durable.max(Some(no));
-                } else {
-                    req.pending.push((no, ack));
-                }
+                self.nodes[node].blocks.entry(b).or_default().add(Req { no, ack, durable, shared });
             }
         }
+    }
+
+    /// `node` became Primary.
+    pub fn promoted(&mut self, node: usize) {
+        self.promoted_at_ack[node] = self.ack_counter;
+    }
+
+    pub fn promoted_at_ack(&self, node: usize) -> u64 {
+        self.promoted_at_ack[node]
     }
 
     /// A FLUSH that covers acknowledgements up to `mark` completed with `node`'s
@@ -119,20 +177,18 @@ impl Model {
     pub fn flushed(&mut self, node: usize, mark: u64) {
         let n = &mut self.nodes[node];
         n.flush_mark = n.flush_mark.max(mark);
-        let mark = n.flush_mark;
-        // Fold what the flush covers, so the pending lists stay short.
-        for req in n.blocks.values_mut() {
-            fold(req, mark);
-        }
     }
 
     /// `node` lost power: only what was flushed is still required.
     pub fn crashed(&mut self, node: usize) {
         let n = &mut self.nodes[node];
         let mark = n.flush_mark;
-        for req in n.blocks.values_mut() {
-            fold(req, mark);
-            req.pending.clear();
+        for block in n.blocks.values_mut() {
+            let kept: Vec<Req> = block.reqs.iter().filter(|r| r.durable || r.ack <= mark).copied().collect();
+            block.reqs.clear();
+            for r in kept {
+                block.add(Req { durable: true, ..r });
+            }
         }
     }
 
@@ -147,10 +203,12 @@ impl Model {
     /// `target` now holds a copy of `source`'s data (a resync finished), flushed.
     pub fn copied(&mut self, target: usize, source: usize) {
         let mut copy = self.nodes[source].clone();
-        for req in copy.blocks.values_mut() {
-            let floor = req.floor(None);
-            req.pending.clear();
-            req.durable = floor;
+        for block in copy.blocks.values_mut() {
+            for r in &mut block.reqs {
+                // The target flushed at the end; both hold it now.
+                r.durable = true;
+                r.shared = true;
+            }
         }
         copy.flush_mark = self.ack_counter;
         self.nodes[target] = copy;
@@ -162,15 +220,15 @@ impl Model {
         self.nodes[node] = NodeReq { flush_mark: self.ack_counter, ..NodeReq::default() };
     }
 
-    fn durable_mark(&self, node: usize, durable_only: bool) -> Option<u64> {
-        durable_only.then_some(self.nodes[node].flush_mark)
-    }
-
-    /// Blocks with a requirement on `node`, in order (`durable_only`: of those that
-    /// survive its crash).
-    pub fn required_blocks(&self, node: usize, durable_only: bool) -> Vec<u64> {
-        let mark = self.durable_mark(node, durable_only);
-        self.nodes[node].blocks.iter().filter(|(_, r)| r.floor(mark).is_some()).map(|(b, _)| *b).collect()
+    /// Blocks with a requirement on `node` under `need`, in order.
+    pub fn required_blocks(&self, node: usize, need: Need) -> Vec<u64> {
+        let mark = self.nodes[node].flush_mark;
+        self.nodes[node]
+            .blocks
+            .iter()
+            .filter(|(_, r)| r.floor(need, mark).is_some())
+            .map(|(b, _)| *b)
+            .collect()
     }
 
     /// Every block a client ever wrote, in order.
@@ -187,10 +245,10 @@ impl Model {
         node: usize,
         block: u64,
         sectors: &[SectorContent],
-        durable_only: bool,
+        need: Need,
     ) -> Result<(), String> {
-        let mark = self.durable_mark(node, durable_only);
-        let floor = self.nodes[node].blocks.get(&block).and_then(|r| r.floor(mark));
+        let mark = self.nodes[node].flush_mark;
+        let floor = self.nodes[node].blocks.get(&block).and_then(|r| r.floor(need, mark));
         let later = |w: WriteNo| floor.is_none_or(|f| w >= f);
         for (i, s) in sectors.iter().enumerate() {
             let ok = match *s {
@@ -220,12 +278,6 @@ impl Model {
     }
 }
 
-fn fold(req: &mut BlockReq, mark: u64) {
-    let covered = req.pending.iter().filter(|(_, ack)| *ack <= mark).map(|(w, _)| *w).max();
-    req.durable = req.durable.max(covered);
-    req.pending.retain(|(_, ack)| *ack > mark);
-}
-
 fn describe(s: &SectorContent) -> String {
     match s {
         SectorContent::Zeroes => "zeroes".into(),
@@ -248,12 +300,12 @@ mod tests {
         let w2 = m.submit(2, false, 0, 1);
         m.acked(w2, &[(0, false), (1, false)]);
         let old = [SectorContent::Written(1); 8];
-        assert!(m.check_block(0, 0, &old, false).is_err(), "w2 is required while node 0 runs");
-        assert!(m.check_block(0, 0, &old, true).is_ok(), "w2 was not flushed");
+        assert!(m.check_block(0, 0, &old, Need::All).is_err(), "w2 is required while node 0 runs");
+        assert!(m.check_block(0, 0, &old, Need::Durable).is_ok(), "w2 was not flushed");
         m.crashed(0);
-        assert!(m.check_block(0, 0, &old, false).is_ok(), "w1 was flushed; w2 may be lost");
-        assert!(m.check_block(0, 0, &[SectorContent::Zeroes; 8], false).is_err(), "w1 must survive");
+        assert!(m.check_block(0, 0, &old, Need::All).is_ok(), "w1 was flushed; w2 may be lost");
+        assert!(m.check_block(0, 0, &[SectorContent::Zeroes; 8], Need::All).is_err(), "w1 must survive");
         m.crashed(1);
-        assert!(m.check_block(1, 0, &[SectorContent::Zeroes; 8], false).is_ok(), "node 1 never flushed");
+        assert!(m.check_block(1, 0, &[SectorContent::Zeroes; 8], Need::All).is_ok(), "node 1 never flushed");
     }
 }

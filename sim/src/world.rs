@@ -121,8 +121,9 @@ pub struct World {
     /// Operator commands waiting for their `Done`: (node, id) → what.
     pub commands: HashMap<(usize, CmdId), Command>,
     next_cmd: CmdId,
-    /// Writes the peer acknowledged: (node, job) → the peer.
-    pub peer_acked: HashMap<(usize, JobId), usize>,
+    /// Writes the peer acknowledged: (node, job) → the peer and its incarnation
+    /// (a requirement dies with the incarnation that took it on).
+    pub peer_acked: HashMap<(usize, JobId), (usize, u64)>,
     /// Nodes whose next completed resync is by an operator's choice (discard,
     /// invalidate): the stale-side check does not apply.
     pub discarding: Vec<bool>,
@@ -586,7 +587,8 @@ impl World {
         let from = self.net.get(session).expect("checked").other(to);
         match &msg {
             Message::WriteAck { id, errno: 0 } | Message::RecvAck { id } => {
-                self.peer_acked.insert((to, JobId::from_raw(*id)), from);
+                let inc = self.nodes[from].incarnation;
+                self.peer_acked.insert((to, JobId::from_raw(*id)), (from, inc));
             }
             _ => {}
         }

@@ -34,6 +34,13 @@
 //! | Invalidate | 0x29 | reserved 8 (zero): the sender discards its data; resync it in full |
 //! | SyncPause | 0x2a | flags 1 (bit 0 paused): the sender paused or resumed resync |
 //! | ResyncInfo | 0x2b | done 8, total 8 (source → target, bytes of the resync) |
+//! | ResyncFlush | 0x2c | id 8 (source → target: make the resync writes acknowledged so far durable) |
+//! | ResyncFlushed | 0x2d | id 8 (target → source: they are) |
+//! | ConnectState | 0x30 | gens 48, role 1, disk 1, flags 4 (each side's state once the link is up; the connect decision uses these) |
+//! | StatePrepare | 0x31 | tid 8, change 1 (1 = promote the sender), flags 1 (bit 0 force) |
+//! | StateReply | 0x32 | tid 8, flags 1 (bit 0 yes), reason str |
+//! | StateCommit | 0x33 | tid 8 |
+//! | StateAbort | 0x34 | tid 8 |
 //!
 //! A string is a u16 byte length and UTF-8 bytes; gens are current, bitmap and the
 //! four history ids, 8 bytes each. Unknown enum codes and unknown flag bits are
@@ -45,8 +52,9 @@ use super::LinkError;
 use crate::config::Protocol;
 use crate::state::{DiskState, Generations, HISTORY_LEN, Role};
 
-/// The protocol version this node speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this node speaks (2: the connect decision from
+/// `ConnectState`, state changes agreed with the peer, resync flushes).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Hello feature bit: this node has a `shared-secret` and requires the peer to prove
 /// it knows it (AuthChallenge / AuthResponse) before anything else.
 pub const FEATURE_AUTH: u64 = 1 << 0;
@@ -143,12 +151,36 @@ pub enum Message {
     SyncPause { paused: bool },
     /// Sync source → target: progress of the resync (the target's status shows it).
     ResyncInfo { done_bytes: u64, total_bytes: u64 },
+    /// Sync source → target: flush, then answer `ResyncFlushed` with this id.
+    ResyncFlush { id: u64 },
+    /// Sync target → source: every resync write acknowledged before the
+    /// `ResyncFlush` with this id is durable.
+    ResyncFlushed { id: u64 },
+    /// The sender's state once the link is up; both sides decide from the pair of
+    /// these (`repl::decide`), never from a snapshot taken earlier.
+    ConnectState { gens: Generations, role: Role, disk: DiskState, flags: u32 },
+    /// A state change the sender wants and the receiver must agree to (two-phase:
+    /// `StateReply`, then `StateCommit` or `StateAbort`).
+    StatePrepare { tid: u64, change: StateChange },
+    /// The receiver's vote on `StatePrepare { tid }` (`reason` when refused).
+    StateReply { tid: u64, yes: bool, reason: String },
+    /// The change `tid` takes effect.
+    StateCommit { tid: u64 },
+    /// The change `tid` is dropped.
+    StateAbort { tid: u64 },
     /// Orderly close with a reason (≤ 1 KiB).
     Bye { reason: String },
     /// Authentication: a fresh random nonce the peer must answer.
     AuthChallenge { nonce: [u8; AUTH_BYTES] },
     /// Authentication: the HMAC over the peer's nonce (see `peer::auth`).
     AuthResponse { mac: [u8; AUTH_BYTES] },
+}
+
+/// A state change that needs the peer's consent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateChange {
+    /// The sender becomes Primary (`primary [--force]`).
+    Promote { force: bool },
 }
 
 /// A message type: its wire code and payload layout.
@@ -181,6 +213,13 @@ pub enum Kind {
     Invalidate,
     SyncPause,
     ResyncInfo,
+    ResyncFlush,
+    ResyncFlushed,
+    ConnectState,
+    StatePrepare,
+    StateReply,
+    StateCommit,
+    StateAbort,
 }
 
 /// How a type's payload is laid out, which is all the frame reader needs to know
@@ -197,7 +236,7 @@ pub(crate) enum Layout {
 
 impl Kind {
     /// Every type, for tests and tables.
-    pub const ALL: [Kind; 26] = [
+    pub const ALL: [Kind; 33] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Pong,
@@ -224,6 +263,13 @@ impl Kind {
         Kind::Invalidate,
         Kind::SyncPause,
         Kind::ResyncInfo,
+        Kind::ResyncFlush,
+        Kind::ResyncFlushed,
+        Kind::ConnectState,
+        Kind::StatePrepare,
+        Kind::StateReply,
+        Kind::StateCommit,
+        Kind::StateAbort,
     ];
 
     /// The type code in the frame header.
@@ -255,6 +301,13 @@ impl Kind {
             Kind::Invalidate => 0x29,
             Kind::SyncPause => 0x2a,
             Kind::ResyncInfo => 0x2b,
+            Kind::ResyncFlush => 0x2c,
+            Kind::ResyncFlushed => 0x2d,
+            Kind::ConnectState => 0x30,
+            Kind::StatePrepare => 0x31,
+            Kind::StateReply => 0x32,
+            Kind::StateCommit => 0x33,
+            Kind::StateAbort => 0x34,
         }
     }
 
@@ -292,6 +345,13 @@ impl Kind {
             Kind::Invalidate => "Invalidate",
             Kind::SyncPause => "SyncPause",
             Kind::ResyncInfo => "ResyncInfo",
+            Kind::ResyncFlush => "ResyncFlush",
+            Kind::ResyncFlushed => "ResyncFlushed",
+            Kind::ConnectState => "ConnectState",
+            Kind::StatePrepare => "StatePrepare",
+            Kind::StateReply => "StateReply",
+            Kind::StateCommit => "StateCommit",
+            Kind::StateAbort => "StateAbort",
         }
     }
 
@@ -314,6 +374,12 @@ impl Kind {
             Kind::BitmapDone | Kind::StartRepair | Kind::Invalidate => Layout::Fixed(8),
             Kind::SyncPause => Layout::Fixed(1),
             Kind::ResyncInfo => Layout::Fixed(16),
+            Kind::ResyncFlush | Kind::ResyncFlushed | Kind::StateCommit | Kind::StateAbort => {
+                Layout::Fixed(8)
+            }
+            Kind::ConnectState => Layout::Fixed(GENS_BYTES + 6),
+            Kind::StatePrepare => Layout::Fixed(10),
+            Kind::StateReply => Layout::Var { min: 11, max: 11 + MAX_REASON_BYTES },
             Kind::DigestReq => Layout::Fixed(24),
             Kind::Digests => Layout::Data { fixed: 16 },
         }
@@ -356,6 +422,13 @@ impl Message {
             Message::Invalidate => Kind::Invalidate,
             Message::SyncPause { .. } => Kind::SyncPause,
             Message::ResyncInfo { .. } => Kind::ResyncInfo,
+            Message::ResyncFlush { .. } => Kind::ResyncFlush,
+            Message::ResyncFlushed { .. } => Kind::ResyncFlushed,
+            Message::ConnectState { .. } => Kind::ConnectState,
+            Message::StatePrepare { .. } => Kind::StatePrepare,
+            Message::StateReply { .. } => Kind::StateReply,
+            Message::StateCommit { .. } => Kind::StateCommit,
+            Message::StateAbort { .. } => Kind::StateAbort,
             Message::Bye { .. } => Kind::Bye,
             Message::AuthChallenge { .. } => Kind::AuthChallenge,
             Message::AuthResponse { .. } => Kind::AuthResponse,
@@ -398,9 +471,10 @@ impl Message {
                 HELLO_MIN_BYTES + cut(&h.resource, MAX_NAME_BYTES).len() + cut(&h.node, MAX_NAME_BYTES).len()
             }
             Message::Bye { reason } => 2 + cut(reason, MAX_REASON_BYTES).len(),
+            Message::StateReply { reason, .. } => 11 + cut(reason, MAX_REASON_BYTES).len(),
             _ => match self.kind().layout() {
                 Layout::Fixed(n) | Layout::Data { fixed: n } => n,
-                Layout::Var { .. } => unreachable!("only Hello and Bye are variable"),
+                Layout::Var { .. } => unreachable!("only Hello, Bye and StateReply are variable"),
             },
         }
     }
@@ -491,6 +565,30 @@ impl Message {
                 put(out, *done_bytes);
                 put(out, *total_bytes);
             }
+            Message::ResyncFlush { id }
+            | Message::ResyncFlushed { id }
+            | Message::StateCommit { tid: id }
+            | Message::StateAbort { tid: id } => put(out, *id),
+            Message::ConnectState { gens, role, disk, flags } => {
+                put_gens(out, gens);
+                out.push(role.code());
+                out.push(disk.code());
+                put(out, *flags);
+            }
+            Message::StatePrepare { tid, change } => {
+                put(out, *tid);
+                match change {
+                    StateChange::Promote { force } => {
+                        out.push(1);
+                        out.push(u8::from(*force));
+                    }
+                }
+            }
+            Message::StateReply { tid, yes, reason } => {
+                put(out, *tid);
+                out.push(u8::from(*yes));
+                put_str(out, reason, MAX_REASON_BYTES);
+            }
             Message::Bye { reason } => put_str(out, reason, MAX_REASON_BYTES),
             Message::AuthChallenge { nonce: bytes } | Message::AuthResponse { mac: bytes } => {
                 out.extend_from_slice(bytes)
@@ -578,6 +676,29 @@ fn decode_fields(kind: Kind, c: &mut Cursor<'_>, data: Option<Buf>) -> Result<Me
         }
         Kind::SyncPause => Message::SyncPause { paused: c.flags(1)? & 1 != 0 },
         Kind::ResyncInfo => Message::ResyncInfo { done_bytes: c.u64()?, total_bytes: c.u64()? },
+        Kind::ResyncFlush => Message::ResyncFlush { id: c.u64()? },
+        Kind::ResyncFlushed => Message::ResyncFlushed { id: c.u64()? },
+        Kind::ConnectState => Message::ConnectState {
+            gens: c.gens()?,
+            role: Role::from_code(c.u8()?).ok_or(Field::Bad("unknown role code"))?,
+            disk: DiskState::from_code(c.u8()?).ok_or(Field::Bad("unknown disk state code"))?,
+            flags: c.u32()?,
+        },
+        Kind::StatePrepare => {
+            let tid = c.u64()?;
+            let change = match c.u8()? {
+                1 => StateChange::Promote { force: c.flags(1)? & 1 != 0 },
+                _ => return Err(Field::Bad("unknown state change")),
+            };
+            Message::StatePrepare { tid, change }
+        }
+        Kind::StateReply => Message::StateReply {
+            tid: c.u64()?,
+            yes: c.flags(1)? & 1 != 0,
+            reason: c.string(MAX_REASON_BYTES, "reason longer than 1024 bytes")?,
+        },
+        Kind::StateCommit => Message::StateCommit { tid: c.u64()? },
+        Kind::StateAbort => Message::StateAbort { tid: c.u64()? },
     })
 }
 

@@ -319,15 +319,35 @@ pub struct Core {
     /// order (DRBD's transfer log). An acknowledged write stays here until the peer
     /// confirms its epoch, so a lost link marks every range the peer may lack.
     transfer_log: VecDeque<Sent>,
+    /// Epochs closed by a flush barrier whose ack has not come yet, in order.
+    flush_barriers: VecDeque<u64>,
+    ticks_since_flush_barrier: u32,
     /// Regions that differ (or may differ) from the peer: persistent, see `meta`.
     bitmap: Bitmap,
-    /// A bitmap write is queued and not yet durable (its sequence).
-    bitmap_write: Option<u64>,
+    /// A bitmap write is queued and not yet durable: its sequence, and the intent
+    /// generation it covers (every bitmap intent set before it was encoded).
+    bitmap_write: Option<(u64, u64)>,
+    /// Bitmap intents set so far, and those a durable bitmap write covers.
+    intent_gen: u64,
+    bitmap_durable_gen: u64,
+    /// A local data flush before metadata that relies on it is in flight, and what
+    /// waits for it: a bitmap write (bits cleared because a local write completed
+    /// must not be recorded before that write is durable), and an activity-log
+    /// transaction that forgets an extent (its completed writes must be durable
+    /// first, or a crash could lose them locally while nothing marks them).
+    meta_flush: Option<JobId>,
+    bitmap_after_flush: bool,
+    al_after_flush: Option<Vec<u32>>,
+    /// Bits were cleared on the strength of a local write since the last meta flush
+    /// was submitted.
+    local_clears: bool,
     ms_since_bitmap_write: u64,
     /// The write-intent log, and writes waiting for their extents to be durable.
     al: ActivityLog,
     al_waiting: VecDeque<JobId>,
     /// Writes whose bitmap intent is queued: they start once `seq` is durable.
+    /// Writes whose bitmap intent must be durable first: they start once a bitmap
+    /// write covering this intent generation is.
     intent_waiting: Vec<(JobId, u64)>,
     /// The sequence of the latest superblock update.
     last_persist_seq: u64,
@@ -425,8 +445,16 @@ impl Core {
             epoch_acked: false,
             epoch_writes: 0,
             transfer_log: VecDeque::new(),
+            flush_barriers: VecDeque::new(),
+            ticks_since_flush_barrier: 0,
             bitmap,
             bitmap_write: None,
+            intent_gen: 0,
+            bitmap_durable_gen: 0,
+            meta_flush: None,
+            bitmap_after_flush: false,
+            al_after_flush: None,
+            local_clears: false,
             ms_since_bitmap_write: 0,
             al,
             al_waiting: VecDeque::new(),
@@ -691,10 +719,15 @@ impl Core {
         out.push(Action::Local { job, op: IoOp::Flush });
     }
 
-    /// Sends the barrier closing the open epoch; returns that epoch.
+    /// Sends the barrier closing the open epoch; returns that epoch. A flush barrier
+    /// makes the peer flush: its ack retires the transfer log up to it.
     fn close_epoch(&mut self, flush: bool, out: &mut Vec<Action>) -> u64 {
         let epoch = self.epoch;
         self.send(Message::Barrier { epoch, flush }, out);
+        if flush {
+            self.flush_barriers.push_back(epoch);
+            self.ticks_since_flush_barrier = 0;
+        }
         self.epoch += 1;
         self.epoch_acked = false;
         self.epoch_writes = 0;
@@ -745,7 +778,7 @@ impl Core {
             }
             // A flush or digest read of a link that is gone: nothing waits for it.
             JobKind::ApplyFlush | JobKind::DigestRead | JobKind::ResyncFlush => {}
-            JobKind::MetaFlush => {}
+            JobKind::MetaFlush => self.on_meta_flushed(job, result, out),
         }
     }
 
@@ -763,6 +796,7 @@ impl Core {
         }
         if w.intent == Some(Intent::Bitmap) && w.peer_settled {
             self.bitmap.clear_range(w.range.clone());
+            self.local_clears = true;
         }
         let outcome = match local {
             Ok(()) => Outcome::Ok,
@@ -803,8 +837,15 @@ impl Core {
                 if errno != 0 {
                     tracing::warn!(epoch, errno, "peer failed to complete a barrier");
                 }
-                // Everything of this epoch and before is on the peer's disk.
-                while self.transfer_log.front().is_some_and(|s| s.epoch <= epoch) {
+                // Acks come in epoch order. Only a flush barrier's ack says the writes
+                // of its epoch and before are durable on the peer: a crash of the peer
+                // loses anything else, so it stays in the transfer log (and its extents
+                // hot) until then.
+                let mut flushed = false;
+                while self.flush_barriers.front().is_some_and(|e| *e <= epoch) {
+                    flushed |= self.flush_barriers.pop_front() == Some(epoch);
+                }
+                while (flushed || errno != 0) && self.transfer_log.front().is_some_and(|s| s.epoch <= epoch) {
                     let sent = self.transfer_log.pop_front().expect("checked");
                     if errno != 0 {
                         self.bitmap.set_range(sent.range.clone());
@@ -830,6 +871,8 @@ impl Core {
                 self.on_resync_message(msg, out)
             }
             Message::ResyncAck { offset, len, errno } => self.on_resync_ack(offset, len, errno, out),
+            Message::ResyncFlush { id } => self.on_resync_flush_req(id, out),
+            Message::ResyncFlushed { id } => self.on_resync_flushed(id, out),
             Message::BitmapBlock { index, data } => self.on_bitmap_block(index, &data),
             Message::BitmapDone { blocks } => self.on_bitmap_done(blocks, out),
             Message::DigestReq { offset, len, after_epoch } => {
@@ -847,6 +890,7 @@ impl Core {
 
     /// A data-path message that may not be applied yet (or would pass held ones).
     fn must_hold(&self, msg: &Message) -> bool {
+        // A resync flush request is ordered after the writes it covers.
         let data_path = matches!(
             msg,
             Message::Write { .. }
@@ -856,6 +900,7 @@ impl Core {
                 | Message::ResyncData { .. }
                 | Message::ResyncZeroes { .. }
                 | Message::ResyncDone { .. }
+                | Message::ResyncFlush { .. }
         );
         if !data_path {
             return false;
@@ -961,6 +1006,7 @@ impl Core {
         for job in writes {
             self.try_finish_write(job, out);
         }
+        self.flush_barriers.clear();
         // A Secondary drops what it had not applied; the Primary resyncs it later.
         self.applier.held.clear();
         self.ingress_held.clear();

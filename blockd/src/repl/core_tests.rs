@@ -412,7 +412,10 @@ fn full_resync_sends_data_and_zeroes_then_done() {
     assert_eq!(show(&read_done(&mut c, j(3), 4096, 1)), [format!("send resync-data {} 4096", 2 * mib)]);
     assert!(peer(&mut c, Message::ResyncAck { offset: 0, len: mib, errno: 0 }).is_empty());
     assert!(peer(&mut c, Message::ResyncAck { offset: 2 * mib, len: 4096, errno: 0 }).is_empty());
-    let done = peer(&mut c, Message::ResyncAck { offset: mib, len: mib, errno: 0 });
+    let acked = peer(&mut c, Message::ResyncAck { offset: mib, len: mib, errno: 0 });
+    assert_eq!(show(&acked), ["send ResyncFlush { id: 0 }"], "the target makes the chunks durable first");
+    assert_eq!(c.dirty_bytes(), 2 * mib + 4096, "the bits stay until then");
+    let done = peer(&mut c, Message::ResyncFlushed { id: 0 });
     assert_eq!(show(&done), ["persist 1", "send resync-done 20 0"], "in sync: the bitmap generation retires");
     assert_eq!(c.generations().history[0], 10);
     assert_eq!(c.repl_state(), ReplState::Established);
@@ -531,8 +534,11 @@ fn a_range_too_large_for_the_log_uses_the_bitmap_as_intent() {
     local_done(&mut c, 1);
     assert_eq!(show(&peer(&mut c, Message::WriteAck { id: 1, errno: 0 })), ["reply 1 ok"]);
     assert_eq!(c.dirty_bytes(), len, "until the peer confirmed the epoch");
+    h(&mut c, Event::Tick { elapsed_ms: 100, app_requests: 0 });
+    let idle = h(&mut c, Event::Tick { elapsed_ms: 100, app_requests: 0 });
+    assert!(show(&idle).contains(&"send barrier e1 flush=true".to_string()), "{:?}", show(&idle));
     peer(&mut c, Message::BarrierAck { epoch: 1, errno: 0 });
-    assert_eq!(c.dirty_bytes(), 0, "both copies have it: the intent bits are cleared");
+    assert_eq!(c.dirty_bytes(), 0, "both copies have it durably: the intent bits are cleared");
 }
 
 #[test]
@@ -552,7 +558,9 @@ fn evicting_an_extent_writes_the_bitmap_first() {
         job: JobId::nbd(17),
         request: Request::Write { offset: 16 << 22, data: data(4096), fua: false },
     });
-    let shown = show(&a);
+    let flush = JobId::new(JobKind::MetaFlush, 0, 1);
+    assert_eq!(show(&a), [format!("local {flush} flush")], "the writes to the extent are made durable first");
+    let shown = show(&c.handle(Event::LocalDone { job: flush, result: Ok(()), buf: None }));
     assert_eq!(shown.len(), 2, "{shown:?}");
     assert!(shown[0].starts_with("write-bitmap"), "bitmap before the log drops an extent: {shown:?}");
     assert!(shown[1].starts_with("write-al"), "{shown:?}");
@@ -589,7 +597,11 @@ fn checksum_resync_sends_only_differing_granules() {
     let a = peer(&mut c, Message::Digests { offset: 0, len: size, data: d.freeze() });
     assert_eq!(show(&a), ["send resync-data 12288 4096"]);
     assert_eq!(c.resync_progress().sent_bytes, 4096);
-    let done = peer(&mut c, Message::ResyncAck { offset: 12288, len: 4096, errno: 0 });
+    assert_eq!(
+        show(&peer(&mut c, Message::ResyncAck { offset: 12288, len: 4096, errno: 0 })),
+        ["send ResyncFlush { id: 0 }"]
+    );
+    let done = peer(&mut c, Message::ResyncFlushed { id: 0 });
     assert!(show(&done).contains(&"send resync-done 20 0".to_string()), "{:?}", show(&done));
     assert_eq!(c.dirty_bytes(), 0);
 }
@@ -756,4 +768,21 @@ fn a_completion_of_the_previous_link_is_not_taken_for_the_current_one() {
         "the old write's completion acknowledges nothing; then the new link's write starts"
     );
     assert_eq!(show(&local_done(&mut s, new)), ["send write-ack 9 0", "send barrier-ack e1 0"]);
+}
+
+/// Sim seeds 135 and 274: the peer acknowledged a barrier without flushing, the
+/// Primary retired the epoch from its transfer log, then the peer crashed and lost
+/// the write while nothing marked it. Only a flush barrier's ack retires it now.
+#[test]
+fn only_a_flush_barrier_ack_retires_the_transfer_log() {
+    let mut c = core(Protocol::C, Role::Primary, 0);
+    write(&mut c, 1, 0, 4096);
+    local_done(&mut c, 1);
+    peer(&mut c, Message::WriteAck { id: 1, errno: 0 });
+    // A second write closes epoch 1 with a plain barrier, which the peer acks.
+    let a = write(&mut c, 2, 8192, 4096);
+    assert!(show(&a).contains(&"send barrier e1 flush=false".to_string()), "{:?}", show(&a));
+    peer(&mut c, Message::BarrierAck { epoch: 1, errno: 0 });
+    h(&mut c, Event::LinkDown);
+    assert_eq!(c.dirty_bytes(), 8192, "write 1 may be lost by a crash of the peer: still tracked");
 }

@@ -6,23 +6,33 @@
 //! Order matters and is kept by the shell's metadata thread, which carries out
 //! metadata actions in the order given: the changed bitmap blocks are queued before
 //! an activity-log transaction that evicts an extent, so nothing is ever covered by
-//! neither.
+//! neither. And durability: a transaction that evicts an extent, and a bitmap
+//! write recording bits cleared because a local write completed, come only after a
+//! local data flush (a completed write may still be in a volatile cache; a crash
+//! would lose it here while nothing says its range differs from the peer).
 
 use super::*;
+
+/// At most this many ticks (100 ms each) between flush barriers while the transfer
+/// log holds writes: the peer flushes about once a second under a steady load.
+const FLUSH_BARRIER_TICKS: u32 = 10;
 
 impl Core {
     pub(super) fn on_meta_durable(&mut self, seq: u64, out: &mut Vec<Action>) {
         self.on_target_durable(seq, out);
         self.durable_seq = self.durable_seq.max(seq);
-        if self.bitmap_write.is_some_and(|s| s <= seq) {
+        if let Some((s, covers)) = self.bitmap_write.filter(|(s, _)| *s <= seq) {
+            debug_assert!(s <= seq);
             self.bitmap_write = None;
+            self.bitmap_durable_gen = self.bitmap_durable_gen.max(covers);
         }
         if self.al.committed(seq) {
             self.retry_al_waiters(out);
         }
         if !self.intent_waiting.is_empty() {
+            let durable = self.bitmap_durable_gen;
             let (ready, waiting): (Vec<_>, Vec<_>) =
-                self.intent_waiting.drain(..).partition(|(_, s)| *s <= seq);
+                self.intent_waiting.drain(..).partition(|(_, gen_)| *gen_ <= durable);
             self.intent_waiting = waiting;
             for (job, _) in ready {
                 self.send_write(job, out);
@@ -43,14 +53,65 @@ impl Core {
         seq
     }
 
-    /// Queues a write of the changed bitmap blocks; returns its sequence.
-    pub(super) fn write_bitmap(&mut self, out: &mut Vec<Action>) -> u64 {
+    /// Queues a write of the changed bitmap blocks: at once, or after a local flush
+    /// if bits were cleared because a local write completed (the write must be
+    /// durable before the bitmap says its range is in sync).
+    pub(super) fn write_bitmap(&mut self, out: &mut Vec<Action>) {
+        if self.local_clears {
+            self.bitmap_after_flush = true;
+            self.start_meta_flush(out);
+            return;
+        }
+        self.emit_bitmap_write(out);
+    }
+
+    fn emit_bitmap_write(&mut self, out: &mut Vec<Action>) {
         let blocks = encode_changed(&mut self.bitmap);
         let seq = self.next_seq();
-        self.bitmap_write = Some(seq);
+        self.bitmap_write = Some((seq, self.intent_gen));
         self.ms_since_bitmap_write = 0;
         out.push(Action::WriteBitmap { seq, blocks });
-        seq
+    }
+
+    fn start_meta_flush(&mut self, out: &mut Vec<Action>) {
+        if self.meta_flush.is_some() {
+            return;
+        }
+        let job = self.ids.next(JobKind::MetaFlush, self.link_gen);
+        self.meta_flush = Some(job);
+        self.local_clears = false;
+        out.push(Action::Local { job, op: IoOp::Flush });
+    }
+
+    /// The local flush before metadata finished: write what waited for it.
+    pub(super) fn on_meta_flushed(&mut self, job: JobId, result: Result<(), Errno>, out: &mut Vec<Action>) {
+        if self.meta_flush != Some(job) {
+            return;
+        }
+        self.meta_flush = None;
+        if let Err(e) = result {
+            tracing::error!(errno = %e, "local flush before a metadata update failed");
+            // The update that depends on it is never made (fail closed): writes
+            // waiting for it keep waiting, and what it would have recorded stays
+            // covered by what is already on disk.
+            return;
+        }
+        if self.local_clears && (self.bitmap_after_flush || self.al_after_flush.is_some()) {
+            // More bits were cleared after this flush was submitted: flush again.
+            return self.start_meta_flush(out);
+        }
+        let evicting = self.al_after_flush.is_some();
+        if std::mem::take(&mut self.bitmap_after_flush)
+            || (evicting && self.bitmap.changed_blocks().next().is_some())
+        {
+            // Before a transaction that forgets an extent: its bits go first.
+            self.emit_bitmap_write(out);
+        }
+        if let Some(extents) = self.al_after_flush.take() {
+            let seq = self.next_seq();
+            self.al.begin(seq);
+            out.push(Action::WriteAl { seq, extents });
+        }
     }
 
     pub(super) fn on_tick(&mut self, elapsed_ms: u64, app_requests: u64, out: &mut Vec<Action>) {
@@ -66,6 +127,7 @@ impl Core {
             self.write_bitmap(out);
         }
         self.pump_source(out);
+        self.request_resync_flush(out);
         self.send_resync_info(out);
         self.idle_housekeeping(out);
     }
@@ -76,10 +138,15 @@ impl Core {
     fn idle_housekeeping(&mut self, out: &mut Vec<Action>) {
         let idle = self.dispatched_writes == self.dispatched_at_tick;
         self.dispatched_at_tick = self.dispatched_writes;
-        if idle && self.link == Link::Replicating && self.epoch_writes > 0 && self.role == Role::Primary {
-            self.close_epoch(false, out);
+        self.ticks_since_flush_barrier = self.ticks_since_flush_barrier.saturating_add(1);
+        // The transfer log (and the extents it holds hot) drains only by a flush
+        // barrier's ack: one when idle, and at least every FLUSH_BARRIER_TICKS
+        // while writes keep coming.
+        let due = idle || self.ticks_since_flush_barrier >= FLUSH_BARRIER_TICKS;
+        if due && self.role == Role::Primary {
+            self.flush_barrier_if_needed(out);
         }
-        if self.role == Role::Secondary && self.al.cool_all() {
+        if self.role == Role::Secondary && self.al_after_flush.is_none() && self.al.cool_all() {
             if self.bitmap.changed_blocks().next().is_some() {
                 self.write_bitmap(out);
             }
@@ -95,9 +162,10 @@ impl Core {
         let range = self.writes[&job].range.clone();
         if ActivityLog::span(&range) > self.al.max_span() {
             self.bitmap.set_range(range);
-            let seq = self.write_bitmap(out);
+            self.intent_gen += 1;
             self.writes.get_mut(&job).expect("known").intent = Some(Intent::Bitmap);
-            self.intent_waiting.push((job, seq));
+            self.intent_waiting.push((job, self.intent_gen));
+            self.write_bitmap(out);
             return;
         }
         if self.al.try_acquire(&range, 2) {
@@ -111,18 +179,34 @@ impl Core {
 
     /// Starts the next activity-log transaction if one is needed and possible.
     pub(super) fn pump_al(&mut self, out: &mut Vec<Action>) {
+        if self.al_after_flush.is_some() {
+            return;
+        }
         if let Some(t) = self.al.next_transaction() {
-            if t.evicted && self.bitmap.changed_blocks().next().is_some() {
-                // An evicted extent's bits must be on disk before the log forgets it.
-                self.write_bitmap(out);
+            if t.evicted {
+                // Before the log forgets an extent, the writes to it that completed
+                // must be durable here, and its bits on disk (`on_meta_flushed`).
+                self.al_after_flush = Some(t.extents);
+                self.start_meta_flush(out);
+                return;
             }
             let seq = self.next_seq();
             self.al.begin(seq);
             out.push(Action::WriteAl { seq, extents: t.extents });
-        } else if self.al.blocked() && self.link == Link::Replicating && self.epoch_writes > 0 {
-            // Every hot extent waits for the peer to confirm an epoch: close the open
-            // one, or nothing would ever release them.
-            self.close_epoch(false, out);
+        } else if self.al.blocked() {
+            // Every hot extent waits for the peer to confirm an epoch durably: ask
+            // for it, or nothing would ever release them.
+            self.flush_barrier_if_needed(out);
+        }
+    }
+
+    /// Sends a flush barrier if the transfer log holds writes no flush barrier
+    /// sent so far covers.
+    pub(super) fn flush_barrier_if_needed(&mut self, out: &mut Vec<Action>) {
+        let covered = self.flush_barriers.back().copied();
+        let uncovered = self.transfer_log.back().is_some_and(|s| covered.is_none_or(|e| s.epoch > e));
+        if self.link == Link::Replicating && (uncovered || self.epoch_writes > 0) {
+            self.close_epoch(true, out);
         }
     }
 
@@ -162,7 +246,10 @@ impl Core {
             Intent::Bitmap => match self.writes.get_mut(&job) {
                 // Cleared when the local part finishes too.
                 Some(w) => w.peer_settled = true,
-                None => self.bitmap.clear_range(range),
+                None => {
+                    self.bitmap.clear_range(range);
+                    self.local_clears = true;
+                }
             },
         }
     }

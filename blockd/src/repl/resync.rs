@@ -73,6 +73,13 @@ pub struct SourceSync {
     pub total_bytes: u64,
     /// The (done, total) last sent to the target in `ResyncInfo`.
     info_sent: Option<(u64, u64)>,
+    /// Chunks the target acknowledged but has not flushed yet: their bits stay set
+    /// until the `ResyncFlushed` answering the request with the tagged id (a crash
+    /// of the target would lose them while the bitmap here says they are copied).
+    unflushed: Vec<(Range<u64>, u64)>,
+    /// The id the next `ResyncFlush` carries, and the one awaiting its answer.
+    next_flush_id: u64,
+    flush_in_flight: Option<u64>,
 }
 
 impl SourceSync {
@@ -151,6 +158,8 @@ pub struct TargetSync {
     inconsistent_seq: u64,
     pub(super) ready: bool,
     writes: HashMap<JobId, (u64, u64)>,
+    /// Flushes the source asked for (job → the request's id).
+    flush_reqs: HashMap<JobId, u64>,
     done: Option<Generations>,
     pub received_bytes: u64,
     /// The source's view of the resync (`ResyncInfo`): done and total bytes.
@@ -404,7 +413,11 @@ impl Core {
             let next = self.bitmap.runs_from(sync.cursor).next();
             let Some(run) = next else {
                 if sync.chunks.is_empty() {
-                    self.finish_source(out);
+                    if sync.unflushed.is_empty() && sync.flush_in_flight.is_none() {
+                        self.finish_source(out);
+                    } else {
+                        self.request_resync_flush(out);
+                    }
                 }
                 return;
             };
@@ -598,13 +611,53 @@ impl Core {
         let Some(chunk) = sync.chunks.remove(&job) else { return };
         let len = chunk.range.end - chunk.range.start;
         if !chunk.failed {
-            self.bitmap.clear_range(chunk.range.clone());
+            // Cleared once the target flushed it (`on_resync_flushed`).
+            sync.unflushed.push((chunk.range.clone(), sync.next_flush_id));
         }
         sync.done_bytes += len;
         self.rate.progress_bytes += len;
         let next = self.inflight.complete(job, chunk.range.start);
         self.start_released(next, out);
         self.pump_source(out);
+    }
+
+    /// Source: asks the target to make what it acknowledged durable (on ticks, and
+    /// when the last chunk is acknowledged); one request at a time.
+    pub(super) fn request_resync_flush(&mut self, out: &mut Vec<Action>) {
+        let Some(sync) = self.source.as_mut() else { return };
+        if sync.flush_in_flight.is_some() || sync.unflushed.is_empty() {
+            return;
+        }
+        let id = sync.next_flush_id;
+        sync.next_flush_id += 1;
+        sync.flush_in_flight = Some(id);
+        self.send(Message::ResyncFlush { id }, out);
+    }
+
+    /// Source: the target flushed: the chunks it had acknowledged are durable there.
+    pub(super) fn on_resync_flushed(&mut self, id: u64, out: &mut Vec<Action>) {
+        let Some(sync) = self.source.as_mut() else { return };
+        if sync.flush_in_flight != Some(id) {
+            return;
+        }
+        sync.flush_in_flight = None;
+        let (done, left): (Vec<_>, Vec<_>) = sync.unflushed.drain(..).partition(|(_, tag)| *tag <= id);
+        sync.unflushed = left;
+        for (range, _) in done {
+            self.bitmap.clear_range(range);
+        }
+        self.pump_source(out);
+    }
+
+    /// Target: the source asks for a flush of what was acknowledged.
+    pub(super) fn on_resync_flush_req(&mut self, id: u64, out: &mut Vec<Action>) {
+        let Some(t) = self.target.as_mut() else {
+            tracing::warn!(id, "resync flush request while not a sync target; ignored");
+            return;
+        };
+        let job = self.ids.next(JobKind::ResyncFlush, self.link_gen);
+        t.flush_reqs.insert(job, id);
+        out.push(Action::Local { job, op: IoOp::Flush });
     }
 
     fn finish_source(&mut self, out: &mut Vec<Action>) {
@@ -726,6 +779,14 @@ impl Core {
         out: &mut Vec<Action>,
     ) -> bool {
         if job.kind() == JobKind::ResyncFlush {
+            if let Some(id) = self.target.as_mut().and_then(|t| t.flush_reqs.remove(&job)) {
+                match result {
+                    Ok(()) => self.send(Message::ResyncFlushed { id }, out),
+                    // Unanswered: the source keeps the bits (fail closed).
+                    Err(e) => tracing::error!(errno = %e, "flush for the sync source failed"),
+                }
+                return true;
+            }
             self.finish_target(result, out);
             return true;
         }

@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore};
 
 use super::frame::{FRAME_HEADER_BYTES, FRAME_MAGIC, FrameReader, FrameWriter};
-use super::msg::{Hello, Message, PROTOCOL_VERSION};
+use super::msg::{Hello, Message, PROTOCOL_VERSION, StateChange};
 use super::{LinkError, PeerStats, PeerStatsSnapshot};
 use crate::config::Protocol;
 use crate::state::{DiskState, Generations, Role};
@@ -181,6 +181,18 @@ fn random_messages(rng: &mut StdRng, data_len: usize) -> Vec<Message> {
         Message::Invalidate,
         Message::SyncPause { paused: rng.random() },
         Message::ResyncInfo { done_bytes: rng.random(), total_bytes: rng.random() },
+        Message::ResyncFlush { id: rng.random() },
+        Message::ResyncFlushed { id: rng.random() },
+        Message::ConnectState {
+            gens: gens(rng),
+            role: roles[rng.random_range(0..2)],
+            disk: disks[rng.random_range(0..6)],
+            flags: rng.random(),
+        },
+        Message::StatePrepare { tid: rng.random(), change: StateChange::Promote { force: rng.random() } },
+        Message::StateReply { tid: rng.random(), yes: rng.random(), reason: random_string(rng, 1024) },
+        Message::StateCommit { tid: rng.random() },
+        Message::StateAbort { tid: rng.random() },
         Message::Bye { reason: random_string(rng, 1024) },
     ]
 }
