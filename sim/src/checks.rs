@@ -107,7 +107,8 @@ impl World {
                 self.fail("no resync from the stale side", format!("{name} finished a resync: {e}"));
             }
             if let Some(source) = source {
-                self.model.copied(node, source);
+                let done_mark = self.resync_done_mark[source];
+                self.model.copied(node, source, done_mark);
             }
         }
     }

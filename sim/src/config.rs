@@ -80,6 +80,7 @@ impl SimConfig {
             resync_min_rate_bytes_per_sec: 8 << 20,
             resync_checksum: self.resync_checksum,
             fence_peer: false,
+            name_sorts_first: false,
         }
     }
 }

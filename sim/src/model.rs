@@ -200,17 +200,18 @@ impl Model {
         self.crashed(node);
     }
 
-    /// `target` now holds a copy of `source`'s data (a resync finished), flushed.
-    pub fn copied(&mut self, target: usize, source: usize) {
+    /// `target` now holds a copy of `source`'s data (a resync finished). Its final
+    /// flush made durable what the source had acknowledged before it sent
+    /// `ResyncDone` (acknowledgement count `done_mark`).
+    pub fn copied(&mut self, target: usize, source: usize, done_mark: u64) {
         let mut copy = self.nodes[source].clone();
         for block in copy.blocks.values_mut() {
             for r in &mut block.reqs {
-                // The target flushed at the end; both hold it now.
-                r.durable = true;
+                r.durable |= r.ack <= done_mark;
                 r.shared = true;
             }
         }
-        copy.flush_mark = self.ack_counter;
+        copy.flush_mark = 0;
         self.nodes[target] = copy;
     }
 

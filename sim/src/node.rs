@@ -92,6 +92,8 @@ impl SimNode {
         let rec = recover(&mut meta, cfg.al_extents, None)?;
         let mut cfg = cfg.clone();
         cfg.size_bytes = rec.size_bytes;
+        // The simulated pair is alpha and beta: alpha's name sorts first.
+        cfg.name_sorts_first = self.index == 0;
         let sb = &rec.superblock;
         let core =
             Core::new(cfg, Role::Secondary, sb.disk, sb.generations, rec.crashed_primary, rec.bitmap, seed);

@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use blockd::config::Protocol;
 use blockd::peer::msg::Message;
 use blockd::repl::core::{Action, CmdId, CmdOutput, Command, Core, CoreConfig, Event, JobId};
-use blockd::repl::decide::SideState;
 use blockd::repl::recover::{MetaJob, run_meta_job};
 use blockd::state::Role;
 use blockd::storage::IoOp;
@@ -50,7 +49,6 @@ pub enum Ev {
     LinkUp {
         node: usize,
         session: u64,
-        remote: SideState,
     },
     Deliver {
         to: usize,
@@ -129,6 +127,8 @@ pub struct World {
     pub discarding: Vec<bool>,
     /// A forced demotion waits for its drain.
     pub draining: Vec<bool>,
+    /// The acknowledgement count when each node last sent `ResyncDone`.
+    pub resync_done_mark: Vec<u64>,
     pub episodes: u64,
     pub checks_passed: u64,
     pub episode_start_us: Micros,
@@ -170,6 +170,7 @@ impl World {
             peer_acked: HashMap::new(),
             discarding: vec![false; n],
             draining: vec![false; n],
+            resync_done_mark: vec![0; n],
             episodes: 0,
             checks_passed: 0,
             episode_start_us: 0,
@@ -255,7 +256,7 @@ impl World {
                     self.run_meta(node);
                 }
             }
-            Ev::LinkUp { node, session, remote } => self.link_up(node, session, remote),
+            Ev::LinkUp { node, session } => self.link_up(node, session),
             Ev::Deliver { to, session, msg } => self.deliver(to, session, msg),
             Ev::PeerSent { node, session, bytes } => {
                 if self.session_of(node) == Some(session) {
@@ -525,8 +526,8 @@ impl World {
                 if self.net.partitioned(a, b, self.now_us) || self.net.live_between(a, b).is_some() {
                     continue;
                 }
-                // Each side's Hello is taken now; each core gets the link later
-                // (sometimes much later), as the handshake and the hand-over take.
+                // Each core gets the link at its own moment (sometimes much later),
+                // as the handshake and the hand-over take.
                 let mut delay = || {
                     if self.rng.random_bool(0.1) {
                         self.rng.random_range(MS..100 * MS)
@@ -536,29 +537,24 @@ impl World {
                 };
                 let (da, db) = (delay(), delay());
                 let session = self.net.open(a, b, [self.now_us + da, self.now_us + db]);
-                let hello = |w: &World, n: usize, other: usize| {
-                    let lower = w.nodes[n].name < w.nodes[other].name;
-                    w.core(n).expect("running").own_state(lower)
-                };
-                let (ha, hb) = (hello(self, a, b), hello(self, b, a));
                 self.log(format!(
                     "session {session} opened between {} and {}",
                     self.nodes[a].name, self.nodes[b].name
                 ));
-                self.at(da, Ev::LinkUp { node: a, session, remote: hb });
-                self.at(db, Ev::LinkUp { node: b, session, remote: ha });
+                self.at(da, Ev::LinkUp { node: a, session });
+                self.at(db, Ev::LinkUp { node: b, session });
             }
         }
     }
 
-    fn link_up(&mut self, node: usize, session: u64, remote: SideState) {
+    fn link_up(&mut self, node: usize, session: u64) {
         let usable = self.net.get(session).is_some_and(|s| !s.cut && s.up[s.side(node)]);
         let Some(run) = self.nodes[node].run.as_mut() else { return };
         if !usable || run.session.is_some() {
             return;
         }
         run.session = Some(session);
-        self.handle(node, Event::LinkUp { remote });
+        self.handle(node, Event::LinkUp);
     }
 
     fn send(&mut self, from: usize, msg: Message) {
@@ -569,6 +565,9 @@ impl World {
         }
         let to = s.other(from);
         let to_side = s.side(to);
+        if matches!(msg, Message::ResyncDone { .. }) {
+            self.resync_done_mark[from] = self.model.ack_mark();
+        }
         let bytes = msg.wire_len();
         let latency = self.rng.random_range(20..600) + bytes / 2000;
         let s = self.net.get_mut(session).expect("checked");

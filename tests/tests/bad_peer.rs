@@ -135,6 +135,7 @@ fn run_case(p: &mut Pair, good: &Hello, case: Case<'_>, bad: impl FnOnce(&mut Fa
     assert_eq!(fake.remote, beta_hello, "{}: beta's Hello (its state must not have changed)", case.name);
     if let Stage::Established = case.stage {
         fake.send_msg(Message::Hello(good.clone()));
+        send_connect_state(&mut fake, good);
         p.wait(
             WAIT,
             |p| {
@@ -159,6 +160,11 @@ fn run_case(p: &mut Pair, good: &Hello, case: Case<'_>, bad: impl FnOnce(&mut Fa
     wait_beta_alone(p, case.name);
     eprintln!("{}: closed ({}); beta logged: {line}", case.name, closed.how);
     closed
+}
+
+/// After the Hellos, each side sends its state; the node decides from the pair.
+fn send_connect_state(fake: &mut FakePeer, good: &Hello) {
+    fake.send_msg(Message::ConnectState { gens: good.gens, role: good.role, disk: good.disk, flags: 0 });
 }
 
 /// Makes a Hello incompatible.
@@ -218,13 +224,13 @@ fn bad_peer_input_is_refused_and_the_real_pair_still_works() {
         ),
         (
             "old version 0",
-            "peer speaks protocol version 0, this node 1".into(),
+            "peer speaks protocol version 0, this node 2".into(),
             Box::new(|h: &mut Hello| h.version = 0),
         ),
         (
-            "newer version 2",
-            "peer speaks protocol version 2, this node 1".into(),
-            Box::new(|h: &mut Hello| h.version = 2),
+            "newer version 3",
+            "peer speaks protocol version 3, this node 2".into(),
+            Box::new(|h: &mut Hello| h.version = 3),
         ),
         (
             "wrong protocol",
@@ -253,9 +259,9 @@ fn bad_peer_input_is_refused_and_the_real_pair_still_works() {
     run_case(
         &mut p,
         &good,
-        case("crc bit flipped", Stage::Established, "frame crc32c mismatch on a Ping frame (seq 1)", None),
+        case("crc bit flipped", Stage::Established, "frame crc32c mismatch on a Ping frame (seq 2)", None),
         |f| {
-            let mut bytes = frame(Kind::Ping.code(), 1, &ping);
+            let mut bytes = frame(Kind::Ping.code(), f.next_seq, &ping);
             bytes[CRC_AT + 3] ^= 0x01;
             f.send_raw(&bytes);
         },
@@ -263,14 +269,14 @@ fn bad_peer_input_is_refused_and_the_real_pair_still_works() {
     run_case(
         &mut p,
         &good,
-        case("sequence gap", Stage::Established, "frame sequence gap: expected 1, got 7", None),
+        case("sequence gap", Stage::Established, "frame sequence gap: expected 2, got 7", None),
         |f| f.send_raw(&frame(Kind::Ping.code(), 7, &ping)),
     );
     run_case(
         &mut p,
         &good,
         case("unknown type", Stage::Established, "unknown frame type 0x007f", None),
-        |f| f.send_raw(&frame(0x7f, 1, &ping)),
+        |f| f.send_raw(&frame(0x7f, f.next_seq, &ping)),
     );
     let oversize = MAX_FRAME_PAYLOAD_BYTES + 1;
     run_case(
@@ -284,7 +290,7 @@ fn bad_peer_input_is_refused_and_the_real_pair_still_works() {
         ),
         |f| {
             // The header alone: the length is refused before any payload is read.
-            let mut header = frame(Kind::Write.code(), 1, &[])[..FRAME_HEADER_BYTES].to_vec();
+            let mut header = frame(Kind::Write.code(), f.next_seq, &[])[..FRAME_HEADER_BYTES].to_vec();
             header[16..20].copy_from_slice(&(oversize as u32).to_be_bytes());
             f.send_raw(&header);
         },
@@ -293,7 +299,7 @@ fn bad_peer_input_is_refused_and_the_real_pair_still_works() {
         &mut p,
         &good,
         case("header flags", Stage::Established, "unsupported frame flags 0x0001", None),
-        |f| f.send_raw(&frame_with_flags(Kind::Ping.code(), 1, 1, &ping)),
+        |f| f.send_raw(&frame_with_flags(Kind::Ping.code(), 1, f.next_seq, &ping)),
     );
     run_case(&mut p, &good, case("second Hello", Stage::Established, "unexpected Hello frame", None), |f| {
         f.send_msg(Message::Hello(good.clone()))
@@ -308,12 +314,15 @@ fn bad_peer_input_is_refused_and_the_real_pair_still_works() {
         case(
             "Write with a flipped crc bit",
             Stage::Established,
-            "frame crc32c mismatch on a Write frame (seq 1)",
+            "frame crc32c mismatch on a Write frame (seq 2)",
             None,
         ),
         |f| {
-            let mut bytes =
-                frame(Kind::Write.code(), 1, &write_payload(1, 1, crc_offset, false, &fake_block(1)));
+            let mut bytes = frame(
+                Kind::Write.code(),
+                f.next_seq,
+                &write_payload(1, 1, crc_offset, false, &fake_block(1)),
+            );
             bytes[CRC_AT] ^= 0x80;
             f.send_raw(&bytes);
         },
@@ -324,12 +333,15 @@ fn bad_peer_input_is_refused_and_the_real_pair_still_works() {
         case(
             "Write with a flipped data bit",
             Stage::Established,
-            "frame crc32c mismatch on a Write frame (seq 1)",
+            "frame crc32c mismatch on a Write frame (seq 2)",
             None,
         ),
         |f| {
-            let mut bytes =
-                frame(Kind::Write.code(), 1, &write_payload(1, 1, data_offset, false, &fake_block(2)));
+            let mut bytes = frame(
+                Kind::Write.code(),
+                f.next_seq,
+                &write_payload(1, 1, data_offset, false, &fake_block(2)),
+            );
             let last = bytes.len() - 1;
             bytes[last] ^= 0x10;
             f.send_raw(&bytes);
@@ -379,6 +391,7 @@ fn pattern_block(seed: u8) -> Vec<u8> {
 fn established_fake(p: &mut Pair, good: &Hello) -> FakePeer {
     let mut fake = FakePeer::connect(beta_addr(p), WAIT);
     fake.send_msg(Message::Hello(good.clone()));
+    send_connect_state(&mut fake, good);
     p.wait(
         WAIT,
         |p| p.status(BETA)["peers"][0]["replication"] == "Established",

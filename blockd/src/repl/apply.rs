@@ -15,15 +15,21 @@ impl Core {
             Message::Barrier { epoch, .. } => *epoch,
             _ => return,
         };
+        let rx = if matches!(msg, Message::Barrier { .. }) {
+            0
+        } else {
+            self.applier.received += 1;
+            self.applier.received
+        };
         if self.applier.closing.is_some() || epoch > self.applier.epoch {
             // Epoch N+1 must not start before epoch N is complete.
-            self.applier.held.push_back(msg);
+            self.applier.held.push_back((rx, msg));
             return;
         }
-        self.apply_now(msg, out);
+        self.apply_now(rx, msg, out);
     }
 
-    pub(super) fn apply_now(&mut self, msg: Message, out: &mut Vec<Action>) {
+    pub(super) fn apply_now(&mut self, rx: u64, msg: Message, out: &mut Vec<Action>) {
         let (peer_id, op) = match msg {
             Message::Barrier { epoch, flush } => {
                 debug_assert_eq!(epoch, self.applier.epoch);
@@ -44,7 +50,7 @@ impl Core {
         let job = self.ids.next(JobKind::Apply, self.link_gen);
         self.peer_write_started(job);
         self.applier.outstanding += 1;
-        self.applying.insert(job, ApplyJob { peer_id, epoch: self.applier.epoch });
+        self.applying.insert(job, ApplyJob { peer_id, epoch: self.applier.epoch, rx });
         out.push(Action::Local { job, op });
     }
 
@@ -55,7 +61,24 @@ impl Core {
             self.send(Message::WriteAck { id: apply.peer_id, errno }, out);
         }
         self.applier.outstanding -= 1;
+        if self.applier.drain_mark.is_some_and(|mark| apply.rx <= mark) {
+            self.applier.undrained -= 1;
+            self.maybe_start_target_flush(out);
+        }
         self.maybe_close_epoch(out);
+    }
+
+    /// Marks the writes received so far: `drained` says when all have completed.
+    pub(super) fn mark_drain(&mut self) {
+        let a = &mut self.applier;
+        let held_writes = a.held.iter().filter(|(_, m)| !matches!(m, Message::Barrier { .. })).count() as u64;
+        a.drain_mark = Some(a.received);
+        a.undrained = a.outstanding + held_writes;
+    }
+
+    /// Every write received before the mark has completed.
+    pub(super) fn drained(&self) -> bool {
+        self.applier.undrained == 0
     }
 
     pub(super) fn maybe_close_epoch(&mut self, out: &mut Vec<Action>) {
@@ -85,8 +108,8 @@ impl Core {
         self.release_digest_reqs(out);
         // Release the next epoch's writes, up to its own barrier.
         while self.applier.closing.is_none() {
-            let Some(msg) = self.applier.held.pop_front() else { break };
-            self.apply_now(msg, out);
+            let Some((rx, msg)) = self.applier.held.pop_front() else { break };
+            self.apply_now(rx, msg, out);
         }
     }
 }

@@ -33,7 +33,6 @@ use crate::config::Protocol;
 use crate::meta::BitmapBlock;
 use crate::peer::msg::Message;
 use crate::repl::al::ActivityLog;
-use crate::repl::decide::SideState;
 use crate::repl::inflight::InFlight;
 use crate::state::{DiskState, Generations, Role};
 use crate::storage::IoOp;
@@ -61,9 +60,9 @@ pub enum Event {
     Nbd { job: JobId, request: Request },
     /// A local storage op of `job` finished; `buf` is the op's buffer coming back.
     LocalDone { job: JobId, result: Result<(), Errno>, buf: Option<BufMut> },
-    /// A peer link is up (the shell holds no other): decide whether and how to
-    /// replicate. `remote` is the peer's state as it announced it.
-    LinkUp { remote: SideState },
+    /// A peer link is up (the shell holds no other): the core tells the peer its
+    /// state and decides once it has the peer's (`repl::connect`).
+    LinkUp,
     /// A message from the peer.
     PeerMessage(Message),
     /// The link wrote `bytes` of queued frames to the socket.
@@ -198,6 +197,8 @@ pub struct CoreConfig {
     /// A `fence-peer` handler is configured (used with protocol C): a Primary that
     /// loses its peer runs it and acknowledges no write until it returned.
     pub fence_peer: bool,
+    /// This node's name sorts before the peer's (a tie-break both sides agree on).
+    pub name_sorts_first: bool,
 }
 
 /// How a Primary write is covered against a crash (see the module doc).
@@ -224,6 +225,8 @@ struct Sent {
 pub enum Link {
     /// No peer connection.
     Disconnected,
+    /// A link is up; the states are being exchanged (nothing is replicated yet).
+    Negotiating,
     /// Connected and replicating every write.
     Replicating,
 }
@@ -269,6 +272,8 @@ struct FlushJob {
 struct ApplyJob {
     peer_id: u64,
     epoch: u64,
+    /// Its place in receive order (`Applier::received`).
+    rx: u64,
 }
 
 /// Epoch state on the Secondary.
@@ -282,8 +287,16 @@ struct Applier {
     closing: Option<bool>,
     /// A flush for the closing barrier is running.
     flushing: bool,
-    /// Messages of later epochs, held until `epoch` is closed.
-    held: VecDeque<Message>,
+    /// Messages of later epochs, held until `epoch` is closed, each with its place
+    /// in receive order.
+    held: VecDeque<(u64, Message)>,
+    /// Writes received on this link (their receive order).
+    received: u64,
+    /// A sync target waits for every write received before `ResyncDone` (receive
+    /// order up to this) to complete before its final flush: this many still have
+    /// not.
+    drain_mark: Option<u64>,
+    undrained: u64,
 }
 
 /// The replication state of one node.
@@ -404,6 +417,10 @@ pub struct Core {
     replies_after_meta: Vec<(u64, CmdId)>,
     /// The `blockctl verify` waiting for the verify's end.
     verify_cmd: Option<CmdId>,
+    /// A link that is up but not decided yet (`repl::connect`).
+    negotiation: Option<connect::Negotiation>,
+    /// State changes agreed with the peer (`repl::twopc`).
+    twophase: twopc::TwoPhase,
 }
 
 impl Core {
@@ -488,6 +505,8 @@ impl Core {
             standalone: false,
             replies_after_meta: Vec::new(),
             verify_cmd: None,
+            negotiation: None,
+            twophase: twopc::TwoPhase::default(),
         }
     }
 
@@ -570,7 +589,7 @@ impl Core {
                 self.sent_bytes_total = (self.sent_bytes_total + bytes).min(self.queued_bytes_total);
                 self.release_send_waiters(out);
             }
-            Event::LinkUp { remote } => self.on_link_up(remote, out),
+            Event::LinkUp => self.on_link_up(out),
             Event::LinkDown => self.on_link_down(out),
             Event::MetaDone { seq, result } => self.on_meta_done(seq, result, out),
             Event::Command { id, cmd } => self.on_command(id, cmd, out),
@@ -822,6 +841,20 @@ impl Core {
     }
 
     fn on_peer_message(&mut self, msg: Message, out: &mut Vec<Action>) {
+        if self.role == Role::Primary && is_peer_data(&msg) {
+            // A Primary's data is what clients see: it never takes the peer's. Two
+            // Primaries, or a peer that thinks this node is its sync target.
+            tracing::error!(kind = msg.kind().name(), "data from the peer while Primary; dropping the link");
+            self.refusal = Some(format!(
+                "the peer sent replicated data ({}) to this Primary; link dropped",
+                msg.kind().name()
+            ));
+            out.push(Action::DropLink {
+                reason: "this node is Primary and takes no data from its peer".into(),
+            });
+            self.on_link_down(out);
+            return;
+        }
         if self.must_hold(&msg) {
             self.ingress_held.push_back(msg);
             return;
@@ -884,25 +917,21 @@ impl Core {
             Message::SyncPause { paused } => self.on_sync_pause(paused, out),
             Message::ResyncInfo { done_bytes, total_bytes } => self.on_resync_info(done_bytes, total_bytes),
             Message::State { role, disk } => self.on_peer_state(role, disk),
+            Message::ConnectState { gens, role, disk, flags } => {
+                self.on_connect_state(gens, role, disk, flags, out)
+            }
+            Message::StatePrepare { tid, change } => self.on_state_prepare(tid, change, out),
+            Message::StateReply { tid, yes, reason } => self.on_state_reply(tid, yes, reason, out),
+            Message::StateCommit { tid } => self.on_state_commit(tid),
+            Message::StateAbort { tid } => self.on_state_abort(tid),
             other => tracing::debug!(?other, "message not handled by the data path"),
         }
     }
 
     /// A data-path message that may not be applied yet (or would pass held ones).
+    /// Barriers and resync flush requests are ordered after the writes they cover.
     fn must_hold(&self, msg: &Message) -> bool {
-        // A resync flush request is ordered after the writes it covers.
-        let data_path = matches!(
-            msg,
-            Message::Write { .. }
-                | Message::Trim { .. }
-                | Message::WriteZeroes { .. }
-                | Message::Barrier { .. }
-                | Message::ResyncData { .. }
-                | Message::ResyncZeroes { .. }
-                | Message::ResyncDone { .. }
-                | Message::ResyncFlush { .. }
-        );
-        if !data_path {
+        if !is_peer_data(msg) && !matches!(msg, Message::Barrier { .. } | Message::ResyncFlush { .. }) {
             return false;
         }
         !self.ingress_held.is_empty()
@@ -1066,9 +1095,9 @@ impl Core {
     /// `blockctl primary [--force]`. Its persist is queued in `out`; the command is
     /// answered once it is durable (the export opens at once: writes acknowledged
     /// under a new generation wait for it, see `needs_durable_gens`).
-    fn promote(&mut self, force: bool, out: &mut Vec<Action>) -> Result<(), String> {
+    fn promote(&mut self, id: CmdId, force: bool, out: &mut Vec<Action>) -> Result<Promotion, String> {
         if self.role == Role::Primary {
-            return Ok(());
+            return Ok(Promotion::Done);
         }
         if self.peer_role == Some(Role::Primary) {
             return Err("the peer is Primary; demote it first (`blockctl secondary` there)".to_string());
@@ -1079,6 +1108,30 @@ impl Core {
                  (use --force to make this node's data the authoritative copy)",
                 self.disk
             ));
+        }
+        if self.link == Link::Replicating {
+            if force && self.disk != DiskState::UpToDate && self.peer_disk == Some(DiskState::UpToDate) {
+                return Err(format!(
+                    "the local disk is {} and the connected peer's is UpToDate: promote the peer, or \
+                     `blockctl disconnect` first to make this node's data the authoritative copy",
+                    self.disk
+                ));
+            }
+            // While connected, the peer must agree (`repl::twopc`).
+            self.request_promotion(id, force, out)?;
+            return Ok(Promotion::Asked);
+        }
+        self.promote_now(force, out)?;
+        Ok(Promotion::Done)
+    }
+
+    /// Becomes Primary (disconnected, or with the peer's agreement).
+    pub(super) fn promote_now(&mut self, force: bool, out: &mut Vec<Action>) -> Result<(), String> {
+        if self.role == Role::Primary {
+            return Ok(());
+        }
+        if self.disk != DiskState::UpToDate && !force {
+            return Err(format!("the local disk is {}; only an UpToDate node can be promoted", self.disk));
         }
         if force && self.disk != DiskState::UpToDate {
             // This copy becomes the reference: a generation of its own, so the peer
@@ -1110,11 +1163,33 @@ impl Core {
         if !self.writes.is_empty() || !self.flushes.is_empty() {
             return Err("writes are still in flight; retry in a moment".to_string());
         }
+        self.twophase_link_lost(out);
         self.role = Role::Secondary;
         self.persist(out);
         self.announce_state(out);
         Ok(())
     }
+}
+
+/// How a promotion request went.
+pub(super) enum Promotion {
+    /// The role changed (or already was Primary).
+    Done,
+    /// The peer was asked; the answer comes later.
+    Asked,
+}
+
+/// Data the peer writes to this node's disk (never accepted by a Primary).
+fn is_peer_data(m: &Message) -> bool {
+    matches!(
+        m,
+        Message::Write { .. }
+            | Message::Trim { .. }
+            | Message::WriteZeroes { .. }
+            | Message::ResyncData { .. }
+            | Message::ResyncZeroes { .. }
+            | Message::ResyncDone { .. }
+    )
 }
 
 /// Bytes a message occupies in the send buffer: its whole frame, as the link counts
@@ -1134,6 +1209,8 @@ fn set_epoch(m: &mut Message, new: u64) {
 
 #[path = "apply.rs"]
 mod apply;
+#[path = "connect.rs"]
+mod connect;
 #[path = "intent.rs"]
 mod intent;
 #[path = "operator.rs"]
@@ -1142,6 +1219,8 @@ mod operator;
 mod resync;
 #[path = "session.rs"]
 mod session;
+#[path = "twopc.rs"]
+mod twopc;
 #[path = "verify.rs"]
 mod verify;
 pub use intent::encode_changed;

@@ -21,6 +21,7 @@ fn cfg(protocol: Protocol, send_buffer_bytes: u64) -> CoreConfig {
         resync_min_rate_bytes_per_sec: 8 << 20,
         resync_checksum: false,
         fence_peer: false,
+        name_sorts_first: true,
     }
 }
 
@@ -59,7 +60,32 @@ fn h(c: &mut Core, event: Event) -> Vec<Action> {
 /// `blockctl primary [--force]`: the actions, or the refusal.
 fn promote(c: &mut Core, force: bool) -> Result<Vec<Action>, String> {
     let mut out = Vec::new();
-    c.promote(force, &mut out).map(|()| out)
+    c.promote(0, force, &mut out).map(|_| out)
+}
+
+/// The link comes up and the peer's state (`remote`) arrives: the decision's
+/// actions (after this node's own `ConnectState`), or the refusal.
+fn connect(c: &mut Core, remote: SideState) -> Result<Vec<Action>, String> {
+    let up = c.handle(Event::LinkUp);
+    assert!(matches!(&up[..], [Action::Send(Message::ConnectState { .. })]), "{up:?}");
+    use super::connect::{STATE_CRASHED_PRIMARY, STATE_DIRTY, STATE_DISCARD_MY_DATA};
+    let flag = |on: bool, bit: u32| if on { bit } else { 0 };
+    let flags = flag(remote.crashed_primary, STATE_CRASHED_PRIMARY)
+        | flag(remote.dirty, STATE_DIRTY)
+        | flag(remote.discard_my_data, STATE_DISCARD_MY_DATA);
+    let msg = Message::ConnectState { gens: remote.gens, role: remote.role, disk: remote.disk, flags };
+    let mut a = c.handle(Event::PeerMessage(msg));
+    // Every connect ends by announcing this node's state: not shown.
+    if matches!(a.last(), Some(Action::Send(Message::State { .. }))) {
+        a.pop();
+    }
+    // The frames so far were written to the socket (send-buffer accounting).
+    let queued = c.unsent_bytes();
+    c.handle(Event::PeerSent { bytes: queued });
+    match c.connection() {
+        (ConnState::StandAlone, Some(reason)) => Err(reason.to_string()),
+        _ => Ok(a),
+    }
 }
 
 fn remote(current: u64, bitmap: u64, role: Role) -> SideState {
@@ -79,7 +105,7 @@ fn core(protocol: Protocol, role: Role, send_buffer_bytes: u64) -> Core {
     let gens = Generations { current: 10, ..Generations::default() };
     let mut c = new_core(cfg(protocol, send_buffer_bytes), role, DiskState::UpToDate, gens, 1);
     let peer_role = if role == Role::Primary { Role::Secondary } else { Role::Primary };
-    assert!(c.connect(remote(10, 0, peer_role)).expect("in sync").is_empty());
+    assert!(connect(&mut c, remote(10, 0, peer_role)).expect("in sync").is_empty());
     assert_eq!(c.repl_state(), ReplState::Established);
     c
 }
@@ -382,7 +408,7 @@ fn source_core(size_bytes: u64) -> (Core, Vec<Action>) {
     let mut dirty = bm(size_bytes);
     dirty.set_all();
     let mut c = Core::new(cfg, Role::Primary, DiskState::UpToDate, gens, false, dirty, 3);
-    let a = c.connect(remote(10, 0, Role::Secondary)).expect("source");
+    let a = connect(&mut c, remote(10, 0, Role::Secondary)).expect("source");
     assert!(a.is_empty(), "waits for the target's bitmap: {:?}", show(&a));
     assert_eq!(c.repl_state(), ReplState::SyncSource);
     let a = peer(&mut c, Message::BitmapDone { blocks: 0 });
@@ -450,7 +476,7 @@ fn losing_the_link_mid_resync_releases_chunk_ranges() {
 fn target_waits_for_durable_inconsistency_then_adopts_generations() {
     let gens = Generations { current: 10, ..Generations::default() };
     let mut t = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 4);
-    let a = t.connect(remote(20, 10, Role::Primary)).expect("target");
+    let a = connect(&mut t, remote(20, 10, Role::Primary)).expect("target");
     assert_eq!(
         show(&a),
         ["send BitmapDone { blocks: 0 }", "persist 1", "send State { role: Secondary, disk: Inconsistent }"],
@@ -503,7 +529,7 @@ fn writes_after_a_promotion_wait_for_its_durable_generation() {
 fn a_sync_target_applies_nothing_before_it_is_durably_inconsistent() {
     let gens = Generations { current: 10, ..Generations::default() };
     let mut t = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 6);
-    t.connect(remote(20, 10, Role::Primary)).expect("target");
+    connect(&mut t, remote(20, 10, Role::Primary)).expect("target");
     let w = Message::Write { id: 5, epoch: 1, offset: 0, fua: false, data: data(512) };
     assert!(peer(&mut t, w).is_empty(), "an application write waits too");
     assert_eq!(
@@ -517,7 +543,7 @@ fn a_range_too_large_for_the_log_uses_the_bitmap_as_intent() {
     let gens = Generations { current: 10, ..Generations::default() };
     let cfg = CoreConfig { al_extents: 16, ..cfg(Protocol::C, 0) };
     let mut c = new_core(cfg, Role::Primary, DiskState::UpToDate, gens, 11);
-    c.connect(remote(10, 0, Role::Secondary)).expect("in sync");
+    connect(&mut c, remote(10, 0, Role::Secondary)).expect("in sync");
     // 16 extents of capacity: a trim over 10 extents is more than half.
     let len = 10 << 22;
     let a =
@@ -581,7 +607,7 @@ fn checksum_resync_sends_only_differing_granules() {
     let mut dirty = bm(size);
     dirty.set_all();
     let mut c = Core::new(cfg, Role::Primary, DiskState::UpToDate, gens, false, dirty, 8);
-    c.connect(remote(10, 0, Role::Secondary)).expect("source");
+    connect(&mut c, remote(10, 0, Role::Secondary)).expect("source");
     let j = ij(JobKind::ResyncRead, 1);
     assert_eq!(
         show(&peer(&mut c, Message::BitmapDone { blocks: 0 })),
@@ -611,7 +637,7 @@ fn verify_reports_differing_granules_after_the_epoch_is_applied() {
     let cfg = CoreConfig { size_bytes: 1 << 20, ..cfg(Protocol::C, 0) };
     let gens = Generations { current: 10, ..Generations::default() };
     let mut c = new_core(cfg, Role::Primary, DiskState::UpToDate, gens, 9);
-    c.connect(remote(10, 0, Role::Secondary)).expect("in sync");
+    connect(&mut c, remote(10, 0, Role::Secondary)).expect("in sync");
     write(&mut c, 1, 0, 4096);
     local_done(&mut c, 1);
     peer(&mut c, Message::WriteAck { id: 1, errno: 0 });
@@ -663,7 +689,7 @@ fn a_dirty_sync_target_sends_its_bitmap() {
     let mut dirty = bm(SIZE);
     dirty.set_range(0..4096);
     let mut t = Core::new(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, true, dirty, 10);
-    let a = t.connect(remote(20, 10, Role::Primary)).expect("target");
+    let a = connect(&mut t, remote(20, 10, Role::Primary)).expect("target");
     let shown = show(&a);
     assert!(shown[0].starts_with("send BitmapBlock { index: 0"), "{shown:?}");
     assert_eq!(shown[1], "send BitmapDone { blocks: 1 }");
@@ -684,7 +710,7 @@ fn auto_rate_yields_to_application_io_and_a_fixed_rate_holds() {
         let mut dirty = bm(size);
         dirty.set_all();
         let mut c = Core::new(cfg, Role::Primary, DiskState::UpToDate, gens, false, dirty, 12);
-        c.connect(remote(10, 0, Role::Secondary)).expect("source");
+        connect(&mut c, remote(10, 0, Role::Secondary)).expect("source");
         c
     };
     let reads =
@@ -707,7 +733,7 @@ fn a_fencing_primary_acknowledges_nothing_until_the_handler_returned() {
     let gens = Generations { current: 10, ..Generations::default() };
     let cfg = CoreConfig { fence_peer: true, ..cfg(Protocol::C, 0) };
     let mut c = new_core(cfg, Role::Primary, DiskState::UpToDate, gens, 13);
-    c.connect(remote(10, 0, Role::Secondary)).expect("in sync");
+    connect(&mut c, remote(10, 0, Role::Secondary)).expect("in sync");
     write(&mut c, 1, 0, 4096);
     local_done(&mut c, 1);
     let down = h(&mut c, Event::LinkDown);
@@ -741,7 +767,7 @@ fn the_target_learns_the_resync_progress_from_the_source() {
 
     let gens = Generations { current: 10, ..Generations::default() };
     let mut t = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 14);
-    t.connect(remote(20, 10, Role::Primary)).expect("target");
+    connect(&mut t, remote(20, 10, Role::Primary)).expect("target");
     peer(&mut t, Message::ResyncInfo { done_bytes: total / 2, total_bytes: total });
     let p = t.resync_progress();
     assert_eq!((p.done_bytes, p.total_bytes), (total / 2, total));
@@ -758,7 +784,7 @@ fn a_completion_of_the_previous_link_is_not_taken_for_the_current_one() {
     let old = ij(JobKind::Apply, 1);
     assert_eq!(show(&peer(&mut s, w(1, 0))), [format!("local {old} write")]);
     h(&mut s, Event::LinkDown);
-    s.connect(remote(10, 0, Role::Primary)).expect("in sync again");
+    connect(&mut s, remote(10, 0, Role::Primary)).expect("in sync again");
     assert!(peer(&mut s, w(9, 0)).is_empty(), "held: the old write to the same blocks is in flight");
     assert!(peer(&mut s, Message::Barrier { epoch: 1, flush: false }).is_empty());
     let new = JobId::new(JobKind::Apply, 2, 2);
@@ -785,4 +811,112 @@ fn only_a_flush_barrier_ack_retires_the_transfer_log() {
     peer(&mut c, Message::BarrierAck { epoch: 1, errno: 0 });
     h(&mut c, Event::LinkDown);
     assert_eq!(c.dirty_bytes(), 8192, "write 1 may be lost by a crash of the peer: still tracked");
+}
+
+/// Delivers messages between two connected cores until none is left; metadata
+/// updates complete at once. Returns each side's command answers.
+fn exchange(a: &mut Core, b: &mut Core, first_a: Vec<Action>, first_b: Vec<Action>) -> [Vec<Action>; 2] {
+    let mut done: [Vec<Action>; 2] = [Vec::new(), Vec::new()];
+    let mut pending: [Vec<Action>; 2] = [first_a, first_b];
+    while pending.iter().any(|p| !p.is_empty()) {
+        for side in 0..2 {
+            for action in std::mem::take(&mut pending[side]) {
+                let (this, other): (&mut Core, &mut Core) =
+                    if side == 0 { (&mut *a, &mut *b) } else { (&mut *b, &mut *a) };
+                match action {
+                    Action::Send(m) => pending[1 - side].extend(other.handle(Event::PeerMessage(m))),
+                    Action::Persist { seq, .. }
+                    | Action::WriteAl { seq, .. }
+                    | Action::WriteBitmap { seq, .. } => {
+                        pending[side].extend(this.handle(Event::MetaDone { seq, result: Ok(()) }))
+                    }
+                    d @ Action::Done { .. } => done[side].push(d),
+                    _ => {}
+                }
+            }
+        }
+    }
+    done
+}
+
+/// Issue 12: both nodes of a connected pair told `primary` at the same moment both
+/// became Primary (19 of 30 tries). Now the promotion is agreed with the peer: the
+/// request with the lower transaction id wins, the other is refused.
+#[test]
+fn simultaneous_promotions_make_exactly_one_primary() {
+    for seed in 0..30 {
+        let gens = Generations { current: 10, ..Generations::default() };
+        let mut a = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 2 * seed);
+        let mut b = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 2 * seed + 1);
+        connect(&mut a, remote(10, 0, Role::Secondary)).expect("in sync");
+        connect(&mut b, remote(10, 0, Role::Secondary)).expect("in sync");
+        let promote =
+            |c: &mut Core| c.handle(Event::Command { id: 1, cmd: Command::Promote { force: false } });
+        let (pa, pb) = (promote(&mut a), promote(&mut b));
+        assert!(
+            a.role() == Role::Secondary && b.role() == Role::Secondary,
+            "nobody is Primary before the vote"
+        );
+        let [done_a, done_b] = exchange(&mut a, &mut b, pa, pb);
+        let primaries = [a.role(), b.role()].iter().filter(|r| **r == Role::Primary).count();
+        assert_eq!(primaries, 1, "seed {seed}: exactly one Primary");
+        let (winner, loser) = if a.role() == Role::Primary { (done_a, done_b) } else { (done_b, done_a) };
+        assert!(matches!(&winner[..], [Action::Done { result: Ok(_), .. }]), "{winner:?}");
+        let [Action::Done { result: Err(why), .. }] = &loser[..] else { panic!("{loser:?}") };
+        assert!(why.contains("went first") || why.contains("refused"), "{why}");
+    }
+}
+
+/// Issue 12: the connect decision read the peer's Hello, a snapshot from the
+/// handshake; a role change between the Hello and the link's acceptance gave the
+/// two sides different decisions. Now each side sends its state once the link is
+/// up, and a promotion asked for meanwhile waits for the decision.
+#[test]
+fn the_connect_decision_uses_the_state_sent_once_the_link_is_up() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut a = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 1);
+    let up = a.handle(Event::LinkUp);
+    let [Action::Send(Message::ConnectState { role: Role::Secondary, .. })] = &up[..] else {
+        panic!("{up:?}")
+    };
+    assert!(
+        a.handle(Event::Command { id: 5, cmd: Command::Promote { force: false } }).is_empty(),
+        "the promotion waits for the decision"
+    );
+    assert_eq!(a.role(), Role::Secondary);
+    let peer_state =
+        Message::ConnectState { gens, role: Role::Secondary, disk: DiskState::UpToDate, flags: 0 };
+    let after = show(&a.handle(Event::PeerMessage(peer_state)));
+    assert_eq!(a.repl_state(), ReplState::Established, "in sync, from the states as sent");
+    assert!(
+        after.iter().any(|s| s.starts_with("send StatePrepare")),
+        "then the promotion asks the peer: {after:?}"
+    );
+}
+
+/// Issue 12: a Primary applied data-path messages from its peer. Now it drops the
+/// link and says why.
+#[test]
+fn a_primary_drops_a_peer_that_sends_it_data() {
+    let mut c = core(Protocol::C, Role::Primary, 0);
+    let w = Message::Write { id: 1, epoch: 1, offset: 0, fua: false, data: data(4096) };
+    let a = show(&peer(&mut c, w));
+    assert!(a.iter().any(|s| s.starts_with("drop-link")), "{a:?}");
+    assert!(!a.iter().any(|s| s.contains("write")), "nothing written: {a:?}");
+    assert!(c.connection().1.is_some_and(|r| r.contains("Primary")), "{:?}", c.connection());
+}
+
+/// Issue 12: `primary --force` on a SyncTarget whose source is UpToDate kept
+/// applying resync chunks underneath application writes. Now it is refused while
+/// connected (disconnect first to make this node's data the reference).
+#[test]
+fn forcing_a_sync_target_with_an_up_to_date_peer_is_refused() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut t = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 4);
+    connect(&mut t, remote(20, 10, Role::Secondary)).expect("target");
+    assert_eq!(t.repl_state(), ReplState::SyncTarget);
+    let a = t.handle(Event::Command { id: 3, cmd: Command::Promote { force: true } });
+    let [Action::Done { result: Err(why), .. }] = &a[..] else { panic!("{a:?}") };
+    assert!(why.contains("disconnect"), "{why}");
+    assert_eq!(t.role(), Role::Secondary);
 }

@@ -126,6 +126,8 @@ impl Core {
         {
             self.write_bitmap(out);
         }
+        self.negotiation_tick(out);
+        self.twophase_tick(out);
         self.pump_source(out);
         self.request_resync_flush(out);
         self.send_resync_info(out);

@@ -61,6 +61,7 @@ pub async fn run(
         resync_min_rate_bytes_per_sec: r.resync_min_rate_bytes_per_sec,
         resync_checksum: r.resync_checksum,
         fence_peer: node.handlers.fence_peer.is_some(),
+        name_sorts_first: node.name < peer.name,
     };
     if crashed_primary {
         tracing::warn!("this node crashed while Primary; its hot extents are resynced with the peer");
@@ -71,7 +72,7 @@ pub async fn run(
 
     let auth = config.resource.shared_secret.is_some();
     let hello = Hello {
-        version: 1,
+        version: crate::peer::msg::PROTOCOL_VERSION,
         features: if auth { crate::peer::msg::FEATURE_AUTH } else { 0 },
         resource: config.resource.name.clone(),
         node: node.name.clone(),

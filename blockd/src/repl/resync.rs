@@ -29,7 +29,7 @@ use std::ops::Range;
 
 use super::verify::{DIGEST_BYTES, digests_of};
 use super::*;
-use crate::repl::decide::{Decision, Refusal, SideState, SyncScope, decide};
+use crate::repl::decide::{SideState, SyncScope};
 
 /// Largest resync chunk.
 pub const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
@@ -160,6 +160,8 @@ pub struct TargetSync {
     writes: HashMap<JobId, (u64, u64)>,
     /// Flushes the source asked for (job → the request's id).
     flush_reqs: HashMap<JobId, u64>,
+    /// The final flush was started.
+    final_flush: bool,
     done: Option<Generations>,
     pub received_bytes: u64,
     /// The source's view of the resync (`ResyncInfo`): done and total bytes.
@@ -188,47 +190,6 @@ impl ReplState {
 }
 
 impl Core {
-    /// A link is up: decide from both sides' state whether and how to replicate.
-    /// `Err` is the refusal (the caller closes the link; status shows it).
-    pub fn connect(&mut self, remote: SideState) -> Result<Vec<Action>, ConnectRefusal> {
-        let me = self.side_state(&remote);
-        let decision = decide(&me, &remote);
-        let mut out = Vec::new();
-        match decision {
-            Decision::InSync => {
-                self.start_link();
-                self.repl = ReplState::Established;
-            }
-            Decision::SyncSource(scope) => {
-                self.start_link();
-                self.start_source(scope, scope == SyncScope::Bitmap, &mut out);
-            }
-            Decision::SyncTarget(scope) => {
-                self.start_link();
-                if scope == SyncScope::Bitmap {
-                    self.send_bitmap(&mut out);
-                }
-                self.start_target(&mut out);
-            }
-            Decision::WaitForPromotion => {
-                let reason = "both disks are Inconsistent; promote one with `blockctl primary --force`";
-                return Err(ConnectRefusal { reason: reason.into(), standalone: false });
-            }
-            Decision::Refuse(r) => {
-                // As DRBD: after a split brain or with unrelated data the node stops
-                // trying until an operator says `blockctl connect`.
-                let standalone = matches!(r, Refusal::SplitBrain | Refusal::UnrelatedData);
-                return Err(ConnectRefusal { reason: r.to_string(), standalone });
-            }
-        }
-        // `--discard-my-data` holds for one connection.
-        self.discard_my_data = false;
-        if self.sync_paused_here {
-            self.send(Message::SyncPause { paused: true }, &mut out);
-        }
-        Ok(out)
-    }
-
     /// The replication state toward the peer.
     pub fn repl_state(&self) -> ReplState {
         self.repl
@@ -296,7 +257,7 @@ impl Core {
     }
 
     /// Target side of a bitmap resync: what this node changed goes to the source.
-    fn send_bitmap(&mut self, out: &mut Vec<Action>) {
+    pub(super) fn send_bitmap(&mut self, out: &mut Vec<Action>) {
         let mut block = [0u8; bitmap::BLOCK_BYTES];
         let mut sent = 0;
         for index in 0..self.bitmap.blocks() {
@@ -335,7 +296,7 @@ impl Core {
     }
 
     /// Becomes a sync target: the disk is Inconsistent (durably) until `ResyncDone`.
-    fn start_target(&mut self, out: &mut Vec<Action>) {
+    pub(super) fn start_target(&mut self, out: &mut Vec<Action>) {
         self.repl = ReplState::SyncTarget;
         self.disk = DiskState::Inconsistent;
         let seq = self.persist(out);
@@ -360,7 +321,7 @@ impl Core {
         self.start_source(SyncScope::Bitmap, false, out);
     }
 
-    fn start_link(&mut self) {
+    pub(super) fn start_link(&mut self) {
         // A pause on the peer ended with its link; one here is told again (connect).
         self.sync_paused_by_peer = false;
         // Both sides number the epochs of a link from 1.
@@ -722,11 +683,11 @@ impl Core {
                 (offset, len, IoOp::WriteZeroes { offset, len, may_trim: true, fast_only: false, fua: false })
             }
             Message::ResyncDone { gens } => {
+                // UpToDate only once everything received before this is durable:
+                // the resync writes, and the replicated writes too.
                 t.done = Some(gens);
-                if t.writes.is_empty() {
-                    let job = self.ids.next(JobKind::ResyncFlush, self.link_gen);
-                    out.push(Action::Local { job, op: IoOp::Flush });
-                }
+                self.mark_drain();
+                self.maybe_start_target_flush(out);
                 return;
             }
             _ => return,
@@ -793,13 +754,22 @@ impl Core {
         let Some(t) = self.target.as_mut() else { return false };
         let Some((offset, len)) = t.writes.remove(&job) else { return false };
         let errno = result.err().map_or(0, |e| e as i32);
-        let last = t.done.is_some() && t.writes.is_empty();
         self.send(Message::ResyncAck { offset, len, errno }, out);
-        if last {
-            let job = self.ids.next(JobKind::ResyncFlush, self.link_gen);
-            out.push(Action::Local { job, op: IoOp::Flush });
-        }
+        self.maybe_start_target_flush(out);
         true
+    }
+
+    /// Target: after `ResyncDone`, once its writes and every replicated write
+    /// received before it completed, the final flush.
+    pub(super) fn maybe_start_target_flush(&mut self, out: &mut Vec<Action>) {
+        let drained = self.drained();
+        let Some(t) = self.target.as_mut() else { return };
+        if t.done.is_none() || !t.writes.is_empty() || !drained || t.final_flush {
+            return;
+        }
+        t.final_flush = true;
+        let job = self.ids.next(JobKind::ResyncFlush, self.link_gen);
+        out.push(Action::Local { job, op: IoOp::Flush });
     }
 
     fn finish_target(&mut self, result: Result<(), Errno>, out: &mut Vec<Action>) {
@@ -809,6 +779,7 @@ impl Core {
             return;
         }
         let gens = t.done.expect("flush only after ResyncDone");
+        self.applier.drain_mark = None;
         tracing::info!(bytes = t.received_bytes, "resync done (target); disk UpToDate");
         self.gens = gens;
         self.disk = DiskState::UpToDate;

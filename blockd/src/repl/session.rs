@@ -7,41 +7,16 @@
 use super::*;
 
 impl Core {
-    /// A link is up: decide from both sides' state whether and how to replicate.
-    pub(super) fn on_link_up(&mut self, remote: SideState, out: &mut Vec<Action>) {
-        if self.standalone {
-            out.push(Action::DropLink { reason: "the peer is StandAlone".into() });
-            return;
-        }
-        self.peer_role = Some(remote.role);
-        self.peer_disk = Some(remote.disk);
-        match self.connect(remote) {
-            Ok(actions) => {
-                tracing::info!(state = self.repl.as_str(), "connected to the peer");
-                out.extend(actions);
-                self.conn = ConnState::Connected;
-                self.refusal = None;
-                // A role or disk change since the peer's view was taken is news to it.
-                self.announce_state(out);
-            }
-            Err(refusal) => {
-                tracing::warn!(reason = %refusal.reason, "not replicating");
-                self.conn = ConnState::StandAlone;
-                self.refusal = Some(refusal.reason);
-                if refusal.standalone {
-                    self.set_standalone(true, out);
-                }
-                out.push(Action::DropLink { reason: "not replicating".into() });
-            }
-        }
-    }
-
     /// The link is gone (lost, or closed by the peer).
     pub(super) fn on_link_down(&mut self, out: &mut Vec<Action>) {
         self.peer_role = None;
         self.peer_disk = None;
         if self.conn == ConnState::Connected {
             self.conn = ConnState::Connecting;
+        }
+        self.twophase_link_lost(out);
+        if self.negotiation.is_some() {
+            return self.abort_negotiation(out);
         }
         self.on_peer_down(out);
     }
@@ -59,7 +34,7 @@ impl Core {
         self.peer_disk = Some(disk);
     }
 
-    fn set_standalone(&mut self, standalone: bool, out: &mut Vec<Action>) {
+    pub(super) fn set_standalone(&mut self, standalone: bool, out: &mut Vec<Action>) {
         if self.standalone != standalone {
             self.standalone = standalone;
             out.push(Action::LinkPolicy { enabled: !standalone });
@@ -82,7 +57,7 @@ impl Core {
 
     /// Answers `id` once the latest metadata update queued in `actions` is done (at
     /// once if none was queued).
-    fn reply_when_durable(&mut self, id: CmdId, out: &mut Vec<Action>, first_new: usize) {
+    pub(super) fn reply_when_durable(&mut self, id: CmdId, out: &mut Vec<Action>, first_new: usize) {
         let seq = out[first_new..].iter().rev().find_map(|a| match a {
             Action::Persist { seq, .. } | Action::WriteBitmap { seq, .. } | Action::WriteAl { seq, .. } => {
                 Some(*seq)
@@ -97,9 +72,17 @@ impl Core {
 
     /// An operator command.
     pub(super) fn on_command(&mut self, id: CmdId, cmd: Command, out: &mut Vec<Action>) {
+        if self.defer_while_negotiating(id, &cmd) {
+            return;
+        }
         let first_new = out.len();
         let result = match cmd {
-            Command::Promote { force } => self.promote(force, out),
+            Command::Promote { force } => match self.promote(id, force, out) {
+                // Answered when the peer voted.
+                Ok(Promotion::Asked) => return,
+                Ok(Promotion::Done) => Ok(()),
+                Err(e) => Err(e),
+            },
             Command::Demote => self.demote(out),
             Command::Connect { discard_my_data } => self.cmd_connect(discard_my_data, out),
             Command::Disconnect => {
@@ -128,7 +111,7 @@ impl Core {
     }
 
     fn cmd_connect(&mut self, discard_my_data: bool, out: &mut Vec<Action>) -> Result<(), String> {
-        if discard_my_data && self.link == Link::Replicating {
+        if discard_my_data && self.link != Link::Disconnected {
             return Err("already connected: --discard-my-data only resolves a split brain when connecting \
                  (the nodes refuse each other then and are StandAlone)"
                 .to_string());
@@ -145,12 +128,10 @@ impl Core {
         self.set_standalone(true, out);
         self.conn = ConnState::StandAlone;
         self.refusal = Some("disconnected by `blockctl disconnect`".into());
-        if self.link == Link::Replicating {
+        if self.link != Link::Disconnected {
             tracing::info!("disconnected by the operator");
             out.push(Action::DropLink { reason: "the peer ran `blockctl disconnect`".into() });
-            self.peer_role = None;
-            self.peer_disk = None;
-            self.on_peer_down(out);
+            self.on_link_down(out);
         }
     }
 

@@ -33,7 +33,6 @@ use crate::metrics::Metrics;
 use crate::peer::link::{LinkEvent, PeerConn};
 use crate::peer::msg::{Hello, Message};
 use crate::repl::core::{Action, CmdId, CmdOutput, ConnState, Core, Event, JobId, Outcome, Request};
-use crate::repl::decide::SideState;
 use crate::repl::recover::{MetaJob, run_meta_job};
 use crate::state::{DiskState, Generations, Role};
 use crate::storage::{IoBuf, IoOp, IoSink, Storage};
@@ -405,18 +404,8 @@ impl Running {
             let _ = conn.outgoing.send(Message::Bye { reason: "a link to this node is up already".into() });
             return None;
         }
-        let h = &conn.remote;
-        let remote = SideState {
-            gens: h.gens,
-            disk: h.disk,
-            role: h.role,
-            crashed_primary: h.flags & HELLO_CRASHED_PRIMARY != 0,
-            dirty: h.flags & HELLO_DIRTY != 0,
-            discard_my_data: h.flags & HELLO_DISCARD_MY_DATA != 0,
-            lower_name: self.t.shared.peer_name < self.t.shared.local_name,
-        };
         self.link = Some(conn);
-        Some(Event::LinkUp { remote })
+        Some(Event::LinkUp)
     }
 
     fn execute(&mut self, actions: impl IntoIterator<Item = Action>) {
