@@ -1,6 +1,7 @@
 //! blockd: the daemon behind a replicated block device.
 //!
 //! # Overview
+//! - [`cli`]: `blockd`'s command line (clap), shared with the man-page generator.
 //! - [`config`]: the resource's TOML file (SPEC §8.1), validated, with `file:line: key`
 //!   errors; picks the local node.
 //! - [`storage`]: one backing store (file or block device) and its I/O engine
@@ -34,6 +35,7 @@
 //!
 //! `ARCHITECTURE.md` at the repository root has the request paths and invariants.
 
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
