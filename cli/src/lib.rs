@@ -63,12 +63,16 @@ pub enum Verb {
     /// not UpToDate, unless --force).
     Primary {
         resource: Option<String>,
+        /// Promote even with a disk that is not UpToDate (the first promotion of a
+        /// fresh pair, which then full-syncs the peer).
         #[arg(long)]
         force: bool,
     },
     /// Make this node Secondary (refused while NBD clients are connected, unless --force).
     Secondary {
         resource: Option<String>,
+        /// Close connected NBD clients (each answers what it has in flight) instead of
+        /// refusing.
         #[arg(long)]
         force: bool,
     },
@@ -110,6 +114,8 @@ pub enum Verb {
     /// --discard-my-data this node drops its changes and resyncs from the peer.
     Connect {
         resource: Option<String>,
+        /// After a split brain: this node's changes are dropped and it resyncs from
+        /// the peer.
         #[arg(long)]
         discard_my_data: bool,
     },
@@ -119,6 +125,7 @@ pub enum Verb {
     /// and prints the bytes found out of sync. With --repair, resyncs them.
     Verify {
         resource: Option<String>,
+        /// Resync the granules found out of sync (the peer becomes the sync target).
         #[arg(long)]
         repair: bool,
     },

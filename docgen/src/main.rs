@@ -85,12 +85,14 @@ fn man_page(cmd: Command, extra: &str) -> std::io::Result<Vec<u8>> {
     let mut cmd = cmd.disable_help_subcommand(true);
     cmd.build();
     let version = cmd.get_version().unwrap_or_default().to_string();
-    let man = clap_mangen::Man::new(cmd.clone())
-        .section("8")
-        .source(format!("blockd {version}"))
-        .manual("System Administration");
+    let man = clap_mangen::Man::new(cmd.clone());
     let mut page = Vec::new();
-    man.render_title(&mut page)?;
+    // Written here rather than by clap_mangen, which drops an empty date argument.
+    writeln!(
+        page,
+        ".TH {} 8 \"\" \"blockd {version}\" \"System Administration\"",
+        cmd.get_name().to_uppercase()
+    )?;
     man.render_name_section(&mut page)?;
     man.render_synopsis_section(&mut page)?;
     man.render_description_section(&mut page)?;
@@ -100,7 +102,7 @@ fn man_page(cmd: Command, extra: &str) -> std::io::Result<Vec<u8>> {
         cmd.get_arguments().filter(|a| a.is_global_set()).map(|a| a.get_id().to_string()).collect();
     writeln!(page, ".SH COMMANDS")?;
     for sub in cmd.get_subcommands() {
-        let mut sub = sub.clone().disable_help_flag(true);
+        let mut sub = sub.clone().mut_arg("help", |a| a.hide(true));
         for id in &global {
             sub = sub.mut_arg(id, |a| a.hide(true));
         }
@@ -117,19 +119,20 @@ fn man_page(cmd: Command, extra: &str) -> std::io::Result<Vec<u8>> {
     Ok(page)
 }
 
-/// A section rendered by clap_mangen without its `.SH` heading line, to nest it
-/// under a subcommand's `.SS`.
+/// A section rendered by clap_mangen without its preamble and `.SH` heading line,
+/// to nest it under a subcommand's `.SS`.
 fn body_of(
     man: &clap_mangen::Man,
     render: fn(&clap_mangen::Man, &mut dyn Write) -> std::io::Result<()>,
 ) -> std::io::Result<Vec<u8>> {
     let mut text = Vec::new();
     render(man, &mut text)?;
-    let body = match text.iter().position(|b| *b == b'\n') {
-        Some(i) if text.starts_with(b".SH") => text.split_off(i + 1),
-        _ => text,
+    let text = String::from_utf8_lossy(&text);
+    let body = match text.split_once("\n.SH ") {
+        Some((_, rest)) => rest.split_once('\n').map_or("", |(_, body)| body),
+        None => &text,
     };
-    Ok(body)
+    Ok(body.as_bytes().to_vec())
 }
 
 #[cfg(test)]
