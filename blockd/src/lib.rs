@@ -29,6 +29,8 @@
 //! - [`daemon`]: `blockd run`: a single-node config serves its disk standalone
 //!   ([`device::LocalDevice`]); with a peer it runs [`repl::node`]. Both stop
 //!   gracefully on SIGTERM/SIGINT.
+//! - [`systemd`]: `sd_notify` readiness (once the control socket answers), watchdog
+//!   and stopping notifications for `Type=notify` units.
 //! - [`safety`]: `PR_SET_IO_FLUSHER`, `oom_score_adj`, `mlockall` for processes in
 //!   the block I/O path of a kernel NBD client on the same host (blockd, and
 //!   `blockctl attach`'s resident).
@@ -48,3 +50,4 @@ pub mod repl;
 pub mod safety;
 pub mod state;
 pub mod storage;
+pub mod systemd;
