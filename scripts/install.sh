@@ -19,7 +19,7 @@
 # Everything goes under DESTDIR when given (staging, packaging). It installs files
 # only: it never starts, stops or enables anything, and never touches a config
 # (/etc/blockd/*.toml) or a running resource. The Debian package (scripts/deb.sh)
-# installs the same files (its man pages gzipped, as Debian policy wants).
+# installs the same files.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 
