@@ -189,7 +189,8 @@ mod tests {
         assert_eq!(&buf[..n], b"READY=1");
 
         let name = format!("blockd-notify-test-{}", std::process::id());
-        let server = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        let server =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
         Notifier::new(format!("@{name}").as_ref()).unwrap().send("WATCHDOG=1").unwrap();
         let n = server.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"WATCHDOG=1");

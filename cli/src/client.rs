@@ -59,8 +59,12 @@ pub fn try_status(node: &NodeConfig) -> Result<Option<Value>, String> {
     let req = serde_json::json!({"v": blockd::control::PROTOCOL_VERSION, "cmd": "status"});
     match exchange(&node.control, &req, REQUEST_TIMEOUT) {
         Ok(reply) if reply["ok"] == Value::Bool(true) => Ok(Some(reply["result"].clone())),
-        Ok(reply) => Err(reply["error"].as_str().unwrap_or("the daemon refused without a reason").to_string()),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+        Ok(reply) => {
+            Err(reply["error"].as_str().unwrap_or("the daemon refused without a reason").to_string())
+        }
+        Err(e)
+            if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
+        {
             Ok(None)
         }
         Err(e) => Err(format!("control socket {}: {e}", node.control.display())),

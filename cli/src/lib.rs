@@ -177,4 +177,3 @@ pub enum Verb {
         force: bool,
     },
 }
-

@@ -11,8 +11,8 @@ mod client;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use blockd::config::{Config, NodeConfig};
 use blockctl::{Cli, Verb};
+use blockd::config::{Config, NodeConfig};
 use clap::Parser;
 
 /// A failure with its exit code.

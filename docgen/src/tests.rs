@@ -15,7 +15,8 @@ fn documented_keys(heading: &str) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
     for entry in section.split("\n.TP\n").skip(1) {
         let first = entry.lines().next().unwrap_or_default();
-        let key = first.strip_prefix(".B ").unwrap_or_else(|| panic!("entry starts with {first:?}, not .B KEY"));
+        let key =
+            first.strip_prefix(".B ").unwrap_or_else(|| panic!("entry starts with {first:?}, not .B KEY"));
         let key = key.replace("\\-", "-");
         assert!(
             entry.contains("Default:") || entry.contains("Required."),

@@ -80,6 +80,7 @@ fn rules_and_dashboard_use_only_exported_metrics() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap())
             .expect("the dashboard is JSON");
     let panels = dashboard["panels"].as_array().expect("panels");
-    let with_queries = panels.iter().filter(|p| p["targets"].as_array().is_some_and(|t| !t.is_empty())).count();
+    let with_queries =
+        panels.iter().filter(|p| p["targets"].as_array().is_some_and(|t| !t.is_empty())).count();
     assert!(with_queries >= 10, "{with_queries} panels with queries");
 }

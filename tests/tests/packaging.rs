@@ -132,8 +132,8 @@ fn deb_package_holds_the_files_install_puts() {
         // -rwxr-xr-x 0/0   16950 2026-12-06 00:00 ./usr/lib/ocf/resource.d/blockd/blockd
         let fields: Vec<&str> = line.split_whitespace().collect();
         let (perms, path) = (fields[0], fields[fields.len() - 1]);
-        if perms.starts_with('-') {
-            let mode = perms[1..].chars().fold(0u32, |m, c| (m << 1) | u32::from(c != '-'));
+        if let Some(bits) = perms.strip_prefix('-') {
+            let mode = bits.chars().fold(0u32, |m, c| (m << 1) | u32::from(c != '-'));
             packaged.insert(path.trim_start_matches("./").to_string(), mode);
         }
     }
@@ -212,7 +212,8 @@ fn completions_load_and_complete_in_each_shell() {
     // fish: completes verbs of a partial command line.
     let fish = share.join("fish/vendor_completions.d/blockctl.fish");
     let script = format!("source '{}'; complete -C'blockctl sta'", fish.display());
-    let out = must(Command::new(require("fish")).args(["--no-config", "-c", &script]).env("HOME", dir.path()));
+    let out =
+        must(Command::new(require("fish")).args(["--no-config", "-c", &script]).env("HOME", dir.path()));
     assert!(out.stdout.lines().any(|l| l.starts_with("status")), "fish\n{}", out.describe());
 }
 

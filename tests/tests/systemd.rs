@@ -49,7 +49,8 @@ fn standalone_export_is_ready_when_its_nbd_socket_serves() {
     let notify_path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
 
-    let args = ["run", "--config", &config.display().to_string(), "--node", "alpha"].map(String::from).to_vec();
+    let args =
+        ["run", "--config", &config.display().to_string(), "--node", "alpha"].map(String::from).to_vec();
     let env = vec![("NOTIFY_SOCKET".to_string(), notify_path.display().to_string())];
     // No addresses to poll: readiness is what this test waits for.
     let mut daemon =
