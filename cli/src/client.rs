@@ -150,6 +150,12 @@ pub fn up(config: &Config, node: &NodeConfig, log: Option<PathBuf>) -> Result<()
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
+            // A blockd started here is not a systemd service's main process, even
+            // when `up` runs inside one (e.g. under Pacemaker): it must not send
+            // that service's readiness or watchdog notifications.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             // Its own session: it outlives this command and its terminal.
             .process_group(0)
             .spawn()
