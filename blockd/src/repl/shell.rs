@@ -506,7 +506,7 @@ impl Running {
         set(&m.connected, u64::from(c.connection().0 == ConnState::Connected));
         set(&m.primary, u64::from(c.role() == Role::Primary));
         set(&m.up_to_date, u64::from(c.disk() == DiskState::UpToDate));
-        let split_brain = self.peer.refusal.as_deref().is_some_and(crate::metrics::is_split_brain);
+        let split_brain = c.connection().1.is_some_and(crate::metrics::is_split_brain);
         set(&m.split_brain, u64::from(split_brain));
         set(&m.fencing_peer, u64::from(c.fencing().0));
         set(&m.resync_paused, u64::from(c.sync_paused()));
