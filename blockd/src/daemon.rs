@@ -67,12 +67,14 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
 
     let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
     server.pool().prefill_for_kernel_client();
-    // Bound and about to serve: clients that connect now are answered.
-    let systemd = notify_systemd(Probe::Serving, &stop);
+    let control = crate::standalone::spawn_control(&config.resource.name, &node, &stop)
+        .with_context(|| format!("cannot create control socket {}", node.control.display()))?;
+    let systemd = notify_systemd(Probe::Control(node.control.clone()), &stop);
     server.serve(listeners, stop.subscribe()).await;
     if let Some(task) = systemd {
         let _ = task.await;
     }
+    let _ = control.await;
     device.flush().await.context("final flush of the backing store failed")?;
     tracing::info!("clean shutdown");
     Ok(())

@@ -29,6 +29,8 @@
 //! - [`daemon`]: `blockd run`: a single-node config serves its disk standalone
 //!   ([`device::LocalDevice`]); with a peer it runs [`repl::node`]. Both stop
 //!   gracefully on SIGTERM/SIGINT.
+//! - [`standalone`]: the control socket of a standalone export (`status`, `down`,
+//!   `events`; other verbs refused).
 //! - [`systemd`]: `sd_notify` readiness (once the control socket answers), watchdog
 //!   and stopping notifications for `Type=notify` units.
 //! - [`safety`]: `PR_SET_IO_FLUSHER`, `oom_score_adj`, `mlockall` for processes in
@@ -48,6 +50,7 @@ pub mod metrics;
 pub mod peer;
 pub mod repl;
 pub mod safety;
+pub mod standalone;
 pub mod state;
 pub mod storage;
 pub mod systemd;

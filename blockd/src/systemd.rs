@@ -8,8 +8,8 @@
 //! abstract addresses systemd also hands out.
 //!
 //! [`supervise`] is what `blockd run` uses: `READY=1` once the node's control socket
-//! answers a `status` request (for a standalone export, which has no control socket:
-//! at once, its NBD addresses being bound), then, when the unit has `WatchdogSec=`,
+//! answers a `status` request (a standalone export binds it after its NBD addresses),
+//! then, when the unit has `WatchdogSec=`,
 //! `WATCHDOG=1` every half period for as long as the control socket keeps answering;
 //! `STOPPING=1` when the daemon begins to stop. Without `$NOTIFY_SOCKET` nothing is
 //! sent and nothing runs (`blockctl up` and foreground use).
@@ -81,17 +81,15 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// What proves the daemon is serving.
 #[derive(Clone, Debug)]
 pub enum Probe {
-    /// A replicated node: its control socket answers `status` (through the core task).
+    /// Its control socket answers `status` (a replicated node's through the core
+    /// task; a standalone export's is bound after its NBD addresses).
     Control(PathBuf),
-    /// A standalone export: bound and running (it has no control socket).
-    Serving,
 }
 
 impl Probe {
     /// `Ok(status line)` when the daemon answers.
     async fn check(&self) -> Result<String, String> {
         match self {
-            Probe::Serving => Ok("serving".into()),
             Probe::Control(path) => match tokio::time::timeout(PROBE_TIMEOUT, control_status(path)).await {
                 Ok(result) => result,
                 Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
@@ -114,15 +112,16 @@ async fn control_status(path: &Path) -> Result<String, String> {
     }
     let s = &reply["result"];
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
-    let peer = &s["peers"][0];
-    Ok(format!(
-        "{} {}, peer {} {} {}",
-        text(&s["role"]),
-        text(&s["disk"]),
-        text(&peer["node"]),
-        text(&peer["connection"]),
-        text(&peer["replication"])
-    ))
+    let local = format!("{} {}", text(&s["role"]), text(&s["disk"]));
+    Ok(match s["peers"].get(0) {
+        Some(peer) => format!(
+            "{local}, peer {} {} {}",
+            text(&peer["node"]),
+            text(&peer["connection"]),
+            text(&peer["replication"])
+        ),
+        None => format!("{local}, standalone export"),
+    })
 }
 
 /// Tells systemd when the daemon is ready, pings its watchdog while the daemon

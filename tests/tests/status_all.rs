@@ -72,6 +72,33 @@ fn lists_running_and_stopped_resources_of_this_node() {
 }
 
 #[test]
+fn a_standalone_export_is_started_listed_and_stopped_by_blockctl() {
+    let dir = blockd_tests::TempDir::new("status-standalone");
+    let disk = dir.join("alpha.img");
+    blockd_tests::sparse_file(&disk, 16 << 20);
+    let tcp = format!("127.0.0.1:{}", blockd_tests::free_port()).parse().unwrap();
+    let config = blockd_tests::blockd_config(dir.path(), &disk, tcp, &dir.join("nbd.sock"));
+    std::fs::write(dir.join("r0.toml"), config).unwrap();
+    let ctl = |args: &[&str]| {
+        let mut cmd = Command::new(binary("blockctl"));
+        cmd.env("BLOCKD_CONFIG_DIR", dir.path()).args(["--node", "alpha"]).args(args);
+        run_capture(&mut cmd, Duration::from_secs(60))
+    };
+    let out = ctl(&["up", "--log", &dir.join("blockd.log").display().to_string(), "r0"]);
+    assert!(out.status.success(), "{}", out.describe());
+    let out = ctl(&["status", "--json"]);
+    let down = ctl(&["down", "r0"]);
+    assert!(out.status.success(), "{}", out.describe());
+    let all: Value = serde_json::from_str(&out.stdout).expect("JSON");
+    assert_eq!(all[0]["resource"], "r0", "{all}");
+    assert_eq!(all[0]["running"], true, "{all}");
+    assert_eq!(all[0]["role"], "Primary", "{all}");
+    assert!(down.status.success(), "{}", down.describe());
+    let out = ctl(&["status"]);
+    assert!(out.stdout.contains("r0 stopped"), "{}", out.describe());
+}
+
+#[test]
 fn with_a_resource_or_config_it_is_the_single_object() {
     let pair = Pair::start("status-one", &PairOpts::default());
     let mut cmd = Command::new(binary("blockctl"));

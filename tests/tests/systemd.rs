@@ -3,16 +3,19 @@
 //! `blockd@.service` runs it. `READY=1` comes only once the node answers (a replicated
 //! node: its control socket; a standalone export: its NBD socket), `WATCHDOG=1`
 //! follows every half `WATCHDOG_USEC` while it answers, and `STOPPING=1` comes at the
-//! stop (SIGTERM, or `blockctl down`).
+//! stop (SIGTERM, or `blockctl down`). A standalone export has a control socket too,
+//! which answers `status` and refuses what needs a peer.
 
 use std::io::Read;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixStream};
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockd_tests::pair::{Pair, PairOpts, binary};
 use blockd_tests::server::blockd_config;
+use blockd_tests::tools::run_capture;
 use blockd_tests::{Daemon, TempDir, free_port, sparse_file};
 
 const MSG_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,7 +41,7 @@ fn wait_for(socket: &UnixDatagram, want: &str) -> String {
 }
 
 #[test]
-fn standalone_export_is_ready_when_its_nbd_socket_serves() {
+fn standalone_export_is_ready_when_it_serves_and_answers_blockctl() {
     let dir = TempDir::new("notify-standalone");
     let disk = dir.join("alpha.img");
     sparse_file(&disk, 16 << 20);
@@ -64,6 +67,21 @@ fn standalone_export_is_ready_when_its_nbd_socket_serves() {
     s.read_exact(&mut magic).expect("greeting");
     assert_eq!(&magic, b"NBDMAGIC");
     drop(s);
+    assert!(ready.contains("STATUS=Primary UpToDate, standalone export"), "{ready:?}");
+    // Its control socket answers blockctl like a replicated node's.
+    let ctl = |args: &[&str]| {
+        let mut cmd = Command::new(binary("blockctl"));
+        cmd.arg("--config").arg(&config).args(["--node", "alpha"]).args(args);
+        run_capture(&mut cmd, MSG_TIMEOUT)
+    };
+    let out = ctl(&["status", "--json"]);
+    assert!(out.status.success(), "{}", out.describe());
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON");
+    assert_eq!((status["role"].as_str(), status["disk"].as_str()), (Some("Primary"), Some("UpToDate")));
+    assert_eq!(status["peers"], serde_json::json!([]), "{status}");
+    let out = ctl(&["secondary"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.describe());
+    assert!(out.stderr.contains("standalone export"), "{}", out.describe());
     let status = daemon.stop();
     assert!(status.success(), "exit status {status}\n{}", daemon.log_tail(30));
     let stopping = wait_for(&notify, "STOPPING=1");
