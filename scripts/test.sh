@@ -30,6 +30,16 @@ command -v cibadmin >/dev/null || need+=(pacemaker-cli-utils)
 command -v corosync >/dev/null || need+=(corosync)
 command -v pacemakerd >/dev/null || need+=(pacemaker)
 command -v crm >/dev/null || need+=(crmsh)
+# Packaging and operations (tests/tests/{packaging,systemd,monitoring}.rs): promtool
+# (Debian has it only in the full prometheus package, ~19 MB; the service is not
+# started), the shells the completions are loaded in, man to render the pages,
+# systemd-analyze to verify the units (PID 1 need not be systemd).
+command -v promtool >/dev/null || need+=(prometheus)
+command -v zsh >/dev/null || need+=(zsh)
+command -v fish >/dev/null || need+=(fish)
+command -v man >/dev/null || need+=(man-db)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -43,6 +53,10 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -q -- -D warnings
 echo "== build (release)"
 cargo build --workspace --release -q
+# The Debian package from those binaries (installs cargo-deb from crates.io when
+# missing); tests/tests/packaging.rs checks its contents.
+echo "== package (cargo deb)"
+./scripts/deb.sh
 echo "== tests"
 # Unit tests and integration suites (real blockd processes) in one run; the
 # integration tests find target/release/blockd built above.

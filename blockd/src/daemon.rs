@@ -13,6 +13,7 @@ use crate::config::{Config, ListenAddr, NodeConfig};
 use crate::device::{LocalDevice, ReplySink};
 use crate::safety::{IoPathSafety, protect_io_path};
 use crate::storage::{EngineKind, Storage, StorageOptions};
+use crate::systemd::{Notifier, Probe};
 
 /// Options of `blockd run` beyond the config file.
 #[derive(Clone, Debug)]
@@ -30,7 +31,13 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
     protect_io_path_logged(&node);
     let peer = config.peers(&node.name).next().cloned();
     if let Some(peer) = peer {
-        return crate::repl::node::run(config, node, peer, storage_opts, stop).await;
+        // Ready once the control socket answers: the supervisor probes it.
+        let systemd = notify_systemd(Probe::Control(node.control.clone()), &stop);
+        let result = crate::repl::node::run(config, node, peer, storage_opts, stop).await;
+        if let Some(task) = systemd {
+            task.abort();
+        }
+        return result;
     }
     let storage = Storage::open(&node.disk, &storage_opts, Arc::new(ReplySink))
         .with_context(|| format!("cannot open disk {}", node.disk.display()))?;
@@ -60,10 +67,29 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
 
     let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
     server.pool().prefill_for_kernel_client();
+    let control = crate::standalone::spawn_control(&config.resource.name, &node, &stop)
+        .with_context(|| format!("cannot create control socket {}", node.control.display()))?;
+    let systemd = notify_systemd(Probe::Control(node.control.clone()), &stop);
     server.serve(listeners, stop.subscribe()).await;
+    if let Some(task) = systemd {
+        let _ = task.await;
+    }
+    let _ = control.await;
     device.flush().await.context("final flush of the backing store failed")?;
     tracing::info!("clean shutdown");
     Ok(())
+}
+
+/// Under systemd (`$NOTIFY_SOCKET`): readiness, watchdog and stop notifications
+/// ([`crate::systemd::supervise`]); ends at the stop signal.
+fn notify_systemd(probe: Probe, stop: &watch::Sender<bool>) -> Option<tokio::task::JoinHandle<()>> {
+    match Notifier::from_env()? {
+        Ok(notifier) => Some(tokio::spawn(crate::systemd::supervise(notifier, probe, stop.subscribe()))),
+        Err(e) => {
+            tracing::warn!("NOTIFY_SOCKET is set but unusable: {e}");
+            None
+        }
+    }
 }
 
 /// A kernel NBD client on this host (`blockctl attach`) puts blockd in the block

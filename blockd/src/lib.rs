@@ -1,6 +1,7 @@
 //! blockd: the daemon behind a replicated block device.
 //!
 //! # Overview
+//! - [`cli`]: `blockd`'s command line (clap), shared with the man-page generator.
 //! - [`config`]: the resource's TOML file (SPEC §8.1), validated, with `file:line: key`
 //!   errors; picks the local node.
 //! - [`storage`]: one backing store (file or block device) and its I/O engine
@@ -28,12 +29,17 @@
 //! - [`daemon`]: `blockd run`: a single-node config serves its disk standalone
 //!   ([`device::LocalDevice`]); with a peer it runs [`repl::node`]. Both stop
 //!   gracefully on SIGTERM/SIGINT.
+//! - [`standalone`]: the control socket of a standalone export (`status`, `down`,
+//!   `events`; other verbs refused).
+//! - [`systemd`]: `sd_notify` readiness (once the control socket answers), watchdog
+//!   and stopping notifications for `Type=notify` units.
 //! - [`safety`]: `PR_SET_IO_FLUSHER`, `oom_score_adj`, `mlockall` for processes in
 //!   the block I/O path of a kernel NBD client on the same host (blockd, and
 //!   `blockctl attach`'s resident).
 //!
 //! `ARCHITECTURE.md` at the repository root has the request paths and invariants.
 
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -44,5 +50,7 @@ pub mod metrics;
 pub mod peer;
 pub mod repl;
 pub mod safety;
+pub mod standalone;
 pub mod state;
 pub mod storage;
+pub mod systemd;

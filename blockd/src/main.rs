@@ -4,36 +4,12 @@
 //! config error.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
+use blockd::cli::{Cli, Command};
 use blockd::config::Config;
 use blockd::daemon::{RunOptions, run};
-use blockd::storage::EngineKind;
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(name = "blockd", version, about = "Userspace replicated block device daemon")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run one node of a resource in the foreground.
-    Run {
-        /// The resource's config file.
-        #[arg(long)]
-        config: PathBuf,
-        /// This node's name in the config (default: the host name).
-        #[arg(long)]
-        node: Option<String>,
-        /// I/O engine: auto (io_uring, else posix), uring, or posix.
-        #[arg(long, default_value = "auto")]
-        io_engine: EngineKind,
-    },
-}
+use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

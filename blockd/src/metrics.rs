@@ -73,6 +73,31 @@ pub struct Metrics {
     pub primary: AtomicU64,
     /// 1 while the local disk is UpToDate.
     pub up_to_date: AtomicU64,
+    /// 1 while the peer is refused after a split brain (until it is resolved).
+    pub split_brain: AtomicU64,
+    /// 1 while the fence-peer handler runs (write acknowledgements are held).
+    pub fencing_peer: AtomicU64,
+    /// fence-peer handler runs that did not fence the peer (any exit code but 3, 4,
+    /// 5, 7; not run; timed out).
+    pub fence_failures: AtomicU64,
+    /// 1 while resync is paused (`pause-sync` here or on the peer).
+    pub resync_paused: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a fence-peer handler's end that left the peer unfenced.
+    pub fn count_fence(&self, result: &Result<i32, String>) {
+        // DRBD's meanings: 3 peer not UpToDate, 4 outdated/fenced, 5 unreachable, 7
+        // stonithed; anything else did not fence it.
+        if !matches!(result, Ok(3 | 4 | 5 | 7)) {
+            self.fence_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether a connection refusal (as status shows it) is a split brain.
+pub fn is_split_brain(refusal: &str) -> bool {
+    refusal.starts_with("split brain")
 }
 
 /// What a scrape reads besides [`Metrics`].
@@ -159,6 +184,25 @@ pub fn render(s: &Sources) -> String {
     one("peer_connected", "gauge", "1 while replicating with the peer.", get(&m.connected));
     one("role_primary", "gauge", "1 while Primary.", get(&m.primary));
     one("disk_up_to_date", "gauge", "1 while the local disk is UpToDate.", get(&m.up_to_date));
+    one(
+        "split_brain",
+        "gauge",
+        "1 while the peer is refused after a split brain (resolve with connect --discard-my-data).",
+        get(&m.split_brain),
+    );
+    one(
+        "fencing_peer",
+        "gauge",
+        "1 while the fence-peer handler runs (write acknowledgements held).",
+        get(&m.fencing_peer),
+    );
+    one(
+        "fence_failures_total",
+        "counter",
+        "fence-peer handler runs that did not fence the peer.",
+        get(&m.fence_failures),
+    );
+    one("resync_paused", "gauge", "1 while resync is paused (pause-sync).", get(&m.resync_paused));
     let p = s.peer.snapshot();
     let _ = writeln!(
         out,
@@ -267,6 +311,27 @@ async fn serve(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_brain_is_told_from_other_refusals() {
+        use crate::repl::decide::Refusal;
+        assert!(is_split_brain(&Refusal::SplitBrain.to_string()));
+        for other in [Refusal::UnrelatedData, Refusal::BothPrimary, Refusal::NoConsistentSource] {
+            assert!(!is_split_brain(&other.to_string()), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn only_fenced_exit_codes_count_as_fenced() {
+        let m = Metrics::default();
+        for ok in [3, 4, 5, 7] {
+            m.count_fence(&Ok(ok));
+        }
+        assert_eq!(m.fence_failures.load(Ordering::Relaxed), 0);
+        m.count_fence(&Ok(1));
+        m.count_fence(&Err("timed out".into()));
+        assert_eq!(m.fence_failures.load(Ordering::Relaxed), 2);
+    }
 
     #[test]
     fn renders_counters_gauges_and_cumulative_histograms() {

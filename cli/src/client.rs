@@ -52,6 +52,25 @@ fn request_within(node: &NodeConfig, body: &Value, timeout: Duration) -> Result<
     }
 }
 
+/// `status` of a node that may be stopped: `Ok(None)` when nothing listens on its
+/// control socket (absent, or refusing connections); `Err` when something does but
+/// the status does not come.
+pub fn try_status(node: &NodeConfig) -> Result<Option<Value>, String> {
+    let req = serde_json::json!({"v": blockd::control::PROTOCOL_VERSION, "cmd": "status"});
+    match exchange(&node.control, &req, REQUEST_TIMEOUT) {
+        Ok(reply) if reply["ok"] == Value::Bool(true) => Ok(Some(reply["result"].clone())),
+        Ok(reply) => {
+            Err(reply["error"].as_str().unwrap_or("the daemon refused without a reason").to_string())
+        }
+        Err(e)
+            if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(format!("control socket {}: {e}", node.control.display())),
+    }
+}
+
 fn exchange(socket: &Path, req: &Value, timeout: Duration) -> std::io::Result<Value> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(timeout))?;
@@ -131,6 +150,12 @@ pub fn up(config: &Config, node: &NodeConfig, log: Option<PathBuf>) -> Result<()
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
+            // A blockd started here is not a systemd service's main process, even
+            // when `up` runs inside one (e.g. under Pacemaker): it must not send
+            // that service's readiness or watchdog notifications.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             // Its own session: it outlives this command and its terminal.
             .process_group(0)
             .spawn()

@@ -122,6 +122,8 @@ pub struct Daemon {
     /// Unix sockets to remove before (re)starting: for servers (nbdkit)
     /// that leave their socket behind and then refuse to bind it.
     stale_sockets: Vec<PathBuf>,
+    /// Extra environment variables of the process.
+    env: Vec<(String, String)>,
     child: Option<Child>,
     starts: u32,
 }
@@ -137,6 +139,19 @@ impl Daemon {
         addrs: Vec<Addr>,
         stale_sockets: Vec<PathBuf>,
     ) -> Daemon {
+        Daemon::start_with_env(name, program, args, Vec::new(), log, addrs, stale_sockets)
+    }
+
+    /// [`Daemon::start`] with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn start_with_env(
+        name: &str,
+        program: &Path,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        log: PathBuf,
+        addrs: Vec<Addr>,
+        stale_sockets: Vec<PathBuf>,
+    ) -> Daemon {
         let mut d = Daemon {
             name: name.to_string(),
             program: program.to_path_buf(),
@@ -144,6 +159,7 @@ impl Daemon {
             log,
             addrs,
             stale_sockets,
+            env,
             child: None,
             starts: 0,
         };
@@ -198,6 +214,7 @@ impl Daemon {
         let err = log.try_clone().expect("dup log");
         let child = Command::new(&self.program)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err))

@@ -35,6 +35,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("cibadmin", "pacemaker-cli-utils"),
     ("crm_attribute", "pacemaker-cli-utils"),
     ("crm_simulate", "pacemaker-cli-utils"),
+    ("promtool", "prometheus"),
+    ("systemd-analyze", "systemd"),
+    ("man", "man-db"),
+    ("dpkg-deb", "dpkg"),
+    ("zsh", "zsh"),
+    ("fish", "fish"),
 ];
 
 /// Finds `program` on PATH (plus the sbin directories); panics with the

@@ -61,6 +61,7 @@
 //! `blockd run`, `blockctl create-md` and `blockctl up` before they change anything.
 
 mod error;
+mod keys;
 mod local;
 mod raw;
 mod validate;
@@ -76,6 +77,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 pub use error::ConfigError;
+pub use keys::{node_keys, resource_keys};
 
 /// Default bitmap granularity: one bit per 4 KiB.
 pub const DEFAULT_BITMAP_GRANULARITY: u64 = 4096;

@@ -340,7 +340,10 @@ impl CoreTask {
                         r.drain = Some(done);
                         Event::Drain { job: DRAIN_JOB }
                     }
-                    Input::FenceDone { result } => Event::FenceDone { result },
+                    Input::FenceDone { result } => {
+                        r.t.metrics.count_fence(&result);
+                        Event::FenceDone { result }
+                    }
                 },
                 Some(conn) = r.t.conns.recv() => match r.accept_link(conn) {
                     Some(event) => event,
@@ -492,6 +495,10 @@ impl Running {
         set(&m.connected, u64::from(c.connection().0 == ConnState::Connected));
         set(&m.primary, u64::from(c.role() == Role::Primary));
         set(&m.up_to_date, u64::from(c.disk() == DiskState::UpToDate));
+        let split_brain = c.connection().1.is_some_and(crate::metrics::is_split_brain);
+        set(&m.split_brain, u64::from(split_brain));
+        set(&m.fencing_peer, u64::from(c.fencing().0));
+        set(&m.resync_paused, u64::from(c.sync_paused()));
     }
 
     /// The replication state's name (DRBD's, with the paused variants).
