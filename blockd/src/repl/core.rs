@@ -554,8 +554,8 @@ impl Core {
     /// confirmed goes into the bitmap, and the changed bitmap blocks are returned to
     /// be written; after that the activity log may be emptied.
     pub fn stop_dirty(&mut self) -> Vec<BitmapBlock> {
-        for sent in self.transfer_log.drain(..) {
-            self.bitmap.set_range(sent.range);
+        for sent in std::mem::take(&mut self.transfer_log) {
+            self.mark_dirty(sent.range);
         }
         encode_changed(&mut self.bitmap)
     }
@@ -673,7 +673,7 @@ impl Core {
         if !replicating {
             // The bitmap records it: the peer part is settled.
             let (range, intent) = (w.range.clone(), w.intent);
-            self.bitmap.set_range(range.clone());
+            self.mark_dirty(range.clone());
             if intent == Some(Intent::Log) {
                 self.release_al(&range, out);
             }
@@ -736,6 +736,15 @@ impl Core {
         };
         self.flushes.insert(job, FlushJob { local: None, barrier });
         out.push(Action::Local { job, op: IoOp::Flush });
+    }
+
+    /// Marks `range` as (possibly) different from the peer. A resync copy of it
+    /// that waits for the target's flush no longer clears it: it is older.
+    pub(super) fn mark_dirty(&mut self, range: std::ops::Range<u64>) {
+        if let Some(sync) = self.source.as_mut() {
+            sync.keep_dirty(&range);
+        }
+        self.bitmap.set_range(range);
     }
 
     /// Sends the barrier closing the open epoch; returns that epoch. A flush barrier
@@ -881,7 +890,7 @@ impl Core {
                 while (flushed || errno != 0) && self.transfer_log.front().is_some_and(|s| s.epoch <= epoch) {
                     let sent = self.transfer_log.pop_front().expect("checked");
                     if errno != 0 {
-                        self.bitmap.set_range(sent.range.clone());
+                        self.mark_dirty(sent.range.clone());
                         if sent.intent == Intent::Log {
                             self.release_al(&sent.range, out);
                         }
@@ -977,12 +986,13 @@ impl Core {
         if w.peer != PeerPart::Awaiting {
             return;
         }
+        w.peer = PeerPart::Done;
         if errno != 0 {
             // The peer could not write it: its copy of the range is stale.
             tracing::warn!(job = %id, errno, "peer failed a replicated write; range marked out of sync");
-            self.bitmap.set_range(w.range.clone());
+            let range = w.range.clone();
+            self.mark_dirty(range);
         }
-        w.peer = PeerPart::Done;
         self.try_finish_write(id, out);
     }
 
@@ -1014,7 +1024,7 @@ impl Core {
         // including writes already acknowledged under protocols A and B.
         let sent: Vec<Sent> = self.transfer_log.drain(..).collect();
         for s in sent {
-            self.bitmap.set_range(s.range.clone());
+            self.mark_dirty(s.range.clone());
             if s.intent == Intent::Log {
                 self.release_al(&s.range, out);
             }

@@ -920,3 +920,25 @@ fn forcing_a_sync_target_with_an_up_to_date_peer_is_refused() {
     assert!(why.contains("disconnect"), "{why}");
     assert_eq!(t.role(), Role::Secondary);
 }
+
+/// Issue 12: a resync that reached the end with bits still set (here set behind
+/// its cursor, by a peer that failed a write) went back to Established without
+/// `ResyncDone`, and the target stayed Inconsistent until some later reconnect.
+/// Now the source starts another pass over what is left.
+#[test]
+fn a_resync_that_ends_with_bits_left_makes_another_pass() {
+    let mib = RESYNC_CHUNK_BYTES;
+    let (mut c, _) = source_core(mib);
+    let chunk = ij(JobKind::ResyncRead, 1);
+    read_done(&mut c, chunk, mib as usize, 7);
+    // An application write behind the cursor, which the peer fails to write.
+    write(&mut c, 1, 0, 4096);
+    local_done(&mut c, 1);
+    peer(&mut c, Message::ResyncAck { offset: 0, len: mib, errno: 0 });
+    peer(&mut c, Message::WriteAck { id: 1, errno: libc::EIO });
+    let flushed = peer(&mut c, Message::ResyncFlushed { id: 0 });
+    let shown = show(&flushed);
+    assert!(!shown.iter().any(|s| s.starts_with("send resync-done")), "not in sync yet: {shown:?}");
+    assert_eq!(c.repl_state(), ReplState::SyncSource, "still syncing what is left: {shown:?}");
+    assert!(shown.iter().any(|s| s.ends_with(" read")), "the next pass reads the dirty range: {shown:?}");
+}

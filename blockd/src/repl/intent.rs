@@ -128,6 +128,9 @@ impl Core {
         }
         self.negotiation_tick(out);
         self.twophase_tick(out);
+        if let Some(sync) = self.source.as_mut() {
+            sync.paused_until_tick = false;
+        }
         self.pump_source(out);
         self.request_resync_flush(out);
         self.send_resync_info(out);
@@ -163,7 +166,7 @@ impl Core {
     pub(super) fn dispatch_write(&mut self, job: JobId, out: &mut Vec<Action>) {
         let range = self.writes[&job].range.clone();
         if ActivityLog::span(&range) > self.al.max_span() {
-            self.bitmap.set_range(range);
+            self.mark_dirty(range);
             self.intent_gen += 1;
             self.writes.get_mut(&job).expect("known").intent = Some(Intent::Bitmap);
             self.intent_waiting.push((job, self.intent_gen));

@@ -80,11 +80,33 @@ pub struct SourceSync {
     /// The id the next `ResyncFlush` carries, and the one awaiting its answer.
     next_flush_id: u64,
     flush_in_flight: Option<u64>,
+    /// The target failed a chunk in this pass; the next pass waits for a tick.
+    failed_chunks: bool,
+    pub(super) paused_until_tick: bool,
 }
 
 impl SourceSync {
     pub(super) fn is_chunk(&self, job: JobId) -> bool {
         self.chunks.contains_key(&job)
+    }
+
+    /// `range` was marked dirty again after its chunk was copied: the copy is
+    /// older than the data, so the target's flush must not clear its bits.
+    pub(super) fn keep_dirty(&mut self, range: &Range<u64>) {
+        let mut kept = Vec::with_capacity(self.unflushed.len());
+        for (r, tag) in self.unflushed.drain(..) {
+            if r.end <= range.start || range.end <= r.start {
+                kept.push((r, tag));
+                continue;
+            }
+            if r.start < range.start {
+                kept.push((r.start..range.start, tag));
+            }
+            if range.end < r.end {
+                kept.push((range.end..r.end, tag));
+            }
+        }
+        self.unflushed = kept;
     }
 }
 
@@ -364,7 +386,7 @@ impl Core {
         loop {
             let paused = self.sync_paused();
             let Some(sync) = self.source.as_mut() else { return };
-            if sync.awaiting_bitmap || sync.chunks.len() >= RESYNC_PARALLEL {
+            if sync.awaiting_bitmap || sync.paused_until_tick || sync.chunks.len() >= RESYNC_PARALLEL {
                 return;
             }
             if paused {
@@ -571,7 +593,9 @@ impl Core {
         let Some(sync) = self.source.as_mut() else { return };
         let Some(chunk) = sync.chunks.remove(&job) else { return };
         let len = chunk.range.end - chunk.range.start;
-        if !chunk.failed {
+        if chunk.failed {
+            sync.failed_chunks = true;
+        } else {
             // Cleared once the target flushed it (`on_resync_flushed`).
             sync.unflushed.push((chunk.range.clone(), sync.next_flush_id));
         }
@@ -623,12 +647,26 @@ impl Core {
 
     fn finish_source(&mut self, out: &mut Vec<Action>) {
         let sync = self.source.take().expect("finishing a resync");
-        tracing::info!(bytes = sync.done_bytes, sent_bytes = self.rate.sent_bytes, "resync done (source)");
         if self.bitmap.count_bits() > 0 {
-            // Some chunk failed on the target (its bits stayed set): do not declare sync.
-            self.repl = ReplState::Established;
-            return;
+            // Bits are left: a chunk the target failed, or ranges marked dirty
+            // behind the cursor meanwhile. Not in sync: another pass (stopping here
+            // left the target Inconsistent until some later reconnect).
+            tracing::info!(
+                bytes = self.bitmap.dirty_bytes(),
+                "resync pass done with bits left; another pass"
+            );
+            let total = self.bitmap.dirty_bytes();
+            let next =
+                SourceSync { total_bytes: total, next_flush_id: sync.next_flush_id, ..SourceSync::default() };
+            self.source = Some(next);
+            if sync.failed_chunks {
+                // The target failed a write: do not spin on it; the next tick resumes.
+                self.source.as_mut().expect("set").paused_until_tick = true;
+                return;
+            }
+            return self.pump_source(out);
         }
+        tracing::info!(bytes = sync.done_bytes, sent_bytes = self.rate.sent_bytes, "resync done (source)");
         // In sync: the bitmap generation is no longer needed.
         if self.gens.bitmap != 0 {
             self.gens.history.rotate_right(1);

@@ -217,24 +217,27 @@ impl Core {
 
     fn compare_verify_chunk(&mut self, job: JobId, out: &mut Vec<Action>) {
         let granularity = self.cfg.granularity_bytes;
-        let Some(v) = self.verify.as_mut() else { return };
+        let Some(v) = self.verify.as_ref() else { return };
         let Some(chunk) = v.chunks.get(&job) else { return };
         let (Some(local), Some(remote)) = (&chunk.local, &chunk.remote) else { return };
         let range = chunk.range.clone();
-        let mut differing = 0;
+        let mut differing = Vec::new();
         for (i, ours) in local.chunks_exact(DIGEST_BYTES).enumerate() {
             if remote.get(i * DIGEST_BYTES..(i + 1) * DIGEST_BYTES) == Some(ours) {
                 continue;
             }
             let start = range.start + i as u64 * granularity;
-            let end = (start + granularity).min(range.end);
-            self.bitmap.set_range(start..end);
-            differing += end - start;
+            differing.push(start..(start + granularity).min(range.end));
         }
-        if differing > 0 {
-            tracing::warn!(offset = range.start, bytes = differing, "verify: out of sync");
+        let differing_bytes: u64 = differing.iter().map(|r| r.end - r.start).sum();
+        for r in differing {
+            self.mark_dirty(r);
         }
-        v.out_of_sync_bytes += differing;
+        if differing_bytes > 0 {
+            tracing::warn!(offset = range.start, bytes = differing_bytes, "verify: out of sync");
+        }
+        let Some(v) = self.verify.as_mut() else { return };
+        v.out_of_sync_bytes += differing_bytes;
         v.done_bytes += range.end - range.start;
         v.chunks.remove(&job);
         let next = self.inflight.complete(job, range.start);
