@@ -82,6 +82,8 @@ pub struct Metrics {
     pub fence_failures: AtomicU64,
     /// 1 while resync is paused (`pause-sync` here or on the peer).
     pub resync_paused: AtomicU64,
+    /// 1 once the local disk failed (status `disk_error` says why).
+    pub disk_failed: AtomicU64,
 }
 
 impl Metrics {
@@ -184,6 +186,12 @@ pub fn render(s: &Sources) -> String {
     one("peer_connected", "gauge", "1 while replicating with the peer.", get(&m.connected));
     one("role_primary", "gauge", "1 while Primary.", get(&m.primary));
     one("disk_up_to_date", "gauge", "1 while the local disk is UpToDate.", get(&m.up_to_date));
+    one(
+        "disk_failed",
+        "gauge",
+        "1 once the local disk failed (an I/O error nothing can be acknowledged after; see status disk_error).",
+        get(&m.disk_failed),
+    );
     one(
         "split_brain",
         "gauge",

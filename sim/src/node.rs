@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use blockd::meta::{CreateOptions, MetaStore};
 use blockd::repl::core::{Core, CoreConfig, JobId};
-use blockd::repl::recover::{MetaJob, recover};
+use blockd::repl::recover::{MetaJob, MetaWriter, recover};
 use blockd::state::Role;
 use blockd::storage::IoOp;
 
@@ -30,6 +30,7 @@ pub struct Running {
     /// Metadata jobs, carried out one at a time in order (the metadata thread).
     pub meta_queue: VecDeque<MetaJob>,
     pub meta_busy: bool,
+    pub meta_writer: MetaWriter,
     pub next_nbd_job: u64,
     pub next_op: u64,
     pub ops: HashMap<u64, PendingOp>,
@@ -102,6 +103,7 @@ impl SimNode {
             meta,
             meta_queue: VecDeque::new(),
             meta_busy: false,
+            meta_writer: MetaWriter::default(),
             next_nbd_job: 1,
             next_op: 1,
             ops: HashMap::new(),

@@ -117,6 +117,11 @@ impl World {
         }
         self.at(100 * MS, Ev::Heal);
         for node in 0..self.nodes.len() {
+            if self.core(node).is_some_and(|c| c.disk_failure().is_some()) {
+                // The operator fixes the disk and restarts the node; it recovers
+                // from what its metadata durably holds.
+                self.crash(node, "restarted by the operator after its disk failed");
+            }
             if !self.running(node) {
                 self.restart(node);
             }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use blockd::config::Protocol;
 use blockd::peer::msg::Message;
 use blockd::repl::core::{Action, CmdId, CmdOutput, Command, Core, CoreConfig, Event, JobId};
-use blockd::repl::recover::{MetaJob, run_meta_job};
+use blockd::repl::recover::MetaJob;
 use blockd::state::Role;
 use blockd::storage::IoOp;
 use nbd_server::buf::BufPool;
@@ -441,11 +441,11 @@ impl World {
         };
         if crash_during {
             n.disk.fail_power();
-            let _ = run_meta_job(&mut run.meta, &job);
+            let _ = run.meta_writer.run(&mut run.meta, &job);
             let seq = job.seq();
             return self.crash(node, &format!("power lost during metadata job {seq}"));
         }
-        let result = run_meta_job(&mut run.meta, &job).map_err(|e| e.to_string());
+        let result = run.meta_writer.run(&mut run.meta, &job);
         let seq = job.seq();
         if !run.meta_queue.is_empty() {
             let inc = n.incarnation;

@@ -421,6 +421,8 @@ pub struct Core {
     negotiation: Option<connect::Negotiation>,
     /// State changes agreed with the peer (`repl::twopc`).
     twophase: twopc::TwoPhase,
+    /// The local disk failed (`repl::failure`): nothing is acknowledged any more.
+    disk_failure: Option<DiskFailure>,
 }
 
 impl Core {
@@ -507,6 +509,7 @@ impl Core {
             verify_cmd: None,
             negotiation: None,
             twophase: twopc::TwoPhase::default(),
+            disk_failure: None,
         }
     }
 
@@ -605,6 +608,10 @@ impl Core {
             // never writes on its own behalf.
             tracing::warn!(%job, "write request on a Secondary refused");
             out.push(Action::Reply { job, outcome: Outcome::Error(NbdError::Perm) });
+            return;
+        }
+        if self.disk_failure.is_some() {
+            out.push(Action::Reply { job, outcome: Outcome::Error(NbdError::Io) });
             return;
         }
         match request {
@@ -814,8 +821,11 @@ impl Core {
         let Some(w) = self.writes.get(&job) else { return };
         let peer_done = matches!(w.peer, PeerPart::Done | PeerPart::NotSent);
         let gens_ok = !w.needs_durable_gens || !self.gens_pending;
-        let Some(local) = w.local else { return };
-        if !(peer_done && gens_ok) || w.op.is_some() || self.fencing {
+        let Some(mut local) = w.local else { return };
+        if self.disk_failure.is_some() {
+            // Failed closed: answered with an error once off the disk.
+            local = Err(Errno::EIO);
+        } else if !(peer_done && gens_ok) || w.op.is_some() || self.fencing {
             return;
         }
         let w = self.writes.remove(&job).expect("present");
@@ -837,8 +847,10 @@ impl Core {
 
     fn try_finish_flush(&mut self, job: JobId, out: &mut Vec<Action>) {
         let Some(f) = self.flushes.get(&job) else { return };
-        let (Some(local), None) = (f.local, f.barrier) else { return };
-        if self.fencing {
+        let Some(mut local) = f.local else { return };
+        if self.disk_failure.is_some() {
+            local = Err(Errno::EIO);
+        } else if f.barrier.is_some() || self.fencing {
             return;
         }
         self.flushes.remove(&job);
@@ -1011,7 +1023,7 @@ impl Core {
             self.fencing = true;
             out.push(Action::FencePeer);
         }
-        if self.role == Role::Primary && self.gens.bitmap == 0 {
+        if self.role == Role::Primary && self.gens.bitmap == 0 && self.disk_failure.is_none() {
             // SPEC §5: a Primary that loses its peer starts a new generation, durable
             // before any write is acknowledged without the peer (unless one already
             // tracks changes since the peer's, e.g. during a resync).
@@ -1221,6 +1233,8 @@ fn set_epoch(m: &mut Message, new: u64) {
 mod apply;
 #[path = "connect.rs"]
 mod connect;
+#[path = "failure.rs"]
+mod failure;
 #[path = "intent.rs"]
 mod intent;
 #[path = "operator.rs"]
@@ -1233,6 +1247,7 @@ mod session;
 mod twopc;
 #[path = "verify.rs"]
 mod verify;
+pub use failure::DiskFailure;
 pub use intent::encode_changed;
 pub use resync::{ConnectRefusal, RESYNC_CHUNK_BYTES, RESYNC_PARALLEL, ReplState, ResyncProgress};
 use resync::{SourceSync, TargetSync};

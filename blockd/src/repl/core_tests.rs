@@ -942,3 +942,26 @@ fn a_resync_that_ends_with_bits_left_makes_another_pass() {
     assert_eq!(c.repl_state(), ReplState::SyncSource, "still syncing what is left: {shown:?}");
     assert!(shown.iter().any(|s| s.ends_with(" read")), "the next pass reads the dirty range: {shown:?}");
 }
+
+/// Issue 12: a failed metadata write counted as durable: an activity-log
+/// transaction that failed still let its writes go on and be acknowledged. Now the
+/// node fails closed: the write is answered EIO, the disk is Failed, and the node
+/// leaves the peer.
+#[test]
+fn a_failed_metadata_write_fails_closed() {
+    let mut c = core(Protocol::C, Role::Primary, 0);
+    let a = c.handle(Event::Nbd {
+        job: JobId::nbd(1),
+        request: Request::Write { offset: 0, data: data(4096), fua: false },
+    });
+    let [Action::WriteAl { seq, .. }] = &a[..] else { panic!("{a:?}") };
+    let failed =
+        show(&c.handle(Event::MetaDone { seq: *seq, result: Err("EIO writing the activity log".into()) }));
+    assert!(failed.contains(&"reply 1 error EIO".to_string()), "{failed:?}");
+    assert!(!failed.iter().any(|s| s.starts_with("local 1")), "the write never reaches the disk: {failed:?}");
+    assert!(failed.iter().any(|s| s.starts_with("drop-link")), "{failed:?}");
+    assert_eq!(c.disk(), DiskState::Failed);
+    assert!(c.disk_failure().is_some_and(|f| f.to_string().contains("EIO writing the activity log")));
+    let later = show(&write(&mut c, 2, 8192, 4096));
+    assert_eq!(later, ["reply 2 error EIO"], "nothing is acknowledged any more");
+}

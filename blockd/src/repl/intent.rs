@@ -90,11 +90,10 @@ impl Core {
         }
         self.meta_flush = None;
         if let Err(e) = result {
-            tracing::error!(errno = %e, "local flush before a metadata update failed");
-            // The update that depends on it is never made (fail closed): writes
-            // waiting for it keep waiting, and what it would have recorded stays
-            // covered by what is already on disk.
-            return;
+            // The update that depends on it is never made (fail closed): what it
+            // would have recorded stays covered by what is already on disk.
+            let error = e.desc().to_string();
+            return self.fail_disk(DiskFailure { op: "flush before a metadata update", error }, out);
         }
         if self.local_clears && (self.bitmap_after_flush || self.al_after_flush.is_some()) {
             // More bits were cleared after this flush was submitted: flush again.
@@ -164,6 +163,9 @@ impl Core {
     /// An admitted write: first its write intent (activity log, or the bitmap for a
     /// range too large for the log), then [`Core::send_write`].
     pub(super) fn dispatch_write(&mut self, job: JobId, out: &mut Vec<Action>) {
+        if self.disk_failure.is_some() {
+            return self.fail_write(job, out);
+        }
         let range = self.writes[&job].range.clone();
         if ActivityLog::span(&range) > self.al.max_span() {
             self.mark_dirty(range);

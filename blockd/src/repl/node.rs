@@ -193,6 +193,11 @@ pub async fn run(
     rx.await.unwrap_or(Err(nix::errno::Errno::EIO)).context("final flush of the backing store failed")?;
     let mut meta = meta.lock().map_err(|_| anyhow::anyhow!("metadata lock poisoned"))?;
     if let Ok(mut core) = core {
+        if let Some(failure) = core.disk_failure() {
+            // The metadata on disk is a consistent prefix; the next start recovers
+            // from it as after a crash.
+            anyhow::bail!("the local disk failed ({failure}); shutdown not clean");
+        }
         // The bitmap on disk covers everything now; the activity log is not needed.
         meta.write_bitmap_blocks(&core.stop_dirty()).context("cannot write the bitmap at shutdown")?;
         meta.write_al(&[]).context("cannot clear the activity log at shutdown")?;

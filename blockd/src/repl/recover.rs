@@ -137,6 +137,33 @@ impl MetaJob {
     }
 }
 
+/// Carries out the core's metadata jobs in order. After one fails, every later one
+/// fails too without touching the disk: a later update may depend on the failed one
+/// (an activity-log transaction that forgets an extent relies on the bitmap write
+/// before it), so the metadata on disk stays a consistent prefix, as after a crash.
+#[derive(Debug, Default)]
+pub struct MetaWriter {
+    failed: Option<String>,
+}
+
+impl MetaWriter {
+    pub fn run(&mut self, meta: &mut MetaStore, job: &MetaJob) -> Result<(), String> {
+        if let Some(first) = &self.failed {
+            return Err(format!("not written: an earlier metadata update failed ({first})"));
+        }
+        run_meta_job(meta, job).map_err(|e| {
+            let e = e.to_string();
+            self.failed = Some(e.clone());
+            e
+        })
+    }
+
+    /// The first failure, if any.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+}
+
 /// Carries out one metadata job, durably (each ends with its fsync).
 pub fn run_meta_job(meta: &mut MetaStore, job: &MetaJob) -> Result<(), MetaError> {
     match job {

@@ -49,10 +49,11 @@ impl Core {
         for (_, id) in done {
             out.push(Action::Done { id, result: result.clone().map(|()| CmdOutput::Done) });
         }
-        if let Err(e) = &result {
-            tracing::error!(seq, error = %e, "metadata update failed");
+        match result {
+            Ok(()) => self.on_meta_durable(seq, out),
+            // Nothing that waits for it may go on (it never becomes durable).
+            Err(error) => self.fail_disk(DiskFailure { op: "metadata update", error }, out),
         }
-        self.on_meta_durable(seq, out);
     }
 
     /// Answers `id` once the latest metadata update queued in `actions` is done (at

@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::peer::link::{LinkEvent, PeerConn};
 use crate::peer::msg::{Hello, Message};
 use crate::repl::core::{Action, CmdId, CmdOutput, ConnState, Core, Event, JobId, Outcome, Request};
-use crate::repl::recover::{MetaJob, run_meta_job};
+use crate::repl::recover::{MetaJob, MetaWriter};
 use crate::state::{DiskState, Generations, Role};
 use crate::storage::{IoBuf, IoOp, IoSink, Storage};
 
@@ -268,12 +268,13 @@ fn spawn_meta_thread(
     let handle = std::thread::Builder::new()
         .name("blockd-meta".into())
         .spawn(move || {
+            let mut writer = MetaWriter::default();
             for job in rx {
                 let Ok(mut m) = meta.lock() else {
                     tracing::error!("metadata lock poisoned; metadata updates stop");
                     return;
                 };
-                let result = run_meta_job(&mut m, &job).map_err(|e| e.to_string());
+                let result = writer.run(&mut m, &job);
                 drop(m);
                 let _ = inputs.send(Input::MetaDone { seq: job.seq(), result });
             }
@@ -499,6 +500,7 @@ impl Running {
         set(&m.split_brain, u64::from(split_brain));
         set(&m.fencing_peer, u64::from(c.fencing().0));
         set(&m.resync_paused, u64::from(c.sync_paused()));
+        set(&m.disk_failed, u64::from(c.disk_failure().is_some()));
     }
 
     /// The replication state's name (DRBD's, with the paused variants).

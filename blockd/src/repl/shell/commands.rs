@@ -157,6 +157,7 @@ impl Running {
                 "bitmap": format!("{:016x}", self.t.core.generations().bitmap),
             },
             "unsent_bytes": self.t.core.unsent_bytes(),
+            "disk_error": self.t.core.disk_failure().map(|f| f.to_string()),
         })
     }
 }
