@@ -85,6 +85,10 @@ pub enum Command {
     /// NBD clients are gone.
     #[serde(skip)]
     FinishForcedDemotion,
+    /// A test hook: makes the replication core task panic, to check that the node
+    /// then stops at once instead of staying up without its core. Refused unless
+    /// the daemon was started with `BLOCKD_DEBUG_COMMANDS=1`.
+    DebugPanic,
 }
 
 #[derive(Debug, Deserialize)]

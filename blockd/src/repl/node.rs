@@ -169,8 +169,12 @@ pub async fn run(
         disk = %sb.disk, "node up as Secondary"
     );
     let inputs_for_drain = inputs_tx;
-    let core_task = tokio::spawn(task.run());
-    server.serve(listeners, stop.subscribe()).await;
+    let mut core_task = tokio::spawn(task.run());
+    tokio::select! {
+        _ = server.serve(listeners, stop.subscribe()) => {}
+        // The core ends on its own only if it failed.
+        ended = &mut core_task => core_failed(ended),
+    }
     // NBD clients are gone. Before the core stops, every write must be on the peer
     // too (protocol A may still have frames queued); bounded, since the peer may be
     // gone or slow.
@@ -209,4 +213,27 @@ pub async fn run(
         .context("cannot record the clean shutdown in the metadata")?;
     tracing::info!("clean shutdown");
     Ok(())
+}
+
+/// The core task ended before the node was told to stop: it panicked (a bug). The
+/// node stops at once (exit status 70) rather than staying up as a node that looks
+/// alive: every request the core held is answered EIO as its responder is dropped,
+/// nothing more is acknowledged, and the metadata is not marked clean, so the next
+/// start recovers as after a crash. A supervisor (systemd's `Restart=`, Pacemaker's
+/// monitor) restarts it.
+fn core_failed(ended: Result<Core, tokio::task::JoinError>) -> ! {
+    let why = match ended {
+        Err(e) if e.is_panic() => {
+            let panic = e.into_panic();
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into())
+        }
+        Err(e) => e.to_string(),
+        Ok(_) => "it returned before the node was told to stop".into(),
+    };
+    tracing::error!(why = %why, "the replication core failed; the node stops now (exit status 70)");
+    std::process::exit(70);
 }

@@ -32,6 +32,14 @@ impl Running {
                 let _ = req.reply.send(Ok(serde_json::json!({})));
                 return;
             }
+            Command::DebugPanic => {
+                if std::env::var_os("BLOCKD_DEBUG_COMMANDS").is_some_and(|v| v == "1") {
+                    panic!("debug-panic requested on the control socket");
+                }
+                let _ =
+                    req.reply.send(Err("debug commands are off (BLOCKD_DEBUG_COMMANDS=1 at start)".into()));
+                return;
+            }
             Command::Events { .. } => {
                 let _ = req.reply.send(Err("events are served by the control socket itself".to_string()));
                 return;
