@@ -61,6 +61,12 @@ echo "== tests"
 # Unit tests and integration suites (real blockd processes) in one run; the
 # integration tests find target/release/blockd built above.
 cargo test --workspace --release -q -- --test-threads "${BLOCKD_TEST_THREADS:-4}"
+# The deterministic simulator of a pair (the real replication core and metadata
+# code, simulated disks, network, crashes, clients and operators): 100 seeds of
+# 20,000 steps each, 2,000,000 steps; it prints the seed and the broken invariant of
+# any failure and exits 1.
+echo "== simulator"
+./target/release/blockd-sim --seeds 100 --steps 20000
 # The kernel NBD client (blockctl attach/detach, failover) in a qemu guest: the
 # host kernel has no nbd module. Uses the release binaries built above.
 echo "== vm-tests"

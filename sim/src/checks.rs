@@ -113,6 +113,25 @@ impl World {
         }
     }
 
+    /// Protocol C: a peer acknowledges a write only once it is on its disk.
+    pub fn check_write_ack(&mut self, peer: usize, primary: usize, job: blockd::repl::core::JobId) {
+        let Some(no) = self.client.write_of(primary, job) else { return };
+        let rec = self.model.write(no);
+        let (first, blocks) = (rec.first_block, rec.blocks);
+        let mut buf = vec![0u8; BLOCK_BYTES];
+        for b in first..first + blocks {
+            self.nodes[peer].disk.read(b * BLOCK_BYTES as u64, &mut buf);
+            if let Err(e) = self.model.check_written(no, b, &sectors(&buf, b)) {
+                let name = self.nodes[peer].name.clone();
+                self.fail(
+                    "a peer acknowledges only what it has written",
+                    format!("{name} acknowledged: {e}"),
+                );
+                return;
+            }
+        }
+    }
+
     /// A node started from its disk: what was flushed must be there (unless its
     /// disk is Inconsistent: a resync target that stopped midway).
     pub fn check_restarted(&mut self, node: usize) {

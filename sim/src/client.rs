@@ -40,6 +40,14 @@ impl Client {
         self.outstanding.len()
     }
 
+    /// The write request `job` on `node` is, if it is one and still outstanding.
+    pub fn write_of(&self, node: usize, job: JobId) -> Option<WriteNo> {
+        match self.outstanding.get(&(node, job)) {
+            Some(Pending::Write { no, .. }) => Some(*no),
+            _ => None,
+        }
+    }
+
     /// The node crashed: its requests are never answered.
     pub fn node_gone(&mut self, node: usize) {
         self.outstanding.retain(|(n, _), _| *n != node);

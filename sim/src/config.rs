@@ -3,7 +3,7 @@
 //! client queue depth, fault rates).
 
 use blockd::config::Protocol;
-use blockd::repl::core::CoreConfig;
+use blockd::repl::core::{CoreConfig, InjectedBugs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -23,6 +23,13 @@ pub struct SimConfig {
     pub resync_rate_bytes_per_sec: Option<u64>,
     pub send_buffer_bytes: u64,
     pub queue_depth: usize,
+    /// Data write latency range (a slow disk in some seeds: the window in which
+    /// completions of an earlier link arrive after a reconnect).
+    pub write_latency_us: (Micros, Micros),
+    /// How long a node waits before dialing again.
+    pub redial_us: (Micros, Micros),
+    /// Percent of chaos actions that cut the link (a flapping link in some seeds).
+    pub cut_percent: u32,
     /// A crash tears a block it keeps with this probability.
     pub tear_probability: f64,
     /// A metadata job is cut by a power loss with this probability (in chaos).
@@ -37,6 +44,8 @@ pub struct SimConfig {
     /// The client keeps writing this long into healing.
     pub heal_writes_us: Micros,
     pub verbose: bool,
+    /// Known defects put back into the core (the simulator's own tests).
+    pub bugs: InjectedBugs,
 }
 
 impl SimConfig {
@@ -59,6 +68,9 @@ impl SimConfig {
             },
             send_buffer_bytes: [64u64 << 10, 256 << 10, 64 << 20][r.random_range(0..3)],
             queue_depth: [1usize, 4, 16][r.random_range(0..3)],
+            write_latency_us: if r.random_bool(0.25) { (2 * MS, 20 * MS) } else { (10, 2000) },
+            redial_us: if r.random_bool(0.5) { (MS, 50 * MS) } else { (20 * MS, 300 * MS) },
+            cut_percent: if r.random_bool(0.25) { 60 } else { 12 },
             tear_probability: 0.3,
             crash_in_meta_probability: if r.random_bool(0.5) { 0.01 } else { 0.0 },
             meta_fault_probability: if r.random_bool(0.3) { 0.2 } else { 0.0 },
@@ -66,6 +78,7 @@ impl SimConfig {
             heal_timeout_us: 120 * SEC,
             heal_writes_us: r.random_range(0..2 * SEC),
             verbose: false,
+            bugs: InjectedBugs::default(),
         }
     }
 
@@ -81,6 +94,7 @@ impl SimConfig {
             resync_checksum: self.resync_checksum,
             fence_peer: false,
             name_sorts_first: false,
+            bugs: self.bugs,
         }
     }
 }

@@ -49,6 +49,21 @@ pub struct SeedOutcome {
     pub config: SimConfig,
 }
 
+/// The known bugs named in `names` (see `--inject`).
+pub fn injected_bugs(names: &[String]) -> Result<blockd::repl::core::InjectedBugs, String> {
+    let mut b = blockd::repl::core::InjectedBugs::default();
+    for name in names {
+        match name.as_str() {
+            "ack-before-write" => b.ack_before_write = true,
+            "skip-chunk" => b.skip_chunk = true,
+            "promotion-skips-peer" => b.promotion_skips_peer = true,
+            "accept-stale-completion" => b.accept_stale_completion = true,
+            other => return Err(format!("unknown bug `{other}`")),
+        }
+    }
+    Ok(b)
+}
+
 /// Runs seed `seed` for at most `steps` events.
 pub fn run_seed(seed: u64, steps: u64, verbose: bool) -> SeedOutcome {
     let mut config = SimConfig::from_seed(seed);

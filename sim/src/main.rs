@@ -26,10 +26,24 @@ struct Args {
     /// Lines of the trace shown before a failure.
     #[arg(long, default_value_t = 60)]
     trace_lines: usize,
+    /// Puts a known bug back into the core (to see the simulator catch it):
+    /// ack-before-write, skip-chunk, promotion-skips-peer, accept-stale-completion.
+    #[arg(long)]
+    inject: Vec<String>,
 }
 
 fn main() {
     let args = Args::parse();
+    // A core's panic is caught and reported as a failure of its seed (with the
+    // message); the default hook would print a backtrace for each as well.
+    std::panic::set_hook(Box::new(|_| {}));
+    let bugs = match blockd_sim::injected_bugs(&args.inject) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("blockd-sim: {e}");
+            std::process::exit(2);
+        }
+    };
     let started = std::time::Instant::now();
     let next = AtomicU64::new(args.seed);
     let end = args.seed + args.seeds;
@@ -43,7 +57,10 @@ fn main() {
                     if seed >= end {
                         break;
                     }
-                    let outcome = blockd_sim::run_seed(seed, args.steps, args.verbose);
+                    let mut config = blockd_sim::SimConfig::from_seed(seed);
+                    config.verbose = args.verbose;
+                    config.bugs = bugs;
+                    let outcome = blockd_sim::run_config(config, args.steps);
                     outcomes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(outcome);
                 }
             });

@@ -42,12 +42,10 @@ struct Req {
 }
 
 impl Req {
-    /// `other` makes this one irrelevant: newer, and at least as strong.
+    /// `other` makes this one irrelevant: newer, at least as shared, and already
+    /// durable (while it is not, a later flush may cover this one and not it).
     fn dominated_by(&self, other: &Req) -> bool {
-        other.no > self.no
-            && other.durable >= self.durable
-            && other.shared >= self.shared
-            && other.ack >= self.ack
+        other.no > self.no && other.shared >= self.shared && other.durable
     }
 }
 
@@ -177,6 +175,13 @@ impl Model {
     pub fn flushed(&mut self, node: usize, mark: u64) {
         let n = &mut self.nodes[node];
         n.flush_mark = n.flush_mark.max(mark);
+        let mark = n.flush_mark;
+        for block in n.blocks.values_mut() {
+            let entries = std::mem::take(&mut block.reqs);
+            for r in entries {
+                block.add(Req { durable: r.durable || r.ack <= mark, ..r });
+            }
+        }
     }
 
     /// `node` lost power: only what was flushed is still required.
@@ -207,7 +212,9 @@ impl Model {
         let mut copy = self.nodes[source].clone();
         for block in copy.blocks.values_mut() {
             for r in &mut block.reqs {
-                r.durable |= r.ack <= done_mark;
+                // Durable on the target only through its final flush (a FUA on
+                // the source says nothing about the target's disk).
+                r.durable = r.ack <= done_mark;
                 r.shared = true;
             }
         }
@@ -219,6 +226,11 @@ impl Model {
     /// operator's choice, or forced to be the reference).
     pub fn forget(&mut self, node: usize) {
         self.nodes[node] = NodeReq { flush_mark: self.ack_counter, ..NodeReq::default() };
+    }
+
+    /// Block `block` holds write `no` or a later one (sector by sector).
+    pub fn check_written(&self, no: WriteNo, block: u64, sectors: &[SectorContent]) -> Result<(), String> {
+        self.check_floor(Some(no), block, sectors)
     }
 
     /// Blocks with a requirement on `node` under `need`, in order.
@@ -248,8 +260,19 @@ impl Model {
         sectors: &[SectorContent],
         need: Need,
     ) -> Result<(), String> {
-        let mark = self.nodes[node].flush_mark;
-        let floor = self.nodes[node].blocks.get(&block).and_then(|r| r.floor(need, mark));
+        let floor =
+            self.nodes[node].blocks.get(&block).and_then(|r| r.floor(need, self.nodes[node].flush_mark));
+        self.check_floor(floor, block, sectors)
+    }
+
+    /// Each sector of `block` holds write `floor` or a later one (anything without
+    /// a floor), and never garbage.
+    fn check_floor(
+        &self,
+        floor: Option<WriteNo>,
+        block: u64,
+        sectors: &[SectorContent],
+    ) -> Result<(), String> {
         let later = |w: WriteNo| floor.is_none_or(|f| w >= f);
         for (i, s) in sectors.iter().enumerate() {
             let ok = match *s {

@@ -32,7 +32,12 @@ impl World {
         self.at(next, Ev::Chaos);
         let nodes = self.nodes.len();
         let node = self.rng.random_range(0..nodes);
-        let roll = self.rng.random_range(0..100);
+        if self.rng.random_range(0..100) < self.cfg.cut_percent {
+            let session = self.session_of(node);
+            session.into_iter().for_each(|s| self.cut(s));
+            return;
+        }
+        let roll = self.rng.random_range(12..100);
         match roll {
             0..12 => {
                 let session = self.session_of(node);

@@ -266,7 +266,8 @@ impl World {
             Ev::LinkDown { node, session } => self.link_down(node, session),
             Ev::Dial => {
                 self.dial();
-                let next = self.rng.random_range(20 * MS..300 * MS);
+                let (lo, hi) = self.cfg.redial_us;
+                let next = self.rng.random_range(lo..hi);
                 self.at(next, Ev::Dial);
             }
             Ev::ClientIssue => self.client_issue(),
@@ -377,7 +378,8 @@ impl World {
                 if self.rng.random_bool(0.02) {
                     self.rng.random_range(5 * MS..50 * MS)
                 } else {
-                    self.rng.random_range(10..2000)
+                    let (lo, hi) = self.cfg.write_latency_us;
+                    self.rng.random_range(lo..hi)
                 }
             }
         };
@@ -567,6 +569,9 @@ impl World {
         let to_side = s.side(to);
         if matches!(msg, Message::ResyncDone { .. }) {
             self.resync_done_mark[from] = self.model.ack_mark();
+        }
+        if let Message::WriteAck { id, errno: 0 } = msg {
+            self.check_write_ack(from, to, JobId::from_raw(id));
         }
         let bytes = msg.wire_len();
         let latency = self.rng.random_range(20..600) + bytes / 2000;

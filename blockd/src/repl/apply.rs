@@ -47,6 +47,9 @@ impl Core {
         if self.cfg.protocol == Protocol::B {
             self.send(Message::RecvAck { id: peer_id }, out);
         }
+        if self.cfg.bugs.ack_before_write && self.cfg.protocol == Protocol::C {
+            self.send(Message::WriteAck { id: peer_id, errno: 0 }, out);
+        }
         let job = self.ids.next(JobKind::Apply, self.link_gen);
         self.peer_write_started(job);
         self.applier.outstanding += 1;
@@ -56,7 +59,7 @@ impl Core {
 
     pub(super) fn on_applied(&mut self, apply: ApplyJob, result: Result<(), Errno>, out: &mut Vec<Action>) {
         debug_assert_eq!(apply.epoch, self.applier.epoch);
-        if self.cfg.protocol == Protocol::C {
+        if self.cfg.protocol == Protocol::C && !self.cfg.bugs.ack_before_write {
             let errno = result.err().map_or(0, |e| e as i32);
             self.send(Message::WriteAck { id: apply.peer_id, errno }, out);
         }

@@ -199,6 +199,24 @@ pub struct CoreConfig {
     pub fence_peer: bool,
     /// This node's name sorts before the peer's (a tie-break both sides agree on).
     pub name_sorts_first: bool,
+    /// Known defects the simulator's own tests put back, to show it catches each.
+    /// Always off outside those tests (no config key or flag reaches it).
+    #[doc(hidden)]
+    pub bugs: InjectedBugs,
+}
+
+/// See [`CoreConfig::bugs`].
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InjectedBugs {
+    /// The Secondary acknowledges a write (protocol C) before it completes.
+    pub ack_before_write: bool,
+    /// The resync source skips every third chunk (clears its bits unsent).
+    pub skip_chunk: bool,
+    /// A promotion while connected does not ask the peer.
+    pub promotion_skips_peer: bool,
+    /// A completion of an earlier link is taken for the current link's.
+    pub accept_stale_completion: bool,
 }
 
 /// How a Primary write is covered against a crash (see the module doc).
@@ -776,7 +794,7 @@ impl Core {
         buf: Option<BufMut>,
         out: &mut Vec<Action>,
     ) {
-        let current = job.of_link(self.link_gen);
+        let current = job.of_link(self.link_gen) || self.cfg.bugs.accept_stale_completion;
         match job.kind() {
             JobKind::Nbd => {
                 if let Some(w) = self.writes.get_mut(&job) {
@@ -990,7 +1008,7 @@ impl Core {
     }
 
     fn stale_peer_writes(&self) -> bool {
-        self.peer_writes.keys().any(|link| *link != self.link_gen)
+        !self.cfg.bugs.accept_stale_completion && self.peer_writes.keys().any(|link| *link != self.link_gen)
     }
 
     fn on_peer_ack(&mut self, id: JobId, errno: i32, out: &mut Vec<Action>) {
@@ -1131,7 +1149,7 @@ impl Core {
                 self.disk
             ));
         }
-        if self.link == Link::Replicating {
+        if self.link == Link::Replicating && !self.cfg.bugs.promotion_skips_peer {
             if force && self.disk != DiskState::UpToDate && self.peer_disk == Some(DiskState::UpToDate) {
                 return Err(format!(
                     "the local disk is {} and the connected peer's is UpToDate: promote the peer, or \

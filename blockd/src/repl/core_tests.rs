@@ -22,6 +22,7 @@ fn cfg(protocol: Protocol, send_buffer_bytes: u64) -> CoreConfig {
         resync_checksum: false,
         fence_peer: false,
         name_sorts_first: true,
+        bugs: Default::default(),
     }
 }
 

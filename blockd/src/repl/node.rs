@@ -62,6 +62,7 @@ pub async fn run(
         resync_checksum: r.resync_checksum,
         fence_peer: node.handlers.fence_peer.is_some(),
         name_sorts_first: node.name < peer.name,
+        bugs: Default::default(),
     };
     if crashed_primary {
         tracing::warn!("this node crashed while Primary; its hot extents are resynced with the peer");

@@ -355,7 +355,9 @@ impl Core {
         // writes still count in `peer_writes` until they land).
         self.link_gen = (self.link_gen + 1) & ((1 << 24) - 1);
         self.applier = Applier { epoch: 1, ..Applier::default() };
-        self.applying.clear();
+        if !self.cfg.bugs.accept_stale_completion {
+            self.applying.clear();
+        }
     }
 
     /// `exchange`: wait for the target's bitmap before starting.
@@ -431,6 +433,9 @@ impl Core {
         let Some(chunk) = sync.chunks.get_mut(&job) else { return };
         chunk.state = Chunk::Reading;
         let (offset, len) = (chunk.range.start, chunk.range.end - chunk.range.start);
+        if self.cfg.bugs.skip_chunk && (offset / RESYNC_CHUNK_BYTES) % 3 == 1 {
+            return self.chunk_done(job, out);
+        }
         if checksum {
             sync.by_digest.insert(offset, job);
             self.send(Message::DigestReq { offset, len, after_epoch: 0 }, out);
