@@ -93,6 +93,33 @@ impl World {
         if after.repl == ReplState::SyncTarget && before.repl != ReplState::SyncTarget {
             self.model.resync_started(node);
         }
+        if let Some(session) = self.session_of(node) {
+            let syncing = matches!(after.repl, ReplState::SyncSource | ReplState::SyncTarget);
+            if before.link == Link::Negotiating && after.link == Link::Replicating && !syncing {
+                // In sync from the start: the peer's writes follow the epochs.
+                let other = self.net.get(session).map(|s| s.other(node));
+                if let Some(other) = other {
+                    self.prefix_logs.entry((session, other)).or_default();
+                    self.prefix_logs.entry((session, node)).or_default();
+                }
+            }
+            if before.role != after.role {
+                // A role switch within the session: the receiver changes; each log
+                // starts over (what a node wrote as Primary is its own).
+                for ((s, _), log) in self.prefix_logs.iter_mut() {
+                    if *s == session && !log.tainted {
+                        *log = Default::default();
+                    }
+                }
+            }
+            if syncing {
+                for ((s, _), log) in self.prefix_logs.iter_mut() {
+                    if *s == session {
+                        log.tainted = true;
+                    }
+                }
+            }
+        }
         let finished_target = before.repl == ReplState::SyncTarget
             && after.repl == ReplState::Established
             && after.disk == DiskState::UpToDate;
@@ -129,6 +156,58 @@ impl World {
                 );
                 return;
             }
+        }
+    }
+
+    /// Replicated writes sent on `session` to `to`, for the prefix invariant.
+    pub fn log_for_prefix(&mut self, session: u64, to: usize, msg: &blockd::peer::msg::Message) {
+        use blockd::peer::msg::Message;
+        let (epoch, offset, len, tag) = match msg {
+            Message::Write { epoch, offset, data, .. } => (
+                *epoch,
+                *offset,
+                data.len() as u64,
+                u64::from_le_bytes(data[0..8].try_into().expect("8 bytes")),
+            ),
+            Message::Trim { epoch, offset, len, .. } | Message::WriteZeroes { epoch, offset, len, .. } => {
+                (*epoch, *offset, *len, 0)
+            }
+            _ => return,
+        };
+        let Some(log) = self.prefix_logs.get_mut(&(session, to)) else { return };
+        if log.tainted {
+            return;
+        }
+        let mut buf = vec![0u8; BLOCK_BYTES];
+        let block_bytes = BLOCK_BYTES as u64;
+        for b in offset / block_bytes..(offset + len).div_ceil(block_bytes) {
+            if log.first_write_to(b) {
+                self.nodes[to].disk.read(b * block_bytes, &mut buf);
+                log.record_before(b, sectors(&buf, b)[0]);
+            }
+            log.sent(b, epoch, tag);
+        }
+    }
+
+    /// The receiver of `session` leaves it: its disk must hold a prefix of the
+    /// epochs it was sent.
+    pub fn check_prefix(&mut self, node: usize, session: u64) {
+        let Some(log) = self.prefix_logs.remove(&(session, node)) else { return };
+        if log.tainted {
+            return;
+        }
+        let disk = &self.nodes[node].disk;
+        let mut buf = vec![0u8; BLOCK_BYTES];
+        let result = log.check(|b| {
+            disk.read(b * BLOCK_BYTES as u64, &mut buf);
+            sectors(&buf, b)[0]
+        });
+        if let Err(e) = result {
+            let name = self.nodes[node].name.clone();
+            self.fail(
+                "a Secondary holds a prefix of the epochs",
+                format!("{name} left session {session}: {e}"),
+            );
         }
     }
 

@@ -31,6 +31,7 @@ pub mod net;
 pub mod node;
 pub mod operator;
 pub mod pattern;
+pub mod prefix;
 pub mod world;
 
 pub use config::SimConfig;
@@ -58,6 +59,7 @@ pub fn injected_bugs(names: &[String]) -> Result<blockd::repl::core::InjectedBug
             "skip-chunk" => b.skip_chunk = true,
             "promotion-skips-peer" => b.promotion_skips_peer = true,
             "accept-stale-completion" => b.accept_stale_completion = true,
+            "apply-out-of-order" => b.apply_out_of_order = true,
             other => return Err(format!("unknown bug `{other}`")),
         }
     }

@@ -27,7 +27,8 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     trace_lines: usize,
     /// Puts a known bug back into the core (to see the simulator catch it):
-    /// ack-before-write, skip-chunk, promotion-skips-peer, accept-stale-completion.
+    /// ack-before-write, skip-chunk, promotion-skips-peer, accept-stale-completion,
+    /// apply-out-of-order.
     #[arg(long)]
     inject: Vec<String>,
 }

@@ -133,6 +133,8 @@ pub struct World {
     pub checks_passed: u64,
     pub episode_start_us: Micros,
     pub last_heal_action_us: Micros,
+    /// Per (session, receiver): the replicated writes, for the prefix invariant.
+    pub prefix_logs: HashMap<(u64, usize), crate::prefix::SessionLog>,
 }
 
 /// The job id of a forced demotion's drain (NBD job ids stay far below).
@@ -175,6 +177,7 @@ impl World {
             checks_passed: 0,
             episode_start_us: 0,
             last_heal_action_us: 0,
+            prefix_logs: HashMap::new(),
         };
         for i in 0..n {
             w.restart(i);
@@ -487,6 +490,8 @@ impl World {
         self.log(format!("{name} CRASHED ({why}); disk: {report:?}"));
         self.model.crashed(node);
         self.client.node_gone(node);
+        // Only what was flushed is kept: the crash invariant checks that.
+        self.prefix_logs.retain(|(_, receiver), _| *receiver != node);
         if let Some(session) = run.session {
             self.cut(session);
         }
@@ -573,6 +578,7 @@ impl World {
         if let Message::WriteAck { id, errno: 0 } = msg {
             self.check_write_ack(from, to, JobId::from_raw(id));
         }
+        self.log_for_prefix(session, to, &msg);
         let bytes = msg.wire_len();
         let latency = self.rng.random_range(20..600) + bytes / 2000;
         let s = self.net.get_mut(session).expect("checked");
@@ -600,6 +606,9 @@ impl World {
     }
 
     fn link_down(&mut self, node: usize, session: u64) {
+        if self.session_of(node) == Some(session) {
+            self.check_prefix(node, session);
+        }
         if let Some(s) = self.net.get_mut(session) {
             let side = s.side(node);
             s.up[side] = false;
@@ -614,7 +623,9 @@ impl World {
 
     /// The node closes its link itself (refusal, `disconnect`).
     fn drop_link(&mut self, node: usize, reason: &str) {
-        let Some(session) = self.nodes[node].run.as_mut().and_then(|r| r.session.take()) else { return };
+        let Some(session) = self.session_of(node) else { return };
+        self.check_prefix(node, session);
+        self.nodes[node].run.as_mut().expect("has a session").session = None;
         self.log(format!("{} drops session {session}: {reason}", self.nodes[node].name));
         let Some(s) = self.net.get_mut(session) else { return };
         let side = s.side(node);

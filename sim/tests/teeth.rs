@@ -61,3 +61,14 @@ fn the_seeds_pass_without_injected_bugs() {
         assert!(outcome.failure.is_none(), "seed {seed}: {:?}", outcome.failure);
     }
 }
+
+#[test]
+fn a_secondary_applying_epochs_out_of_order_is_caught() {
+    let (_, invariant, detail) = first_catch("apply-out-of-order");
+    // Out of order, a later write of a block may land before an earlier one.
+    assert!(
+        invariant == "a Secondary holds a prefix of the epochs"
+            || invariant == "UpToDate means the Primary's data",
+        "{invariant}: {detail}"
+    );
+}

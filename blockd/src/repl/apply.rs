@@ -21,7 +21,9 @@ impl Core {
             self.applier.received += 1;
             self.applier.received
         };
-        if self.applier.closing.is_some() || epoch > self.applier.epoch {
+        let later_epoch = self.applier.closing.is_some() || epoch > self.applier.epoch;
+        let write = !matches!(msg, Message::Barrier { .. });
+        if later_epoch && !(self.cfg.bugs.apply_out_of_order && write) {
             // Epoch N+1 must not start before epoch N is complete.
             self.applier.held.push_back((rx, msg));
             return;

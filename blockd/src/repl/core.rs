@@ -217,6 +217,9 @@ pub struct InjectedBugs {
     pub promotion_skips_peer: bool,
     /// A completion of an earlier link is taken for the current link's.
     pub accept_stale_completion: bool,
+    /// The Secondary starts the writes of a later epoch without waiting for the
+    /// current one.
+    pub apply_out_of_order: bool,
 }
 
 /// How a Primary write is covered against a crash (see the module doc).
