@@ -191,6 +191,36 @@ impl Core {
     }
 }
 
+impl Core {
+    /// The link is decided: replication starts (epochs of a link count from 1).
+    pub(super) fn start_link(&mut self) {
+        // A pause on the peer ended with its link; one here is told again (connect).
+        self.sync_paused_by_peer = false;
+        self.link = Link::Replicating;
+        self.epoch = 1;
+        self.epoch_acked = false;
+        self.epoch_writes = 0;
+        // Completions of the previous link's jobs are recognised by this (their
+        // writes still count, under their link, until they land).
+        self.link_gen = (self.link_gen + 1) & ((1 << 24) - 1);
+        self.applier.start_link(self.cfg.bugs.accept_stale_completion);
+    }
+
+    /// This node's state as it announces it to a peer (`lower_name`: its name sorts
+    /// before the peer's).
+    pub fn own_state(&self, lower_name: bool) -> SideState {
+        SideState {
+            gens: self.gens,
+            disk: self.disk,
+            role: self.role,
+            crashed_primary: self.crashed_primary,
+            dirty: self.bitmap.count_bits() > 0,
+            discard_my_data: self.discard_my_data,
+            lower_name,
+        }
+    }
+}
+
 fn flag(on: bool, bit: u32) -> u32 {
     if on { bit } else { 0 }
 }

@@ -39,10 +39,8 @@ use crate::storage::IoOp;
 
 use super::job::JobIds;
 pub use super::job::{JobId, JobKind};
-
-/// Writes per epoch before a barrier is forced (DRBD's `max-epoch-size` default), so
-/// the transfer log is trimmed regularly even under a stream of independent writes.
-const MAX_EPOCH_WRITES: u64 = 2048;
+use crate::repl::core::ctx::ctx;
+use primary::{FlushJob, Intent, Sent, WriteJob};
 
 /// An NBD request as the core sees it (validated by nbd-server).
 #[derive(Debug)]
@@ -222,25 +220,6 @@ pub struct InjectedBugs {
     pub apply_out_of_order: bool,
 }
 
-/// How a Primary write is covered against a crash (see the module doc).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Intent {
-    /// Holds two activity-log references (local part, peer part).
-    Log,
-    /// Its range was set in the bitmap and written before the write started; the
-    /// bits are cleared once both the local disk and the peer have it.
-    Bitmap,
-}
-
-/// A range the peer has not confirmed yet (DRBD's transfer log entry).
-#[derive(Debug)]
-struct Sent {
-    epoch: u64,
-    job: JobId,
-    range: std::ops::Range<u64>,
-    intent: Intent,
-}
-
 /// Whether and how the peer takes part in the data path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Link {
@@ -250,74 +229,6 @@ pub enum Link {
     Negotiating,
     /// Connected and replicating every write.
     Replicating,
-}
-
-/// What a Primary write still waits for from the peer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PeerPart {
-    /// Not replicated (disconnected): the range is dirty.
-    NotSent,
-    /// Sent; waiting for `RecvAck` (B) or `WriteAck` (C).
-    Awaiting,
-    /// Protocol A: queued; acknowledged once the send buffer has drained below the
-    /// bound past this frame's end (in bytes ever queued).
-    Queued { queued_end_bytes: u64 },
-    /// Done (acked, or the peer was lost and the range marked dirty).
-    Done,
-}
-
-#[derive(Debug)]
-struct WriteJob {
-    range: std::ops::Range<u64>,
-    op: Option<IoOp>,
-    message: Option<Message>,
-    local: Option<Result<(), Errno>>,
-    peer: PeerPart,
-    epoch: u64,
-    /// Started while the new generation was not yet durable.
-    needs_durable_gens: bool,
-    intent: Option<Intent>,
-    /// The peer confirmed this write's epoch before the write finished locally.
-    peer_settled: bool,
-}
-
-#[derive(Debug)]
-struct FlushJob {
-    local: Option<Result<(), Errno>>,
-    /// The barrier epoch whose ack this flush waits for (B and C while connected).
-    barrier: Option<u64>,
-}
-
-/// A Secondary's write being applied.
-#[derive(Debug)]
-struct ApplyJob {
-    peer_id: u64,
-    epoch: u64,
-    /// Its place in receive order (`Applier::received`).
-    rx: u64,
-}
-
-/// Epoch state on the Secondary.
-#[derive(Debug, Default)]
-struct Applier {
-    /// The epoch whose writes are being applied.
-    epoch: u64,
-    /// Writes of `epoch` not yet complete.
-    outstanding: u64,
-    /// The barrier closing `epoch` arrived: (flush asked).
-    closing: Option<bool>,
-    /// A flush for the closing barrier is running.
-    flushing: bool,
-    /// Messages of later epochs, held until `epoch` is closed, each with its place
-    /// in receive order.
-    held: VecDeque<(u64, Message)>,
-    /// Writes received on this link (their receive order).
-    received: u64,
-    /// A sync target waits for every write received before `ResyncDone` (receive
-    /// order up to this) to complete before its final flush: this many still have
-    /// not.
-    drain_mark: Option<u64>,
-    undrained: u64,
 }
 
 /// The replication state of one node.
@@ -358,38 +269,15 @@ pub struct Core {
     ticks_since_flush_barrier: u32,
     /// Regions that differ (or may differ) from the peer: persistent, see `meta`.
     bitmap: Bitmap,
-    /// A bitmap write is queued and not yet durable: its sequence, and the intent
-    /// generation it covers (every bitmap intent set before it was encoded).
-    bitmap_write: Option<(u64, u64)>,
-    /// Bitmap intents set so far, and those a durable bitmap write covers.
-    intent_gen: u64,
-    bitmap_durable_gen: u64,
-    /// A local data flush before metadata that relies on it is in flight, and what
-    /// waits for it: a bitmap write (bits cleared because a local write completed
-    /// must not be recorded before that write is durable), and an activity-log
-    /// transaction that forgets an extent (its completed writes must be durable
-    /// first, or a crash could lose them locally while nothing marks them).
-    meta_flush: Option<JobId>,
-    bitmap_after_flush: bool,
-    al_after_flush: Option<Vec<u32>>,
-    /// Bits were cleared on the strength of a local write since the last meta flush
-    /// was submitted.
-    local_clears: bool,
-    ms_since_bitmap_write: u64,
-    /// The write-intent log, and writes waiting for their extents to be durable.
-    al: ActivityLog,
-    al_waiting: VecDeque<JobId>,
-    /// Writes whose bitmap intent is queued: they start once `seq` is durable.
-    /// Writes whose bitmap intent must be durable first: they start once a bitmap
-    /// write covering this intent generation is.
-    intent_waiting: Vec<(JobId, u64)>,
+    /// The write-intent layer: activity log, bitmap writes and the local flushes
+    /// they wait for (`intent`, the only code that touches its fields).
+    intent: intent::WriteIntent,
     /// The sequence of the latest superblock update.
     last_persist_seq: u64,
     /// Resync rate control and measured progress.
     rate: resync::RateCtl,
     /// Online verify (this node compares), and digest requests served for the peer.
-    verify: Option<verify::VerifyRun>,
-    digests: verify::DigestServer,
+    verifier: verify::Verifier,
     /// `connect --discard-my-data`: in a split brain, this node becomes the target.
     discard_my_data: bool,
     /// Writes dispatched since start, and at the last tick (an idle Primary closes
@@ -402,20 +290,15 @@ pub struct Core {
     /// `pause-sync` here, and as the peer told.
     sync_paused_here: bool,
     sync_paused_by_peer: bool,
-    /// Secondary.
-    applier: Applier,
-    applying: HashMap<JobId, ApplyJob>,
+    /// Secondary: the epoch-ordered applier (and the count of writes on the peer's
+    /// behalf per link).
+    applier: apply::Applier,
     /// Replication state toward the peer, and resync in progress.
     repl: ReplState,
-    source: Option<SourceSync>,
-    target: Option<TargetSync>,
+    source: Option<resync::Source>,
+    target: Option<resync::Target>,
     /// Resync or verify chunks of a dropped run still held by the in-flight table.
     abandoned_chunks: HashMap<JobId, std::ops::Range<u64>>,
-    /// Writes on behalf of the peer (applied writes, resync writes) in flight, per
-    /// link generation. While one of an earlier link is in flight, nothing of the
-    /// current link is written (`ingress_held`): it could land before the older
-    /// write and be overwritten by it.
-    peer_writes: HashMap<u32, u32>,
     /// Data-path messages from the peer held until they may be applied (an earlier
     /// link's writes still in flight, or a sync target not yet durably Inconsistent).
     ingress_held: VecDeque<Message>,
@@ -488,21 +371,10 @@ impl Core {
             flush_barriers: VecDeque::new(),
             ticks_since_flush_barrier: 0,
             bitmap,
-            bitmap_write: None,
-            intent_gen: 0,
-            bitmap_durable_gen: 0,
-            meta_flush: None,
-            bitmap_after_flush: false,
-            al_after_flush: None,
-            local_clears: false,
-            ms_since_bitmap_write: 0,
-            al,
-            al_waiting: VecDeque::new(),
-            intent_waiting: Vec::new(),
+            intent: intent::WriteIntent::new(al),
             last_persist_seq: 0,
             rate,
-            verify: None,
-            digests: verify::DigestServer::default(),
+            verifier: verify::Verifier::default(),
             discard_my_data: false,
             dispatched_writes: 0,
             dispatched_at_tick: 0,
@@ -510,13 +382,11 @@ impl Core {
             last_fence: None,
             sync_paused_here: false,
             sync_paused_by_peer: false,
-            applier: Applier { epoch: 1, ..Applier::default() },
-            applying: HashMap::new(),
+            applier: apply::Applier::default(),
             repl: ReplState::Off,
             source: None,
             target: None,
             abandoned_chunks: HashMap::new(),
-            peer_writes: HashMap::new(),
             ingress_held: VecDeque::new(),
             crashed_primary,
             pool: nbd_server::buf::BufPool::new(8 << 20),
@@ -557,7 +427,7 @@ impl Core {
 
     /// (hot extents, transactions made durable since start) of the activity log.
     pub fn al_stats(&self) -> (usize, u64) {
-        (self.al.hot_count(), self.al.transactions())
+        self.intent.al_stats()
     }
 
     /// `connect --discard-my-data`: in the next split brain, this node's changes go.
@@ -572,26 +442,6 @@ impl Core {
     /// It crashed while Primary and was not resynced since.
     pub fn crashed_primary(&self) -> bool {
         self.crashed_primary
-    }
-
-    /// Before the process stops (after the last event): everything the peer has not
-    /// confirmed goes into the bitmap, and the changed bitmap blocks are returned to
-    /// be written; after that the activity log may be emptied.
-    pub fn stop_dirty(&mut self) -> Vec<BitmapBlock> {
-        for sent in std::mem::take(&mut self.transfer_log) {
-            self.mark_dirty(sent.range);
-        }
-        encode_changed(&mut self.bitmap)
-    }
-
-    /// Payload bytes of application writes sent to the peer since start.
-    pub fn replicated_bytes(&self) -> u64 {
-        self.replicated_bytes
-    }
-
-    /// Frames queued for the peer and not yet written to its socket.
-    pub fn unsent_bytes(&self) -> u64 {
-        self.queued_bytes_total - self.sent_bytes_total
     }
 
     /// Applies one event.
@@ -622,174 +472,6 @@ impl Core {
         }
     }
 
-    fn on_request(&mut self, job: JobId, request: Request, out: &mut Vec<Action>) {
-        debug_assert_eq!(job.kind(), JobKind::Nbd, "requests come with NBD job ids");
-        if self.role != Role::Primary {
-            // Only a client connected before a demotion can get here; a Secondary
-            // never writes on its own behalf.
-            tracing::warn!(%job, "write request on a Secondary refused");
-            out.push(Action::Reply { job, outcome: Outcome::Error(NbdError::Perm) });
-            return;
-        }
-        if self.disk_failure.is_some() {
-            out.push(Action::Reply { job, outcome: Outcome::Error(NbdError::Io) });
-            return;
-        }
-        match request {
-            Request::Flush => self.start_flush(job, false, out),
-            Request::Write { offset, data, fua } => {
-                let range = offset..offset + data.len() as u64;
-                let message = Message::Write { id: job.raw(), epoch: 0, offset, fua, data: data.clone() };
-                self.start_write(job, range, IoOp::Write { offset, buf: data, fua }, message, out);
-            }
-            Request::Trim { offset, len, fua } => {
-                let message = Message::Trim { id: job.raw(), epoch: 0, offset, len, fua };
-                self.start_write(job, offset..offset + len, IoOp::Trim { offset, len, fua }, message, out);
-            }
-            Request::WriteZeroes { offset, len, may_trim, fast_only, fua } => {
-                let message = Message::WriteZeroes { id: job.raw(), epoch: 0, offset, len, may_trim, fua };
-                let op = IoOp::WriteZeroes { offset, len, may_trim, fast_only, fua };
-                self.start_write(job, offset..offset + len, op, message, out);
-            }
-        }
-    }
-
-    fn start_write(
-        &mut self,
-        job: JobId,
-        range: std::ops::Range<u64>,
-        op: IoOp,
-        message: Message,
-        out: &mut Vec<Action>,
-    ) {
-        let admitted = self.inflight.admit(job, range.clone());
-        let w = WriteJob {
-            range,
-            op: Some(op),
-            message: Some(message),
-            local: None,
-            peer: PeerPart::NotSent,
-            epoch: 0,
-            needs_durable_gens: false,
-            intent: None,
-            peer_settled: false,
-        };
-        self.writes.insert(job, w);
-        if admitted {
-            self.dispatch_write(job, out);
-        }
-    }
-
-    /// Sends a write with its intent in place to the local disk and, when
-    /// replicating, to the peer.
-    fn send_write(&mut self, job: JobId, out: &mut Vec<Action>) {
-        if self.link == Link::Replicating && (self.epoch_acked || self.epoch_writes >= MAX_EPOCH_WRITES) {
-            // This write may depend on one already acknowledged: close the epoch so
-            // the Secondary cannot apply them out of order.
-            self.close_epoch(false, out);
-        }
-        let epoch = self.epoch;
-        let replicating = self.link == Link::Replicating;
-        let needs_durable_gens = self.gens_pending;
-        self.dispatched_writes += 1;
-        let w = self.writes.get_mut(&job).expect("dispatching a known job");
-        w.epoch = epoch;
-        w.needs_durable_gens = needs_durable_gens;
-        let op = w.op.take().expect("dispatched once");
-        let mut message = w.message.take().expect("dispatched once");
-        out.push(Action::Local { job, op });
-        if !replicating {
-            // The bitmap records it: the peer part is settled.
-            let (range, intent) = (w.range.clone(), w.intent);
-            self.mark_dirty(range.clone());
-            if intent == Some(Intent::Log) {
-                self.release_al(&range, out);
-            }
-            return;
-        }
-        set_epoch(&mut message, epoch);
-        self.replicated_bytes += message.data().map_or(0, |d| d.len() as u64);
-        let frame_bytes = frame_bytes(&message);
-        self.send(message, out);
-        self.epoch_writes += 1;
-        let w = &self.writes[&job];
-        let intent = w.intent.expect("intent before sending");
-        self.transfer_log.push_back(Sent { epoch, job, range: w.range.clone(), intent });
-        let peer = match self.cfg.protocol {
-            Protocol::A => PeerPart::Queued { queued_end_bytes: self.queued_bytes_total },
-            Protocol::B | Protocol::C => PeerPart::Awaiting,
-        };
-        debug_assert!(frame_bytes > 0);
-        self.writes.get_mut(&job).expect("known").peer = peer;
-        if matches!(peer, PeerPart::Queued { .. }) {
-            self.send_waiters.push_back(job);
-            self.release_send_waiters(out);
-        }
-    }
-
-    fn send(&mut self, message: Message, out: &mut Vec<Action>) {
-        self.queued_bytes_total += frame_bytes(&message);
-        out.push(Action::Send(message));
-    }
-
-    /// Protocol A: writes whose frame is within the send-buffer bound count as sent.
-    fn release_send_waiters(&mut self, out: &mut Vec<Action>) {
-        while let Some(&job) = self.send_waiters.front() {
-            let Some(w) = self.writes.get_mut(&job) else {
-                self.send_waiters.pop_front();
-                continue;
-            };
-            let PeerPart::Queued { queued_end_bytes } = w.peer else {
-                self.send_waiters.pop_front();
-                continue;
-            };
-            if queued_end_bytes.saturating_sub(self.sent_bytes_total) > self.cfg.send_buffer_bytes {
-                break;
-            }
-            w.peer = PeerPart::Done;
-            self.send_waiters.pop_front();
-            self.try_finish_write(job, out);
-        }
-    }
-
-    /// A FLUSH (or, with `wait_peer`, a drain that waits for the peer under any
-    /// protocol).
-    fn start_flush(&mut self, job: JobId, wait_peer: bool, out: &mut Vec<Action>) {
-        let barrier = if self.link == Link::Replicating {
-            let epoch = self.close_epoch(true, out);
-            // Protocol A only keeps the peer ordered; B and C wait for its flush.
-            (wait_peer || self.cfg.protocol != Protocol::A).then_some(epoch)
-        } else {
-            None
-        };
-        self.flushes.insert(job, FlushJob { local: None, barrier });
-        out.push(Action::Local { job, op: IoOp::Flush });
-    }
-
-    /// Marks `range` as (possibly) different from the peer. A resync copy of it
-    /// that waits for the target's flush no longer clears it: it is older.
-    pub(super) fn mark_dirty(&mut self, range: std::ops::Range<u64>) {
-        if let Some(sync) = self.source.as_mut() {
-            sync.keep_dirty(&range);
-        }
-        self.bitmap.set_range(range);
-    }
-
-    /// Sends the barrier closing the open epoch; returns that epoch. A flush barrier
-    /// makes the peer flush: its ack retires the transfer log up to it.
-    fn close_epoch(&mut self, flush: bool, out: &mut Vec<Action>) -> u64 {
-        let epoch = self.epoch;
-        self.send(Message::Barrier { epoch, flush }, out);
-        if flush {
-            self.flush_barriers.push_back(epoch);
-            self.ticks_since_flush_barrier = 0;
-        }
-        self.epoch += 1;
-        self.epoch_acked = false;
-        self.epoch_writes = 0;
-        epoch
-    }
-
     fn on_local_done(
         &mut self,
         job: JobId,
@@ -816,70 +498,24 @@ impl Core {
             }
             JobKind::Apply | JobKind::ResyncWrite if !current => self.stale_peer_write_done(job, out),
             JobKind::Apply => {
-                self.peer_write_done(job);
-                if let Some(apply) = self.applying.remove(&job) {
-                    self.on_applied(apply, result, out);
-                }
+                let applied = self.applier.on_done(job, result, &mut ctx!(self, out));
+                self.after_applied(applied, out);
             }
-            JobKind::ApplyFlush if current => self.on_applier_flushed(result, out),
+            JobKind::ApplyFlush if current => {
+                let applied = self.applier.on_flushed(result, &mut ctx!(self, out));
+                self.after_applied(applied, out);
+            }
             JobKind::ResyncRead => self.on_chunk_read(job, result, buf, out),
             JobKind::VerifyRead => self.on_verify_read(job, result, buf, out),
-            JobKind::DigestRead if current => self.on_digest_read(job, result, buf, out),
-            JobKind::ResyncWrite => {
-                self.peer_write_done(job);
-                self.on_target_local(job, result, out);
+            JobKind::DigestRead if current => {
+                self.verifier.on_digest_read(job, result, buf, &self.pool, &mut ctx!(self, out))
             }
-            JobKind::ResyncFlush if current => {
-                self.on_target_local(job, result, out);
-            }
+            JobKind::ResyncWrite => self.on_target_write(job, result, out),
+            JobKind::ResyncFlush if current => self.on_target_flush(job, result, out),
             // A flush or digest read of a link that is gone: nothing waits for it.
             JobKind::ApplyFlush | JobKind::DigestRead | JobKind::ResyncFlush => {}
             JobKind::MetaFlush => self.on_meta_flushed(job, result, out),
         }
-    }
-
-    fn try_finish_write(&mut self, job: JobId, out: &mut Vec<Action>) {
-        let Some(w) = self.writes.get(&job) else { return };
-        let peer_done = matches!(w.peer, PeerPart::Done | PeerPart::NotSent);
-        let gens_ok = !w.needs_durable_gens || !self.gens_pending;
-        let Some(mut local) = w.local else { return };
-        if self.disk_failure.is_some() {
-            // Failed closed: answered with an error once off the disk.
-            local = Err(Errno::EIO);
-        } else if !(peer_done && gens_ok) || w.op.is_some() || self.fencing {
-            return;
-        }
-        let w = self.writes.remove(&job).expect("present");
-        if w.epoch == self.epoch {
-            self.epoch_acked = true;
-        }
-        if w.intent == Some(Intent::Bitmap) && w.peer_settled {
-            self.bitmap.clear_range(w.range.clone());
-            self.local_clears = true;
-        }
-        let outcome = match local {
-            Ok(()) => Outcome::Ok,
-            Err(e) => Outcome::Error(NbdError::from_errno(e as i32, false)),
-        };
-        out.push(Action::Reply { job, outcome });
-        let next = self.inflight.complete(job, w.range.start);
-        self.start_released(next, out);
-    }
-
-    fn try_finish_flush(&mut self, job: JobId, out: &mut Vec<Action>) {
-        let Some(f) = self.flushes.get(&job) else { return };
-        let Some(mut local) = f.local else { return };
-        if self.disk_failure.is_some() {
-            local = Err(Errno::EIO);
-        } else if f.barrier.is_some() || self.fencing {
-            return;
-        }
-        self.flushes.remove(&job);
-        let outcome = match local {
-            Ok(()) => Outcome::Ok,
-            Err(e) => Outcome::Error(NbdError::from_errno(e as i32, false)),
-        };
-        out.push(Action::Reply { job, outcome });
     }
 
     fn on_peer_message(&mut self, msg: Message, out: &mut Vec<Action>) {
@@ -908,36 +544,7 @@ impl Core {
         match msg {
             Message::WriteAck { id, errno } => self.on_peer_ack(JobId::from_raw(id), errno, out),
             Message::RecvAck { id } => self.on_peer_ack(JobId::from_raw(id), 0, out),
-            Message::BarrierAck { epoch, errno } => {
-                if errno != 0 {
-                    tracing::warn!(epoch, errno, "peer failed to complete a barrier");
-                }
-                // Acks come in epoch order. Only a flush barrier's ack says the writes
-                // of its epoch and before are durable on the peer: a crash of the peer
-                // loses anything else, so it stays in the transfer log (and its extents
-                // hot) until then.
-                let mut flushed = false;
-                while self.flush_barriers.front().is_some_and(|e| *e <= epoch) {
-                    flushed |= self.flush_barriers.pop_front() == Some(epoch);
-                }
-                while (flushed || errno != 0) && self.transfer_log.front().is_some_and(|s| s.epoch <= epoch) {
-                    let sent = self.transfer_log.pop_front().expect("checked");
-                    if errno != 0 {
-                        self.mark_dirty(sent.range.clone());
-                        if sent.intent == Intent::Log {
-                            self.release_al(&sent.range, out);
-                        }
-                    } else {
-                        self.settle_peer_part(sent.job, sent.range, sent.intent, out);
-                    }
-                }
-                let waiting: Vec<JobId> =
-                    self.flushes.iter().filter(|(_, f)| f.barrier == Some(epoch)).map(|(j, _)| *j).collect();
-                for job in waiting {
-                    self.flushes.get_mut(&job).expect("present").barrier = None;
-                    self.try_finish_flush(job, out);
-                }
-            }
+            Message::BarrierAck { epoch, errno } => self.on_barrier_ack(epoch, errno, out),
             Message::Write { .. }
             | Message::Trim { .. }
             | Message::WriteZeroes { .. }
@@ -978,142 +585,83 @@ impl Core {
         }
         !self.ingress_held.is_empty()
             || self.stale_peer_writes()
-            || self.target.as_ref().is_some_and(|t| !t.ready)
+            || self.target.as_ref().is_some_and(|t| !t.ready())
     }
 
     /// Applies the held data-path messages, in order, as far as nothing blocks.
     pub(super) fn release_ingress(&mut self, out: &mut Vec<Action>) {
-        while !self.stale_peer_writes() && self.target.as_ref().is_none_or(|t| t.ready) {
+        while !self.stale_peer_writes() && self.target.as_ref().is_none_or(|t| t.ready()) {
             let Some(msg) = self.ingress_held.pop_front() else { break };
             self.on_peer_message_now(msg, out);
         }
     }
 
-    pub(super) fn peer_write_started(&mut self, job: JobId) {
-        *self.peer_writes.entry(job.link()).or_default() += 1;
-    }
-
-    pub(super) fn peer_write_done(&mut self, job: JobId) {
-        if let Some(n) = self.peer_writes.get_mut(&job.link()) {
-            *n -= 1;
-            if *n == 0 {
-                self.peer_writes.remove(&job.link());
+    /// Jobs the in-flight table released, whoever owns them.
+    pub(super) fn start_released(&mut self, jobs: Vec<JobId>, out: &mut Vec<Action>) {
+        for job in jobs {
+            if self.release_abandoned(job, out) {
+                continue;
+            }
+            match job.kind() {
+                JobKind::Nbd if self.writes.contains_key(&job) => self.dispatch_write(job, out),
+                JobKind::ResyncRead => self.read_chunk(job, out),
+                JobKind::VerifyRead => self.read_verify_chunk(job, out),
+                _ => {}
             }
         }
     }
 
+    /// A stopped resync or verify gives its chunks' ranges back: now for those
+    /// nothing else holds, when their read or admission comes back for the rest.
+    pub(super) fn take_back(&mut self, chunks: AbandonedChunks, out: &mut Vec<Action>) {
+        self.abandoned_chunks.extend(chunks.later);
+        for (job, range) in chunks.now {
+            let next = self.inflight.complete(job, range.start);
+            self.start_released(next, out);
+        }
+    }
+
+    /// A chunk of a resync or verify that was dropped gives its range back (when
+    /// its read or its admission comes back). True if `job` was one.
+    pub(super) fn release_abandoned(&mut self, job: JobId, out: &mut Vec<Action>) -> bool {
+        let Some(range) = self.abandoned_chunks.remove(&job) else { return false };
+        let next = self.inflight.complete(job, range.start);
+        self.start_released(next, out);
+        true
+    }
+
+    /// The replication state toward the peer.
+    pub fn repl_state(&self) -> ReplState {
+        self.repl
+    }
+
     /// A write of an earlier link finished; its result has nobody to go to.
     fn stale_peer_write_done(&mut self, job: JobId, out: &mut Vec<Action>) {
-        self.peer_write_done(job);
+        self.applier.peer_write_done(job);
         if !self.stale_peer_writes() {
             self.release_ingress(out);
         }
     }
 
     fn stale_peer_writes(&self) -> bool {
-        !self.cfg.bugs.accept_stale_completion && self.peer_writes.keys().any(|link| *link != self.link_gen)
+        !self.cfg.bugs.accept_stale_completion && self.applier.stale_writes(self.link_gen)
     }
 
-    fn on_peer_ack(&mut self, id: JobId, errno: i32, out: &mut Vec<Action>) {
-        let Some(w) = self.writes.get_mut(&id) else { return };
-        if w.peer != PeerPart::Awaiting {
-            return;
+    /// What applying a write (or closing an epoch) meant for the rest of the core.
+    fn after_applied(&mut self, applied: apply::Applied, out: &mut Vec<Action>) {
+        if applied.epoch_done {
+            let through = self.applier.applied_through();
+            self.verifier.release_digest_reqs(through, &self.pool, &mut ctx!(self, out));
         }
-        w.peer = PeerPart::Done;
-        if errno != 0 {
-            // The peer could not write it: its copy of the range is stale.
-            tracing::warn!(job = %id, errno, "peer failed a replicated write; range marked out of sync");
-            let range = w.range.clone();
-            self.mark_dirty(range);
-        }
-        self.try_finish_write(id, out);
-    }
-
-    fn on_peer_down(&mut self, out: &mut Vec<Action>) {
-        if self.link == Link::Disconnected {
-            return;
-        }
-        self.link = Link::Disconnected;
-        self.abandon_resync(out);
-        self.send_waiters.clear();
-        self.queued_bytes_total = self.sent_bytes_total;
-        if self.role == Role::Primary && self.cfg.fence_peer && self.cfg.protocol == Protocol::C {
-            // DRBD's resource-and-stonith: the peer may be alive and about to be
-            // promoted; nothing is acknowledged until the handler made sure it cannot.
-            tracing::warn!("peer lost while Primary: running the fence-peer handler; write acks held");
-            self.fencing = true;
-            out.push(Action::FencePeer);
-        }
-        if self.role == Role::Primary && self.gens.bitmap == 0 && self.disk_failure.is_none() {
-            // SPEC §5: a Primary that loses its peer starts a new generation, durable
-            // before any write is acknowledged without the peer (unless one already
-            // tracks changes since the peer's, e.g. during a resync).
-            let fresh = self.fresh_id();
-            self.gens.start_new(fresh);
-            self.gens_pending = true;
-            self.persist(out);
-        }
-        // Everything sent whose epoch the peer has not confirmed may be missing there,
-        // including writes already acknowledged under protocols A and B.
-        let sent: Vec<Sent> = self.transfer_log.drain(..).collect();
-        for s in sent {
-            self.mark_dirty(s.range.clone());
-            if s.intent == Intent::Log {
-                self.release_al(&s.range, out);
-            }
-        }
-        let gens_pending = self.gens_pending;
-        for w in self.writes.values_mut() {
-            if w.peer != PeerPart::NotSent {
-                w.peer = PeerPart::Done;
-            }
-            w.needs_durable_gens = gens_pending;
-        }
-        let flushes: Vec<JobId> = self.flushes.keys().copied().collect();
-        for job in flushes {
-            self.flushes.get_mut(&job).expect("present").barrier = None;
-            self.try_finish_flush(job, out);
-        }
-        let writes: Vec<JobId> = self.writes.keys().copied().collect();
-        for job in writes {
-            self.try_finish_write(job, out);
-        }
-        self.flush_barriers.clear();
-        // A Secondary drops what it had not applied; the Primary resyncs it later.
-        self.applier.held.clear();
-        self.ingress_held.clear();
-        self.abandon_verify("the peer link was lost", out);
-        self.digests.clear();
-    }
-
-    fn on_fence_done(&mut self, result: Result<i32, String>, out: &mut Vec<Action>) {
-        if !self.fencing {
-            return;
-        }
-        self.fencing = false;
-        match &result {
-            // DRBD's meanings: 3 peer not UpToDate, 4 peer outdated/fenced, 5 peer
-            // unreachable, 7 peer stonithed.
-            Ok(code @ (3 | 4 | 5 | 7)) => tracing::info!(code, "fence-peer handler: the peer is fenced"),
-            Ok(code) => {
-                tracing::error!(code, "fence-peer handler did not fence the peer; writes resume anyway")
-            }
-            Err(e) => tracing::error!(error = %e, "fence-peer handler failed; writes resume anyway"),
-        }
-        self.last_fence = Some(result);
-        let writes: Vec<JobId> = self.writes.keys().copied().collect();
-        for job in writes {
-            self.try_finish_write(job, out);
-        }
-        let flushes: Vec<JobId> = self.flushes.keys().copied().collect();
-        for job in flushes {
-            self.try_finish_flush(job, out);
+        if applied.drained {
+            self.maybe_start_target_flush(out);
         }
     }
 
-    /// Whether the fence-peer handler runs now, and how the last one ended.
-    pub fn fencing(&self) -> (bool, Option<&Result<i32, String>>) {
-        (self.fencing, self.last_fence.as_ref())
+    /// A replicated write, trim, zeroing or barrier.
+    fn on_replicated(&mut self, msg: Message, out: &mut Vec<Action>) {
+        let applied = self.applier.on_message(msg, &mut ctx!(self, out));
+        self.after_applied(applied, out);
     }
 
     /// Queues a durable update of the persistent state; returns its sequence number.
@@ -1133,84 +681,6 @@ impl Core {
                 return id;
             }
         }
-    }
-
-    /// `blockctl primary [--force]`. Its persist is queued in `out`; the command is
-    /// answered once it is durable (the export opens at once: writes acknowledged
-    /// under a new generation wait for it, see `needs_durable_gens`).
-    fn promote(&mut self, id: CmdId, force: bool, out: &mut Vec<Action>) -> Result<Promotion, String> {
-        if self.role == Role::Primary {
-            return Ok(Promotion::Done);
-        }
-        if self.peer_role == Some(Role::Primary) {
-            return Err("the peer is Primary; demote it first (`blockctl secondary` there)".to_string());
-        }
-        if self.disk != DiskState::UpToDate && !force {
-            return Err(format!(
-                "the local disk is {}; only an UpToDate node can be promoted \
-                 (use --force to make this node's data the authoritative copy)",
-                self.disk
-            ));
-        }
-        if self.link == Link::Replicating && !self.cfg.bugs.promotion_skips_peer {
-            if force && self.disk != DiskState::UpToDate && self.peer_disk == Some(DiskState::UpToDate) {
-                return Err(format!(
-                    "the local disk is {} and the connected peer's is UpToDate: promote the peer, or \
-                     `blockctl disconnect` first to make this node's data the authoritative copy",
-                    self.disk
-                ));
-            }
-            // While connected, the peer must agree (`repl::twopc`).
-            self.request_promotion(id, force, out)?;
-            return Ok(Promotion::Asked);
-        }
-        self.promote_now(force, out)?;
-        Ok(Promotion::Done)
-    }
-
-    /// Becomes Primary (disconnected, or with the peer's agreement).
-    pub(super) fn promote_now(&mut self, force: bool, out: &mut Vec<Action>) -> Result<(), String> {
-        if self.role == Role::Primary {
-            return Ok(());
-        }
-        if self.disk != DiskState::UpToDate && !force {
-            return Err(format!("the local disk is {}; only an UpToDate node can be promoted", self.disk));
-        }
-        if force && self.disk != DiskState::UpToDate {
-            // This copy becomes the reference: a generation of its own, so the peer
-            // sees it as newer and takes a full sync from it.
-            let fresh = self.fresh_id();
-            self.gens.start_new(fresh);
-            self.disk = DiskState::UpToDate;
-            self.gens_pending = true;
-        } else if self.link == Link::Disconnected && self.gens.bitmap == 0 {
-            // SPEC §5: promoted while disconnected starts a new generation — unless
-            // one already tracks changes since the peer's (as DRBD: only when the
-            // bitmap id is 0), or the peer would no longer recognize this node.
-            let fresh = self.fresh_id();
-            self.gens.start_new(fresh);
-            self.gens_pending = true;
-        }
-        self.role = Role::Primary;
-        self.persist(out);
-        self.announce_state(out);
-        Ok(())
-    }
-
-    /// `blockctl secondary`: the shell has already closed the NBD export and drained
-    /// its clients. Refused while writes are in flight.
-    fn demote(&mut self, out: &mut Vec<Action>) -> Result<(), String> {
-        if self.role == Role::Secondary {
-            return Ok(());
-        }
-        if !self.writes.is_empty() || !self.flushes.is_empty() {
-            return Err("writes are still in flight; retry in a moment".to_string());
-        }
-        self.twophase_link_lost(out);
-        self.role = Role::Secondary;
-        self.persist(out);
-        self.announce_state(out);
-        Ok(())
     }
 }
 
@@ -1235,32 +705,29 @@ fn is_peer_data(m: &Message) -> bool {
     )
 }
 
-/// Bytes a message occupies in the send buffer: its whole frame, as the link counts
-/// it in `Sent`.
-fn frame_bytes(m: &Message) -> u64 {
-    m.wire_len()
-}
-
-fn set_epoch(m: &mut Message, new: u64) {
-    match m {
-        Message::Write { epoch, .. } | Message::Trim { epoch, .. } | Message::WriteZeroes { epoch, .. } => {
-            *epoch = new
-        }
-        _ => {}
-    }
+/// The chunks of a stopped resync or verify (`Core::take_back`).
+pub(super) struct AbandonedChunks {
+    /// Chunks nothing holds any more (read done, or sent).
+    pub now: Vec<(JobId, std::ops::Range<u64>)>,
+    /// Chunks whose read or in-flight admission is still to come back.
+    pub later: Vec<(JobId, std::ops::Range<u64>)>,
 }
 
 #[path = "apply.rs"]
 mod apply;
 #[path = "connect.rs"]
 mod connect;
+#[path = "ctx.rs"]
+mod ctx;
 #[path = "failure.rs"]
 mod failure;
 #[path = "intent.rs"]
 mod intent;
 #[path = "operator.rs"]
 mod operator;
-#[path = "resync.rs"]
+#[path = "primary.rs"]
+mod primary;
+#[path = "resync/mod.rs"]
 mod resync;
 #[path = "session.rs"]
 mod session;
@@ -1271,7 +738,6 @@ mod verify;
 pub use failure::DiskFailure;
 pub use intent::encode_changed;
 pub use resync::{ConnectRefusal, RESYNC_CHUNK_BYTES, RESYNC_PARALLEL, ReplState, ResyncProgress};
-use resync::{SourceSync, TargetSync};
 pub use verify::VerifyStatus;
 
 #[cfg(test)]

@@ -48,9 +48,7 @@ impl Core {
         self.set_standalone(true, out);
         self.conn = ConnState::StandAlone;
         // Writes waiting for metadata never start.
-        let waiting: Vec<JobId> =
-            self.al_waiting.drain(..).chain(self.intent_waiting.drain(..).map(|(j, _)| j)).collect();
-        for job in waiting {
+        for job in self.intent.take_waiting() {
             self.fail_write(job, out);
         }
         // Writes on the disk, or waiting for a durable generation: answered (with

@@ -17,23 +17,86 @@ use super::*;
 /// log holds writes: the peer flushes about once a second under a steady load.
 const FLUSH_BARRIER_TICKS: u32 = 10;
 
+/// The write-intent layer's state. Its fields are private to this module: only
+/// the code here reads or changes them.
+pub(super) struct WriteIntent {
+    /// The write-intent log, and writes waiting for their extents to be durable.
+    al: ActivityLog,
+    al_waiting: VecDeque<JobId>,
+    /// Writes whose bitmap intent must be durable first: they start once a bitmap
+    /// write covering this intent generation is.
+    intent_waiting: Vec<(JobId, u64)>,
+    /// A bitmap write is queued and not yet durable: its sequence, and the intent
+    /// generation it covers (every bitmap intent set before it was encoded).
+    bitmap_write: Option<(u64, u64)>,
+    /// Bitmap intents set so far, and those a durable bitmap write covers.
+    intent_gen: u64,
+    bitmap_durable_gen: u64,
+    /// A local data flush before metadata that relies on it is in flight, and what
+    /// waits for it: a bitmap write (bits cleared because a local write completed
+    /// must not be recorded before that write is durable), and an activity-log
+    /// transaction that forgets an extent (its completed writes must be durable
+    /// first, or a crash could lose them locally while nothing marks them).
+    meta_flush: Option<JobId>,
+    bitmap_after_flush: bool,
+    al_after_flush: Option<Vec<u32>>,
+    /// Bits were cleared on the strength of a local write since the last meta flush
+    /// was submitted.
+    local_clears: bool,
+    ms_since_bitmap_write: u64,
+}
+
+impl WriteIntent {
+    pub fn new(al: ActivityLog) -> WriteIntent {
+        WriteIntent {
+            al,
+            al_waiting: VecDeque::new(),
+            intent_waiting: Vec::new(),
+            bitmap_write: None,
+            intent_gen: 0,
+            bitmap_durable_gen: 0,
+            meta_flush: None,
+            bitmap_after_flush: false,
+            al_after_flush: None,
+            local_clears: false,
+            ms_since_bitmap_write: 0,
+        }
+    }
+
+    /// (hot extents, transactions made durable since start) of the activity log.
+    pub fn al_stats(&self) -> (usize, u64) {
+        (self.al.hot_count(), self.al.transactions())
+    }
+
+    /// The writes waiting for metadata (they never start after a disk failure).
+    pub fn take_waiting(&mut self) -> Vec<JobId> {
+        self.al_waiting.drain(..).chain(self.intent_waiting.drain(..).map(|(j, _)| j)).collect()
+    }
+
+    /// Bits were cleared because a local write completed: the next bitmap write
+    /// waits for a local flush.
+    pub fn cleared_by_local_write(&mut self) {
+        self.local_clears = true;
+    }
+}
+
 impl Core {
     pub(super) fn on_meta_durable(&mut self, seq: u64, out: &mut Vec<Action>) {
         self.on_target_durable(seq, out);
         self.durable_seq = self.durable_seq.max(seq);
-        if let Some((s, covers)) = self.bitmap_write.filter(|(s, _)| *s <= seq) {
+        if let Some((s, covers)) = self.intent.bitmap_write.filter(|(s, _)| *s <= seq) {
             debug_assert!(s <= seq);
-            self.bitmap_write = None;
-            self.bitmap_durable_gen = self.bitmap_durable_gen.max(covers);
+            self.intent.bitmap_write = None;
+            self.intent.bitmap_durable_gen = self.intent.bitmap_durable_gen.max(covers);
         }
-        if self.al.committed(seq) {
+        if self.intent.al.committed(seq) {
             self.retry_al_waiters(out);
         }
-        if !self.intent_waiting.is_empty() {
-            let durable = self.bitmap_durable_gen;
+        if !self.intent.intent_waiting.is_empty() {
+            let durable = self.intent.bitmap_durable_gen;
             let (ready, waiting): (Vec<_>, Vec<_>) =
-                self.intent_waiting.drain(..).partition(|(_, gen_)| *gen_ <= durable);
-            self.intent_waiting = waiting;
+                self.intent.intent_waiting.drain(..).partition(|(_, gen_)| *gen_ <= durable);
+            self.intent.intent_waiting = waiting;
             for (job, _) in ready {
                 self.send_write(job, out);
             }
@@ -57,8 +120,8 @@ impl Core {
     /// if bits were cleared because a local write completed (the write must be
     /// durable before the bitmap says its range is in sync).
     pub(super) fn write_bitmap(&mut self, out: &mut Vec<Action>) {
-        if self.local_clears {
-            self.bitmap_after_flush = true;
+        if self.intent.local_clears {
+            self.intent.bitmap_after_flush = true;
             self.start_meta_flush(out);
             return;
         }
@@ -68,71 +131,68 @@ impl Core {
     fn emit_bitmap_write(&mut self, out: &mut Vec<Action>) {
         let blocks = encode_changed(&mut self.bitmap);
         let seq = self.next_seq();
-        self.bitmap_write = Some((seq, self.intent_gen));
-        self.ms_since_bitmap_write = 0;
+        self.intent.bitmap_write = Some((seq, self.intent.intent_gen));
+        self.intent.ms_since_bitmap_write = 0;
         out.push(Action::WriteBitmap { seq, blocks });
     }
 
     fn start_meta_flush(&mut self, out: &mut Vec<Action>) {
-        if self.meta_flush.is_some() {
+        if self.intent.meta_flush.is_some() {
             return;
         }
         let job = self.ids.next(JobKind::MetaFlush, self.link_gen);
-        self.meta_flush = Some(job);
-        self.local_clears = false;
+        self.intent.meta_flush = Some(job);
+        self.intent.local_clears = false;
         out.push(Action::Local { job, op: IoOp::Flush });
     }
 
     /// The local flush before metadata finished: write what waited for it.
     pub(super) fn on_meta_flushed(&mut self, job: JobId, result: Result<(), Errno>, out: &mut Vec<Action>) {
-        if self.meta_flush != Some(job) {
+        if self.intent.meta_flush != Some(job) {
             return;
         }
-        self.meta_flush = None;
+        self.intent.meta_flush = None;
         if let Err(e) = result {
             // The update that depends on it is never made (fail closed): what it
             // would have recorded stays covered by what is already on disk.
             let error = e.desc().to_string();
             return self.fail_disk(DiskFailure { op: "flush before a metadata update", error }, out);
         }
-        if self.local_clears && (self.bitmap_after_flush || self.al_after_flush.is_some()) {
+        if self.intent.local_clears
+            && (self.intent.bitmap_after_flush || self.intent.al_after_flush.is_some())
+        {
             // More bits were cleared after this flush was submitted: flush again.
             return self.start_meta_flush(out);
         }
-        let evicting = self.al_after_flush.is_some();
-        if std::mem::take(&mut self.bitmap_after_flush)
+        let evicting = self.intent.al_after_flush.is_some();
+        if std::mem::take(&mut self.intent.bitmap_after_flush)
             || (evicting && self.bitmap.changed_blocks().next().is_some())
         {
             // Before a transaction that forgets an extent: its bits go first.
             self.emit_bitmap_write(out);
         }
-        if let Some(extents) = self.al_after_flush.take() {
+        if let Some(extents) = self.intent.al_after_flush.take() {
             let seq = self.next_seq();
-            self.al.begin(seq);
+            self.intent.al.begin(seq);
             out.push(Action::WriteAl { seq, extents });
         }
     }
 
     pub(super) fn on_tick(&mut self, elapsed_ms: u64, app_requests: u64, out: &mut Vec<Action>) {
-        self.rate_tick(elapsed_ms, app_requests);
-        self.ms_since_bitmap_write += elapsed_ms;
+        self.rate.tick(elapsed_ms, app_requests);
+        self.intent.ms_since_bitmap_write += elapsed_ms;
         // Lazily: the activity log covers what is not written yet. During a resync
         // more often, so that a crashed source redoes little.
         let interval_ms = if self.source.is_some() { 100 } else { 1000 };
-        if self.ms_since_bitmap_write >= interval_ms
-            && self.bitmap_write.is_none()
+        if self.intent.ms_since_bitmap_write >= interval_ms
+            && self.intent.bitmap_write.is_none()
             && self.bitmap.changed_blocks().next().is_some()
         {
             self.write_bitmap(out);
         }
         self.negotiation_tick(out);
         self.twophase_tick(out);
-        if let Some(sync) = self.source.as_mut() {
-            sync.paused_until_tick = false;
-        }
-        self.pump_source(out);
-        self.request_resync_flush(out);
-        self.send_resync_info(out);
+        self.source_tick(out);
         self.idle_housekeeping(out);
     }
 
@@ -150,12 +210,12 @@ impl Core {
         if due && self.role == Role::Primary {
             self.flush_barrier_if_needed(out);
         }
-        if self.role == Role::Secondary && self.al_after_flush.is_none() && self.al.cool_all() {
+        if self.role == Role::Secondary && self.intent.al_after_flush.is_none() && self.intent.al.cool_all() {
             if self.bitmap.changed_blocks().next().is_some() {
                 self.write_bitmap(out);
             }
             let seq = self.next_seq();
-            self.al.begin(seq);
+            self.intent.al.begin(seq);
             out.push(Action::WriteAl { seq, extents: Vec::new() });
         }
     }
@@ -167,40 +227,40 @@ impl Core {
             return self.fail_write(job, out);
         }
         let range = self.writes[&job].range.clone();
-        if ActivityLog::span(&range) > self.al.max_span() {
+        if ActivityLog::span(&range) > self.intent.al.max_span() {
             self.mark_dirty(range);
-            self.intent_gen += 1;
+            self.intent.intent_gen += 1;
             self.writes.get_mut(&job).expect("known").intent = Some(Intent::Bitmap);
-            self.intent_waiting.push((job, self.intent_gen));
+            self.intent.intent_waiting.push((job, self.intent.intent_gen));
             self.write_bitmap(out);
             return;
         }
-        if self.al.try_acquire(&range, 2) {
+        if self.intent.al.try_acquire(&range, 2) {
             self.writes.get_mut(&job).expect("known").intent = Some(Intent::Log);
             return self.send_write(job, out);
         }
-        self.al.want(&range);
-        self.al_waiting.push_back(job);
+        self.intent.al.want(&range);
+        self.intent.al_waiting.push_back(job);
         self.pump_al(out);
     }
 
     /// Starts the next activity-log transaction if one is needed and possible.
     pub(super) fn pump_al(&mut self, out: &mut Vec<Action>) {
-        if self.al_after_flush.is_some() {
+        if self.intent.al_after_flush.is_some() {
             return;
         }
-        if let Some(t) = self.al.next_transaction() {
+        if let Some(t) = self.intent.al.next_transaction() {
             if t.evicted {
                 // Before the log forgets an extent, the writes to it that completed
                 // must be durable here, and its bits on disk (`on_meta_flushed`).
-                self.al_after_flush = Some(t.extents);
+                self.intent.al_after_flush = Some(t.extents);
                 self.start_meta_flush(out);
                 return;
             }
             let seq = self.next_seq();
-            self.al.begin(seq);
+            self.intent.al.begin(seq);
             out.push(Action::WriteAl { seq, extents: t.extents });
-        } else if self.al.blocked() {
+        } else if self.intent.al.blocked() {
             // Every hot extent waits for the peer to confirm an epoch durably: ask
             // for it, or nothing would ever release them.
             self.flush_barrier_if_needed(out);
@@ -218,16 +278,16 @@ impl Core {
     }
 
     pub(super) fn retry_al_waiters(&mut self, out: &mut Vec<Action>) {
-        for _ in 0..self.al_waiting.len() {
-            let Some(job) = self.al_waiting.pop_front() else { break };
+        for _ in 0..self.intent.al_waiting.len() {
+            let Some(job) = self.intent.al_waiting.pop_front() else { break };
             let Some(w) = self.writes.get_mut(&job) else { continue };
             let range = w.range.clone();
-            if self.al.try_acquire(&range, 2) {
+            if self.intent.al.try_acquire(&range, 2) {
                 w.intent = Some(Intent::Log);
                 self.send_write(job, out);
             } else {
-                self.al.want(&range);
-                self.al_waiting.push_back(job);
+                self.intent.al.want(&range);
+                self.intent.al_waiting.push_back(job);
             }
         }
         self.pump_al(out);
@@ -235,7 +295,7 @@ impl Core {
 
     /// Gives back one activity-log reference of a settled part of a write.
     pub(super) fn release_al(&mut self, range: &std::ops::Range<u64>, out: &mut Vec<Action>) {
-        if self.al.release(range, 1) {
+        if self.intent.al.release(range, 1) {
             self.pump_al(out);
         }
     }
@@ -255,7 +315,7 @@ impl Core {
                 Some(w) => w.peer_settled = true,
                 None => {
                     self.bitmap.clear_range(range);
-                    self.local_clears = true;
+                    self.intent.local_clears = true;
                 }
             },
         }

@@ -136,22 +136,6 @@ impl Core {
         }
     }
 
-    /// The verify this node runs ended (`error` if it was cut short).
-    pub(super) fn verify_ended(
-        &mut self,
-        verified_bytes: u64,
-        out_of_sync_bytes: u64,
-        error: Option<String>,
-        out: &mut Vec<Action>,
-    ) {
-        let Some(id) = self.verify_cmd.take() else { return };
-        let result = match error {
-            Some(e) => Err(e),
-            None => Ok(CmdOutput::Verified { verified_bytes, out_of_sync_bytes }),
-        };
-        out.push(Action::Done { id, result });
-    }
-
     /// The connection as status shows it, and why the last link was refused.
     pub fn connection(&self) -> (ConnState, Option<&str>) {
         (self.conn, self.refusal.as_deref())
@@ -165,5 +149,90 @@ impl Core {
     /// No connection is used until `blockctl connect`.
     pub fn standalone(&self) -> bool {
         self.standalone
+    }
+}
+
+impl Core {
+    /// `blockctl primary [--force]`. Its persist is queued in `out`; the command is
+    /// answered once it is durable (the export opens at once: writes acknowledged
+    /// under a new generation wait for it, see `needs_durable_gens`).
+    pub(super) fn promote(
+        &mut self,
+        id: CmdId,
+        force: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<Promotion, String> {
+        if self.role == Role::Primary {
+            return Ok(Promotion::Done);
+        }
+        if self.peer_role == Some(Role::Primary) {
+            return Err("the peer is Primary; demote it first (`blockctl secondary` there)".to_string());
+        }
+        if self.disk != DiskState::UpToDate && !force {
+            return Err(format!(
+                "the local disk is {}; only an UpToDate node can be promoted \
+                 (use --force to make this node's data the authoritative copy)",
+                self.disk
+            ));
+        }
+        if self.link == Link::Replicating && !self.cfg.bugs.promotion_skips_peer {
+            if force && self.disk != DiskState::UpToDate && self.peer_disk == Some(DiskState::UpToDate) {
+                return Err(format!(
+                    "the local disk is {} and the connected peer's is UpToDate: promote the peer, or \
+                     `blockctl disconnect` first to make this node's data the authoritative copy",
+                    self.disk
+                ));
+            }
+            // While connected, the peer must agree (`repl::twopc`).
+            self.request_promotion(id, force, out)?;
+            return Ok(Promotion::Asked);
+        }
+        self.promote_now(force, out)?;
+        Ok(Promotion::Done)
+    }
+
+    /// Becomes Primary (disconnected, or with the peer's agreement).
+    pub(super) fn promote_now(&mut self, force: bool, out: &mut Vec<Action>) -> Result<(), String> {
+        if self.role == Role::Primary {
+            return Ok(());
+        }
+        if self.disk != DiskState::UpToDate && !force {
+            return Err(format!("the local disk is {}; only an UpToDate node can be promoted", self.disk));
+        }
+        if force && self.disk != DiskState::UpToDate {
+            // This copy becomes the reference: a generation of its own, so the peer
+            // sees it as newer and takes a full sync from it.
+            let fresh = self.fresh_id();
+            self.gens.start_new(fresh);
+            self.disk = DiskState::UpToDate;
+            self.gens_pending = true;
+        } else if self.link == Link::Disconnected && self.gens.bitmap == 0 {
+            // SPEC §5: promoted while disconnected starts a new generation — unless
+            // one already tracks changes since the peer's (as DRBD: only when the
+            // bitmap id is 0), or the peer would no longer recognize this node.
+            let fresh = self.fresh_id();
+            self.gens.start_new(fresh);
+            self.gens_pending = true;
+        }
+        self.role = Role::Primary;
+        self.persist(out);
+        self.announce_state(out);
+        Ok(())
+    }
+
+    /// `blockctl secondary`: the shell has already closed the NBD export and drained
+    /// its clients. Refused while writes are in flight.
+    pub(super) fn demote(&mut self, out: &mut Vec<Action>) -> Result<(), String> {
+        if self.role == Role::Secondary {
+            return Ok(());
+        }
+        if !self.writes.is_empty() || !self.flushes.is_empty() {
+            return Err("writes are still in flight; retry in a moment".to_string());
+        }
+        self.twophase_link_lost(out);
+        self.role = Role::Secondary;
+        self.persist(out);
+        self.announce_state(out);
+        Ok(())
     }
 }
