@@ -6,8 +6,9 @@ use std::path::Path;
 
 fn main() -> std::io::Result<()> {
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
-    let targets: [(&str, Vec<blockd_fuzz::Seed>); 7] = [
+    let targets: [(&str, Vec<blockd_fuzz::Seed>); 8] = [
         ("nbd_handshake", blockd_fuzz::nbd::handshake_seeds()),
+        ("nbd_client", blockd_fuzz::nbd::client_seeds()),
         ("nbd_request", blockd_fuzz::nbd::request_seeds()),
         ("peer_frames", blockd_fuzz::peer::frame_seeds()),
         ("peer_msg", blockd_fuzz::peer::msg_seeds()),

@@ -257,8 +257,15 @@ fn seed(flags: u8, busy: bool) -> Vec<u8> {
             .collect();
         store.write_bitmap_blocks(&blocks).expect("writing bitmap blocks");
     }
+    let mut areas = setup.read();
+    // The same bytes on every run: a fixed resource id and creation time (create
+    // draws the one and reads the clock for the other), crcs made good again.
+    for slot in areas.iter_mut().take(2).filter(|s| s.iter().any(|b| *b != 0)) {
+        slot[24..40].copy_from_slice(&[0x5e; 16]);
+        fix_slot_crc(slot);
+    }
     let mut input = vec![flags];
-    for area in setup.read() {
+    for area in areas {
         // Trailing zeros are what an absent section means anyway.
         let len = area.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
         input.extend_from_slice(&(len as u16).to_le_bytes());

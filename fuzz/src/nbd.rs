@@ -3,6 +3,8 @@
 //!
 //! - `nbd_handshake`: the input is everything the client sends, from its flags on:
 //!   option haggling, and whatever transmission a successful haggle leads to.
+//! - `nbd_client`: the other direction: the input is what a server sends to this
+//!   crate's client (`blockctl attach`'s dial), for the handshake and for a listing.
 //! - `nbd_request`: six bytes choose the export (size, read-only, capabilities, block
 //!   sizes, structured replies or not); the harness then sends a valid handshake
 //!   and the rest of the input is the request stream.
@@ -16,6 +18,7 @@ use std::io::Cursor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use nbd_server::client::{self, Client};
 use nbd_server::proto::{
     self, BASE_ALLOCATION, IHAVEOPT, MAX_PAYLOAD_BYTES, RequestHeader, client_flags, cmd, cmd_flags, info,
     opt,
@@ -43,16 +46,35 @@ pub fn nbd_request(data: &[u8]) {
     serve(choice.info, client);
 }
 
+/// Target `nbd_client`: `data` is everything a server sends to the client side
+/// (`blockctl attach` dialing a node): the handshake and a few requests, and
+/// separately the export listing.
+pub fn nbd_client(data: &[u8]) {
+    crate::block_on(async {
+        if let Ok(mut client) = Client::connect(tokio::io::join(data, tokio::io::sink()), EXPORT).await {
+            let _ = client.read(0, 512).await;
+            let _ = client.flush().await;
+        }
+        let _ = client::list_exports(&mut tokio::io::join(data, tokio::io::sink())).await;
+    });
+}
+
 /// Serves `client_bytes` as one connection and returns when the server is done with it.
 fn serve(info: ExportInfo, client_bytes: Vec<u8>) {
+    // Errors are the expected answer to most inputs; only panics and hangs are bugs.
+    let _ = crate::block_on(serve_to(info, client_bytes, tokio::io::sink()));
+}
+
+async fn serve_to<W>(info: ExportInfo, client_bytes: Vec<u8>, out: W) -> Result<(), nbd_server::Error>
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut config = ServerConfig::new(EXPORT);
     config.export.description = Some("a fuzzed export".into());
     let server = Server::new(Arc::new(Device { info }), config);
     // Held until the connection ends: a dropped sender means "shut down".
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
-    let stream = tokio::io::join(Cursor::new(client_bytes), tokio::io::sink());
-    // Errors are the expected answer to most inputs; only panics and hangs are bugs.
-    let _ = crate::block_on(server.serve_one(stream, shutdown));
+    server.serve_one(tokio::io::join(Cursor::new(client_bytes), out), shutdown).await
 }
 
 /// What an `nbd_request` input's first bytes choose.
@@ -285,9 +307,57 @@ pub fn request_seeds() -> Vec<Seed> {
     ]
 }
 
+/// Seeds of `nbd_client`: what this server answers to the client's own handshake
+/// (with a READ and a FLUSH after it) and to its export listing.
+pub fn client_seeds() -> Vec<Seed> {
+    let flags = || Bytes::default().u32(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES);
+    let go = option(flags(), opt::GO, &go_data(EXPORT, &[info::BLOCK_SIZE]));
+    // The cookies `Client` uses: 1, 2, ...
+    let go = go.raw(&proto::encode_request(&RequestHeader {
+        flags: 0,
+        command: cmd::READ,
+        cookie: 1,
+        offset: 0,
+        length: 512,
+    }));
+    let go = go.raw(&proto::encode_request(&RequestHeader {
+        flags: 0,
+        command: cmd::FLUSH,
+        cookie: 2,
+        offset: 0,
+        length: 0,
+    }));
+    let list = option(option(flags(), opt::LIST, &[]), opt::ABORT, &[]);
+    let answer = |client_bytes: Vec<u8>| {
+        let (out, mut replies) = tokio::io::duplex(1 << 20);
+        let info = ExportInfo { min_block_bytes: 512, ..ExportInfo::writable(1 << 20) };
+        let _ = crate::block_on(serve_to(info, client_bytes, out));
+        let mut bytes = Vec::new();
+        crate::block_on(tokio::io::AsyncReadExt::read_to_end(&mut replies, &mut bytes)).expect("in memory");
+        bytes
+    };
+    vec![("seed-go-read-flush".into(), answer(go.0)), ("seed-list".into(), answer(list.0))]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_seeds_negotiate() {
+        let seeds = client_seeds();
+        let details = crate::block_on(client::handshake(
+            &mut tokio::io::join(&seeds[0].1[..], tokio::io::sink()),
+            EXPORT,
+        ));
+        assert_eq!(details.expect("a real server's answer").size_bytes, 1 << 20);
+        let names =
+            crate::block_on(client::list_exports(&mut tokio::io::join(&seeds[1].1[..], tokio::io::sink())));
+        assert_eq!(names.expect("a real server's list"), vec![EXPORT.to_owned()]);
+        for (_, s) in seeds {
+            nbd_client(&s);
+        }
+    }
 
     #[test]
     fn seeds_reach_the_device() {
