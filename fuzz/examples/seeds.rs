@@ -6,11 +6,12 @@ use std::path::Path;
 
 fn main() -> std::io::Result<()> {
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
-    let targets: [(&str, Vec<blockd_fuzz::Seed>); 8] = [
+    let targets: [(&str, Vec<blockd_fuzz::Seed>); 9] = [
         ("nbd_handshake", blockd_fuzz::nbd::handshake_seeds()),
         ("nbd_client", blockd_fuzz::nbd::client_seeds()),
         ("nbd_request", blockd_fuzz::nbd::request_seeds()),
         ("peer_frames", blockd_fuzz::peer::frame_seeds()),
+        ("peer_link", blockd_fuzz::peer::link_seeds()),
         ("peer_msg", blockd_fuzz::peer::msg_seeds()),
         ("control_line", blockd_fuzz::control::seeds()),
         ("meta_open", blockd_fuzz::meta::seeds()),

@@ -153,7 +153,10 @@ impl Device {
         assert!(len_bytes > 0, "{what}: zero length reached the device");
         let end = offset.checked_add(len_bytes);
         assert!(end.is_some_and(|e| e <= i.size_bytes), "{what} {offset}+{len_bytes} past {}", i.size_bytes);
-        assert!(offset % min == 0 && len_bytes % min == 0, "{what} {offset}+{len_bytes} not {min}-aligned");
+        assert!(
+            offset.is_multiple_of(min) && len_bytes.is_multiple_of(min),
+            "{what} {offset}+{len_bytes} not {min}-aligned"
+        );
     }
 
     fn check_write(&self, what: &str, fua: bool) {

@@ -2,6 +2,9 @@
 //!
 //! - `peer_frames`: the input is a byte stream from the peer, read by
 //!   [`FrameReader`] frame after frame until it fails (or ends).
+//! - `peer_link`: the same bytes after a handshake, through an established link
+//!   (`spawn_link`) to the core's side: keepalive and `Bye` stay inside the link,
+//!   and nothing outside the device gets through.
 //! - `peer_msg`: the input is a type code (2 bytes, big-endian) and a payload; the
 //!   harness wraps them in a frame with a correct header and crc, so every input
 //!   reaches the payload decoder of its message kind. Codes that name no kind are
@@ -13,11 +16,13 @@
 //! the decoder accepts nothing the encoder would not write (one meaning per frame).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use blockd::config::Protocol;
 use blockd::peer::msg::{AUTH_BYTES, PROTOCOL_VERSION};
 use blockd::peer::{
-    FRAME_HEADER_BYTES, FRAME_MAGIC, FrameReader, FrameWriter, Hello, Kind, Message, PeerStats,
+    FRAME_HEADER_BYTES, FRAME_MAGIC, FrameReader, FrameWriter, Hello, Kind, LinkEvent, LinkSettings, Message,
+    PeerStats, spawn_link,
 };
 use blockd::state::{DiskState, Generations, Role};
 use nbd_server::buf::{Buf, BufPool};
@@ -41,6 +46,63 @@ pub fn peer_msg(data: &[u8]) {
         assert_eq!(msg.kind(), kind, "a {} frame decoded as {:?}", kind.name(), msg.kind());
     }
     check_reencodes(&frame, read);
+}
+
+/// Target `peer_link`: a peer's bytes after the handshake, through an established
+/// link (`spawn_link`: keepalive, `Bye`, the range check) to what the core gets.
+pub fn peer_link(data: &[u8]) {
+    let stats = Arc::new(PeerStats::default());
+    let reader = FrameReader::new(std::io::Cursor::new(data.to_vec()), pool(), stats.clone());
+    let writer = FrameWriter::new(tokio::io::sink());
+    // Keepalive timers that never fire within an input (real time would make runs
+    // differ); a small queue, so the reader waits for the core now and then.
+    let hour_ms = 3_600_000;
+    let settings = LinkSettings { ping_interval_ms: hour_ms, ping_timeout_ms: hour_ms, incoming_capacity: 2 };
+    let size_bytes = remote_hello().size_bytes;
+    crate::block_on(async {
+        let (mut conn, mut handle) = spawn_link(reader, writer, remote_hello(), &settings, stats);
+        while let Some(event) = conn.incoming.recv().await {
+            match event {
+                LinkEvent::Message(msg) => check_for_core(&msg, size_bytes),
+                LinkEvent::Sent { .. } => {}
+                LinkEvent::Closed(_) => break,
+            }
+        }
+        handle.closed().await;
+    });
+}
+
+/// Messages links handed to the core (the seeds' test checks that they get that far).
+static DELIVERED: AtomicU64 = AtomicU64::new(0);
+
+/// What the link promises the core: no handshake or keepalive frames, and data-path
+/// messages only inside the device.
+fn check_for_core(msg: &Message, size_bytes: u64) {
+    DELIVERED.fetch_add(1, Ordering::Relaxed);
+    let (offset, len) = match msg {
+        Message::Hello(_)
+        | Message::Ping { .. }
+        | Message::Pong { .. }
+        | Message::Bye { .. }
+        | Message::AuthChallenge { .. }
+        | Message::AuthResponse { .. } => panic!("the link passed a {} on to the core", msg.kind().name()),
+        Message::Write { offset, data, .. } | Message::ResyncData { offset, data } => {
+            (*offset, data.len() as u64)
+        }
+        Message::Trim { offset, len, .. }
+        | Message::WriteZeroes { offset, len, .. }
+        | Message::ResyncZeroes { offset, len }
+        | Message::ResyncAck { offset, len, .. }
+        | Message::DigestReq { offset, len, .. }
+        | Message::Digests { offset, len, .. } => (*offset, *len),
+        _ => return,
+    };
+    let end = offset.checked_add(len);
+    assert!(
+        end.is_some_and(|e| e <= size_bytes),
+        "{} of {offset}+{len} past {size_bytes}",
+        msg.kind().name()
+    );
 }
 
 /// The messages `FrameReader` gets from `bytes` before its first error.
@@ -93,10 +155,11 @@ fn buf(bytes: &[u8]) -> Buf {
     b.freeze()
 }
 
-/// One message of every kind, as a node sends them.
-pub fn sample_messages() -> Vec<Message> {
-    let gens = Generations { current: 0x1111, bitmap: 0x2222, history: [0x3333, 0x4444, 0, 0] };
-    let hello = Hello {
+const GENS: Generations = Generations { current: 0x1111, bitmap: 0x2222, history: [0x3333, 0x4444, 0, 0] };
+
+/// A peer's Hello: a 64 MiB device.
+fn remote_hello() -> Hello {
+    Hello {
         version: PROTOCOL_VERSION,
         features: blockd::peer::msg::FEATURE_AUTH,
         resource: "r0".into(),
@@ -106,13 +169,18 @@ pub fn sample_messages() -> Vec<Message> {
         protocol: Protocol::C,
         role: Role::Primary,
         disk: DiskState::UpToDate,
-        gens,
+        gens: GENS,
         flags: 0,
-    };
+    }
+}
+
+/// One message of every kind, as a node sends them.
+pub fn sample_messages() -> Vec<Message> {
+    let gens = GENS;
     let mut bitmap_block = [0u8; bitmap::BLOCK_BYTES];
     bitmap_block[..4].copy_from_slice(&[0xff, 0x0f, 0, 0x80]);
     vec![
-        Message::Hello(hello),
+        Message::Hello(remote_hello()),
         Message::AuthChallenge { nonce: [7; AUTH_BYTES] },
         Message::AuthResponse { mac: [9; AUTH_BYTES] },
         Message::Ping { nonce: 1 },
@@ -157,6 +225,12 @@ pub fn frame_seeds() -> Vec<Seed> {
     vec![("seed-session".into(), encode(all)), ("seed-handshake".into(), encode(handshake))]
 }
 
+/// Seeds of `peer_link`: the data path and resync after a handshake, with a Ping.
+pub fn link_seeds() -> Vec<Seed> {
+    let after_handshake = sample_messages().into_iter().skip(3).collect();
+    vec![("seed-after-handshake".into(), encode(after_handshake))]
+}
+
 /// Seeds of `peer_msg`: code and payload of one sample per kind. Fails if a kind has
 /// no sample (add one to [`sample_messages`]).
 pub fn msg_seeds() -> Vec<Seed> {
@@ -182,8 +256,14 @@ mod tests {
     #[test]
     fn seeds_decode_and_reencode() {
         for (_, s) in frame_seeds() {
-            assert_eq!(crate::block_on(read_frames(&s)).len() > 1, true);
+            assert!(crate::block_on(read_frames(&s)).len() > 1);
             peer_frames(&s);
+        }
+        for (_, s) in link_seeds() {
+            let before = DELIVERED.load(Ordering::Relaxed);
+            peer_link(&s);
+            // Everything but Ping, Pong and Bye reaches the core.
+            assert_eq!(DELIVERED.load(Ordering::Relaxed) - before, Kind::ALL.len() as u64 - 6);
         }
         for (name, s) in msg_seeds() {
             let kind = Kind::from_code(u16::from_be_bytes([s[0], s[1]])).expect("a known code");
