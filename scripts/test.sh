@@ -52,7 +52,7 @@ echo "== tests"
 cargo test --workspace --release -q -- --test-threads "${BLOCKD_TEST_THREADS:-4}"
 # Every parser of untrusted bytes under libFuzzer, briefly (fuzz/README.md):
 # installs cargo-fuzz if missing, builds the targets once, runs each for
-# BLOCKD_FUZZ_SECONDS (default 20); any crash fails with the reproducer's path.
+# BLOCKD_FUZZ_SECONDS (default 15); any crash fails with the reproducer's path.
 echo "== fuzz"
 ./scripts/fuzz.sh
 # The kernel NBD client (blockctl attach/detach, failover) in a qemu guest: the
