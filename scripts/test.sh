@@ -2,7 +2,8 @@
 # Runs every check and test of the project on a fresh machine of this kind:
 # installs the external tools the tests drive, builds once (release), then runs
 # formatting, lints, unit tests and the integration suites in one cargo invocation,
-# and last the qemu guest tests of the kernel NBD client (vm-tests/run).
+# then every fuzz target briefly (scripts/fuzz.sh), and last the qemu guest tests of
+# the kernel NBD client (vm-tests/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,6 +50,8 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+# The fuzz crate is a workspace of its own (fuzz/Cargo.toml).
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -q -- -D warnings
 echo "== build (release)"
@@ -67,6 +70,11 @@ cargo test --workspace --release -q -- --test-threads "${BLOCKD_TEST_THREADS:-4}
 # any failure and exits 1.
 echo "== simulator"
 ./target/release/blockd-sim --seeds 100 --steps 20000
+# Every parser of untrusted bytes under libFuzzer, briefly (fuzz/README.md):
+# installs cargo-fuzz if missing, builds the targets once, runs each for
+# BLOCKD_FUZZ_SECONDS (default 15); any crash fails with the reproducer's path.
+echo "== fuzz"
+./scripts/fuzz.sh
 # The kernel NBD client (blockctl attach/detach, failover) in a qemu guest: the
 # host kernel has no nbd module. Uses the release binaries built above.
 echo "== vm-tests"

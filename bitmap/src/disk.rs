@@ -38,15 +38,17 @@ impl Bitmap {
     }
 
     /// Rebuilds a bitmap from its areas, verifying every block's crc32c. `bits` and `crcs` may be
-    /// longer than needed (padding is ignored). The result has no changed blocks.
+    /// longer than needed (padding is ignored). The result has no changed blocks. The areas are
+    /// checked before anything is allocated, so a device size they cannot hold costs nothing.
     pub fn decode(
         device_bytes: u64,
         granularity_bytes: u64,
         bits: &[u8],
         crcs: &[u8],
     ) -> Result<Bitmap, BitmapError> {
-        let mut map = Bitmap::empty(device_bytes, granularity_bytes)?;
-        let blocks = map.blocks();
+        let (_, blocks) = Bitmap::geometry(device_bytes, granularity_bytes)?;
+        // At most 2^37 blocks (2^52 granules of 4 KiB): the products below cannot overflow.
+        let blocks = blocks as u64;
         let needed_bits = blocks * BLOCK_BYTES as u64;
         if (bits.len() as u64) < needed_bits {
             return Err(BitmapError::Truncated { area: "bits", needed: needed_bits, got: bits.len() as u64 });
@@ -54,6 +56,7 @@ impl Bitmap {
         if (crcs.len() as u64) < blocks * 4 {
             return Err(BitmapError::Truncated { area: "crc", needed: blocks * 4, got: crcs.len() as u64 });
         }
+        let mut map = Bitmap::empty(device_bytes, granularity_bytes)?;
         for (block, (data, crc)) in bits.chunks_exact(BLOCK_BYTES).zip(crcs.chunks_exact(4)).enumerate() {
             if block as u64 == blocks {
                 break;

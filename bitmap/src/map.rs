@@ -34,14 +34,7 @@ impl Bitmap {
 
     /// All clear, no block changed.
     pub(crate) fn empty(device_bytes: u64, granularity_bytes: u64) -> Result<Bitmap, BitmapError> {
-        if !granularity_bytes.is_power_of_two()
-            || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity_bytes)
-        {
-            return Err(BitmapError::BadGranularity { granularity_bytes });
-        }
-        let too_large = || BitmapError::TooLarge { device_bytes, granularity_bytes };
-        let len = usize::try_from(device_bytes.div_ceil(granularity_bytes)).map_err(|_| too_large())?;
-        let blocks = usize::try_from(Self::blocks_for(len as u64)).map_err(|_| too_large())?;
+        let (len, blocks) = Self::geometry(device_bytes, granularity_bytes)?;
         Ok(Bitmap {
             bits: BitVec::repeat(false, len),
             changed: BitVec::repeat(false, blocks),
@@ -50,6 +43,20 @@ impl Bitmap {
             shift: granularity_bytes.trailing_zeros(),
             ones: 0,
         })
+    }
+
+    /// Checks the granularity; returns `(bits, on-disk blocks)` for this geometry,
+    /// without allocating anything.
+    pub(crate) fn geometry(device_bytes: u64, granularity_bytes: u64) -> Result<(usize, usize), BitmapError> {
+        if !granularity_bytes.is_power_of_two()
+            || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity_bytes)
+        {
+            return Err(BitmapError::BadGranularity { granularity_bytes });
+        }
+        let too_large = || BitmapError::TooLarge { device_bytes, granularity_bytes };
+        let len = usize::try_from(device_bytes.div_ceil(granularity_bytes)).map_err(|_| too_large())?;
+        let blocks = usize::try_from(Self::blocks_for(len as u64)).map_err(|_| too_large())?;
+        Ok((len, blocks))
     }
 
     pub(crate) fn blocks_for(len_bits: u64) -> u64 {

@@ -234,6 +234,29 @@ fn encode_decode_round_trip_and_format() {
     assert!(matches!(Bitmap::decode(device, K4, &zeros, &crcs), Err(BitmapError::Corrupt { block: 0, .. })));
 }
 
+/// Found by the `bitmap_blocks` fuzz target: decode sized its map from the claimed
+/// device size before looking at the areas, so a huge size with short areas asked
+/// for a bitmap of petabytes (an abort, not an error).
+#[test]
+fn decode_checks_the_areas_before_allocating() {
+    for (device, g) in [(1u64 << 63, K4), (0xff00_0000_c000_3039, 1 << 16), (u64::MAX, K4)] {
+        assert!(
+            matches!(
+                Bitmap::decode(device, g, &[0; 4096], &[0; 4]),
+                Err(BitmapError::Truncated { area: "bits", .. })
+            ),
+            "{device} @ {g}"
+        );
+    }
+    let (bits_len, _) = Bitmap::on_disk_bytes(1 << 40, K4);
+    let bits = vec![0u8; bits_len as usize];
+    assert!(matches!(
+        Bitmap::decode(1 << 40, K4, &bits, &[]),
+        Err(BitmapError::Truncated { area: "crc", .. })
+    ));
+    assert!(matches!(Bitmap::decode(1 << 30, 0, &[], &[]), Err(BitmapError::BadGranularity { .. })));
+}
+
 #[test]
 fn flipped_bits_are_detected_per_block() {
     let device = 4 * BITS_PER_BLOCK * K4;

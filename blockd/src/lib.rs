@@ -1,7 +1,8 @@
 //! blockd: the daemon behind a replicated block device.
 //!
 //! # Overview
-//! - [`cli`]: `blockd`'s command line (clap), shared with the man-page generator.
+//! - [`cli`]: `blockd`'s command line (clap), shared with the man-page generator
+//!   (behind the default `bin` feature, which the fuzz crate turns off).
 //! - [`config`]: the resource's TOML file (SPEC §8.1), validated, with `file:line: key`
 //!   errors; picks the local node.
 //! - [`storage`]: one backing store (file or block device) and its I/O engine
@@ -39,6 +40,7 @@
 //!
 //! `ARCHITECTURE.md` at the repository root has the request paths and invariants.
 
+#[cfg(feature = "bin")]
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -125,6 +125,20 @@ impl IntoHalves for UnixStream {
     }
 }
 
+/// An in-memory connection: any reader and writer joined (`tokio::io::join`), for
+/// [`Server::serve_one`] in tests and fuzz targets.
+impl<R, W> IntoHalves for tokio::io::Join<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    type Read = R;
+    type Write = W;
+    fn into_halves(self) -> (R, W) {
+        self.into_inner()
+    }
+}
+
 /// Closes every open connection on request (e.g. a node being demoted): each stops
 /// reading new requests, answers the ones in flight, and closes. New connections are
 /// unaffected (the device's `check_open` decides about those).
@@ -196,6 +210,27 @@ impl<D: BlockDevice> Server<D> {
             let _ = l.await;
         }
         let _ = all_done.recv().await;
+    }
+
+    /// Serves one already-open stream exactly as an accepted connection is served
+    /// (handshake, then transmission) and returns how it ended. For in-memory streams
+    /// in fuzz targets (`fuzz/`) and tests; servers use [`Server::serve`].
+    #[doc(hidden)]
+    pub async fn serve_one<S: IntoHalves>(
+        &self,
+        stream: S,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let ctx = Ctx {
+            device: self.device.clone(),
+            config: self.config.clone(),
+            pool: self.pool.clone(),
+            stats: self.stats.clone(),
+            shutdown,
+            kick: self.kick.clone(),
+            alive: mpsc::channel(1).0,
+        };
+        serve_stream(stream, "in-memory", &ctx).await
     }
 }
 

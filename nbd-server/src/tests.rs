@@ -295,3 +295,20 @@ async fn disconnect_all_closes_open_connections_only() {
     assert_eq!(b.read(0, 1).await.unwrap().unwrap(), b"x", "new connections still work");
     srv.shutdown().await;
 }
+
+/// `Server::serve_one` (what the fuzz targets drive) serves an in-memory stream as it
+/// serves a socket, and returns when the client is done.
+#[tokio::test]
+async fn serve_one_serves_an_in_memory_stream() {
+    let device = Arc::new(RamDevice { data: Mutex::new(vec![0; SIZE as usize]), refuse: None });
+    let server = Server::new(device, ServerConfig::new("r0"));
+    let (ours, theirs) = tokio::io::duplex(1 << 16);
+    let (_stop, shutdown) = watch::channel(false);
+    let (r, w) = tokio::io::split(theirs);
+    let served = tokio::spawn(async move { server.serve_one(tokio::io::join(r, w), shutdown).await });
+    let mut c = Client::connect(ours, "r0").await.expect("handshake");
+    c.write(0, b"mem", 0).await.unwrap().unwrap();
+    assert_eq!(c.read(0, 3).await.unwrap().unwrap(), b"mem");
+    drop(c.disconnect().await.unwrap());
+    served.await.expect("the task").expect("a clean end");
+}
