@@ -33,6 +33,9 @@
 //!   `events`; other verbs refused).
 //! - [`systemd`]: `sd_notify` readiness (once the control socket answers), watchdog
 //!   and stopping notifications for `Type=notify` units.
+//! - [`tls`]: the crypto provider (aws-lc-rs, chosen by measurement), PEM files
+//!   into rustls configs, and the NBD server's STARTTLS hook; [`peer::tls`] builds
+//!   the peer link's mutual TLS on it.
 //! - [`safety`]: `PR_SET_IO_FLUSHER`, `oom_score_adj`, `mlockall` for processes in
 //!   the block I/O path of a kernel NBD client on the same host (blockd, and
 //!   `blockctl attach`'s resident).
@@ -54,3 +57,4 @@ pub mod standalone;
 pub mod state;
 pub mod storage;
 pub mod systemd;
+pub mod tls;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use nbd_server::{Server, ServerConfig};
+use nbd_server::Server;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, NodeConfig, ResyncRate};
@@ -87,7 +87,7 @@ pub async fn run(
     let (hello_tx, hello_rx) = watch::channel(hello);
 
     let listeners = crate::daemon::bind_nbd(&node).await?;
-    let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
+    let server = Server::new(device.clone(), crate::daemon::nbd_server_config(&config, &node)?);
     // Buffers for a kernel client's requests exist before memory gets short.
     server.pool().prefill_for_kernel_client();
     let nbd_clients = server.stats();
