@@ -31,6 +31,12 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
     protect_io_path_logged(&node);
     let peer = config.peers(&node.name).next().cloned();
     if let Some(peer) = peer {
+        // Read now so that unusable files stop the start; read again per connection.
+        if let Some(files) = config.peer_tls(&node.name) {
+            crate::peer::tls::check_files(&files, &peer.name)
+                .with_context(|| format!("node {}: cannot use TLS on the peer link", node.name))?;
+            tracing::info!(node = %node.name, peer = %peer.name, "peer link: mutual TLS 1.3");
+        }
         // Ready once the control socket answers: the supervisor probes it.
         let systemd = notify_systemd(Probe::Control(node.control.clone()), &stop);
         let result = crate::repl::node::run(config, node, peer, storage_opts, stop).await;

@@ -33,6 +33,7 @@
 //!   `events`; other verbs refused).
 //! - [`systemd`]: `sd_notify` readiness (once the control socket answers), watchdog
 //!   and stopping notifications for `Type=notify` units.
+//! - [`certs`]: a CA, node and NBD client certificates (rcgen) for `blockctl gen-certs`.
 //! - [`tls`]: the crypto provider (aws-lc-rs, chosen by measurement), PEM files
 //!   into rustls configs, and the NBD server's STARTTLS hook; [`peer::tls`] builds
 //!   the peer link's mutual TLS on it.
@@ -43,6 +44,7 @@
 //! `ARCHITECTURE.md` at the repository root has the request paths and invariants.
 
 pub mod cli;
+pub mod certs;
 pub mod config;
 pub mod control;
 pub mod daemon;

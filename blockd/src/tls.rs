@@ -141,9 +141,8 @@ pub fn nbd_hook(tls: &NbdTls) -> Result<Option<nbd_server::TlsConfig>, TlsFileEr
     };
     nbd_server_config(tls)?;
     let settings = tls.clone();
-    let acceptor = move || {
-        nbd_server_config(&settings).map(tokio_rustls::TlsAcceptor::from).map_err(|e| e.to_string())
-    };
+    let acceptor =
+        move || nbd_server_config(&settings).map(tokio_rustls::TlsAcceptor::from).map_err(|e| e.to_string());
     // Unix sockets: only local processes the socket file lets in; never required,
     // so a kernel client (which has no TLS) on the same host can attach there.
     Ok(Some(nbd_server::TlsConfig { acceptor: Arc::new(acceptor), tcp, unix: TlsMode::On }))

@@ -10,11 +10,11 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::device::{BlockDevice, ExportInfo};
 use crate::error::Error;
-use crate::tls::TlsPolicy;
 use crate::proto::{
     BASE_ALLOCATION, IHAVEOPT, MAX_STRING_BYTES, NBDMAGIC, client_flags, encode_option_reply,
     handshake_flags, info, opt, rep,
 };
+use crate::tls::TlsPolicy;
 
 /// Options a client may send before it must choose an export (nbdkit uses 32 too).
 const MAX_OPTIONS: usize = 32;
@@ -48,7 +48,10 @@ pub(crate) enum Outcome {
     Closed,
     /// STARTTLS was acknowledged: the caller runs the TLS handshake with `acceptor`
     /// and then [`resume`]s haggling over the TLS stream.
-    StartTls { acceptor: TlsAcceptor, resume: Resume },
+    StartTls {
+        acceptor: TlsAcceptor,
+        resume: Resume,
+    },
 }
 
 /// What haggling carries over a STARTTLS: only the greeting's flags and the option
@@ -132,7 +135,8 @@ where
         if let Some(outcome) = hs.one_option().await? {
             return Ok(match outcome {
                 Outcome::StartTls { acceptor, .. } => {
-                    let resume = Resume { no_zeroes: resume.no_zeroes, options_left: resume.options_left - used };
+                    let resume =
+                        Resume { no_zeroes: resume.no_zeroes, options_left: resume.options_left - used };
                     Outcome::StartTls { acceptor, resume }
                 }
                 other => other,
@@ -239,7 +243,8 @@ where
                 tracing::info!("EXPORT_NAME before STARTTLS on a listener that requires TLS; closing");
                 return Ok(Some(Outcome::Closed));
             }
-            self.reply_error(option, rep::ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first").await?;
+            self.reply_error(option, rep::ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
+                .await?;
             return Ok(None);
         }
         match option {

@@ -380,5 +380,6 @@ where
         tracing::info!(%peer, %why, "export closed during the handshake; disconnecting");
         return Ok(());
     }
-    transmission::run(r, w, ctx.device.clone(), negotiated, ctx.pool.clone(), ctx.shutdown.clone(), kick).await
+    transmission::run(r, w, ctx.device.clone(), negotiated, ctx.pool.clone(), ctx.shutdown.clone(), kick)
+        .await
 }

@@ -27,7 +27,10 @@ fn peer_tls_keys_parse_and_show() {
     assert_eq!(c.resource.tls_ca, Some("/etc/blockd/tls/r0/ca-cert.pem".into()));
     let alpha = c.peer_tls("alpha").expect("TLS on");
     assert_eq!(alpha.own.cert, PathBuf::from("/etc/blockd/tls/r0/alpha/server-cert.pem"));
-    assert_eq!(c.peer_tls("beta").expect("beta").own.key, PathBuf::from("/etc/blockd/tls/r0/beta/server-key.pem"));
+    assert_eq!(
+        c.peer_tls("beta").expect("beta").own.key,
+        PathBuf::from("/etc/blockd/tls/r0/beta/server-key.pem")
+    );
     let shown = c.effective_toml();
     assert!(shown.contains(CA) && shown.contains(CERT) && shown.contains(KEY), "{shown}");
     let again = ok(&shown);
@@ -45,7 +48,9 @@ fn tls_ca_needs_every_node_keys() {
          needs tls-cert and tls-key (e.g. from `blockctl gen-certs`)"
     );
     let text = spec_with(&[(L_SIZE, CA), (L_NODE0_FREE, CERT)]);
-    assert!(err(&text).starts_with(&format!("r0.toml:{L_NODE0}: key `node[0].tls-key`: missing required key")));
+    assert!(
+        err(&text).starts_with(&format!("r0.toml:{L_NODE0}: key `node[0].tls-key`: missing required key"))
+    );
 }
 
 #[test]
@@ -63,7 +68,9 @@ fn node_tls_keys_without_tls_ca_are_refused() {
 fn tls_paths_must_be_absolute() {
     assert_eq!(
         err(&spec_with(&[(L_SIZE, r#"tls-ca = "ca.pem""#)])),
-        format!("r0.toml:{L_SIZE}: key `resource.tls-ca`: \"ca.pem\" is a relative path; use an absolute path")
+        format!(
+            "r0.toml:{L_SIZE}: key `resource.tls-ca`: \"ca.pem\" is a relative path; use an absolute path"
+        )
     );
     assert!(err(&with_tls(&[(L_NODE0_FREE, r#"tls-cert = "x.pem""#)])).contains("key `node[0].tls-cert`"));
 }
@@ -105,7 +112,11 @@ fn nbd_tls_modes_and_files() {
         ]);
         let text = text.replace("# -", "") + key + "\n";
         // `key` lands in beta's table: alpha lacks it.
-        assert!(err(&text).contains("key `node[0].nbd-tls-key`: missing required key: nbd-tls is"), "{}", err(&text));
+        assert!(
+            err(&text).contains("key `node[0].nbd-tls-key`: missing required key: nbd-tls is"),
+            "{}",
+            err(&text)
+        );
         let text = spec_with(&[(L_NODE0_FREE, &format!("nbd-tls = \"{mode}\"")), (L_NODE0_CONTROL, files)]);
         let text = text.replace(files, &format!("{files}\n{key}\nnbd-tls-ca = \"/t/ca.pem\""));
         let c = ok(&text);
@@ -114,12 +125,16 @@ fn nbd_tls_modes_and_files() {
         assert_eq!(t.files, Some(TlsFiles { cert: "/t/c.pem".into(), key: "/t/k.pem".into() }));
         assert_eq!(t.client_ca, Some("/t/ca.pem".into()));
         let shown = c.effective_toml();
-        assert!(shown.contains(&format!("nbd-tls = \"{mode}\"")) && shown.contains("nbd-tls-ca = \"/t/ca.pem\""));
+        assert!(
+            shown.contains(&format!("nbd-tls = \"{mode}\"")) && shown.contains("nbd-tls-ca = \"/t/ca.pem\"")
+        );
         assert_eq!(ok(&shown).nodes[0].nbd_tls, *t);
     }
     assert_eq!(
         err(&spec_with(&[(L_NODE0_FREE, r#"nbd-tls = "yes""#)])),
-        format!("r0.toml:{L_NODE0_FREE}: key `node[0].nbd-tls`: expected \"off\", \"on\" or \"require\", found \"yes\"")
+        format!(
+            "r0.toml:{L_NODE0_FREE}: key `node[0].nbd-tls`: expected \"off\", \"on\" or \"require\", found \"yes\""
+        )
     );
     assert_eq!(
         err(&spec_with(&[(L_NODE0_FREE, files)])),

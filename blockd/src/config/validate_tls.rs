@@ -103,7 +103,9 @@ impl Cx<'_> {
         }
         let need = |p: Option<PathBuf>, field: &str| {
             p.ok_or_else(|| {
-                let why = format!(r#"missing required key: nbd-tls is "{mode}", which needs nbd-tls-cert and nbd-tls-key"#);
+                let why = format!(
+                    r#"missing required key: nbd-tls is "{mode}", which needs nbd-tls-cert and nbd-tls-key"#
+                );
                 self.at(table, &k(field), why)
             })
         };

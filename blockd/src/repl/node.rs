@@ -115,6 +115,7 @@ pub async fn run(
         PeerSettings::new(&node.name, &peer.name, node.replication.clone(), peer.replication.clone());
     settings.enabled = Some(link_enabled_rx);
     settings.secret = config.resource.shared_secret.clone();
+    settings.tls = config.peer_tls(&node.name);
     let peer_stats = Arc::new(crate::peer::PeerStats::default());
     let metrics_task = match &node.metrics {
         Some(addr) => {
