@@ -71,7 +71,8 @@ pub fn gen_certs(config: &Config, opts: GenCerts) -> Result<(), Fail> {
     let fail = |e: rcgen::Error| refused(format!("cannot make a certificate: {e}"));
     let ca = Ca::new(&format!("blockd {res} CA"), validity).map_err(fail)?;
     let ca_cert = ca.cert_pem();
-    let mut files: Vec<(PathBuf, String)> = vec![(out.join("ca-cert.pem"), ca_cert.clone()), (out.join("ca-key.pem"), ca.key_pem())];
+    let mut files: Vec<(PathBuf, String)> =
+        vec![(out.join("ca-cert.pem"), ca_cert.clone()), (out.join("ca-key.pem"), ca.key_pem())];
     for node in &config.nodes {
         let pem = ca.node(&node.name, &nbd_hosts(config, &node.name, &opts.sans), validity).map_err(fail)?;
         let dir = out.join(&node.name);
@@ -85,8 +86,11 @@ pub fn gen_certs(config: &Config, opts: GenCerts) -> Result<(), Fail> {
     files.push((client_dir.join("client-cert.pem"), client.cert));
     files.push((client_dir.join("client-key.pem"), client.key));
 
-    let existing: Vec<String> =
-        files.iter().filter(|(p, _)| p.symlink_metadata().is_ok()).map(|(p, _)| p.display().to_string()).collect();
+    let existing: Vec<String> = files
+        .iter()
+        .filter(|(p, _)| p.symlink_metadata().is_ok())
+        .map(|(p, _)| p.display().to_string())
+        .collect();
     if !existing.is_empty() {
         return Err(refused(format!(
             "refusing to overwrite existing files: {}; remove them or choose another --out-dir",

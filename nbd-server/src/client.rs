@@ -68,6 +68,7 @@ fn refusal(reply_type: u32, data: &[u8]) -> Error {
         rep::ERR_UNKNOWN => "unknown export",
         rep::ERR_SHUTDOWN => "server shutting down",
         rep::ERR_UNSUP => "option unsupported",
+        rep::ERR_TLS_REQD => "TLS required",
         _ => "error",
     };
     Error::Refused(format!("{what}: {}", String::from_utf8_lossy(data)))
