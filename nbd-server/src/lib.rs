@@ -49,3 +49,5 @@ pub use transmission::{
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
