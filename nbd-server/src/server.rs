@@ -327,7 +327,8 @@ async fn serve_stream<S: IntoHalves, D: BlockDevice>(
                     Error::Io(e)
                 })?;
                 let outcome = resume(&mut secure, setting(true), state).await?;
-                Ok::<_, Error>(Upgraded::Tls(secure, outcome))
+                // Boxed: a TLS session is over a kilobyte; one allocation per client.
+                Ok::<_, Error>(Upgraded::Tls(Box::new(secure), outcome))
             }
             outcome => Ok(Upgraded::Plain(stream, outcome)),
         }
@@ -358,7 +359,7 @@ async fn serve_stream<S: IntoHalves, D: BlockDevice>(
 /// A connection after haggling: the stream it ended on, and how it ended.
 enum Upgraded<S> {
     Plain(S, Outcome),
-    Tls(tokio_rustls::server::TlsStream<S>, Outcome),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>, Outcome),
 }
 
 async fn transmit<R, W, D>(r: R, w: W, negotiated: Negotiated, peer: &str, ctx: &Ctx<D>) -> Result<(), Error>
