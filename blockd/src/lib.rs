@@ -43,8 +43,8 @@
 //!
 //! `ARCHITECTURE.md` at the repository root has the request paths and invariants.
 
-pub mod cli;
 pub mod certs;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
