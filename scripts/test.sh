@@ -21,6 +21,10 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v losetup >/dev/null || need+=(mount)
 command -v ip >/dev/null || need+=(iproute2)
+# peer_tls.rs: a packet capture of the replication port (no plaintext under TLS).
+command -v tcpdump >/dev/null || need+=(tcpdump)
+# gen_certs.rs reads the certificates blockctl gen-certs made.
+command -v openssl >/dev/null || need+=(openssl)
 # The Pacemaker agent's tests (tests/tests/ocf.rs): ocf-tester and ocf-shellfuncs,
 # xmllint (meta-data against ra-api-1.dtd), cibadmin/crm_attribute on a CIB file.
 command -v ocf-tester >/dev/null || need+=(resource-agents)

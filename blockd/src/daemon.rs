@@ -31,6 +31,12 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
     protect_io_path_logged(&node);
     let peer = config.peers(&node.name).next().cloned();
     if let Some(peer) = peer {
+        // Read now so that unusable files stop the start; read again per connection.
+        if let Some(files) = config.peer_tls(&node.name) {
+            crate::peer::tls::check_files(&files, &peer.name)
+                .with_context(|| format!("node {}: cannot use TLS on the peer link", node.name))?;
+            tracing::info!(node = %node.name, peer = %peer.name, "peer link: mutual TLS 1.3");
+        }
         // Ready once the control socket answers: the supervisor probes it.
         let systemd = notify_systemd(Probe::Control(node.control.clone()), &stop);
         let result = crate::repl::node::run(config, node, peer, storage_opts, stop).await;
@@ -65,7 +71,7 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
         uris.join(" ")
     );
 
-    let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
+    let server = Server::new(device.clone(), nbd_server_config(&config, &node)?);
     server.pool().prefill_for_kernel_client();
     let control = crate::standalone::spawn_control(&config.resource.name, &node, &stop)
         .with_context(|| format!("cannot create control socket {}", node.control.display()))?;
@@ -99,6 +105,18 @@ fn protect_io_path_logged(node: &NodeConfig) {
     for warning in protect_io_path(settings) {
         tracing::warn!("I/O-path safety not applied: {warning}");
     }
+}
+
+/// The NBD server's settings for `node`: the export name, and TLS (`nbd-tls`) with
+/// its files checked now, so a node whose files are unusable does not start.
+pub fn nbd_server_config(config: &Config, node: &NodeConfig) -> anyhow::Result<ServerConfig> {
+    let mut server = ServerConfig::new(&config.resource.name);
+    server.tls = crate::tls::nbd_hook(&node.nbd_tls)
+        .with_context(|| format!("node {}: cannot serve NBD over TLS", node.name))?;
+    if let Some(tls) = &server.tls {
+        tracing::info!(node = %node.name, tcp = ?tls.tcp, unix = ?tls.unix, "NBD TLS (STARTTLS)");
+    }
+    Ok(server)
 }
 
 /// Binds every NBD address of `node` (TCP or Unix).

@@ -34,12 +34,17 @@
 //!   `events`; other verbs refused).
 //! - [`systemd`]: `sd_notify` readiness (once the control socket answers), watchdog
 //!   and stopping notifications for `Type=notify` units.
+//! - [`certs`]: a CA, node and NBD client certificates (rcgen) for `blockctl gen-certs`.
+//! - [`tls`]: the crypto provider (aws-lc-rs, chosen by measurement), PEM files
+//!   into rustls configs, and the NBD server's STARTTLS hook; [`peer::tls`] builds
+//!   the peer link's mutual TLS on it.
 //! - [`safety`]: `PR_SET_IO_FLUSHER`, `oom_score_adj`, `mlockall` for processes in
 //!   the block I/O path of a kernel NBD client on the same host (blockd, and
 //!   `blockctl attach`'s resident).
 //!
 //! `ARCHITECTURE.md` at the repository root has the request paths and invariants.
 
+pub mod certs;
 #[cfg(feature = "bin")]
 pub mod cli;
 pub mod config;
@@ -56,3 +61,4 @@ pub mod standalone;
 pub mod state;
 pub mod storage;
 pub mod systemd;
+pub mod tls;

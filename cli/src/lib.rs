@@ -131,6 +131,23 @@ pub enum Verb {
     },
     /// Print this node's metadata (the node must be stopped).
     DumpMd { resource: Option<String> },
+    /// Make a CA and a certificate and key for every node of the config (TLS on the
+    /// peer link and for NBD), plus one for NBD clients. Writes into --out-dir
+    /// (default: tls/RESOURCE/ beside the config file); files are mode 0600 and
+    /// never overwritten. Prints the config keys to add.
+    GenCerts {
+        resource: Option<String>,
+        /// Where to write (default: tls/RESOURCE beside the config file).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// Days the certificates are valid.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Another name or address NBD clients use for the nodes (added to every
+        /// node's certificate besides its name and its TCP `nbd` hosts); repeatable.
+        #[arg(long = "san", value_name = "HOST")]
+        sans: Vec<String>,
+    },
     /// Print the effective config (every key, defaults filled in) after validating it.
     Show { resource: Option<String> },
     /// Attach the resource's Primary as a kernel block device (/dev/nbdN) through the

@@ -6,6 +6,7 @@
 
 mod all;
 mod attach;
+mod certs;
 mod client;
 
 use std::path::PathBuf;
@@ -84,6 +85,13 @@ fn run(cli: Cli) -> Result<(), Fail> {
             }
             print!("{}", config.effective_toml());
             Ok(())
+        }
+        Verb::GenCerts { resource, out_dir, days, sans } => {
+            let config = load(&paths, resource.as_deref())?;
+            if node_arg.is_some() {
+                local(&config, node_arg)?;
+            }
+            certs::gen_certs(&config, certs::GenCerts { out_dir, days, sans })
         }
         Verb::CreateMd { resource, force, clear_bitmap } => {
             let config = load(&paths, resource.as_deref())?;

@@ -68,6 +68,7 @@ fn refusal(reply_type: u32, data: &[u8]) -> Error {
         rep::ERR_UNKNOWN => "unknown export",
         rep::ERR_SHUTDOWN => "server shutting down",
         rep::ERR_UNSUP => "option unsupported",
+        rep::ERR_TLS_REQD => "TLS required",
         _ => "error",
     };
     Error::Refused(format!("{what}: {}", String::from_utf8_lossy(data)))
@@ -80,6 +81,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     read_greeting(s).await?;
+    go(s, export).await
+}
+
+/// `NBD_OPT_GO` for `export` on a stream already past the greeting (e.g. inside a
+/// TLS session after `NBD_OPT_STARTTLS`); leaves it in transmission.
+pub async fn go<S>(s: &mut S, export: &str) -> Result<ExportDetails, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut data = (export.len() as u32).to_be_bytes().to_vec();
     data.extend_from_slice(export.as_bytes());
     data.extend_from_slice(&1u16.to_be_bytes());
@@ -147,7 +157,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Handshakes `export` on `stream`.
     pub async fn connect(mut stream: S, export: &str) -> Result<Client<S>, Error> {
         let details = handshake(&mut stream, export).await?;
-        Ok(Client { stream, details, next_cookie: 1 })
+        Ok(Client::negotiated(stream, details))
+    }
+
+    /// A client on a stream already in transmission (after [`go`]).
+    pub fn negotiated(stream: S, details: ExportDetails) -> Client<S> {
+        Client { stream, details, next_cookie: 1 }
     }
 
     pub fn details(&self) -> &ExportDetails {

@@ -6,12 +6,15 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use tokio_rustls::TlsAcceptor;
+
 use crate::device::{BlockDevice, ExportInfo};
 use crate::error::Error;
 use crate::proto::{
     BASE_ALLOCATION, IHAVEOPT, MAX_STRING_BYTES, NBDMAGIC, client_flags, encode_option_reply,
     handshake_flags, info, opt, rep,
 };
+use crate::tls::TlsPolicy;
 
 /// Options a client may send before it must choose an export (nbdkit uses 32 too).
 const MAX_OPTIONS: usize = 32;
@@ -39,11 +42,32 @@ pub(crate) struct Negotiated {
 }
 
 /// How option haggling ended.
-#[derive(Debug)]
 pub(crate) enum Outcome {
     Transmission(Negotiated),
     /// The client aborted, left, or asked for something we must answer by closing.
     Closed,
+    /// STARTTLS was acknowledged: the caller runs the TLS handshake with `acceptor`
+    /// and then [`resume`]s haggling over the TLS stream.
+    StartTls {
+        acceptor: TlsAcceptor,
+        resume: Resume,
+    },
+}
+
+/// What haggling carries over a STARTTLS: only the greeting's flags and the option
+/// budget (the spec forbids keeping any negotiated state).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Resume {
+    no_zeroes: bool,
+    options_left: usize,
+}
+
+/// Where the handshake runs: the device and export, shutdown, TLS.
+pub(crate) struct Setting<'a, D> {
+    pub device: &'a D,
+    pub export: &'a ExportName,
+    pub shutting_down: bool,
+    pub tls: TlsPolicy<'a>,
 }
 
 struct Handshake<'a, S, D> {
@@ -51,18 +75,14 @@ struct Handshake<'a, S, D> {
     device: &'a D,
     export: &'a ExportName,
     shutting_down: bool,
+    tls: TlsPolicy<'a>,
     no_zeroes: bool,
     structured_replies: bool,
     base_allocation: bool,
 }
 
 /// Runs the handshake on a fresh connection.
-pub(crate) async fn negotiate<S, D>(
-    stream: &mut S,
-    device: &D,
-    export: &ExportName,
-    shutting_down: bool,
-) -> Result<Outcome, Error>
+pub(crate) async fn negotiate<S, D>(stream: &mut S, at: Setting<'_, D>) -> Result<Outcome, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     D: BlockDevice,
@@ -83,18 +103,44 @@ where
     if client & client_flags::FIXED_NEWSTYLE == 0 {
         return Err(Error::Protocol("client does not speak fixed newstyle".into()));
     }
+    let resume = Resume { no_zeroes: client & client_flags::NO_ZEROES != 0, options_left: MAX_OPTIONS };
+    haggle(stream, at, resume).await
+}
+
+/// Goes on haggling after STARTTLS, over the TLS stream, from a clean state.
+pub(crate) async fn resume<S, D>(stream: &mut S, at: Setting<'_, D>, resume: Resume) -> Result<Outcome, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: BlockDevice,
+{
+    haggle(stream, at, resume).await
+}
+
+async fn haggle<S, D>(stream: &mut S, at: Setting<'_, D>, resume: Resume) -> Result<Outcome, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: BlockDevice,
+{
     let mut hs = Handshake {
         stream,
-        device,
-        export,
-        shutting_down,
-        no_zeroes: client & client_flags::NO_ZEROES != 0,
+        device: at.device,
+        export: at.export,
+        shutting_down: at.shutting_down,
+        tls: at.tls,
+        no_zeroes: resume.no_zeroes,
         structured_replies: false,
         base_allocation: false,
     };
-    for _ in 0..MAX_OPTIONS {
+    for used in 1..=resume.options_left {
         if let Some(outcome) = hs.one_option().await? {
-            return Ok(outcome);
+            return Ok(match outcome {
+                Outcome::StartTls { acceptor, .. } => {
+                    let resume =
+                        Resume { no_zeroes: resume.no_zeroes, options_left: resume.options_left - used };
+                    Outcome::StartTls { acceptor, resume }
+                }
+                other => other,
+            });
         }
     }
     Err(Error::Protocol(format!("more than {MAX_OPTIONS} options")))
@@ -191,6 +237,16 @@ where
             self.reply_error(option, rep::ERR_SHUTDOWN, "server is shutting down").await?;
             return Ok(None);
         }
+        if self.tls.required_now() && option != opt::STARTTLS && option != opt::ABORT {
+            if option == opt::EXPORT_NAME {
+                // No error reply exists for it: refusing means closing.
+                tracing::info!("EXPORT_NAME before STARTTLS on a listener that requires TLS; closing");
+                return Ok(Some(Outcome::Closed));
+            }
+            self.reply_error(option, rep::ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
+                .await?;
+            return Ok(None);
+        }
         match option {
             opt::EXPORT_NAME => self.export_name(&data).await,
             opt::ABORT => {
@@ -199,10 +255,7 @@ where
                 Ok(Some(Outcome::Closed))
             }
             opt::LIST => self.list(&data).await.map(|()| None),
-            opt::STARTTLS if data.is_empty() => {
-                self.reply_error(option, rep::ERR_POLICY, "TLS is not enabled on this server").await?;
-                Ok(None)
-            }
+            opt::STARTTLS if data.is_empty() => self.starttls().await,
             opt::INFO | opt::GO => self.info_or_go(option, &data).await,
             opt::STRUCTURED_REPLY => self.structured_reply(&data).await.map(|()| None),
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
@@ -214,6 +267,36 @@ where
             }
             _ => {
                 self.reply_error(option, rep::ERR_UNSUP, "option not supported").await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// STARTTLS with empty data: acknowledged when TLS is offered and an acceptor
+    /// could be made; the caller then runs the TLS handshake.
+    async fn starttls(&mut self) -> Result<Option<Outcome>, Error> {
+        let option = opt::STARTTLS;
+        if self.tls.active {
+            self.reply_error(option, rep::ERR_INVALID, "TLS is already on").await?;
+            return Ok(None);
+        }
+        let source = match self.tls.source {
+            Some(source) if self.tls.mode != crate::tls::TlsMode::Off => source,
+            _ => {
+                self.reply_error(option, rep::ERR_POLICY, "TLS is not enabled on this server").await?;
+                return Ok(None);
+            }
+        };
+        match source() {
+            Ok(acceptor) => {
+                self.reply(option, rep::ACK, &[]).await?;
+                let resume = Resume { no_zeroes: self.no_zeroes, options_left: 0 };
+                Ok(Some(Outcome::StartTls { acceptor, resume }))
+            }
+            Err(why) => {
+                tracing::warn!("STARTTLS refused: cannot set up TLS: {why}");
+                let msg = format!("TLS is not available: {why}");
+                self.reply_error(option, rep::ERR_POLICY, &msg).await?;
                 Ok(None)
             }
         }

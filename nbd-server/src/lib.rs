@@ -9,8 +9,11 @@
 //!   time. [`Server::serve`] returns after a graceful shutdown.
 //! - `handshake` haggles options: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`/`GO` (with
 //!   `NAME`, `DESCRIPTION`, `BLOCK_SIZE`), `STRUCTURED_REPLY`,
-//!   `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`); `STARTTLS` is refused
-//!   with `ERR_POLICY`, anything else gets `ERR_UNSUP`.
+//!   `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`), `STARTTLS` (see
+//!   [`TlsConfig`]: off → `ERR_POLICY`; on; require → `ERR_TLS_REQD` for every other
+//!   option until the upgrade); anything else gets `ERR_UNSUP`. After STARTTLS the
+//!   haggling starts over on the TLS stream (no earlier option state is kept) and
+//!   transmission runs over its split halves.
 //! - `transmission` reads requests, validates them exactly as nbdkit does (EINVAL,
 //!   ENOSPC, EPERM, ENOTSUP...), hands valid ones to the device as a [`Request`]
 //!   with a [`Responder`], and a writer task encodes replies (simple or structured) in
@@ -32,15 +35,19 @@ mod error;
 mod handshake;
 pub mod proto;
 mod server;
+mod tls;
 mod transmission;
 
 pub use device::{BlockDevice, ExportInfo, Extent, Request, Responder};
 pub use error::{Error, NbdError};
 pub use handshake::ExportName;
 pub use server::{Disconnector, IntoHalves, Listener, Server, ServerConfig, ServerStats};
+pub use tls::{AcceptorSource, TlsConfig, TlsMode};
 pub use transmission::{
     MAX_EXTENTS, MAX_INFLIGHT_PAYLOAD_BYTES, MAX_INFLIGHT_REQUESTS, validate as validate_request,
 };
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;

@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, watch};
 use crate::buf::BufPool;
 use crate::device::BlockDevice;
 use crate::error::Error;
-use crate::handshake::{ExportName, Outcome, negotiate};
+use crate::handshake::{ExportName, Negotiated, Outcome, Setting, negotiate, resume};
+use crate::tls::{TlsConfig, TlsMode, TlsPolicy};
 use crate::transmission;
 
 /// Server-wide settings.
@@ -25,8 +26,11 @@ pub struct ServerConfig {
     pub export: ExportName,
     /// Connections beyond this are closed right after accept.
     pub max_connections: usize,
-    /// The whole option haggling must finish within this time.
+    /// The whole option haggling (a TLS handshake included) must finish within
+    /// this time.
     pub handshake_timeout_ms: u64,
+    /// `NBD_OPT_STARTTLS`; `None`: refused (`ERR_POLICY`) everywhere.
+    pub tls: Option<TlsConfig>,
 }
 
 impl ServerConfig {
@@ -36,6 +40,7 @@ impl ServerConfig {
             export: ExportName { name: name.to_string(), description: None },
             max_connections: 64,
             handshake_timeout_ms: 30_000,
+            tls: None,
         }
     }
 }
@@ -230,7 +235,7 @@ impl<D: BlockDevice> Server<D> {
             kick: self.kick.clone(),
             alive: mpsc::channel(1).0,
         };
-        serve_stream(stream, "in-memory", &ctx).await
+        serve_stream(stream, "in-memory", TlsMode::Off, &ctx).await
     }
 }
 
@@ -268,10 +273,12 @@ async fn accept_loop<D: BlockDevice>(listener: Listener, ctx: Ctx<D>) {
                 Ok(Accepted::Tcp(s, peer)) => {
                     // Without NODELAY a small reply can wait for the peer's delayed ACK.
                     let _ = s.set_nodelay(true);
-                    tokio::spawn(connection(s, peer, ctx.clone()));
+                    let tls = ctx.config.tls.as_ref().map_or(TlsMode::Off, |t| t.tcp);
+                    tokio::spawn(connection(s, peer, tls, ctx.clone()));
                 }
                 Ok(Accepted::Unix(s)) => {
-                    tokio::spawn(connection(s, "unix".to_string(), ctx.clone()));
+                    let tls = ctx.config.tls.as_ref().map_or(TlsMode::Off, |t| t.unix);
+                    tokio::spawn(connection(s, "unix".to_string(), tls, ctx.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -312,7 +319,7 @@ impl Drop for CountGuard {
     }
 }
 
-async fn connection<S: IntoHalves, D: BlockDevice>(stream: S, peer: String, ctx: Ctx<D>) {
+async fn connection<S: IntoHalves, D: BlockDevice>(stream: S, peer: String, tls: TlsMode, ctx: Ctx<D>) {
     let stats = &ctx.stats;
     stats.accepted_connections.fetch_add(1, Ordering::Relaxed);
     let active = stats.active_connections.fetch_add(1, Ordering::Relaxed) + 1;
@@ -321,7 +328,7 @@ async fn connection<S: IntoHalves, D: BlockDevice>(stream: S, peer: String, ctx:
         tracing::warn!(%peer, limit = ctx.config.max_connections, "too many connections; closing");
         return;
     }
-    let result = serve_stream(stream, &peer, &ctx).await;
+    let result = serve_stream(stream, &peer, tls, &ctx).await;
     if let Err(e) = result {
         stats.failed_connections.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%peer, error = %e, "connection ended with an error");
@@ -331,22 +338,72 @@ async fn connection<S: IntoHalves, D: BlockDevice>(stream: S, peer: String, ctx:
 async fn serve_stream<S: IntoHalves, D: BlockDevice>(
     mut stream: S,
     peer: &str,
+    tls: TlsMode,
     ctx: &Ctx<D>,
 ) -> Result<(), Error> {
     let timeout_ms = ctx.config.handshake_timeout_ms;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
     let stopping = *ctx.shutdown.borrow();
-    let handshake = negotiate(&mut stream, ctx.device.as_ref(), &ctx.config.export, stopping);
+    let source = ctx.config.tls.as_ref().map(|t| &t.acceptor);
+    let setting = |active| Setting {
+        device: ctx.device.as_ref(),
+        export: &ctx.config.export,
+        shutting_down: stopping,
+        tls: TlsPolicy { source, mode: tls, active },
+    };
     let mut shutdown = ctx.shutdown.clone();
-    let outcome = tokio::select! {
-        timed = tokio::time::timeout(Duration::from_millis(timeout_ms), handshake) => {
+    // The whole handshake, a TLS upgrade included, is bounded by one deadline; a
+    // client still haggling when shutdown starts is simply closed.
+    let bounded = async {
+        match negotiate(&mut stream, setting(false)).await? {
+            Outcome::StartTls { acceptor, resume: state } => {
+                let mut secure = acceptor.accept(stream).await.map_err(|e| {
+                    tracing::info!(%peer, error = %e, "TLS handshake with an NBD client failed");
+                    Error::Io(e)
+                })?;
+                let outcome = resume(&mut secure, setting(true), state).await?;
+                // Boxed: a TLS session is over a kilobyte; one allocation per client.
+                Ok::<_, Error>(Upgraded::Tls(Box::new(secure), outcome))
+            }
+            outcome => Ok(Upgraded::Plain(stream, outcome)),
+        }
+    };
+    let upgraded = tokio::select! {
+        timed = tokio::time::timeout_at(deadline, bounded) => {
             timed.map_err(|_| Error::HandshakeTimeout(timeout_ms))??
         }
-        // A client still haggling when shutdown starts is simply closed.
         _ = crate::server::stopped(&mut shutdown) => return Ok(()),
     };
-    let Outcome::Transmission(negotiated) = outcome else { return Ok(()) };
+    match upgraded {
+        Upgraded::Plain(stream, Outcome::Transmission(n)) => {
+            let (r, w) = stream.into_halves();
+            transmit(r, w, n, peer, ctx).await
+        }
+        Upgraded::Tls(stream, Outcome::Transmission(n)) => {
+            tracing::debug!(%peer, "NBD client on TLS");
+            // One TLS session carries both directions: the halves share it behind
+            // tokio's split lock (held only while a record is sealed or opened).
+            let (r, w) = tokio::io::split(stream);
+            transmit(r, w, n, peer, ctx).await
+        }
+        // A second STARTTLS is refused inside the TLS session, so only these remain.
+        Upgraded::Plain(..) | Upgraded::Tls(..) => Ok(()),
+    }
+}
+
+/// A connection after haggling: the stream it ended on, and how it ended.
+enum Upgraded<S> {
+    Plain(S, Outcome),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>, Outcome),
+}
+
+async fn transmit<R, W, D>(r: R, w: W, negotiated: Negotiated, peer: &str, ctx: &Ctx<D>) -> Result<(), Error>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    D: BlockDevice,
+{
     tracing::debug!(%peer, structured = negotiated.structured_replies, "transmission phase");
-    let (r, w) = stream.into_halves();
     ctx.stats.transmission_connections.fetch_add(1, Ordering::SeqCst);
     let _counted = CountGuard { stats: ctx.stats.clone(), count: |s| &s.transmission_connections };
     // Subscribed now: a disconnect requested from here on ends this connection.

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -15,7 +15,7 @@ use crate::{
 
 const SIZE: u64 = 1 << 20;
 
-struct RamDevice {
+pub(crate) struct RamDevice {
     data: Mutex<Vec<u8>>,
     refuse: Option<String>,
 }
@@ -56,20 +56,24 @@ impl BlockDevice for RamDevice {
     }
 }
 
-struct Running {
-    addr: String,
+pub(crate) struct Running {
+    pub(crate) addr: String,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
     kick: crate::Disconnector,
 }
 
 async fn start(refuse: Option<&str>) -> Running {
+    start_with(refuse, ServerConfig::new("r0")).await
+}
+
+pub(crate) async fn start_with(refuse: Option<&str>, config: ServerConfig) -> Running {
     let device =
         Arc::new(RamDevice { data: Mutex::new(vec![0; SIZE as usize]), refuse: refuse.map(str::to_string) });
     let listener = Listener::bind_tcp("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr();
     let (stop, rx) = watch::channel(false);
-    let server = Server::new(device, ServerConfig::new("r0"));
+    let server = Server::new(device, config);
     let kick = server.disconnector();
     let done = tokio::spawn(server.serve(vec![listener], rx));
     Running { addr, stop, done, kick }
@@ -81,7 +85,7 @@ impl Running {
         Client::connect(s, "r0").await.expect("handshake")
     }
 
-    async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         self.stop.send_replace(true);
         self.done.await.expect("server task");
     }
@@ -130,20 +134,20 @@ async fn refused_open_reports_policy_with_message() {
 }
 
 /// Raw option exchange after the greeting.
-async fn greet(s: &mut TcpStream) {
+pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
     let mut g = [0u8; 18];
     s.read_exact(&mut g).await.unwrap();
     s.write_u32(3).await.unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
 }
 
-async fn send_opt(s: &mut TcpStream, option: u32, data: &[u8]) {
+pub(crate) async fn send_opt<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8]) {
     s.write_u64(proto::IHAVEOPT).await.unwrap();
     s.write_u32(option).await.unwrap();
     s.write_u32(data.len() as u32).await.unwrap();
     s.write_all(data).await.unwrap();
 }
 
-async fn opt_reply(s: &mut TcpStream) -> (u32, Vec<u8>) {
+pub(crate) async fn opt_reply<S: AsyncRead + Unpin>(s: &mut S) -> (u32, Vec<u8>) {
     assert_eq!(s.read_u64().await.unwrap(), proto::OPT_REPLY_MAGIC);
     let _option = s.read_u32().await.unwrap();
     let t = s.read_u32().await.unwrap();

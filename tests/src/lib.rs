@@ -17,6 +17,8 @@
 //! * [`pair`] — a replicated two-node pair driven through blockctl.
 //! * [`fakepeer`] — a fake replication peer that sends frames a real node
 //!   never would (blockd's own encoders, then broken on purpose).
+//! * [`tls`] — a CA and certificates (any name, expired, another CA) made in the
+//!   test, and the certificate directories libnbd, nbdkit and qemu read.
 //! * [`netns`] — two network namespaces joined by a veth pair (a link to cut).
 //! * [`scatter`] — seeded scattered-write plans, a pipelined (kill-tolerant)
 //!   writer, dirty-granule arithmetic, sparse-aware file comparison.
@@ -37,6 +39,7 @@ pub mod proxy;
 pub mod raw;
 pub mod scatter;
 pub mod server;
+pub mod tls;
 pub mod tmp;
 pub mod tools;
 

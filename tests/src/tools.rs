@@ -259,6 +259,16 @@ impl Background {
         self.child.as_mut().map(|c| matches!(c.try_wait(), Ok(None))).unwrap_or(false)
     }
 
+    /// Sends `signal` (by PID) and waits up to `timeout` for the exit, e.g. SIGINT so
+    /// that a capture writes out what it has.
+    pub fn signal_and_wait(&mut self, signal: libc::c_int, timeout: Duration) -> ExitStatus {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's PID, which is not yet reaped.
+            unsafe { libc::kill(c.id() as libc::pid_t, signal) };
+        }
+        self.wait(timeout)
+    }
+
     /// Waits up to `timeout`; panics (after killing it) if it is still
     /// running then. Returns the exit status.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {

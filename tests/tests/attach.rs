@@ -70,3 +70,25 @@ fn attach_without_the_nbd_module_says_how_to_load_it() {
     expect(&["detach", "/dev/nbd0"], 1, want);
     expect(&["detach", "r0", "/dev/nbd0", "--force"], 1, want);
 }
+
+#[test]
+fn attach_to_an_export_that_requires_tls_everywhere_says_the_kernel_cannot() {
+    let dir = TempDir::new("attach-tls");
+    let d = dir.path().display();
+    let tls = format!("nbd-tls = \"require\"\nnbd-tls-cert = \"{d}/c.pem\"\nnbd-tls-key = \"{d}/k.pem\"\n");
+    let text = format!(
+        "[resource]\nname = \"r0\"\n\n[[node]]\nname = \"alpha\"\nreplication = \"127.0.0.1:1\"\n\
+         nbd = \"127.0.0.1:3\"\ndisk = \"{d}/a.img\"\nmeta = \"internal\"\n{tls}\n[[node]]\nname = \"beta\"\n\
+         replication = \"127.0.0.1:2\"\nnbd = \"127.0.0.1:4\"\ndisk = \"{d}/b.img\"\nmeta = \"internal\"\n{tls}"
+    );
+    let cfg = dir.path().join("r0.toml");
+    std::fs::write(&cfg, text).expect("write config");
+    let cfg = cfg.display().to_string();
+    // Refused from the config alone, before the kernel module is looked for.
+    expect(
+        &["--config", &cfg, "attach", "r0", "/dev/nbd0"],
+        1,
+        "every nbd listener of r0 requires TLS (nbd-tls = \"require\"). The kernel NBD client cannot use TLS: \
+         give the Primary a plaintext Unix-socket listener",
+    );
+}

@@ -16,6 +16,8 @@
 //! # shared-secret = "…"           # peers authenticate (HMAC challenge); >= 16 bytes;
 //! #                               # required when a replication address is not loopback
 //! # allow-unauthenticated-peers = false   # opt out of that requirement
+//! # tls-ca = "/etc/blockd/tls/r0/ca-cert.pem"  # mutual TLS 1.3 on the peer link:
+//! #                               # the CA every node's certificate chains to
 //!
 //! [[node]]
 //! name = "alpha"
@@ -30,7 +32,26 @@
 //! # after-resync-target = "/usr/lib/ocf/resource.d/blockd/crm-unfence-peer"  # with sh -c
 //! # mlock = false               # mlockall: for a kernel NBD client on the same host
 //! # oom-score-adj = -1000       # /proc/self/oom_score_adj at start
+//! # tls-cert = "/etc/blockd/tls/r0/alpha/server-cert.pem"  # with resource.tls-ca (both
+//! # tls-key = "/etc/blockd/tls/r0/alpha/server-key.pem"    # required then); DNS SAN = name
+//! # nbd-tls = "off"             # "on": STARTTLS offered; "require": TCP clients must
+//! # nbd-tls-cert = "/etc/blockd/tls/r0/alpha/server-cert.pem"   # use it (Unix-socket
+//! # nbd-tls-key = "/etc/blockd/tls/r0/alpha/server-key.pem"     # listeners never require)
+//! # nbd-tls-ca = "/etc/blockd/tls/r0/ca-cert.pem"   # optional: client certificates required
 //! ```
+//!
+//! # TLS
+//!
+//! `tls-ca` turns on mutual TLS 1.3 for the peer link: each node presents its
+//! `tls-cert`, and a peer's certificate must chain to `tls-ca` and carry the peer's
+//! node name as a DNS-name subjectAltName (node names must then be valid DNS
+//! names). `nbd-tls` offers (`"on"`) or requires (`"require"`) `NBD_OPT_STARTTLS` on the
+//! node's TCP `nbd` listeners; Unix-socket listeners accept STARTTLS but never
+//! require it, so `nbd = ["unix:/run/blockd/r0.nbd", "0.0.0.0:10809"]` with
+//! `nbd-tls = "require"` gives a local kernel client (which cannot do TLS) a
+//! plaintext path and everyone else TLS. Certificate files are read at each new
+//! connection: replacing them rotates certificates without a restart.
+//! `blockctl gen-certs` makes a CA and the files for every node.
 //!
 //! Types:
 //! - [`Config`]: the validated file: its path, the [`ResourceConfig`] and the nodes in
@@ -64,6 +85,7 @@ mod error;
 mod keys;
 mod local;
 mod raw;
+mod tls;
 mod validate;
 mod values;
 
@@ -71,6 +93,8 @@ mod values;
 mod local_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -78,6 +102,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::ConfigError;
 pub use keys::{node_keys, resource_keys};
+pub use tls::{NbdTls, NbdTlsMode, PeerTlsFiles, TlsFiles};
 
 /// Default bitmap granularity: one bit per 4 KiB.
 pub const DEFAULT_BITMAP_GRANULARITY: u64 = 4096;
@@ -152,6 +177,9 @@ pub struct ResourceConfig {
     /// `allow-unauthenticated-peers`: run without `shared-secret` although a node's
     /// replication address is not loopback.
     pub allow_unauthenticated_peers: bool,
+    /// `tls-ca`: mutual TLS 1.3 on the peer link; every peer's certificate must
+    /// chain to this CA and name the peer (module docs, "TLS").
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// The peers' shared secret; never printed.
@@ -236,6 +264,11 @@ pub struct NodeConfig {
     /// `oom-score-adj`: written to `/proc/self/oom_score_adj` at start; default
     /// -1000 (never chosen by the OOM killer: a killed blockd stalls every client).
     pub oom_score_adj: i32,
+    /// `tls-cert` / `tls-key`: this node's certificate on the peer link; present
+    /// exactly when `resource.tls-ca` is set.
+    pub tls: Option<TlsFiles>,
+    /// `nbd-tls` and its files: TLS for NBD clients.
+    pub nbd_tls: NbdTls,
     /// Where the keys were written, so that checks made later against the machine
     /// ([`Config::check_local`]) can point at the line like parse errors do.
     pub lines: NodeLines,
@@ -368,6 +401,14 @@ impl Config {
             })
     }
 
+    /// What node `local` needs for TLS on the peer link; `None` when TLS is off (no
+    /// `tls-ca`) or `local` is not a node.
+    pub fn peer_tls(&self, local: &str) -> Option<PeerTlsFiles> {
+        let ca = self.resource.tls_ca.clone()?;
+        let own = self.node(local)?.tls.clone()?;
+        Some(PeerTlsFiles { ca, own })
+    }
+
     /// All nodes except the one named `local`, in file order.
     pub fn peers(&self, local: &str) -> impl Iterator<Item = &NodeConfig> {
         self.nodes.iter().filter(move |n| n.name != local)
@@ -411,6 +452,9 @@ impl Config {
         if r.allow_unauthenticated_peers {
             let _ = writeln!(out, "allow-unauthenticated-peers = true");
         }
+        if let Some(ca) = &r.tls_ca {
+            let _ = writeln!(out, "tls-ca = {}", q(&ca.display().to_string()));
+        }
         for n in &self.nodes {
             let nbd: Vec<String> = n.nbd.iter().map(|a| q(&a.to_string())).collect();
             let meta = match &n.meta {
@@ -440,6 +484,17 @@ impl Config {
                 let _ = writeln!(out, "after-resync-target = {}", q(cmd));
             }
             let _ = writeln!(out, "mlock = {}\noom-score-adj = {}", n.mlock, n.oom_score_adj);
+            let path = |p: &Path| q(&p.display().to_string());
+            if let Some(t) = &n.tls {
+                let _ = writeln!(out, "tls-cert = {}\ntls-key = {}", path(&t.cert), path(&t.key));
+            }
+            let _ = writeln!(out, "nbd-tls = {}", q(&n.nbd_tls.mode.to_string()));
+            if let Some(t) = &n.nbd_tls.files {
+                let _ = writeln!(out, "nbd-tls-cert = {}\nnbd-tls-key = {}", path(&t.cert), path(&t.key));
+            }
+            if let Some(ca) = &n.nbd_tls.client_ca {
+                let _ = writeln!(out, "nbd-tls-ca = {}", path(ca));
+            }
         }
         out
     }

@@ -33,6 +33,7 @@ pub(super) struct RawResource {
     pub resync_checksum: Option<Spanned<bool>>,
     pub shared_secret: Option<Spanned<String>>,
     pub allow_unauthenticated_peers: Option<Spanned<bool>>,
+    pub tls_ca: Option<Spanned<String>>,
 }
 
 /// One `[[node]]`.
@@ -51,6 +52,12 @@ pub(super) struct RawNode {
     pub after_resync_target: Option<Spanned<String>>,
     pub mlock: Option<Spanned<bool>>,
     pub oom_score_adj: Option<Spanned<RawInt>>,
+    pub tls_cert: Option<Spanned<String>>,
+    pub tls_key: Option<Spanned<String>>,
+    pub nbd_tls: Option<Spanned<RawNbdTls>>,
+    pub nbd_tls_cert: Option<Spanned<String>>,
+    pub nbd_tls_key: Option<Spanned<String>>,
+    pub nbd_tls_ca: Option<Spanned<String>>,
 }
 
 /// Declares a string newtype whose type errors name what the string should be.
@@ -82,6 +89,11 @@ described_string!(
     /// `protocol`; checked by validation.
     RawProtocol,
     r#""A", "B" or "C""#
+);
+described_string!(
+    /// `nbd-tls`; checked by validation.
+    RawNbdTls,
+    r#""off", "on" or "require""#
 );
 described_string!(
     /// `meta`; checked by validation.

@@ -30,16 +30,16 @@ meta = "internal"
 
 // Line numbers in SPEC_EXAMPLE.
 const L_PROTOCOL: usize = 3;
-const L_SIZE: usize = 4; // a comment, free to replace
-const L_GRANULARITY: usize = 5; // a comment, free to replace
-const L_NODE0: usize = 7;
-const L_NODE0_NAME: usize = 8;
-const L_NODE0_REPL: usize = 9;
+pub(super) const L_SIZE: usize = 4; // a comment, free to replace
+pub(super) const L_GRANULARITY: usize = 5; // a comment, free to replace
+pub(super) const L_NODE0: usize = 7;
+pub(super) const L_NODE0_NAME: usize = 8;
+pub(super) const L_NODE0_REPL: usize = 9;
 const L_NODE0_NBD: usize = 10;
-const L_NODE0_FREE: usize = 11; // a comment, free to replace
+pub(super) const L_NODE0_FREE: usize = 11; // a comment, free to replace
 const L_NODE0_DISK: usize = 12;
 const L_NODE0_META: usize = 13;
-const L_NODE0_CONTROL: usize = 14; // a comment, free to replace
+pub(super) const L_NODE0_CONTROL: usize = 14; // a comment, free to replace
 const L_NODE1: usize = 16;
 const L_NODE1_NAME: usize = 17;
 const L_NODE1_REPL: usize = 18;
@@ -47,7 +47,7 @@ const L_NODE1_NBD: usize = 19;
 
 /// SPEC_EXAMPLE with some lines (1-based) replaced; replacements keep one line each so
 /// the other line numbers stay valid.
-fn spec_with(edits: &[(usize, &str)]) -> String {
+pub(super) fn spec_with(edits: &[(usize, &str)]) -> String {
     let mut lines: Vec<&str> = SPEC_EXAMPLE.lines().collect();
     for &(line, text) in edits {
         assert!(!text.contains('\n'), "an edit must stay on one line");
@@ -60,12 +60,12 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::parse(text, Path::new("r0.toml"))
 }
 
-fn ok(text: &str) -> Config {
+pub(super) fn ok(text: &str) -> Config {
     parse(text).unwrap_or_else(|e| panic!("expected a valid config, got: {e}"))
 }
 
 /// The error line for `text`, checked to be one line.
-fn err(text: &str) -> String {
+pub(super) fn err(text: &str) -> String {
     let e = match parse(text) {
         Ok(c) => panic!("expected an error, got {c:?}"),
         Err(e) => e,
@@ -101,6 +101,7 @@ fn spec_example_parses_with_defaults() {
             resync_checksum: false,
             shared_secret: None,
             allow_unauthenticated_peers: false,
+            tls_ca: None,
         }
     );
     assert_eq!(c.nodes.len(), 2);
@@ -118,6 +119,8 @@ fn spec_example_parses_with_defaults() {
             handlers: Handlers::default(),
             mlock: false,
             oom_score_adj: DEFAULT_OOM_SCORE_ADJ,
+            tls: None,
+            nbd_tls: NbdTls::default(),
             lines: NodeLines { disk: L_NODE0_DISK, meta: L_NODE0_META },
         }
     );
@@ -310,13 +313,14 @@ fn unknown_keys() {
         err(&spec_with(&[(L_NODE0_NBD, r#"nbd-addr = "127.0.0.1:10809""#)])),
         "r0.toml:10: key `node[0].nbd-addr`: unknown key \
          (expected one of: name, replication, nbd, disk, meta, control, control-group, metrics, \
-         fence-peer, after-resync-target, mlock, oom-score-adj)"
+         fence-peer, after-resync-target, mlock, oom-score-adj, tls-cert, tls-key, nbd-tls, nbd-tls-cert, \
+         nbd-tls-key, nbd-tls-ca)"
     );
     assert_eq!(
         err(&spec_with(&[(L_GRANULARITY, "bitmap_granularity = 4096")])),
         "r0.toml:5: key `resource.bitmap_granularity`: unknown key \
          (expected one of: name, protocol, size, bitmap-granularity, send-buffer, al-extents, \
-         resync-rate, resync-min-rate, resync-checksum, shared-secret, allow-unauthenticated-peers)"
+         resync-rate, resync-min-rate, resync-checksum, shared-secret, allow-unauthenticated-peers, tls-ca)"
     );
     assert_eq!(
         err(&spec_with(&[(1, "[resources]")])),
@@ -857,7 +861,8 @@ fn peers_off_loopback_must_authenticate() {
         err(&spec_with(&[(L_NODE0_REPL, off)])),
         format!(
             "r0.toml:{L_NODE0_REPL}: key `node[0].replication`: 10.0.0.1:7789 is not a loopback address, so \
-             peers must authenticate: set resource.shared-secret (the same on every node), or \
+             peers must authenticate: set resource.tls-ca (mutual TLS, with tls-cert and tls-key on every \
+             node) or resource.shared-secret (the same on every node), or \
              resource.allow-unauthenticated-peers = true"
         )
     );

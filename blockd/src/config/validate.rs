@@ -24,6 +24,9 @@ use super::{
     SharedSecret,
 };
 
+#[path = "validate_tls.rs"]
+mod tls;
+
 /// Sizes must be whole sectors.
 const SECTOR: u64 = 512;
 
@@ -157,17 +160,20 @@ impl Cx<'_> {
         let mut out = Vec::with_capacity(nodes.get_ref().len());
         for (i, node) in nodes.get_ref().iter().enumerate() {
             let key = format!("node[{i}]");
-            out.push(self.node(&key, node, &resource.name, &mut names, &mut endpoints)?);
+            let tls_on = resource.tls_ca.is_some();
+            out.push(self.node(&key, node, &resource.name, tls_on, &mut names, &mut endpoints)?);
         }
         // SPEC §6: peers authenticate in production. A pair on loopback (tests, a
         // demo on one machine) may go without; anything that crosses a network needs
-        // the secret or an explicit opt-out.
-        if out.len() > 1 && resource.shared_secret.is_none() && !resource.allow_unauthenticated_peers {
+        // TLS, the secret, or an explicit opt-out.
+        let authenticated = resource.tls_ca.is_some() || resource.shared_secret.is_some();
+        if out.len() > 1 && !authenticated && !resource.allow_unauthenticated_peers {
             let nodes = nodes.get_ref();
             if let Some((i, n)) = out.iter().enumerate().find(|(_, n)| !is_loopback(&n.replication.host)) {
                 let why = format!(
-                    "{} is not a loopback address, so peers must authenticate: set resource.shared-secret \
-                     (the same on every node), or resource.allow-unauthenticated-peers = true",
+                    "{} is not a loopback address, so peers must authenticate: set resource.tls-ca (mutual \
+                     TLS, with tls-cert and tls-key on every node) or resource.shared-secret (the same on \
+                     every node), or resource.allow-unauthenticated-peers = true",
                     n.replication
                 );
                 let key = format!("node[{i}].replication");
@@ -299,6 +305,7 @@ impl Cx<'_> {
         };
         let allow_unauthenticated_peers =
             raw.allow_unauthenticated_peers.as_ref().is_some_and(|b| *b.get_ref());
+        let tls_ca = self.tls_ca(raw)?;
 
         Ok(ResourceConfig {
             name: name.get_ref().clone(),
@@ -312,6 +319,7 @@ impl Cx<'_> {
             resync_checksum,
             shared_secret,
             allow_unauthenticated_peers,
+            tls_ca,
         })
     }
 
@@ -351,6 +359,7 @@ impl Cx<'_> {
         key: &str,
         table: &Spanned<RawNode>,
         resource: &str,
+        tls_on: bool,
         names: &mut HashMap<String, usize>,
         endpoints: &mut Endpoints,
     ) -> Result<NodeConfig, ConfigError> {
@@ -523,6 +532,9 @@ impl Cx<'_> {
         };
         let mlock = raw.mlock.as_ref().is_some_and(|m| *m.get_ref());
 
+        let tls = self.node_tls(key, table, name_s, tls_on)?;
+        let nbd_tls = self.nbd_tls(key, table)?;
+
         let lines = NodeLines { disk: self.line(disk_s.span().start), meta: self.line(meta_s.span().start) };
         Ok(NodeConfig {
             name: name.clone(),
@@ -536,6 +548,8 @@ impl Cx<'_> {
             handlers,
             mlock,
             oom_score_adj,
+            tls,
+            nbd_tls,
             lines,
         })
     }

@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use nbd_server::buf::BufPool;
 use rand::Rng;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -40,8 +39,9 @@ use super::frame::{FrameReader, FrameWriter};
 use super::handshake::{Established, HandshakeError, HandshakeParams, handshake, say_bye};
 use super::link::{LinkHandle, LinkSettings, PeerConn, spawn_link};
 use super::msg::Hello;
+use super::tls::{self, PeerRead, PeerWrite, TlsError};
 use super::{LinkError, PeerStats};
-use crate::config::{Config, HostPort};
+use crate::config::{Config, HostPort, PeerTlsFiles};
 
 /// A connection that lasted longer than this resets the reconnect backoff.
 pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
@@ -77,6 +77,9 @@ pub struct PeerSettings {
     pub enabled: Option<watch::Receiver<bool>>,
     /// `resource.shared-secret`: authenticate the peer (see [`super::auth`]).
     pub secret: Option<crate::config::SharedSecret>,
+    /// `resource.tls-ca` and this node's files: mutual TLS (see [`super::tls`]),
+    /// read again for every connection.
+    pub tls: Option<PeerTlsFiles>,
 }
 
 impl PeerSettings {
@@ -95,6 +98,7 @@ impl PeerSettings {
             backoff_max_ms: 5000,
             enabled: None,
             secret: None,
+            tls: None,
         }
     }
 
@@ -111,6 +115,7 @@ impl PeerSettings {
         let (peer, None) = (peers.next()?, peers.next()) else { return None };
         let mut s = PeerSettings::new(local, &peer.name, me.replication.clone(), peer.replication.clone());
         s.secret = config.resource.shared_secret.clone();
+        s.tls = config.peer_tls(local);
         Some(s)
     }
 
@@ -133,7 +138,7 @@ impl PeerSettings {
 }
 
 /// Handshakes in progress on accepted connections.
-type Pending = JoinSet<(SocketAddr, Result<Established<OwnedReadHalf, OwnedWriteHalf>, HandshakeError>)>;
+type Pending = JoinSet<(SocketAddr, Result<Established<PeerRead, PeerWrite>, HandshakeError>)>;
 
 type Resolved = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>;
 
@@ -213,7 +218,7 @@ impl Supervisor {
     /// Starts the link and hands it to the core; `None` if the core is gone.
     async fn deliver(
         &self,
-        est: Established<OwnedReadHalf, OwnedWriteHalf>,
+        est: Established<PeerRead, PeerWrite>,
         addr: SocketAddr,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<LinkHandle> {
@@ -270,6 +275,9 @@ impl Supervisor {
                         backoff.reset();
                     }
                 }
+                Err(e @ DialError::Handshake(_, HandshakeError::Tls(_))) => {
+                    tracing::warn!(peer = %s.peer_name, addr = %s.peer_addr, "connecting failed: {e}")
+                }
                 Err(e) => tracing::info!(peer = %s.peer_name, addr = %s.peer_addr, "connecting failed: {e}"),
             }
             let delay = backoff.next_delay();
@@ -281,7 +289,7 @@ impl Supervisor {
         }
     }
 
-    async fn dial_once(&self) -> Result<(Established<OwnedReadHalf, OwnedWriteHalf>, SocketAddr), DialError> {
+    async fn dial_once(&self) -> Result<(Established<PeerRead, PeerWrite>, SocketAddr), DialError> {
         bump(&self.stats.dial_attempts);
         let s = &self.settings;
         let addrs = (self.resolver.0)(&s.peer_addr).await.map_err(DialError::Resolve)?;
@@ -302,7 +310,12 @@ impl Supervisor {
         let (stream, addr) = connected.ok_or(DialError::Connect(last))?;
         // Small control frames (acks, barriers) must not wait for Nagle.
         stream.set_nodelay(true).map_err(DialError::Connect)?;
-        let (r, w) = stream.into_split();
+        let (r, w) = match &s.tls {
+            Some(files) => tls::connect(stream, files, &s.peer_name, s.handshake_timeout())
+                .await
+                .map_err(|e| DialError::Handshake(addr, tls_failed(&self.stats, e)))?,
+            None => tls::plain(stream),
+        };
         let est = handshake(r, w, &self.params(addr.to_string()), self.pool.clone(), self.stats.clone())
             .await
             .map_err(|e| DialError::Handshake(addr, e))?;
@@ -368,24 +381,61 @@ impl Supervisor {
             return;
         }
         let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
-        if busy {
-            let reader = FrameReader::new(r, self.pool.clone(), self.stats.clone());
-            refuse_busy(reader, FrameWriter::new(w), addr, &self.stats);
-        } else if pending.len() >= MAX_PENDING_HANDSHAKES {
+        if !busy && pending.len() >= MAX_PENDING_HANDSHAKES {
             tracing::warn!(%addr, "too many peer handshakes in progress; dropping connection");
+            return;
+        }
+        let (params, pool, stats) = (self.params(addr.to_string()), self.pool.clone(), self.stats.clone());
+        let (tls, peer) = (self.settings.tls.clone(), self.settings.peer_name.clone());
+        let secured = async move {
+            let (r, w) = match &tls {
+                None => tls::plain(stream),
+                Some(files) => match tls::accept(stream, files, &peer, params.timeout).await {
+                    Ok(tls::Accepted::Tls(r, w)) => (r, w),
+                    Ok(tls::Accepted::Plaintext(stream)) => {
+                        let (r, w) = tls::plain(stream);
+                        let mut reader = FrameReader::new(r, pool.clone(), stats.clone());
+                        let mut writer = FrameWriter::new(w);
+                        let bye = say_bye(&mut reader, &mut writer, TlsError::PlaintextPeer.to_string());
+                        let _ = tokio::time::timeout(params.timeout, bye).await;
+                        return Err(tls_failed(&stats, TlsError::PlaintextPeer));
+                    }
+                    Err(e) => return Err(tls_failed(&stats, e)),
+                },
+            };
+            Ok((r, w, params, pool, stats))
+        };
+        if busy {
+            // The Bye must travel the way the peer speaks: after TLS, when TLS is on.
+            let stats = self.stats.clone();
+            tokio::spawn(async move {
+                if let Ok((r, w, _, pool, _)) = secured.await {
+                    refuse_busy(FrameReader::new(r, pool, stats.clone()), FrameWriter::new(w), addr, &stats);
+                }
+            });
         } else {
-            let (params, pool, stats) =
-                (self.params(addr.to_string()), self.pool.clone(), self.stats.clone());
-            pending.spawn(async move { (addr, handshake(r, w, &params, pool, stats).await) });
+            pending.spawn(async move {
+                let result = match secured.await {
+                    Ok((r, w, params, pool, stats)) => handshake(r, w, &params, pool, stats).await,
+                    Err(e) => Err(e),
+                };
+                (addr, result)
+            });
         }
     }
 }
 
+/// Counts and wraps a failed TLS step: a refusal of the peer is `handshake_refused`,
+/// anything else `handshake_failed` (the caller logs it).
+fn tls_failed(stats: &PeerStats, e: TlsError) -> HandshakeError {
+    bump(if e.is_refusal() { &stats.handshake_refused } else { &stats.handshake_failed });
+    HandshakeError::Tls(e)
+}
+
 /// Tells a connection that arrived while a link is up to go away, in the background.
 fn refuse_busy(
-    mut reader: FrameReader<OwnedReadHalf>,
-    mut writer: FrameWriter<OwnedWriteHalf>,
+    mut reader: FrameReader<PeerRead>,
+    mut writer: FrameWriter<PeerWrite>,
     addr: SocketAddr,
     stats: &PeerStats,
 ) {
@@ -402,6 +452,8 @@ fn log_handshake_failure(addr: SocketAddr, e: &HandshakeError) {
         // Already logged with both values by the handshake.
         HandshakeError::Refused(_) => {}
         HandshakeError::Link(LinkError::Eof) => tracing::debug!(%addr, "connection closed before its Hello"),
+        HandshakeError::Tls(e) if e.is_refusal() => tracing::warn!(%addr, "refusing peer connection: {e}"),
+        HandshakeError::Tls(e) => tracing::warn!(%addr, "peer TLS handshake failed: {e}"),
         e => tracing::info!(%addr, "peer handshake failed: {e}"),
     }
 }

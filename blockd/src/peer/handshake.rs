@@ -53,6 +53,11 @@ pub enum Refusal {
          or not the configured peer)"
     )]
     AuthFailed,
+    #[error(
+        "peer speaks TLS but this node has no resource.tls-ca; set tls-ca, tls-cert and tls-key on every \
+         node (or on none)"
+    )]
+    PeerUsesTls,
 }
 
 /// Why a handshake did not produce a connection.
@@ -77,6 +82,9 @@ pub enum HandshakeError {
     /// This node refused the peer.
     #[error("refused the peer: {0}")]
     Refused(#[from] Refusal),
+    /// The TLS layer under the frames failed (see [`super::tls`]).
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
     /// This node's own Hello cannot be sent (a name over 255 bytes).
     #[error("this node's Hello is invalid: {0}")]
     InvalidLocal(&'static str),
@@ -209,6 +217,15 @@ where
         // a refusal like any other incompatibility, not a broken stream.
         Err(LinkError::Version { remote }) => {
             return Err(Refusal::Version { local: PROTOCOL_VERSION, remote }.into());
+        }
+        // A TLS ClientHello where a frame belongs: a TLS node dialed this plaintext one.
+        Err(LinkError::BadMagic { found }) if (found >> 24) as u8 == super::tls::TLS_HANDSHAKE_RECORD => {
+            return Err(Refusal::PeerUsesTls.into());
+        }
+        // On a TLS link, a peer that refuses this node's certificate says so with an
+        // alert that arrives here, in place of its Hello.
+        Err(LinkError::Io(e)) if super::tls::is_tls_error(&e) => {
+            return Err(super::tls::TlsError::from_io(e).into());
         }
         Err(e) => return Err(e.into()),
     };

@@ -6,6 +6,8 @@
 //!   travels in pool buffers ([`nbd_server::buf::Buf`]) and is never copied into a
 //!   frame buffer.
 //! - [`msg`]: the messages ([`Message`], [`Hello`]) and their payload layouts.
+//! - [`tls`]: with `resource.tls-ca`, mutual TLS 1.3 under everything above (the
+//!   certificate must name the expected peer), and the stream halves the link runs on.
 //! - [`handshake`](mod@handshake): Hello exchange with a timeout and [`check_compatible`],
 //!   then, with a `shared-secret`, the [`auth`] challenge both ways.
 //! - [`link`]: an established connection as channels ([`PeerConn`]): batching
@@ -25,6 +27,7 @@ pub mod frame;
 pub mod handshake;
 pub mod link;
 pub mod msg;
+pub mod tls;
 
 #[cfg(test)]
 mod tests;

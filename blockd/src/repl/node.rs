@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use nbd_server::{Server, ServerConfig};
+use nbd_server::Server;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, NodeConfig, ResyncRate};
@@ -88,7 +88,7 @@ pub async fn run(
     let (hello_tx, hello_rx) = watch::channel(hello);
 
     let listeners = crate::daemon::bind_nbd(&node).await?;
-    let server = Server::new(device.clone(), ServerConfig::new(&config.resource.name));
+    let server = Server::new(device.clone(), crate::daemon::nbd_server_config(&config, &node)?);
     // Buffers for a kernel client's requests exist before memory gets short.
     server.pool().prefill_for_kernel_client();
     let nbd_clients = server.stats();
@@ -116,6 +116,7 @@ pub async fn run(
         PeerSettings::new(&node.name, &peer.name, node.replication.clone(), peer.replication.clone());
     settings.enabled = Some(link_enabled_rx);
     settings.secret = config.resource.shared_secret.clone();
+    settings.tls = config.peer_tls(&node.name);
     let peer_stats = Arc::new(crate::peer::PeerStats::default());
     let metrics_task = match &node.metrics {
         Some(addr) => {

@@ -6,11 +6,14 @@
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use blockd::config::{Config, ListenAddr};
+use blockd::config::{Config, ListenAddr, NbdTlsMode};
 use nbd_server::client::{ExportDetails, handshake};
 use nbd_server::proto::tflags;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::runtime::Runtime;
+
+/// How the client handshake reports `NBD_REP_ERR_TLS_REQD`.
+const TLS_REQUIRED: &str = "TLS required";
 
 /// One TCP connect (or Unix connect) may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -78,8 +81,16 @@ pub fn primary(
 ) -> Result<Session, String> {
     let export = config.resource.name.as_str();
     let mut tried = Vec::new();
+    let mut tls_only = false;
     for node in &config.nodes {
         for addr in &node.nbd {
+            if !kernel_usable(node, addr) {
+                // The kernel client speaks plain NBD only; the server would answer
+                // every option with ERR_TLS_REQD.
+                tried.push(format!("{} ({addr}): requires TLS (nbd-tls = \"require\")", node.name));
+                tls_only = true;
+                continue;
+            }
             let first = rt.block_on(open(addr, export));
             let (details, sock) = match first {
                 Ok(ok) => ok,
@@ -119,5 +130,34 @@ pub fn primary(
             return Ok(Session { node: node.name.clone(), addr: addr.to_string(), details, sockets });
         }
     }
-    Err(format!("no node serves {export:?} (is one Primary?): {}", tried.join("; ")))
+    let mut msg = format!("no node serves {export:?} (is one Primary?): {}", tried.join("; "));
+    if tls_only || tried.iter().any(|t| t.contains(TLS_REQUIRED)) {
+        msg.push_str(&format!(". {}", no_tls_hint(export)));
+    }
+    Err(msg)
+}
+
+/// Requires-TLS listeners are useless to the kernel client.
+fn kernel_usable(node: &blockd::config::NodeConfig, addr: &ListenAddr) -> bool {
+    !(matches!(addr, ListenAddr::Tcp(_)) && node.nbd_tls.mode == NbdTlsMode::Require)
+}
+
+/// `None` if some node has an `nbd` listener the kernel client can use; else why not.
+pub fn tls_only(config: &Config) -> Option<String> {
+    let usable = config.nodes.iter().any(|n| n.nbd.iter().any(|a| kernel_usable(n, a)));
+    (!usable).then(|| {
+        format!(
+            "every nbd listener of {} requires TLS (nbd-tls = \"require\"). {}",
+            config.resource.name,
+            no_tls_hint(&config.resource.name)
+        )
+    })
+}
+
+fn no_tls_hint(export: &str) -> String {
+    format!(
+        "The kernel NBD client cannot use TLS: give the Primary a plaintext Unix-socket listener (nbd-tls \
+         applies to TCP listeners only), e.g. nbd = [\"unix:/run/blockd/{export}.nbd\", \"0.0.0.0:10809\"], \
+         and attach on that host"
+    )
 }

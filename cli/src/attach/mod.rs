@@ -181,6 +181,9 @@ pub fn attach(config: &Config, opts: AttachOptions) -> Result<(), Fail> {
         // 0 would make the kernel retry a stuck request forever, silently.
         return Err(usage("--timeout-secs must be at least 1"));
     }
+    if let Some(why) = dial::tls_only(config) {
+        return Err(refused(why));
+    }
     let mut driver = driver(index, opts.force_ioctl)?;
     // A device attached to this resource whose resident is gone (killed, crashed) is
     // adopted: a new resident reconnects and watches it.

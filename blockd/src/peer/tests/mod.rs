@@ -5,6 +5,7 @@
 mod dial;
 mod handshake;
 mod link;
+mod tls;
 mod wire;
 
 use std::future::Future;
