@@ -39,6 +39,10 @@ use crate::storage::{IoBuf, IoOp, IoSink, Storage};
 
 mod commands;
 
+// The Hello's state (generations, role, disk, these flags) is informational: it is
+// logged at the handshake; the connect decision uses `ConnectState`, sent once the
+// link is up (`repl::connect`), because a Hello can be stale by then.
+
 /// `Hello.flags` bit: the sender crashed while Primary and was not resynced since.
 pub const HELLO_CRASHED_PRIMARY: u32 = 1 << 0;
 /// `Hello.flags` bit: the sender's bitmap has bits set.
@@ -568,7 +572,8 @@ impl Running {
         }
     }
 
-    /// Keeps the handshake `Hello` current for the next connection.
+    /// Keeps the handshake `Hello` current for the next connection (informational),
+    /// and publishes the state for status, events and the NBD side.
     fn publish(&self) {
         let (gens, disk, role) = (self.t.core.generations(), self.t.core.disk(), self.t.core.role());
         let c = &self.t.core;
