@@ -170,8 +170,18 @@ pub struct Mount {
 
 impl Mount {
     pub fn new(dev: &Path, target: &Path, fstype: &str) -> Mount {
+        Mount::with_options(dev, target, fstype, "")
+    }
+
+    /// `mount -t FSTYPE [-o OPTIONS] DEV TARGET` (e.g. `tmpfs` with `size=8m`).
+    pub fn with_options(dev: &Path, target: &Path, fstype: &str, options: &str) -> Mount {
         std::fs::create_dir_all(target).expect("mkdir mount target");
-        run_ok(Command::new(require("mount")).args(["-t", fstype]).arg(dev).arg(target), TOOL_TIMEOUT);
+        let mut cmd = Command::new(require("mount"));
+        cmd.args(["-t", fstype]);
+        if !options.is_empty() {
+            cmd.args(["-o", options]);
+        }
+        run_ok(cmd.arg(dev).arg(target), TOOL_TIMEOUT);
         Mount { target: Some(target.to_path_buf()) }
     }
 
