@@ -60,19 +60,32 @@ fn punch_hole(f: &File, off: u64) -> std::io::Result<()> {
     fallocate(f, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, BS as u64)
 }
 
+/// A 16 MiB fault disk in its own temp dir and its FUSE file opened read-write.
+/// Field order is drop order: the file, the disk, then the directory.
+struct Fixture {
+    f: File,
+    d: FaultDisk,
+    _dir: TempDir,
+}
+
+fn fixture(label: &str, opts: FaultOpts) -> Fixture {
+    let dir = TempDir::new(label);
+    let d = FaultDisk::create(dir.path(), "d", 16 * MIB, &opts);
+    Fixture { f: open_rw(d.path()), d, _dir: dir }
+}
+
 #[test]
 fn failing_writes_return_eio_until_healed_reads_still_work() {
-    let dir = TempDir::new("fd-writes");
-    let d = FaultDisk::create(dir.path(), "d", 16 * MIB, &FaultOpts::default());
-    let f = open_rw(d.path());
+    let fx = fixture("fd-writes", FaultOpts::default());
+    let (f, d) = (&fx.f, &fx.d);
     f.write_all_at(&block(0xa1), 0).expect("write before the fault");
-    assert_eq!(read_at(&f, 0).expect("read"), block(0xa1));
+    assert_eq!(read_at(f, 0).expect("read"), block(0xa1));
 
     d.fail(FaultScope::Writes);
     assert_eq!(errno(f.write_all_at(&block(0xb2), 4096), "pwrite"), libc::EIO);
-    assert_eq!(errno(punch_hole(&f, 0), "punch hole"), libc::EIO);
-    assert_eq!(errno(fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, 0, 4096), "zero range"), libc::EIO);
-    assert_eq!(read_at(&f, 0).expect("reads work while only writes fail"), block(0xa1));
+    assert_eq!(errno(punch_hole(f, 0), "punch hole"), libc::EIO);
+    assert_eq!(errno(fallocate(f, libc::FALLOC_FL_ZERO_RANGE, 0, 4096), "zero range"), libc::EIO);
+    assert_eq!(read_at(f, 0).expect("reads work while only writes fail"), block(0xa1));
     // nbdkit 1.32's error filter cannot fail FLUSH (documented limit).
     f.sync_data().expect("fdatasync passes through the error filter");
     assert!(d.injected() >= 3, "nbdkit injected the errors: {}", d.injected());
@@ -87,39 +100,32 @@ fn failing_writes_return_eio_until_healed_reads_still_work() {
 
 #[test]
 fn failing_reads_and_writes_return_eio_even_for_data_just_written() {
-    let dir = TempDir::new("fd-reads");
-    let d = FaultDisk::create(dir.path(), "d", 16 * MIB, &FaultOpts::default());
-    let f = open_rw(d.path());
+    let fx = fixture("fd-reads", FaultOpts::default());
+    let (f, d) = (&fx.f, &fx.d);
     f.write_all_at(&block(0xc3), 8192).expect("write");
-    assert_eq!(read_at(&f, 8192).expect("read"), block(0xc3));
+    assert_eq!(read_at(f, 8192).expect("read"), block(0xc3));
 
     d.fail(FaultScope::ReadsAndWrites);
-    assert_eq!(errno(read_at(&f, 8192), "pread of data just read (no page cache)"), libc::EIO);
-    assert_eq!(errno(read_at(&f, 10 * MIB), "pread"), libc::EIO);
+    assert_eq!(errno(read_at(f, 8192), "pread of data just read (fail dropped the page cache)"), libc::EIO);
+    assert_eq!(errno(read_at(f, 10 * MIB), "pread"), libc::EIO);
     assert_eq!(errno(f.write_all_at(&block(0xd4), 8192), "pwrite"), libc::EIO);
 
     // Back to writes only: reads work again, writes still fail.
     d.fail(FaultScope::Writes);
-    assert_eq!(read_at(&f, 8192).expect("read with writes-only faults"), block(0xc3));
+    assert_eq!(read_at(f, 8192).expect("read with writes-only faults"), block(0xc3));
     assert_eq!(errno(f.write_all_at(&block(0xd4), 8192), "pwrite"), libc::EIO);
 
     d.heal();
-    assert_eq!(read_at(&f, 8192).expect("read after heal"), block(0xc3));
+    assert_eq!(read_at(f, 8192).expect("read after heal"), block(0xc3));
 }
 
 #[test]
 fn an_enospc_disk_fails_writes_with_enospc_and_reads_with_eio() {
-    let dir = TempDir::new("fd-enospc");
-    let d = FaultDisk::create(
-        dir.path(),
-        "d",
-        16 * MIB,
-        &FaultOpts { errno: FaultErrno::Enospc, ..Default::default() },
-    );
-    let f = open_rw(d.path());
+    let fx = fixture("fd-enospc", FaultOpts { errno: FaultErrno::Enospc, ..Default::default() });
+    let (f, d) = (&fx.f, &fx.d);
     d.fail(FaultScope::ReadsAndWrites);
     assert_eq!(errno(f.write_all_at(&block(1), 0), "pwrite"), libc::ENOSPC);
-    assert_eq!(errno(read_at(&f, 0), "pread"), libc::EIO);
+    assert_eq!(errno(read_at(f, 0), "pread"), libc::EIO);
     d.heal();
     f.write_all_at(&block(1), 0).expect("write after heal");
 }
@@ -179,10 +185,8 @@ fn a_paused_disk_holds_a_write_until_resumed() {
 
 #[test]
 fn slow_and_throttled_disks_still_complete_every_write() {
-    let dir = TempDir::new("fd-slow");
-    let d =
-        FaultDisk::create(dir.path(), "d", 16 * MIB, &FaultOpts { write_delay_ms: 20, ..Default::default() });
-    let f = open_rw(d.path());
+    let fx = fixture("fd-slow", FaultOpts { write_delay_ms: 20, ..Default::default() });
+    let (f, d) = (&fx.f, &fx.d);
     let t = Instant::now();
     for i in 0..10u64 {
         f.write_all_at(&block(i as u8 + 1), i * BS as u64).expect("slow write");
