@@ -95,9 +95,12 @@ impl FuseMount {
         self.mountpoint.join("nbd")
     }
 
-    /// `fusermount3 -u`, then nbdfuse must exit 0 (bounded wait).
+    /// `fusermount3 -u` (retried while busy, bounded), then nbdfuse must exit 0
+    /// (bounded wait).
     pub fn unmount(mut self) {
-        tool("fusermount3", [std::ffi::OsStr::new("-u"), self.mountpoint.as_os_str()]);
+        if let Err(out) = fusermount_u(&self.mountpoint) {
+            panic!("fusermount3 -u failed\n{}", out.describe());
+        }
         let mut child = self.child.take().expect("nbdfuse child");
         let st = wait_deadline(&mut child, Duration::from_secs(30))
             .expect("nbdfuse did not exit within 30s after fusermount3 -u");
@@ -105,11 +108,28 @@ impl FuseMount {
     }
 }
 
+/// `fusermount3 -u MOUNTPOINT` until it succeeds or the mount is gone, for at
+/// most 10 s: a child that another test thread forked may hold a descriptor of
+/// the file until it execs (EBUSY). The last failure's output otherwise.
+fn fusermount_u(mountpoint: &Path) -> Result<(), crate::tools::Output> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = run_capture(Command::new(require("fusermount3")).arg("-u").arg(mountpoint), TOOL_TIMEOUT);
+        if out.status.success() || !is_mountpoint(mountpoint) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(out);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 impl Drop for FuseMount {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             if is_mountpoint(&self.mountpoint) {
-                let _ = Command::new("fusermount3").arg("-u").arg(&self.mountpoint).status();
+                let _ = fusermount_u(&self.mountpoint);
             }
             if wait_deadline(&mut child, Duration::from_secs(10)).is_none() {
                 // wait_deadline killed it; lazily detach what is left.
@@ -170,8 +190,18 @@ pub struct Mount {
 
 impl Mount {
     pub fn new(dev: &Path, target: &Path, fstype: &str) -> Mount {
+        Mount::with_options(dev, target, fstype, "")
+    }
+
+    /// `mount -t FSTYPE [-o OPTIONS] DEV TARGET` (e.g. `tmpfs` with `size=8m`).
+    pub fn with_options(dev: &Path, target: &Path, fstype: &str, options: &str) -> Mount {
         std::fs::create_dir_all(target).expect("mkdir mount target");
-        run_ok(Command::new(require("mount")).args(["-t", fstype]).arg(dev).arg(target), TOOL_TIMEOUT);
+        let mut cmd = Command::new(require("mount"));
+        cmd.args(["-t", fstype]);
+        if !options.is_empty() {
+            cmd.args(["-o", options]);
+        }
+        run_ok(cmd.arg(dev).arg(target), TOOL_TIMEOUT);
         Mount { target: Some(target.to_path_buf()) }
     }
 
@@ -179,10 +209,22 @@ impl Mount {
         self.target.as_deref().expect("mounted")
     }
 
-    /// `umount`, checked.
+    /// `umount`, checked. Retried for a bounded time: a child that another test
+    /// thread forked may hold a descriptor of a file in here until it execs
+    /// (EBUSY). On failure the guard keeps the target, so its Drop still
+    /// detaches it (lazily).
     pub fn unmount(mut self) {
-        let t = self.target.take().expect("mounted");
-        run_ok(Command::new(require("umount")).arg(&t), TOOL_TIMEOUT);
+        let t = self.target.clone().expect("mounted");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = run_capture(Command::new(require("umount")).arg(&t), TOOL_TIMEOUT);
+            if out.status.success() {
+                self.target = None;
+                return;
+            }
+            assert!(Instant::now() < deadline, "umount failed\n{}", out.describe());
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

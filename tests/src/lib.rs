@@ -6,6 +6,9 @@
 //!   `uring::NAME`); `BLOCKD_TEST_SERVER=nbdkit` runs them against nbdkit.
 //! * [`tools`] — external programs with captured output and deadlines.
 //! * [`guards`] — FUSE mount / loop device / mount guards.
+//! * [`faultdisk`] — a backing disk whose faults a test switches at runtime
+//!   (EIO/ENOSPC, hang, slow: nbdkit's filters behind nbdfuse).
+//! * [`smallfs`] — a small tmpfs/ext4 for thin stores that run out of space.
 //! * [`raw`] — a raw NBD client for protocol corner cases.
 //! * [`loadgen`] — acknowledged-write load generator and verifier.
 //! * [`chain`] — ordered dependent writer and prefix (crash-consistency)
@@ -30,6 +33,7 @@
 pub mod chain;
 pub mod daemon;
 pub mod fakepeer;
+pub mod faultdisk;
 pub mod guards;
 pub mod loadgen;
 pub mod netns;
@@ -39,6 +43,7 @@ pub mod proxy;
 pub mod raw;
 pub mod scatter;
 pub mod server;
+pub mod smallfs;
 pub mod tls;
 pub mod tmp;
 pub mod tools;

@@ -1,6 +1,11 @@
 //! A replicated pair on this machine: two `blockd` nodes (`alpha`, `beta`) on
 //! loopback, each with its own sparse backing file, metadata, control socket and NBD
 //! Unix socket, driven through `blockctl` like an operator would.
+//!
+//! A node's backing store can instead be a [`FaultDisk`] (faults switched while it
+//! runs) or a sparse file on a [`SmallFs`] (a thin store that runs out of space),
+//! and its metadata an external file beside the pair's config, so that data faults
+//! do not hit it ([`PairOpts::disks`], [`PairOpts::external_meta`]).
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -11,8 +16,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::daemon::{Addr, Daemon, free_port};
-use crate::server::{EXPORT, workspace_root};
-use crate::tmp::TempDir;
+use crate::faultdisk::{FaultDisk, FaultOpts};
+use crate::server::{EXPORT, Engine, workspace_root};
+use crate::smallfs::{SmallFs, SmallFsKind};
+use crate::tmp::{TempDir, sparse_file};
 use crate::tools::{Output, run_capture};
 
 /// The two node names; `alpha` sorts first, so it is the one that dials.
@@ -38,6 +45,37 @@ pub struct PairOpts {
     pub extra_resource: String,
     /// Raw TOML lines appended to each node's `[[node]]` table (e.g. `metrics = …`).
     pub extra_node: [String; 2],
+    /// Each node's backing store (default: a plain sparse file).
+    pub disks: [DiskSpec; 2],
+    /// Both nodes' `meta`: false = `"internal"` (the end of the backing store, so
+    /// behind the same faults); true = the file `DIR/NAME.md` on the pair's own
+    /// filesystem, so a [`FaultDisk`] fails only data I/O. One setting for both:
+    /// internal metadata takes space off the device, and the peers' device sizes
+    /// must match.
+    pub external_meta: bool,
+    /// `blockd run --io-engine`; None: the daemon's default (`auto`).
+    pub io_engine: Option<Engine>,
+}
+
+/// What a node's backing store is (`disk_bytes` long in every case).
+#[derive(Clone, Debug, Default)]
+pub enum DiskSpec {
+    /// A sparse file `DIR/NAME.img`.
+    #[default]
+    Plain,
+    /// A [`FaultDisk`] over the store `DIR/NAME.store`; the node opens its FUSE file.
+    Fault(FaultOpts),
+    /// A sparse file `NAME.img` on a [`SmallFs`] of `fs_bytes` mounted at
+    /// `DIR/NAME.fs` (make it smaller than `disk_bytes` for a thin store).
+    SmallFs { kind: SmallFsKind, fs_bytes: u64 },
+}
+
+/// The thing behind a node's backing store, owned by the [`Pair`].
+#[derive(Debug)]
+pub enum Backing {
+    Plain,
+    Fault(Box<FaultDisk>),
+    SmallFs(SmallFs),
 }
 
 impl Default for PairOpts {
@@ -50,6 +88,9 @@ impl Default for PairOpts {
             prefix: [Vec::new(), Vec::new()],
             extra_resource: String::new(),
             extra_node: [String::new(), String::new()],
+            disks: [DiskSpec::Plain, DiskSpec::Plain],
+            external_meta: false,
+            io_engine: None,
         }
     }
 }
@@ -59,7 +100,13 @@ pub struct Node {
     pub name: &'static str,
     /// The config's `replication` address (`host:port`).
     pub replication: String,
+    /// The config's `disk` (for a [`FaultDisk`], its FUSE file).
     pub disk: PathBuf,
+    /// The file holding the data, read without faults (for a [`FaultDisk`] its
+    /// store; otherwise `disk`).
+    pub store: PathBuf,
+    /// The config's `meta` when external.
+    pub meta: Option<PathBuf>,
     pub control: PathBuf,
     pub nbd: PathBuf,
     pub daemon: Option<Daemon>,
@@ -73,10 +120,14 @@ pub struct Pair {
     /// Declared before `dir`: fields drop in order, so the nodes are killed (and
     /// a failing test prints their logs) before the directory is removed.
     pub nodes: [Node; 2],
+    /// After the nodes (which hold them open), before the directory.
+    pub backing: [Backing; 2],
     pub dir: TempDir,
     pub config: PathBuf,
     /// See [`PairOpts::prefix`].
     pub prefix: [Vec<String>; 2],
+    /// See [`PairOpts::io_engine`].
+    pub io_engine: Option<Engine>,
 }
 
 /// Where `blockd` / `blockctl` are looked up, first match wins:
@@ -138,13 +189,17 @@ impl Pair {
             text.push('\n');
         }
         let mut replication = replication.into_iter();
-        let nodes = NODES.map(|name| {
-            let disk = dir.join(&format!("{name}.img"));
-            std::fs::File::create(&disk).and_then(|f| f.set_len(opts.disk_bytes)).expect("create disk");
+        let mut backing = [Backing::Plain, Backing::Plain];
+        let nodes = std::array::from_fn(|n| {
+            let name = NODES[n];
+            let (b, disk, store) = create_disk(&dir, name, &opts.disks[n], opts.disk_bytes);
+            backing[n] = b;
             Node {
                 name,
                 replication: replication.next().expect("two addresses"),
                 disk,
+                store,
+                meta: opts.external_meta.then(|| dir.join(&format!("{name}.md"))),
                 control: dir.join(&format!("{name}.ctl")),
                 nbd: dir.join(&format!("{name}.nbd")),
                 daemon: None,
@@ -152,9 +207,10 @@ impl Pair {
             }
         });
         for (node, extra) in nodes.iter().zip(&opts.extra_node) {
+            let meta = node.meta.as_ref().map_or("internal".to_string(), |m| m.display().to_string());
             text.push_str(&format!(
                 "\n[[node]]\nname = \"{}\"\nreplication = \"{}\"\nnbd = \"unix:{}\"\n\
-                 disk = \"{}\"\nmeta = \"internal\"\ncontrol = \"{}\"\n",
+                 disk = \"{}\"\nmeta = \"{meta}\"\ncontrol = \"{}\"\n",
                 node.name,
                 node.replication,
                 node.nbd.display(),
@@ -168,7 +224,8 @@ impl Pair {
         }
         let config = dir.join("r0.toml");
         std::fs::write(&config, text).expect("write config");
-        let pair = Pair { dir, config, nodes, prefix: opts.prefix.clone() };
+        let pair =
+            Pair { dir, config, nodes, backing, prefix: opts.prefix.clone(), io_engine: opts.io_engine };
         for n in 0..2 {
             let mut args = vec!["create-md"];
             if opts.clear_bitmap {
@@ -190,13 +247,16 @@ impl Pair {
     /// Starts node `n` (as `blockd run` in the foreground, so the test owns its PID).
     pub fn start_node(&mut self, n: usize) {
         let node = &self.nodes[n];
-        let args = vec![
+        let mut args = vec![
             "run".to_string(),
             "--config".to_string(),
             self.node_config(n).display().to_string(),
             "--node".to_string(),
             node.name.to_string(),
         ];
+        if let Some(engine) = self.io_engine {
+            args.extend(["--io-engine".to_string(), engine.as_str().to_string()]);
+        }
         let log = self.dir.join(&format!("{}.log", node.name));
         let addrs = vec![Addr::Unix(node.nbd.clone())];
         let blockd = binary("blockd");
@@ -378,6 +438,51 @@ impl Pair {
 
     pub fn disk_path(&self, n: usize) -> &Path {
         &self.nodes[n].disk
+    }
+
+    /// The file holding node `n`'s data, read without faults (see [`Node::store`]).
+    pub fn store_path(&self, n: usize) -> &Path {
+        &self.nodes[n].store
+    }
+
+    /// Node `n`'s [`FaultDisk`] (panics unless it has one).
+    pub fn fault(&self, n: usize) -> &FaultDisk {
+        match &self.backing[n] {
+            Backing::Fault(d) => d,
+            other => panic!("{} has no fault disk ({other:?})", NODES[n]),
+        }
+    }
+
+    /// The [`SmallFs`] node `n`'s disk lives on (panics unless it has one).
+    pub fn small_fs(&self, n: usize) -> &SmallFs {
+        match &self.backing[n] {
+            Backing::SmallFs(fs) => fs,
+            other => panic!("{} has no small filesystem ({other:?})", NODES[n]),
+        }
+    }
+}
+
+/// Creates node `name`'s backing store of `bytes` in `dir`: what backs it, the
+/// config's `disk`, and the file holding the data.
+fn create_disk(dir: &TempDir, name: &str, spec: &DiskSpec, bytes: u64) -> (Backing, PathBuf, PathBuf) {
+    match spec {
+        DiskSpec::Plain => {
+            let disk = dir.join(&format!("{name}.img"));
+            sparse_file(&disk, bytes);
+            (Backing::Plain, disk.clone(), disk)
+        }
+        DiskSpec::Fault(opts) => {
+            let d = FaultDisk::create(dir.path(), name, bytes, opts);
+            let (disk, store) = (d.path().to_path_buf(), d.store().to_path_buf());
+            (Backing::Fault(Box::new(d)), disk, store)
+        }
+        DiskSpec::SmallFs { kind, fs_bytes } => {
+            let mountpoint = dir.join(&format!("{name}.fs"));
+            let fs = SmallFs::create(*kind, &mountpoint, &dir.join(&format!("{name}.fsimg")), *fs_bytes);
+            let disk = fs.join(&format!("{name}.img"));
+            sparse_file(&disk, bytes);
+            (Backing::SmallFs(fs), disk.clone(), disk)
+        }
     }
 }
 
