@@ -18,6 +18,8 @@
 //! # allow-unauthenticated-peers = false   # opt out of that requirement
 //! # tls-ca = "/etc/blockd/tls/r0/ca-cert.pem"  # mutual TLS 1.3 on the peer link:
 //! #                               # the CA every node's certificate chains to
+//! # on-io-error = "detach"        # or "pass-on": what an error of this node's disk does
+//! # ack-timeout = "10s"           # a peer that confirms no write for this long is dropped
 //!
 //! [[node]]
 //! name = "alpha"
@@ -81,6 +83,7 @@
 //! external metadata file's directory exists) is [`Config::check_local`], run by
 //! `blockd run`, `blockctl create-md` and `blockctl up` before they change anything.
 
+mod disk;
 mod error;
 mod keys;
 mod local;
@@ -100,6 +103,7 @@ use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
+pub use disk::{DEFAULT_ACK_TIMEOUT_MS, IoErrorPolicy, MAX_ACK_TIMEOUT_MS, MIN_ACK_TIMEOUT_MS};
 pub use error::ConfigError;
 pub use keys::{node_keys, resource_keys};
 pub use tls::{NbdTls, NbdTlsMode, PeerTlsFiles, TlsFiles};
@@ -180,6 +184,11 @@ pub struct ResourceConfig {
     /// `tls-ca`: mutual TLS 1.3 on the peer link; every peer's certificate must
     /// chain to this CA and name the peer (module docs, "TLS").
     pub tls_ca: Option<PathBuf>,
+    /// `on-io-error`: what an I/O error on a node's own disk does.
+    pub on_io_error: IoErrorPolicy,
+    /// `ack-timeout`: a peer that leaves a replicated write, barrier, flush or
+    /// read unanswered this long after it was sent is disconnected.
+    pub ack_timeout_ms: u64,
 }
 
 /// The peers' shared secret; never printed.
@@ -455,6 +464,8 @@ impl Config {
         if let Some(ca) = &r.tls_ca {
             let _ = writeln!(out, "tls-ca = {}", q(&ca.display().to_string()));
         }
+        let _ = writeln!(out, "on-io-error = {}", q(&r.on_io_error.to_string()));
+        let _ = writeln!(out, "ack-timeout = {}", q(&format!("{}ms", r.ack_timeout_ms)));
         for n in &self.nodes {
             let nbd: Vec<String> = n.nbd.iter().map(|a| q(&a.to_string())).collect();
             let meta = match &n.meta {

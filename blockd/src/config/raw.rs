@@ -34,6 +34,8 @@ pub(super) struct RawResource {
     pub shared_secret: Option<Spanned<String>>,
     pub allow_unauthenticated_peers: Option<Spanned<bool>>,
     pub tls_ca: Option<Spanned<String>>,
+    pub on_io_error: Option<Spanned<RawIoErrorPolicy>>,
+    pub ack_timeout: Option<Spanned<RawDuration>>,
 }
 
 /// One `[[node]]`.
@@ -96,6 +98,11 @@ described_string!(
     r#""off", "on" or "require""#
 );
 described_string!(
+    /// `on-io-error`; checked by validation.
+    RawIoErrorPolicy,
+    r#""detach" or "pass-on""#
+);
+described_string!(
     /// `meta`; checked by validation.
     RawMeta,
     r#""internal" or a path"#
@@ -156,6 +163,30 @@ impl Visitor<'_> for SizeVisitor {
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSize, E> {
         Ok(RawSize::Str(v.to_owned()))
+    }
+}
+
+/// A duration: a string with a unit (`"10s"`, `"500ms"`) or an integer of seconds;
+/// parsed by validation.
+#[derive(Debug, Clone)]
+pub(super) struct RawDuration(pub String);
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a duration (a string such as "10s", or seconds)"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawDuration, E> {
+                Ok(RawDuration(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

@@ -102,6 +102,8 @@ fn spec_example_parses_with_defaults() {
             shared_secret: None,
             allow_unauthenticated_peers: false,
             tls_ca: None,
+            on_io_error: IoErrorPolicy::Detach,
+            ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
         }
     );
     assert_eq!(c.nodes.len(), 2);
@@ -320,7 +322,8 @@ fn unknown_keys() {
         err(&spec_with(&[(L_GRANULARITY, "bitmap_granularity = 4096")])),
         "r0.toml:5: key `resource.bitmap_granularity`: unknown key \
          (expected one of: name, protocol, size, bitmap-granularity, send-buffer, al-extents, \
-         resync-rate, resync-min-rate, resync-checksum, shared-secret, allow-unauthenticated-peers, tls-ca)"
+         resync-rate, resync-min-rate, resync-checksum, shared-secret, allow-unauthenticated-peers, tls-ca, \
+         on-io-error, ack-timeout)"
     );
     assert_eq!(
         err(&spec_with(&[(1, "[resources]")])),
@@ -883,4 +886,23 @@ fn peers_off_loopback_must_authenticate() {
              output of `openssl rand -base64 32`)"
         )
     );
+}
+
+#[test]
+fn on_io_error_and_ack_timeout() {
+    let c = ok(&with_resource_line("on-io-error = \"pass-on\"\nack-timeout = \"30s\""));
+    assert_eq!((c.resource.on_io_error, c.resource.ack_timeout_ms), (IoErrorPolicy::PassOn, 30_000));
+    let c = ok(&with_resource_line("ack-timeout = 15"));
+    assert_eq!(c.resource.ack_timeout_ms, 15_000);
+    assert_eq!(
+        err(&with_resource_line("on-io-error = \"panic\"")),
+        r#"r0.toml:3: key `resource.on-io-error`: expected "detach" or "pass-on", found "panic""#
+    );
+    assert_eq!(
+        err(&with_resource_line("ack-timeout = \"100ms\"")),
+        r#"r0.toml:3: key `resource.ack-timeout`: "100ms" is not allowed; use 2s to 1h"#
+    );
+    assert!(err(&with_resource_line("ack-timeout = \"soon\"")).contains("is not a duration"));
+    let shown = ok(&with_resource_line("on-io-error = \"pass-on\"")).effective_toml();
+    assert!(shown.contains("on-io-error = \"pass-on\"\nack-timeout = \"10000ms\""), "{shown}");
 }

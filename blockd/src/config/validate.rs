@@ -23,6 +23,8 @@ use super::{
     MIN_SHARED_SECRET_BYTES, MetaLocation, NodeConfig, NodeLines, Protocol, ResourceConfig, ResyncRate,
     SharedSecret,
 };
+use super::{DEFAULT_ACK_TIMEOUT_MS, IoErrorPolicy, MAX_ACK_TIMEOUT_MS, MIN_ACK_TIMEOUT_MS};
+use super::disk::parse_duration_ms;
 
 #[path = "validate_tls.rs"]
 mod tls;
@@ -306,6 +308,29 @@ impl Cx<'_> {
         let allow_unauthenticated_peers =
             raw.allow_unauthenticated_peers.as_ref().is_some_and(|b| *b.get_ref());
         let tls_ca = self.tls_ca(raw)?;
+        let on_io_error = match &raw.on_io_error {
+            None => IoErrorPolicy::default(),
+            Some(p) => match p.get_ref().0.as_str() {
+                "detach" => IoErrorPolicy::Detach,
+                "pass-on" => IoErrorPolicy::PassOn,
+                other => {
+                    let why = format!(r#"expected "detach" or "pass-on", found {other:?}"#);
+                    return Err(self.at(p, "resource.on-io-error", why));
+                }
+            },
+        };
+        let ack_timeout_ms = match &raw.ack_timeout {
+            None => DEFAULT_ACK_TIMEOUT_MS,
+            Some(d) => {
+                let key = "resource.ack-timeout";
+                let ms = parse_duration_ms(&d.get_ref().0).map_err(|m| self.at(d, key, m))?;
+                if !(MIN_ACK_TIMEOUT_MS..=MAX_ACK_TIMEOUT_MS).contains(&ms) {
+                    let why = format!("{:?} is not allowed; use 2s to 1h", d.get_ref().0);
+                    return Err(self.at(d, key, why));
+                }
+                ms
+            }
+        };
 
         Ok(ResourceConfig {
             name: name.get_ref().clone(),
@@ -320,6 +345,8 @@ impl Cx<'_> {
             shared_secret,
             allow_unauthenticated_peers,
             tls_ca,
+            on_io_error,
+            ack_timeout_ms,
         })
     }
 
