@@ -206,6 +206,8 @@ pub fn sample_messages() -> Vec<Message> {
         Message::Digests { offset: 0, len: 8192, data: buf(&[0xd1; 32]) },
         Message::StartRepair { bytes: 4096 },
         Message::Invalidate,
+        Message::ReadReq { id: 4, offset: 8192, len: 4096, after_epoch: 1 },
+        Message::ReadData { id: 4, errno: 0, data: buf(&[0x6b; 4096]) },
         Message::ResyncFlush { id: 3 },
         Message::ResyncFlushed { id: 3 },
         Message::ConnectState { gens, role: Role::Secondary, disk: DiskState::UpToDate, flags: 1 },

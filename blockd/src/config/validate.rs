@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_path_to_error::Segment;
 use toml::Spanned;
 
+use super::disk::parse_duration_ms;
 use super::raw::{RawConfig, RawNbd, RawNode, RawRate, RawResource, RawSize};
 use super::values::{
     UNIX_PATH_MAX, check_abs_path, check_name, check_unix_path, parse_host_port, parse_listen_addr,
@@ -24,7 +25,6 @@ use super::{
     SharedSecret,
 };
 use super::{DEFAULT_ACK_TIMEOUT_MS, IoErrorPolicy, MAX_ACK_TIMEOUT_MS, MIN_ACK_TIMEOUT_MS};
-use super::disk::parse_duration_ms;
 
 #[path = "validate_tls.rs"]
 mod tls;

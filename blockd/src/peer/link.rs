@@ -232,6 +232,7 @@ fn check_range(msg: &Message, size_bytes: u64) -> Result<(), LinkError> {
         | Message::ResyncZeroes { offset, len }
         | Message::ResyncAck { offset, len, .. }
         | Message::DigestReq { offset, len, .. }
+        | Message::ReadReq { offset, len, .. }
         | Message::Digests { offset, len, .. } => (*offset, *len),
         _ => return Ok(()),
     };

@@ -1,4 +1,4 @@
-//! Peer protocol messages (version 1) and the encoding of their payloads.
+//! Peer protocol messages (version 3) and the encoding of their payloads.
 //!
 //! A frame's payload is the message's fixed fields, big-endian, then (for `Write`
 //! and `ResyncData` only) the data bytes. The data never passes through this module:
@@ -36,6 +36,8 @@
 //! | ResyncInfo | 0x2b | done 8, total 8 (source → target, bytes of the resync) |
 //! | ResyncFlush | 0x2c | id 8 (source → target: make the resync writes acknowledged so far durable) |
 //! | ResyncFlushed | 0x2d | id 8 (target → source: they are) |
+//! | ReadReq | 0x2e | id 8, offset 8, len 8, after_epoch 8 (a Primary without a disk reads from its peer) |
+//! | ReadData | 0x2f | id 8, errno 4 + data (the answer: `len` bytes, or none with an errno) |
 //! | ConnectState | 0x30 | gens 48, role 1, disk 1, flags 4 (each side's state once the link is up; the connect decision uses these) |
 //! | StatePrepare | 0x31 | tid 8, change 1 (1 = promote the sender), flags 1 (bit 0 force) |
 //! | StateReply | 0x32 | tid 8, flags 1 (bit 0 yes), reason str |
@@ -49,12 +51,15 @@
 use nbd_server::buf::Buf;
 
 use super::LinkError;
+pub use super::kind::Kind;
+pub(crate) use super::kind::Layout;
 use crate::config::Protocol;
 use crate::state::{DiskState, Generations, HISTORY_LEN, Role};
 
 /// The protocol version this node speaks (2: the connect decision from
-/// `ConnectState`, state changes agreed with the peer, resync flushes).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// `ConnectState`, state changes agreed with the peer, resync flushes; 3: reads
+/// from the peer, and every failed replicated write reported).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Hello feature bit: this node has a `shared-secret` and requires the peer to prove
 /// it knows it (AuthChallenge / AuthResponse) before anything else.
 pub const FEATURE_AUTH: u64 = 1 << 0;
@@ -67,9 +72,9 @@ pub const MAX_REASON_BYTES: usize = 1024;
 /// Largest data part of a `Write` or `ResyncData` (the buffer pool's largest size).
 pub const MAX_DATA_BYTES: usize = nbd_server::buf::MAX_BUF_BYTES;
 
-const GENS_BYTES: usize = 8 * (2 + HISTORY_LEN);
+pub(super) const GENS_BYTES: usize = 8 * (2 + HISTORY_LEN);
 /// Hello's fixed part without the two strings' bytes (but with their length prefixes).
-const HELLO_MIN_BYTES: usize = 4 + 8 + 8 + 4 + 1 + 1 + 1 + GENS_BYTES + 4 + 2 + 2;
+pub(super) const HELLO_MIN_BYTES: usize = 4 + 8 + 8 + 4 + 1 + 1 + 1 + GENS_BYTES + 4 + 2 + 2;
 
 /// The first frame each way: who this node is and what it serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,6 +146,11 @@ pub enum Message {
     DigestReq { offset: u64, len: u64, after_epoch: u64 },
     /// The answer to `DigestReq`: 16 bytes per granule, in order.
     Digests { offset: u64, len: u64, data: Buf },
+    /// A Primary without a disk reads `[offset, offset + len)` from its peer, once
+    /// every replicated write of epochs up to `after_epoch` is applied there.
+    ReadReq { id: u64, offset: u64, len: u64, after_epoch: u64 },
+    /// The answer to `ReadReq { id }`: the data (`errno` 0), or no data and why not.
+    ReadData { id: u64, errno: i32, data: Buf },
     /// Verify `--repair`: the sender found `bytes` out of sync and starts a resync
     /// as source; the receiver becomes its sync target.
     StartRepair { bytes: u64 },
@@ -183,218 +193,6 @@ pub enum StateChange {
     Promote { force: bool },
 }
 
-/// A message type: its wire code and payload layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[allow(missing_docs)]
-pub enum Kind {
-    Hello,
-    Ping,
-    Pong,
-    Bye,
-    AuthChallenge,
-    AuthResponse,
-    Write,
-    Trim,
-    WriteZeroes,
-    RecvAck,
-    WriteAck,
-    Barrier,
-    BarrierAck,
-    State,
-    ResyncData,
-    ResyncAck,
-    ResyncDone,
-    ResyncZeroes,
-    BitmapBlock,
-    BitmapDone,
-    DigestReq,
-    Digests,
-    StartRepair,
-    Invalidate,
-    SyncPause,
-    ResyncInfo,
-    ResyncFlush,
-    ResyncFlushed,
-    ConnectState,
-    StatePrepare,
-    StateReply,
-    StateCommit,
-    StateAbort,
-}
-
-/// How a type's payload is laid out, which is all the frame reader needs to know
-/// before reading it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Layout {
-    /// Exactly this many bytes.
-    Fixed(usize),
-    /// Between `min` and `max` bytes (strings); the decoder checks the exact length.
-    Var { min: usize, max: usize },
-    /// A fixed part of this many bytes, then up to [`MAX_DATA_BYTES`] of data.
-    Data { fixed: usize },
-}
-
-impl Kind {
-    /// Every type, for tests and tables.
-    pub const ALL: [Kind; 33] = [
-        Kind::Hello,
-        Kind::Ping,
-        Kind::Pong,
-        Kind::Bye,
-        Kind::AuthChallenge,
-        Kind::AuthResponse,
-        Kind::Write,
-        Kind::Trim,
-        Kind::WriteZeroes,
-        Kind::RecvAck,
-        Kind::WriteAck,
-        Kind::Barrier,
-        Kind::BarrierAck,
-        Kind::State,
-        Kind::ResyncData,
-        Kind::ResyncAck,
-        Kind::ResyncDone,
-        Kind::ResyncZeroes,
-        Kind::BitmapBlock,
-        Kind::BitmapDone,
-        Kind::DigestReq,
-        Kind::Digests,
-        Kind::StartRepair,
-        Kind::Invalidate,
-        Kind::SyncPause,
-        Kind::ResyncInfo,
-        Kind::ResyncFlush,
-        Kind::ResyncFlushed,
-        Kind::ConnectState,
-        Kind::StatePrepare,
-        Kind::StateReply,
-        Kind::StateCommit,
-        Kind::StateAbort,
-    ];
-
-    /// The type code in the frame header.
-    pub fn code(self) -> u16 {
-        match self {
-            Kind::Hello => 0x01,
-            Kind::Ping => 0x02,
-            Kind::Pong => 0x03,
-            Kind::Bye => 0x04,
-            Kind::AuthChallenge => 0x05,
-            Kind::AuthResponse => 0x06,
-            Kind::Write => 0x10,
-            Kind::Trim => 0x11,
-            Kind::WriteZeroes => 0x12,
-            Kind::RecvAck => 0x13,
-            Kind::WriteAck => 0x14,
-            Kind::Barrier => 0x15,
-            Kind::BarrierAck => 0x16,
-            Kind::State => 0x17,
-            Kind::ResyncData => 0x20,
-            Kind::ResyncAck => 0x21,
-            Kind::ResyncDone => 0x22,
-            Kind::ResyncZeroes => 0x23,
-            Kind::BitmapBlock => 0x24,
-            Kind::BitmapDone => 0x25,
-            Kind::DigestReq => 0x26,
-            Kind::Digests => 0x27,
-            Kind::StartRepair => 0x28,
-            Kind::Invalidate => 0x29,
-            Kind::SyncPause => 0x2a,
-            Kind::ResyncInfo => 0x2b,
-            Kind::ResyncFlush => 0x2c,
-            Kind::ResyncFlushed => 0x2d,
-            Kind::ConnectState => 0x30,
-            Kind::StatePrepare => 0x31,
-            Kind::StateReply => 0x32,
-            Kind::StateCommit => 0x33,
-            Kind::StateAbort => 0x34,
-        }
-    }
-
-    /// Decodes [`Kind::code`]; `None` for an unknown code.
-    pub fn from_code(code: u16) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.code() == code)
-    }
-
-    /// The type's name, for messages.
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Hello => "Hello",
-            Kind::Ping => "Ping",
-            Kind::Pong => "Pong",
-            Kind::Bye => "Bye",
-            Kind::AuthChallenge => "AuthChallenge",
-            Kind::AuthResponse => "AuthResponse",
-            Kind::Write => "Write",
-            Kind::Trim => "Trim",
-            Kind::WriteZeroes => "WriteZeroes",
-            Kind::RecvAck => "RecvAck",
-            Kind::WriteAck => "WriteAck",
-            Kind::Barrier => "Barrier",
-            Kind::BarrierAck => "BarrierAck",
-            Kind::State => "State",
-            Kind::ResyncData => "ResyncData",
-            Kind::ResyncAck => "ResyncAck",
-            Kind::ResyncDone => "ResyncDone",
-            Kind::ResyncZeroes => "ResyncZeroes",
-            Kind::BitmapBlock => "BitmapBlock",
-            Kind::BitmapDone => "BitmapDone",
-            Kind::DigestReq => "DigestReq",
-            Kind::Digests => "Digests",
-            Kind::StartRepair => "StartRepair",
-            Kind::Invalidate => "Invalidate",
-            Kind::SyncPause => "SyncPause",
-            Kind::ResyncInfo => "ResyncInfo",
-            Kind::ResyncFlush => "ResyncFlush",
-            Kind::ResyncFlushed => "ResyncFlushed",
-            Kind::ConnectState => "ConnectState",
-            Kind::StatePrepare => "StatePrepare",
-            Kind::StateReply => "StateReply",
-            Kind::StateCommit => "StateCommit",
-            Kind::StateAbort => "StateAbort",
-        }
-    }
-
-    pub(crate) fn layout(self) -> Layout {
-        match self {
-            Kind::Hello => Layout::Var { min: HELLO_MIN_BYTES, max: HELLO_MIN_BYTES + 2 * MAX_NAME_BYTES },
-            Kind::Bye => Layout::Var { min: 2, max: 2 + MAX_REASON_BYTES },
-            Kind::Ping | Kind::Pong | Kind::RecvAck => Layout::Fixed(8),
-            Kind::AuthChallenge | Kind::AuthResponse => Layout::Fixed(AUTH_BYTES),
-            Kind::Write => Layout::Data { fixed: 25 },
-            Kind::Trim | Kind::WriteZeroes => Layout::Fixed(33),
-            Kind::WriteAck | Kind::BarrierAck => Layout::Fixed(12),
-            Kind::Barrier => Layout::Fixed(9),
-            Kind::State => Layout::Fixed(2),
-            Kind::ResyncData => Layout::Data { fixed: 8 },
-            Kind::ResyncAck => Layout::Fixed(20),
-            Kind::ResyncDone => Layout::Fixed(GENS_BYTES),
-            Kind::ResyncZeroes => Layout::Fixed(16),
-            Kind::BitmapBlock => Layout::Data { fixed: 8 },
-            Kind::BitmapDone | Kind::StartRepair | Kind::Invalidate => Layout::Fixed(8),
-            Kind::SyncPause => Layout::Fixed(1),
-            Kind::ResyncInfo => Layout::Fixed(16),
-            Kind::ResyncFlush | Kind::ResyncFlushed | Kind::StateCommit | Kind::StateAbort => {
-                Layout::Fixed(8)
-            }
-            Kind::ConnectState => Layout::Fixed(GENS_BYTES + 6),
-            Kind::StatePrepare => Layout::Fixed(10),
-            Kind::StateReply => Layout::Var { min: 11, max: 11 + MAX_REASON_BYTES },
-            Kind::DigestReq => Layout::Fixed(24),
-            Kind::Digests => Layout::Data { fixed: 16 },
-        }
-    }
-
-    /// Smallest and largest payload this type allows, in bytes.
-    pub(crate) fn payload_bounds(self) -> (usize, usize) {
-        match self.layout() {
-            Layout::Fixed(n) => (n, n),
-            Layout::Var { min, max } => (min, max),
-            Layout::Data { fixed } => (fixed, fixed + MAX_DATA_BYTES),
-        }
-    }
-}
-
 impl Message {
     /// This message's type.
     pub fn kind(&self) -> Kind {
@@ -418,6 +216,8 @@ impl Message {
             Message::BitmapDone { .. } => Kind::BitmapDone,
             Message::DigestReq { .. } => Kind::DigestReq,
             Message::Digests { .. } => Kind::Digests,
+            Message::ReadReq { .. } => Kind::ReadReq,
+            Message::ReadData { .. } => Kind::ReadData,
             Message::StartRepair { .. } => Kind::StartRepair,
             Message::Invalidate => Kind::Invalidate,
             Message::SyncPause { .. } => Kind::SyncPause,
@@ -441,7 +241,8 @@ impl Message {
             Message::Write { data, .. }
             | Message::ResyncData { data, .. }
             | Message::BitmapBlock { data, .. }
-            | Message::Digests { data, .. } => Some(data),
+            | Message::Digests { data, .. }
+            | Message::ReadData { data, .. } => Some(data),
             _ => None,
         }
     }
@@ -452,7 +253,8 @@ impl Message {
             Message::Write { data, .. }
             | Message::ResyncData { data, .. }
             | Message::BitmapBlock { data, .. }
-            | Message::Digests { data, .. } => Some(data),
+            | Message::Digests { data, .. }
+            | Message::ReadData { data, .. } => Some(data),
             _ => None,
         }
     }
@@ -557,6 +359,16 @@ impl Message {
             Message::Digests { offset, len, data: _ } => {
                 put(out, *offset);
                 put(out, *len);
+            }
+            Message::ReadReq { id, offset, len, after_epoch } => {
+                put(out, *id);
+                put(out, *offset);
+                put(out, *len);
+                put(out, *after_epoch);
+            }
+            Message::ReadData { id, errno, data: _ } => {
+                put(out, *id);
+                put(out, *errno);
             }
             Message::StartRepair { bytes } => put(out, *bytes),
             Message::Invalidate => put(out, 0u64),
@@ -667,6 +479,10 @@ fn decode_fields(kind: Kind, c: &mut Cursor<'_>, data: Option<Buf>) -> Result<Me
         Kind::BitmapDone => Message::BitmapDone { blocks: c.u64()? },
         Kind::DigestReq => Message::DigestReq { offset: c.u64()?, len: c.u64()?, after_epoch: c.u64()? },
         Kind::Digests => Message::Digests { offset: c.u64()?, len: c.u64()?, data: data()? },
+        Kind::ReadReq => {
+            Message::ReadReq { id: c.u64()?, offset: c.u64()?, len: c.u64()?, after_epoch: c.u64()? }
+        }
+        Kind::ReadData => Message::ReadData { id: c.u64()?, errno: c.i32()?, data: data()? },
         Kind::StartRepair => Message::StartRepair { bytes: c.u64()? },
         Kind::Invalidate => {
             if c.u64()? != 0 {

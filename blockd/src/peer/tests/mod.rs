@@ -178,6 +178,13 @@ fn random_messages(rng: &mut StdRng, data_len: usize) -> Vec<Message> {
         Message::BitmapDone { blocks: rng.random() },
         Message::DigestReq { offset: rng.random(), len: rng.random(), after_epoch: rng.random() },
         Message::Digests { offset: rng.random(), len: rng.random(), data: random_data(rng, data_len) },
+        Message::ReadReq {
+            id: rng.random(),
+            offset: rng.random(),
+            len: rng.random(),
+            after_epoch: rng.random(),
+        },
+        Message::ReadData { id: rng.random(), errno: rng.random(), data: random_data(rng, data_len) },
         Message::StartRepair { bytes: rng.random() },
         Message::Invalidate,
         Message::SyncPause { paused: rng.random() },
