@@ -84,6 +84,8 @@ pub struct Metrics {
     pub resync_paused: AtomicU64,
     /// 1 once the local disk failed (status `disk_error` says why).
     pub disk_failed: AtomicU64,
+    /// Local I/O errors (passed on to a client or not).
+    pub io_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -189,8 +191,14 @@ pub fn render(s: &Sources) -> String {
     one(
         "disk_failed",
         "gauge",
-        "1 once the local disk failed (an I/O error nothing can be acknowledged after; see status disk_error).",
+        "1 once the local disk failed and was detached (Failed, then Diskless; see status disk_error).",
         get(&m.disk_failed),
+    );
+    one(
+        "io_errors_total",
+        "counter",
+        "I/O errors of the local disk (passed on to a client under on-io-error = pass-on, or detaching it).",
+        get(&m.io_errors),
     );
     one(
         "split_brain",

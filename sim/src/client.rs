@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use blockd::config::Protocol;
 use blockd::repl::core::{Event, JobId, Link, Outcome, Request};
-use blockd::state::Role;
+use blockd::state::{DiskState, Role};
 use rand::Rng;
 
 use crate::disk::BLOCK_BYTES;
@@ -170,7 +170,11 @@ impl World {
                 self.client.acked_flushes += 1;
                 self.model.flushed(node, mark);
                 let same_link = session.is_some() && session == self.session_of(node);
-                if self.protocol() != Protocol::A && same_link {
+                // A diskless peer takes no writes and flushes nothing for them.
+                let peer_has_disk = self.core(node).is_some_and(|c| {
+                    !matches!(c.peer_view().1, Some(DiskState::Diskless | DiskState::Failed))
+                });
+                if self.protocol() != Protocol::A && same_link && peer_has_disk {
                     let s = self.net.get(session.expect("checked")).expect("live session");
                     let peer = s.other(node);
                     self.model.flushed(peer, mark);

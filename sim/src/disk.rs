@@ -60,6 +60,8 @@ struct Inner {
     /// Completion stamps: one per write, in order.
     stamp: u64,
     meta_faults: MetaFaults,
+    /// The probability that a data op fails (0: none).
+    data_fault_probability: f64,
     /// Metadata calls that failed so far (for the report).
     meta_failures: u64,
     /// Power is failing: nothing more becomes durable (a crash follows at once).
@@ -89,6 +91,7 @@ impl SimDisk {
                 blocks: HashMap::new(),
                 stamp: 0,
                 meta_faults: MetaFaults::default(),
+                data_fault_probability: 0.0,
                 meta_failures: 0,
                 power_failing: false,
                 rng: StdRng::seed_from_u64(seed),
@@ -108,6 +111,23 @@ impl SimDisk {
 
     pub fn set_meta_faults(&self, faults: MetaFaults) {
         self.lock().meta_faults = faults;
+    }
+
+    pub fn set_data_faults(&self, fail_probability: f64) {
+        self.lock().data_fault_probability = fail_probability;
+    }
+
+    /// Whether a data op fails now, and how: the errno, and for a write whether it
+    /// reached the disk anyway (a failed write may have written some of its data).
+    pub fn data_fault(&self, write: bool) -> Option<(nix::errno::Errno, bool)> {
+        let mut d = self.lock();
+        let p = d.data_fault_probability;
+        if p == 0.0 || !d.rng.random_bool(p) {
+            return None;
+        }
+        let errno =
+            if write && d.rng.random_bool(0.3) { nix::errno::Errno::ENOSPC } else { nix::errno::Errno::EIO };
+        Some((errno, write && d.rng.random_bool(0.5)))
     }
 
     pub fn meta_failures(&self) -> u64 {

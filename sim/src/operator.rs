@@ -24,6 +24,7 @@ impl World {
             self.net.heal();
             for n in &self.nodes {
                 n.disk.set_meta_faults(MetaFaults::default());
+                n.disk.set_data_faults(0.0);
             }
             self.at(MS, Ev::Heal);
             return;
@@ -60,10 +61,14 @@ impl World {
                 let after = self.rng.random_range(50 * MS..3 * SEC);
                 self.at(after, Ev::Restart { node });
             }
-            22..26 if self.cfg.meta_fault_probability > 0.0 => {
+            22..26 if self.cfg.meta_fault_probability > 0.0 || self.cfg.data_fault_probability > 0.0 => {
                 let p = self.cfg.meta_fault_probability;
                 self.nodes[node].disk.set_meta_faults(MetaFaults { fail_probability: p });
-                self.log(format!("{}: metadata faults on", self.nodes[node].name));
+                self.nodes[node].disk.set_data_faults(self.cfg.data_fault_probability);
+                self.log(format!(
+                    "{}: disk faults on (metadata {p}, data {})",
+                    self.nodes[node].name, self.cfg.data_fault_probability
+                ));
             }
             26..36 => {
                 let force = self.rng.random_bool(0.2);

@@ -401,6 +401,29 @@ impl World {
         let run = n.run.as_mut().expect("alive");
         let Some(PendingOp { job, op, submitted_stamp }) = run.ops.remove(&id) else { return };
         let disk = &n.disk;
+        let writes = matches!(op, IoOp::Write { .. } | IoOp::Trim { .. } | IoOp::WriteZeroes { .. });
+        let fault = disk.data_fault(writes);
+        if let Some((errno, written)) = fault {
+            let name = n.name.clone();
+            self.log(format!("{name}: {} fails with {errno} (written: {written})", describe_op(&op)));
+            let n = &mut self.nodes[node];
+            let buf = match op {
+                IoOp::Read { buf, .. } => Some(buf),
+                IoOp::Write { offset, buf, fua } if written => {
+                    n.disk.write(offset, &buf, fua);
+                    None
+                }
+                IoOp::Trim { offset, len, fua } | IoOp::WriteZeroes { offset, len, fua, .. } if written => {
+                    n.disk.write_zeroes(offset, len, fua);
+                    None
+                }
+                _ => None,
+            };
+            self.handle(node, Event::LocalDone { job, result: Err(errno), buf });
+            return;
+        }
+        let n = &mut self.nodes[node];
+        let disk = &n.disk;
         let buf = match op {
             IoOp::Read { offset, mut buf } => {
                 disk.read(offset, &mut buf);

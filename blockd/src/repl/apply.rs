@@ -27,6 +27,8 @@ struct ApplyJob {
     epoch: u64,
     /// Its place in receive order.
     rx: u64,
+    /// Where it writes (for the report when it fails).
+    offset: u64,
 }
 
 #[derive(Debug, Default)]
@@ -104,15 +106,17 @@ impl Applier {
     }
 
     fn apply_now(&mut self, rx: u64, msg: Message, ctx: &mut Ctx<'_>) -> Applied {
-        let (peer_id, op) = match msg {
+        let (peer_id, offset, op) = match msg {
             Message::Barrier { flush, .. } => {
                 self.closing = Some(flush);
                 return self.maybe_close_epoch(ctx);
             }
-            Message::Write { id, offset, fua, data, .. } => (id, IoOp::Write { offset, buf: data, fua }),
-            Message::Trim { id, offset, len, fua, .. } => (id, IoOp::Trim { offset, len, fua }),
+            Message::Write { id, offset, fua, data, .. } => {
+                (id, offset, IoOp::Write { offset, buf: data, fua })
+            }
+            Message::Trim { id, offset, len, fua, .. } => (id, offset, IoOp::Trim { offset, len, fua }),
             Message::WriteZeroes { id, offset, len, may_trim, fua, .. } => {
-                (id, IoOp::WriteZeroes { offset, len, may_trim, fast_only: false, fua })
+                (id, offset, IoOp::WriteZeroes { offset, len, may_trim, fast_only: false, fua })
             }
             _ => return Applied::default(),
         };
@@ -125,8 +129,13 @@ impl Applier {
         let job = ctx.local(JobKind::Apply, op);
         self.peer_write_started(job);
         self.outstanding += 1;
-        self.jobs.insert(job, ApplyJob { peer_id, epoch: self.epoch, rx });
+        self.jobs.insert(job, ApplyJob { peer_id, epoch: self.epoch, rx, offset });
         Applied::default()
+    }
+
+    /// Where the write `job` writes, if it is one of the current link.
+    pub fn offset_of(&self, job: JobId) -> Option<u64> {
+        self.jobs.get(&job).map(|j| j.offset)
     }
 
     /// A write of the current link completed.

@@ -136,6 +136,10 @@ impl Core {
                 }
                 self.start_target(out);
             }
+            Decision::Diskless => {
+                self.start_link();
+                self.repl = ReplState::Established;
+            }
             Decision::WaitForPromotion => {
                 let reason = "both disks are Inconsistent; promote one with `blockctl primary --force`";
                 return Err(ConnectRefusal { reason: reason.into(), standalone: false });

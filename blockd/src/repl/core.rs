@@ -29,7 +29,7 @@ use nix::errno::Errno;
 
 use bitmap::Bitmap;
 
-use crate::config::Protocol;
+use crate::config::{IoErrorPolicy, Protocol};
 use crate::meta::BitmapBlock;
 use crate::peer::msg::Message;
 use crate::repl::al::ActivityLog;
@@ -78,6 +78,9 @@ pub enum Event {
     /// The fence-peer handler returned (`Ok(exit code)`), or could not be run or timed
     /// out (`Err`). Either way, writes are acknowledged again.
     FenceDone { result: Result<i32, String> },
+    /// A client read served straight from the local disk failed with `errno` (the
+    /// client has its error): the failure policy applies (`repl::failure`).
+    ReadFailed { offset: u64, errno: Errno },
     /// Time passed (the core reads no clock): drives the resync rate, its measured
     /// rate, and lazy bitmap writes. `app_requests`: NBD requests (reads included)
     /// since the last tick, for the `auto` resync rate.
@@ -197,6 +200,11 @@ pub struct CoreConfig {
     pub fence_peer: bool,
     /// This node's name sorts before the peer's (a tie-break both sides agree on).
     pub name_sorts_first: bool,
+    /// `on-io-error`: what an I/O error on this node's disk does (`repl::failure`).
+    pub on_io_error: IoErrorPolicy,
+    /// `ack-timeout`: a peer that leaves a replicated write, barrier, resync chunk
+    /// or read unanswered this long is disconnected.
+    pub ack_timeout_ms: u64,
     /// Known defects the simulator's own tests put back, to show it catches each.
     /// Always off outside those tests (no config key or flag reaches it).
     #[doc(hidden)]
@@ -325,8 +333,15 @@ pub struct Core {
     negotiation: Option<connect::Negotiation>,
     /// State changes agreed with the peer (`repl::twopc`).
     twophase: twopc::TwoPhase,
-    /// The local disk failed (`repl::failure`): nothing is acknowledged any more.
+    /// The local disk failed and was detached (`repl::failure`).
     disk_failure: Option<DiskFailure>,
+    /// Local I/O errors since start, and local ops submitted and not yet done
+    /// (`Failed` becomes `Diskless` when none is left).
+    io_errors: u64,
+    local_ops: u64,
+    /// A client error was passed on: the range is in the bitmap, to be resynced
+    /// from this node while connected.
+    repair_pending: bool,
 }
 
 impl Core {
@@ -401,6 +416,9 @@ impl Core {
             negotiation: None,
             twophase: twopc::TwoPhase::default(),
             disk_failure: None,
+            io_errors: 0,
+            local_ops: 0,
+            repair_pending: false,
         }
     }
 
@@ -454,6 +472,42 @@ impl Core {
     /// [`Core::handle`] into a caller's buffer, so the event loop reuses one vector
     /// instead of allocating one per request.
     pub fn handle_into(&mut self, event: Event, out: &mut Vec<Action>) {
+        let first_new = out.len();
+        self.dispatch_event(event, out);
+        // Counted for `Failed` → `Diskless`: ops on the disk this node detaches.
+        self.local_ops +=
+            out[first_new..].iter().filter(|a| matches!(a, Action::Local { .. })).count() as u64;
+        self.maybe_diskless(out);
+    }
+
+    /// A local op failed: the failure policy decides (`repl::failure`), before the
+    /// op's owner sees the result (a Secondary must be gone from the link before
+    /// anything could acknowledge an epoch that holds the failed write).
+    fn local_io_failed(&mut self, job: JobId, errno: Errno, out: &mut Vec<Action>) {
+        use failure::FailedIo::{Client, Internal};
+        let io = match job.kind() {
+            JobKind::Nbd => match self.writes.get(&job) {
+                Some(w) => Client { op: "write", offset: Some(w.range.start) },
+                None => Client { op: "flush", offset: None },
+            },
+            JobKind::Apply => Internal { op: "replicated write", offset: self.applier.offset_of(job) },
+            JobKind::ApplyFlush => Internal { op: "flush of a replicated epoch", offset: None },
+            JobKind::ResyncWrite => Internal { op: "resync write", offset: None },
+            JobKind::ResyncFlush => Internal { op: "resync flush", offset: None },
+            JobKind::ResyncRead => Internal { op: "resync read", offset: None },
+            JobKind::VerifyRead => Internal { op: "verify read", offset: None },
+            JobKind::DigestRead => Internal { op: "read for the peer", offset: None },
+            JobKind::MetaFlush => Internal { op: "flush before a metadata update", offset: None },
+        };
+        let passed_on = self.on_io_error(io, errno, out);
+        if passed_on && let Some(w) = self.writes.get(&job) {
+            // The peer may have applied it: the range differs until resynced.
+            let range = w.range.clone();
+            self.mark_dirty(range);
+        }
+    }
+
+    fn dispatch_event(&mut self, event: Event, out: &mut Vec<Action>) {
         match event {
             Event::Nbd { job, request } => self.on_request(job, request, out),
             Event::Drain { job } => self.start_flush(job, true, out),
@@ -469,6 +523,7 @@ impl Core {
             Event::Command { id, cmd } => self.on_command(id, cmd, out),
             Event::Tick { elapsed_ms, app_requests } => self.on_tick(elapsed_ms, app_requests, out),
             Event::FenceDone { result } => self.on_fence_done(result, out),
+            Event::ReadFailed { offset, errno } => self.on_read_failed(offset, errno, out),
         }
     }
 
@@ -479,6 +534,10 @@ impl Core {
         buf: Option<BufMut>,
         out: &mut Vec<Action>,
     ) {
+        self.local_ops = self.local_ops.saturating_sub(1);
+        if let Err(errno) = result {
+            self.local_io_failed(job, errno, out);
+        }
         let current = job.of_link(self.link_gen) || self.cfg.bugs.accept_stale_completion;
         match job.kind() {
             JobKind::Nbd => {
@@ -496,7 +555,11 @@ impl Core {
                     debug_assert!(false, "NBD job {job} completed but was not tracked");
                 }
             }
-            JobKind::Apply | JobKind::ResyncWrite if !current => self.stale_peer_write_done(job, out),
+            // After a detach, nothing of the link it left is acknowledged either.
+            JobKind::Apply | JobKind::ResyncWrite if !current || self.detached() => {
+                self.stale_peer_write_done(job, out)
+            }
+            JobKind::ApplyFlush | JobKind::ResyncFlush | JobKind::DigestRead if self.detached() => {}
             JobKind::Apply => {
                 let applied = self.applier.on_done(job, result, &mut ctx!(self, out));
                 self.after_applied(applied, out);
@@ -533,6 +596,23 @@ impl Core {
             self.on_link_down(out);
             return;
         }
+        if self.detached()
+            && (is_peer_data(&msg)
+                || matches!(
+                    msg,
+                    Message::Barrier { .. } | Message::DigestReq { .. } | Message::StartRepair { .. }
+                ))
+        {
+            // Nothing may be applied or read here: the peer should know this node
+            // is diskless; a message crossing that news ends the link.
+            tracing::warn!(
+                kind = msg.kind().name(),
+                "data-path message for a detached disk; dropping the link"
+            );
+            out.push(Action::DropLink { reason: "this node's disk is detached".into() });
+            self.on_link_down(out);
+            return;
+        }
         if self.must_hold(&msg) {
             self.ingress_held.push_back(msg);
             return;
@@ -565,7 +645,7 @@ impl Core {
             Message::Invalidate => self.on_invalidate(out),
             Message::SyncPause { paused } => self.on_sync_pause(paused, out),
             Message::ResyncInfo { done_bytes, total_bytes } => self.on_resync_info(done_bytes, total_bytes),
-            Message::State { role, disk } => self.on_peer_state(role, disk),
+            Message::State { role, disk } => self.on_peer_state(role, disk, out),
             Message::ConnectState { gens, role, disk, flags } => {
                 self.on_connect_state(gens, role, disk, flags, out)
             }
@@ -670,7 +750,10 @@ impl Core {
         self.last_persist_seq = seq;
         // A crashed Primary keeps the flag until a resync made it consistent again.
         let was_primary = self.role == Role::Primary || self.crashed_primary;
-        out.push(Action::Persist { seq, gens: self.gens, disk: self.disk, was_primary });
+        if !self.detached() {
+            // A detached disk gets no metadata (`fail_disk` recorded it Outdated).
+            out.push(Action::Persist { seq, gens: self.gens, disk: self.disk, was_primary });
+        }
         seq
     }
 

@@ -22,6 +22,8 @@ fn cfg(protocol: Protocol, send_buffer_bytes: u64) -> CoreConfig {
         resync_checksum: false,
         fence_peer: false,
         name_sorts_first: true,
+        on_io_error: crate::config::IoErrorPolicy::Detach,
+        ack_timeout_ms: crate::config::DEFAULT_ACK_TIMEOUT_MS,
         bugs: Default::default(),
     }
 }
@@ -404,8 +406,12 @@ fn drain_waits_for_the_peer_even_under_a() {
 /// A Primary at generation 20 whose peer is still at 10 (the peer missed changes),
 /// with its whole device dirty; the peer's (empty) bitmap has arrived.
 fn source_core(size_bytes: u64) -> (Core, Vec<Action>) {
+    source_core_with(CoreConfig { size_bytes, ..cfg(Protocol::C, 0) })
+}
+
+fn source_core_with(cfg: CoreConfig) -> (Core, Vec<Action>) {
+    let size_bytes = cfg.size_bytes;
     let gens = Generations { current: 20, bitmap: 10, ..Generations::default() };
-    let cfg = CoreConfig { size_bytes, ..cfg(Protocol::C, 0) };
     let mut dirty = bm(size_bytes);
     dirty.set_all();
     let mut c = Core::new(cfg, Role::Primary, DiskState::UpToDate, gens, false, dirty, 3);
@@ -923,20 +929,26 @@ fn forcing_a_sync_target_with_an_up_to_date_peer_is_refused() {
 }
 
 /// Issue 12: a resync that reached the end with bits still set (here set behind
-/// its cursor, by a peer that failed a write) went back to Established without
-/// `ResyncDone`, and the target stayed Inconsistent until some later reconnect.
-/// Now the source starts another pass over what is left.
+/// its cursor, by a client write whose local error was passed on) went back to
+/// Established without `ResyncDone`, and the target stayed Inconsistent until some
+/// later reconnect. Now the source starts another pass over what is left.
 #[test]
 fn a_resync_that_ends_with_bits_left_makes_another_pass() {
     let mib = RESYNC_CHUNK_BYTES;
-    let (mut c, _) = source_core(mib);
+    let on_io_error = crate::config::IoErrorPolicy::PassOn;
+    let (mut c, _) = source_core_with(CoreConfig { size_bytes: mib, on_io_error, ..cfg(Protocol::C, 0) });
     let chunk = ij(JobKind::ResyncRead, 1);
     read_done(&mut c, chunk, mib as usize, 7);
-    // An application write behind the cursor, which the peer fails to write.
-    write(&mut c, 1, 0, 4096);
-    local_done(&mut c, 1);
     peer(&mut c, Message::ResyncAck { offset: 0, len: mib, errno: 0 });
-    peer(&mut c, Message::WriteAck { id: 1, errno: libc::EIO });
+    // An application write behind the cursor, which fails here (passed on).
+    let sent = show(&write(&mut c, 1, 0, 4096));
+    assert!(sent.contains(&"local 1 write".to_string()), "{sent:?}");
+    let failed =
+        show(&h(&mut c, Event::LocalDone { job: JobId::nbd(1), result: Err(Errno::EIO), buf: None }));
+    assert!(failed.is_empty(), "waits for the peer: {failed:?}");
+    let acked = show(&peer(&mut c, Message::WriteAck { id: 1, errno: 0 }));
+    assert_eq!(acked, ["reply 1 error EIO"], "the client gets the error");
+    assert_eq!(c.disk(), DiskState::UpToDate, "passed on: the disk stays");
     let flushed = peer(&mut c, Message::ResyncFlushed { id: 0 });
     let shown = show(&flushed);
     assert!(!shown.iter().any(|s| s.starts_with("send resync-done")), "not in sync yet: {shown:?}");
@@ -946,8 +958,8 @@ fn a_resync_that_ends_with_bits_left_makes_another_pass() {
 
 /// Issue 12: a failed metadata write counted as durable: an activity-log
 /// transaction that failed still let its writes go on and be acknowledged. Now the
-/// node fails closed: the write is answered EIO, the disk is Failed, and the node
-/// leaves the peer.
+/// node fails closed: the write is answered EIO and the disk is detached (issue
+/// 13: Failed, then Diskless; the Primary keeps its link and tells the peer).
 #[test]
 fn a_failed_metadata_write_fails_closed() {
     let mut c = core(Protocol::C, Role::Primary, 0);
@@ -960,9 +972,13 @@ fn a_failed_metadata_write_fails_closed() {
         show(&c.handle(Event::MetaDone { seq: *seq, result: Err("EIO writing the activity log".into()) }));
     assert!(failed.contains(&"reply 1 error EIO".to_string()), "{failed:?}");
     assert!(!failed.iter().any(|s| s.starts_with("local 1")), "the write never reaches the disk: {failed:?}");
-    assert!(failed.iter().any(|s| s.starts_with("drop-link")), "{failed:?}");
-    assert_eq!(c.disk(), DiskState::Failed);
+    assert!(failed.iter().any(|s| s.starts_with("send State")), "{failed:?}");
+    assert_eq!(c.disk(), DiskState::Diskless, "no op of its own was on the disk");
     assert!(c.disk_failure().is_some_and(|f| f.to_string().contains("EIO writing the activity log")));
     let later = show(&write(&mut c, 2, 8192, 4096));
     assert_eq!(later, ["reply 2 error EIO"], "nothing is acknowledged any more");
 }
+
+/// Issue 13: disk failures (`repl::failure`).
+#[path = "core_tests_disk.rs"]
+mod disk;

@@ -77,6 +77,11 @@ pub enum Refusal {
     NoConsistentSource,
     /// Both sides are Primary.
     BothPrimary,
+    /// Neither side has a disk.
+    NoDisk,
+    /// A Primary without a disk, and a peer that does not hold exactly the data it
+    /// served (another generation, or not UpToDate).
+    DisklessPrimaryWithoutData,
 }
 
 impl std::fmt::Display for Refusal {
@@ -93,6 +98,10 @@ impl std::fmt::Display for Refusal {
             Refusal::PeerPrimaryWouldBeTarget => "this node has newer data but the peer is Primary",
             Refusal::NoConsistentSource => "the node with the newer data is not consistent",
             Refusal::BothPrimary => "both nodes are Primary",
+            Refusal::NoDisk => "neither node has a disk",
+            Refusal::DisklessPrimaryWithoutData => {
+                "a Primary without a disk and a peer that is not UpToDate with the data it served"
+            }
         })
     }
 }
@@ -108,6 +117,10 @@ pub enum Decision {
     SyncTarget(SyncScope),
     /// A fresh pair: nothing to compare until one node is promoted with `--force`.
     WaitForPromotion,
+    /// One side has no disk (detached after an I/O error): connected, nothing to
+    /// sync; the Primary sends it no writes. The side with the disk keeps its
+    /// generations and bitmap for when a disk is attached again.
+    Diskless,
     /// Stay StandAlone.
     Refuse(Refusal),
 }
@@ -116,6 +129,9 @@ pub enum Decision {
 /// swaps source and target).
 pub fn decide(me: &SideState, peer: &SideState) -> Decision {
     use SyncScope::Bitmap;
+    if let Some(decision) = diskless(me, peer) {
+        return decision;
+    }
     let direction = match direction(&me.gens, &peer.gens, me.disk, peer.disk) {
         Direction::Equal => match (me.crashed_primary, peer.crashed_primary) {
             (true, false) => Direction::Source(Bitmap),
@@ -164,6 +180,28 @@ pub fn decide(me: &SideState, peer: &SideState) -> Decision {
         Direction::Fresh => Decision::WaitForPromotion,
         Direction::Refuse(r) => Decision::Refuse(r),
     }
+}
+
+/// The decision when either side has no disk (symmetric).
+fn diskless(me: &SideState, peer: &SideState) -> Option<Decision> {
+    let no_disk = |s: &SideState| matches!(s.disk, DiskState::Diskless | DiskState::Failed);
+    let (without, with) = match (no_disk(me), no_disk(peer)) {
+        (false, false) => return None,
+        (true, true) => return Some(Decision::Refuse(Refusal::NoDisk)),
+        (true, false) => (me, peer),
+        (false, true) => (peer, me),
+    };
+    if me.role == Role::Primary && peer.role == Role::Primary {
+        return Some(Decision::Refuse(Refusal::BothPrimary));
+    }
+    // A diskless Primary served only what its peer held: the same peer, still at
+    // that generation and UpToDate, or nothing it served is there.
+    if without.role == Role::Primary
+        && (with.disk != DiskState::UpToDate || with.gens.current != without.gens.current)
+    {
+        return Some(Decision::Refuse(Refusal::DisklessPrimaryWithoutData));
+    }
+    Some(Decision::Diskless)
 }
 
 fn usable_source(disk: DiskState) -> bool {

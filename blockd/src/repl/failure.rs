@@ -1,52 +1,144 @@
-//! A failed local disk, as part of the [`Core`] (a child module): the hook every
-//! unrecoverable I/O error goes through (today: a metadata update or the flush it
-//! depends on). The node fails closed:
+//! A failed local disk, as part of the [`Core`] (a child module): every I/O error on
+//! this node's own disk comes here, and `on-io-error` says what it does.
 //!
-//! - its disk is `Failed` from now on (in memory: the metadata cannot record it)
-//!   and it never claims UpToDate again in this run;
-//! - no write or flush is acknowledged any more: those waiting for metadata (write
-//!   intent, a durable generation) and new ones get EIO, those already on the disk
-//!   get EIO when they finish;
-//! - it leaves the peer (drops the link, stays StandAlone): the peer tracks what
-//!   changes meanwhile, and may be promoted;
-//! - status (`disk_error`), the log and the metrics say what failed and why.
+//! **Detach** (the default, and always for errors nothing can pass on):
+//! - the disk is `Failed` while ops submitted before still run, then `Diskless`;
+//!   it never claims UpToDate again in this run (a repaired disk comes back only
+//!   through `attach-disk`, i.e. a restart from its metadata, and a resync);
+//! - one best-effort metadata update records the disk as Outdated, so a restart on
+//!   the same disk never claims UpToDate either; after that no metadata is written;
+//! - a Secondary leaves the link and comes back Diskless: the Primary's transfer
+//!   log goes into its bitmap under a new generation (as for any lost peer), and it
+//!   sends nothing to a diskless peer (`Core::peer_takes_writes`);
+//! - a Primary answers EIO from now on (a diskless Primary serving through its
+//!   peer is the next step); writes already on the disk get EIO when they finish;
+//! - status (`disk_error`: op, errno, offset), the log and the metrics say so.
 //!
-//! After a restart the node recovers from what its metadata durably holds (a
-//! consistent prefix: the metadata writer stops at the first failure), as after a
-//! crash.
+//! **Pass-on** affects only a Primary's client I/O: the client gets the error, the
+//! disk stays, and the range is marked out of sync (the peer may have applied the
+//! write) and resynced from this node. ENOSPC on a Primary's client write is always
+//! passed on (the disk works; it is full): the client gets ENOSPC.
+//!
+//! A Secondary has no client to pass an error to: any failed write or flush
+//! (ENOSPC included) detaches, whatever the policy, because a copy that missed a
+//! write must not stay UpToDate. Reads for a resync, verify or digest request, and
+//! the flushes and updates of the metadata, detach too.
 
 use super::*;
+use crate::config::IoErrorPolicy;
 
 /// What failed, for status, log and metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskFailure {
-    /// The operation: "metadata update", "flush before a metadata update", ...
+    /// The operation: "write", "read", "flush", "metadata update", ...
     pub op: &'static str,
+    /// The errno, when the error came from an I/O op.
+    pub errno: Option<i32>,
+    /// The byte offset of the op, when it had one.
+    pub offset: Option<u64>,
     pub error: String,
+}
+
+impl DiskFailure {
+    /// A failed data op.
+    pub fn io(op: &'static str, offset: Option<u64>, errno: Errno) -> DiskFailure {
+        DiskFailure { op, errno: Some(errno as i32), offset, error: format!("{errno}: {}", errno.desc()) }
+    }
 }
 
 impl std::fmt::Display for DiskFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} failed: {}", self.op, self.error)
+        match self.offset {
+            Some(offset) => write!(f, "{} at offset {offset} failed: {}", self.op, self.error),
+            None => write!(f, "{} failed: {}", self.op, self.error),
+        }
     }
 }
 
+/// What the job that failed was, as the failure policy sees it.
+pub(super) enum FailedIo {
+    /// A Primary's client write or flush.
+    Client { op: &'static str, offset: Option<u64> },
+    /// Anything else on this node's disk.
+    Internal { op: &'static str, offset: Option<u64> },
+}
+
 impl Core {
-    /// The local disk failed: fail closed (see the module doc).
+    /// A local op failed with `errno`. Returns whether the failure policy passes
+    /// the error on (the disk stays); otherwise the disk was detached.
+    pub(super) fn on_io_error(&mut self, io: FailedIo, errno: Errno, out: &mut Vec<Action>) -> bool {
+        self.io_errors += 1;
+        match io {
+            FailedIo::Client { op, offset }
+                if self.role == Role::Primary
+                    && (errno == Errno::ENOSPC || self.cfg.on_io_error == IoErrorPolicy::PassOn) =>
+            {
+                tracing::warn!(op, offset, %errno, "client I/O error passed on to the client; range resynced from here");
+                self.repair_pending = true;
+                true
+            }
+            FailedIo::Client { op, offset } | FailedIo::Internal { op, offset } => {
+                self.fail_disk(DiskFailure::io(op, offset, errno), out);
+                false
+            }
+        }
+    }
+
+    /// A client read from the local disk failed: detach, unless passed on (the
+    /// client has the error already; nothing was written, so nothing differs).
+    pub(super) fn on_read_failed(&mut self, offset: u64, errno: Errno, out: &mut Vec<Action>) {
+        self.io_errors += 1;
+        if self.cfg.on_io_error == IoErrorPolicy::Detach {
+            self.fail_disk(DiskFailure::io("read", Some(offset), errno), out);
+        }
+    }
+
+    /// A tick: ranges whose client error was passed on are resynced from here
+    /// while connected (after a reconnect, the connect decision resyncs them).
+    pub(super) fn repair_tick(&mut self, out: &mut Vec<Action>) {
+        if !self.repair_pending || self.role != Role::Primary {
+            return;
+        }
+        if !self.replicating_data() {
+            self.repair_pending = self.link != Link::Disconnected;
+            return;
+        }
+        if self.repl != ReplState::Established || self.verifier.running() || self.bitmap.count_bits() == 0 {
+            return;
+        }
+        self.repair_pending = false;
+        let bytes = self.bitmap.dirty_bytes();
+        tracing::info!(bytes, "resyncing ranges whose client I/O error was passed on");
+        self.start_repair(bytes, out);
+    }
+
+    /// The local disk failed: detach it (see the module doc).
     pub(super) fn fail_disk(&mut self, failure: DiskFailure, out: &mut Vec<Action>) {
         if self.disk_failure.is_some() {
             return;
         }
-        tracing::error!(op = failure.op, error = %failure.error, "local disk failed: nothing is acknowledged from now on");
-        self.refusal = Some(format!("local disk failed ({failure})"));
+        tracing::error!(op = failure.op, errno = failure.errno, offset = failure.offset, error = %failure.error,
+            role = %self.role, "local disk failed: detaching it");
         self.disk_failure = Some(failure);
         self.disk = DiskState::Failed;
-        if self.link != Link::Disconnected {
-            out.push(Action::DropLink { reason: "the peer's disk failed".into() });
-            self.on_link_down(out);
+        // Best effort: a restart on this disk must not claim UpToDate. Its outcome
+        // changes nothing here (a failure of it is the same failure).
+        let seq = self.next_seq();
+        self.last_persist_seq = seq;
+        let was_primary = self.role == Role::Primary || self.crashed_primary;
+        out.push(Action::Persist { seq, gens: self.gens, disk: DiskState::Outdated, was_primary });
+        if self.role == Role::Secondary {
+            if self.link != Link::Disconnected {
+                // Comes back Diskless: the Primary records everything it sent
+                // and stops sending (its transfer log goes into its bitmap).
+                out.push(Action::DropLink {
+                    reason: "this node's disk failed; it continues diskless".into(),
+                });
+                self.on_link_down(out);
+            }
+        } else {
+            self.announce_state(out);
         }
-        self.set_standalone(true, out);
-        self.conn = ConnState::StandAlone;
         // Writes waiting for metadata never start.
         for job in self.intent.take_waiting() {
             self.fail_write(job, out);
@@ -61,6 +153,42 @@ impl Core {
         for job in flushes {
             self.try_finish_flush(job, out);
         }
+        self.abandon_verify("the local disk failed", out);
+        self.maybe_diskless(out);
+    }
+
+    /// `Failed` becomes `Diskless` once no op of this node is on the disk any more.
+    pub(super) fn maybe_diskless(&mut self, out: &mut Vec<Action>) {
+        if self.disk == DiskState::Failed && self.local_ops == 0 {
+            tracing::info!("disk detached: Diskless");
+            self.disk = DiskState::Diskless;
+            self.announce_state(out);
+        }
+    }
+
+    /// The disk was detached (after an I/O error): it takes no part in anything.
+    pub(super) fn detached(&self) -> bool {
+        matches!(self.disk, DiskState::Failed | DiskState::Diskless)
+    }
+
+    /// The peer has a disk to write to (while connected).
+    pub(super) fn peer_takes_writes(&self) -> bool {
+        !matches!(self.peer_disk, Some(DiskState::Failed | DiskState::Diskless))
+    }
+
+    /// Connected to a peer that takes writes: the data path replicates.
+    pub(super) fn replicating_data(&self) -> bool {
+        self.link == Link::Replicating && self.peer_takes_writes()
+    }
+
+    /// Why the peer cannot take part in a resync or verify, if it cannot.
+    pub(super) fn peer_diskless(&self) -> Option<String> {
+        match self.peer_disk {
+            Some(d @ (DiskState::Failed | DiskState::Diskless)) => {
+                Some(format!("the peer's disk is {d} (detached after an I/O error)"))
+            }
+            _ => None,
+        }
     }
 
     /// Answers a write that never started with EIO and gives its range back.
@@ -74,5 +202,10 @@ impl Core {
     /// What failed on the local disk, if anything (status `disk_error`).
     pub fn disk_failure(&self) -> Option<&DiskFailure> {
         self.disk_failure.as_ref()
+    }
+
+    /// Local I/O errors seen since start (passed on or not).
+    pub fn io_errors(&self) -> u64 {
+        self.io_errors
     }
 }

@@ -120,6 +120,10 @@ impl Core {
     /// if bits were cleared because a local write completed (the write must be
     /// durable before the bitmap says its range is in sync).
     pub(super) fn write_bitmap(&mut self, out: &mut Vec<Action>) {
+        if self.detached() {
+            // No metadata is written to a detached disk.
+            return;
+        }
         if self.intent.local_clears {
             self.intent.bitmap_after_flush = true;
             self.start_meta_flush(out);
@@ -152,11 +156,10 @@ impl Core {
             return;
         }
         self.intent.meta_flush = None;
-        if let Err(e) = result {
-            // The update that depends on it is never made (fail closed): what it
-            // would have recorded stays covered by what is already on disk.
-            let error = e.desc().to_string();
-            return self.fail_disk(DiskFailure { op: "flush before a metadata update", error }, out);
+        if result.is_err() {
+            // The disk was detached (`local_io_failed`): the update that depends on
+            // it is never made.
+            return;
         }
         if self.intent.local_clears
             && (self.intent.bitmap_after_flush || self.intent.al_after_flush.is_some())
@@ -193,6 +196,7 @@ impl Core {
         self.negotiation_tick(out);
         self.twophase_tick(out);
         self.source_tick(out);
+        self.repair_tick(out);
         self.idle_housekeeping(out);
     }
 
@@ -210,7 +214,11 @@ impl Core {
         if due && self.role == Role::Primary {
             self.flush_barrier_if_needed(out);
         }
-        if self.role == Role::Secondary && self.intent.al_after_flush.is_none() && self.intent.al.cool_all() {
+        if self.role == Role::Secondary
+            && !self.detached()
+            && self.intent.al_after_flush.is_none()
+            && self.intent.al.cool_all()
+        {
             if self.bitmap.changed_blocks().next().is_some() {
                 self.write_bitmap(out);
             }
@@ -246,7 +254,7 @@ impl Core {
 
     /// Starts the next activity-log transaction if one is needed and possible.
     pub(super) fn pump_al(&mut self, out: &mut Vec<Action>) {
-        if self.intent.al_after_flush.is_some() {
+        if self.intent.al_after_flush.is_some() || self.detached() {
             return;
         }
         if let Some(t) = self.intent.al.next_transaction() {
@@ -272,7 +280,7 @@ impl Core {
     pub(super) fn flush_barrier_if_needed(&mut self, out: &mut Vec<Action>) {
         let covered = self.flush_barriers.back().copied();
         let uncovered = self.transfer_log.back().is_some_and(|s| covered.is_none_or(|e| s.epoch > e));
-        if self.link == Link::Replicating && (uncovered || self.epoch_writes > 0) {
+        if self.replicating_data() && (uncovered || self.epoch_writes > 0) {
             self.close_epoch(true, out);
         }
     }

@@ -62,6 +62,8 @@ pub async fn run(
         resync_checksum: r.resync_checksum,
         fence_peer: node.handlers.fence_peer.is_some(),
         name_sorts_first: node.name < peer.name,
+        on_io_error: r.on_io_error,
+        ack_timeout_ms: r.ack_timeout_ms,
         bugs: Default::default(),
     };
     if crashed_primary {
@@ -194,16 +196,19 @@ pub async fn run(
     }
     let _ = control_task.await;
 
+    if let Ok(core) = &core
+        && let Some(failure) = core.disk_failure()
+    {
+        // Detached: nothing more is written to that disk, not even a flush. Its
+        // metadata says Outdated if the update after the failure went through;
+        // either way the next start recovers as after a crash.
+        anyhow::bail!("the local disk failed ({failure}) and was detached; shutdown not clean");
+    }
     let (tx, rx) = oneshot::channel();
     storage.submit(IoOp::Flush, Token::Internal(tx));
     rx.await.unwrap_or(Err(nix::errno::Errno::EIO)).context("final flush of the backing store failed")?;
     let mut meta = meta.lock().map_err(|_| anyhow::anyhow!("metadata lock poisoned"))?;
     if let Ok(mut core) = core {
-        if let Some(failure) = core.disk_failure() {
-            // The metadata on disk is a consistent prefix; the next start recovers
-            // from it as after a crash.
-            anyhow::bail!("the local disk failed ({failure}); shutdown not clean");
-        }
         // The bitmap on disk covers everything now; the activity log is not needed.
         meta.write_bitmap_blocks(&core.stop_dirty()).context("cannot write the bitmap at shutdown")?;
         meta.write_al(&[]).context("cannot clear the activity log at shutdown")?;

@@ -19,6 +19,15 @@ impl Core {
         if self.source.is_some() || self.target.is_some() {
             return Err(format!("a resync is running ({}); retry when it is done", self.repl.as_str()));
         }
+        if let Some(why) = self.peer_diskless() {
+            return Err(format!("{why}: it cannot be the source of a resync"));
+        }
+        if self.detached() {
+            return Err(format!(
+                "the local disk is {}: attach a disk first (`blockctl attach-disk`)",
+                self.disk
+            ));
+        }
         if self.link == Link::Replicating {
             tracing::info!("invalidate: asking the peer for a full resync");
             self.send(Message::Invalidate, out);
@@ -40,6 +49,9 @@ impl Core {
         if self.peer_role == Some(Role::Primary) {
             return Err("the peer is Primary; demote it first (`blockctl secondary` there)".into());
         }
+        if let Some(why) = self.peer_diskless() {
+            return Err(format!("{why}: nothing can be written there"));
+        }
         if self.disk != DiskState::UpToDate {
             return Err(format!("the local disk is {}; only an UpToDate node can be the source", self.disk));
         }
@@ -52,7 +64,11 @@ impl Core {
 
     /// The peer ran `invalidate`: resync it in full if this node can be the source.
     pub(super) fn on_invalidate(&mut self, out: &mut Vec<Action>) {
-        if self.disk != DiskState::UpToDate || self.source.is_some() || self.target.is_some() {
+        if self.disk != DiskState::UpToDate
+            || self.source.is_some()
+            || self.target.is_some()
+            || self.peer_diskless().is_some()
+        {
             tracing::warn!(disk = %self.disk, "the peer asked for a full resync but this node cannot be its source now");
             return;
         }

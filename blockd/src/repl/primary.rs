@@ -155,13 +155,13 @@ impl Core {
     /// Sends a write with its intent in place to the local disk and, when
     /// replicating, to the peer.
     pub(super) fn send_write(&mut self, job: JobId, out: &mut Vec<Action>) {
-        if self.link == Link::Replicating && (self.epoch_acked || self.epoch_writes >= MAX_EPOCH_WRITES) {
+        let replicating = self.replicating_data();
+        if replicating && (self.epoch_acked || self.epoch_writes >= MAX_EPOCH_WRITES) {
             // This write may depend on one already acknowledged: close the epoch so
             // the Secondary cannot apply them out of order.
             self.close_epoch(false, out);
         }
         let epoch = self.epoch;
-        let replicating = self.link == Link::Replicating;
         let needs_durable_gens = self.gens_pending;
         self.dispatched_writes += 1;
         let w = self.writes.get_mut(&job).expect("dispatching a known job");
@@ -227,7 +227,7 @@ impl Core {
     /// A FLUSH (or, with `wait_peer`, a drain that waits for the peer under any
     /// protocol).
     pub(super) fn start_flush(&mut self, job: JobId, wait_peer: bool, out: &mut Vec<Action>) {
-        let barrier = if self.link == Link::Replicating {
+        let barrier = if self.replicating_data() {
             let epoch = self.close_epoch(true, out);
             // Protocol A only keeps the peer ordered; B and C wait for its flush.
             (wait_peer || self.cfg.protocol != Protocol::A).then_some(epoch)
@@ -313,10 +313,14 @@ impl Core {
         }
         w.peer = PeerPart::Done;
         if errno != 0 {
-            // The peer could not write it: its copy of the range is stale.
+            // The peer could not write it: its copy of the range is stale, and it
+            // is not UpToDate any more. It detaches its disk (and leaves the link);
+            // leaving the link here too puts everything it has not confirmed into
+            // the bitmap under a new generation before this write is acknowledged.
             tracing::warn!(job = %id, errno, "peer failed a replicated write; range marked out of sync");
             let range = w.range.clone();
             self.mark_dirty(range);
+            self.peer_failed_write(out);
         }
         self.try_finish_write(id, out);
     }
@@ -407,6 +411,9 @@ impl Core {
     pub(super) fn on_barrier_ack(&mut self, epoch: u64, errno: i32, out: &mut Vec<Action>) {
         if errno != 0 {
             tracing::warn!(epoch, errno, "peer failed to complete a barrier");
+            // As for a failed write (`on_peer_ack`): the link goes, so the whole
+            // transfer log (this epoch and later) is in the bitmap.
+            return self.peer_failed_write(out);
         }
         // Acks come in epoch order. Only a flush barrier's ack says the writes
         // of its epoch and before are durable on the peer: a crash of the peer
@@ -433,6 +440,16 @@ impl Core {
             self.flushes.get_mut(&job).expect("present").barrier = None;
             self.try_finish_flush(job, out);
         }
+    }
+
+    /// The peer reported a failed write or barrier: leave the link (see
+    /// `on_peer_ack`).
+    pub(super) fn peer_failed_write(&mut self, out: &mut Vec<Action>) {
+        if self.link == Link::Disconnected {
+            return;
+        }
+        out.push(Action::DropLink { reason: "the peer failed a replicated write".into() });
+        self.on_link_down(out);
     }
 
     /// Whether the fence-peer handler runs now, and how the last one ended.

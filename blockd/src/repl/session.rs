@@ -29,9 +29,21 @@ impl Core {
     }
 
     /// The peer's role or disk state changed.
-    pub(super) fn on_peer_state(&mut self, role: Role, disk: DiskState) {
+    pub(super) fn on_peer_state(&mut self, role: Role, disk: DiskState, out: &mut Vec<Action>) {
+        let took_writes = self.peer_takes_writes();
         self.peer_role = Some(role);
         self.peer_disk = Some(disk);
+        if took_writes
+            && !self.peer_takes_writes()
+            && self.role == Role::Primary
+            && self.link == Link::Replicating
+        {
+            // Its disk was detached: what it had not confirmed goes into the bitmap
+            // (as for a lost peer); on the next link it is known diskless.
+            tracing::warn!(%disk, "the peer's disk was detached; reconnecting without replication to it");
+            out.push(Action::DropLink { reason: "this Primary saw the peer's disk detached".into() });
+            self.on_link_down(out);
+        }
     }
 
     pub(super) fn set_standalone(&mut self, standalone: bool, out: &mut Vec<Action>) {
@@ -52,7 +64,9 @@ impl Core {
         match result {
             Ok(()) => self.on_meta_durable(seq, out),
             // Nothing that waits for it may go on (it never becomes durable).
-            Err(error) => self.fail_disk(DiskFailure { op: "metadata update", error }, out),
+            Err(error) => {
+                self.fail_disk(DiskFailure { op: "metadata update", errno: None, offset: None, error }, out)
+            }
         }
     }
 
@@ -168,6 +182,9 @@ impl Core {
         if self.peer_role == Some(Role::Primary) {
             return Err("the peer is Primary; demote it first (`blockctl secondary` there)".to_string());
         }
+        if self.detached() {
+            return Err(self.diskless_promotion_refusal());
+        }
         if self.disk != DiskState::UpToDate && !force {
             return Err(format!(
                 "the local disk is {}; only an UpToDate node can be promoted \
@@ -199,6 +216,10 @@ impl Core {
         if self.disk != DiskState::UpToDate && !force {
             return Err(format!("the local disk is {}; only an UpToDate node can be promoted", self.disk));
         }
+        if self.detached() {
+            // Never made UpToDate by `--force`: it has no data.
+            return Err(self.diskless_promotion_refusal());
+        }
         if force && self.disk != DiskState::UpToDate {
             // This copy becomes the reference: a generation of its own, so the peer
             // sees it as newer and takes a full sync from it.
@@ -206,7 +227,7 @@ impl Core {
             self.gens.start_new(fresh);
             self.disk = DiskState::UpToDate;
             self.gens_pending = true;
-        } else if self.link == Link::Disconnected && self.gens.bitmap == 0 {
+        } else if (self.link == Link::Disconnected || !self.peer_takes_writes()) && self.gens.bitmap == 0 {
             // SPEC §5: promoted while disconnected starts a new generation — unless
             // one already tracks changes since the peer's (as DRBD: only when the
             // bitmap id is 0), or the peer would no longer recognize this node.
@@ -218,6 +239,23 @@ impl Core {
         self.persist(out);
         self.announce_state(out);
         Ok(())
+    }
+
+    /// Why a node without a disk is not promoted, naming the case.
+    fn diskless_promotion_refusal(&self) -> String {
+        let why = self.disk_failure.as_ref().map_or_else(String::new, |f| format!(" ({f})"));
+        let peer = match (self.link, self.peer_disk) {
+            (Link::Replicating, Some(DiskState::UpToDate)) => {
+                "its peer is connected and UpToDate: promote the peer"
+            }
+            (Link::Replicating, _) => "its peer is connected but not UpToDate either",
+            _ => "its peer is not connected",
+        };
+        format!(
+            "the local disk is {}{why}: a node without a disk is never promoted with --force, and {peer}; \
+             attach a repaired disk (`blockctl attach-disk`) and let it resync",
+            self.disk
+        )
     }
 
     /// `blockctl secondary`: the shell has already closed the NBD export and drained

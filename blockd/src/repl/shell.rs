@@ -86,6 +86,11 @@ pub enum Input {
     FenceDone {
         result: Result<i32, String>,
     },
+    /// A client read straight from the local disk failed (the client got the error).
+    ReadFailed {
+        offset: u64,
+        errno: Errno,
+    },
 }
 
 /// The job id of the stop-time drain (NBD job ids count up from 1 and never get here).
@@ -99,6 +104,7 @@ pub enum Token {
     Direct {
         responder: Responder,
         started: std::time::Instant,
+        offset: u64,
     },
     Internal(oneshot::Sender<Result<(), Errno>>),
 }
@@ -120,10 +126,12 @@ impl IoSink for CoreSink {
             Token::Internal(tx) => {
                 let _ = tx.send(result);
             }
-            Token::Direct { responder, started } => {
+            Token::Direct { responder, started, offset } => {
                 self.metrics.read_latency.observe(started.elapsed());
-                if result.is_err() {
+                if let Err(errno) = result {
                     self.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+                    // The failure policy applies to reads too (`repl::failure`).
+                    let _ = self.inputs.send(Input::ReadFailed { offset, errno });
                 }
                 crate::device::reply(responder, result, buf, false)
             }
@@ -192,11 +200,12 @@ impl BlockDevice for ReplicatedDevice {
             NbdRequest::Read { offset, buf } => {
                 count(&m.reads, 1);
                 count(&m.read_bytes, buf.len() as u64);
-                return self.storage.submit(IoOp::Read { offset, buf }, Token::Direct { responder, started });
+                let token = Token::Direct { responder, started, offset };
+                return self.storage.submit(IoOp::Read { offset, buf }, token);
             }
             NbdRequest::Cache { offset, len_bytes } => {
                 let op = IoOp::Cache { offset, len: len_bytes.into() };
-                return self.storage.submit(op, Token::Direct { responder, started });
+                return self.storage.submit(op, Token::Direct { responder, started, offset });
             }
             NbdRequest::BlockStatus { offset, len_bytes, .. } => {
                 return spawn_block_status(&self.runtime, self.storage.clone(), offset, len_bytes, responder);
@@ -341,6 +350,7 @@ impl CoreTask {
                         Event::LocalDone { job, result, buf }
                     }
                     Input::MetaDone { seq, result } => Event::MetaDone { seq, result },
+                    Input::ReadFailed { offset, errno } => Event::ReadFailed { offset, errno },
                     Input::Drain { done } => {
                         r.drain = Some(done);
                         Event::Drain { job: DRAIN_JOB }
@@ -505,6 +515,7 @@ impl Running {
         set(&m.fencing_peer, u64::from(c.fencing().0));
         set(&m.resync_paused, u64::from(c.sync_paused()));
         set(&m.disk_failed, u64::from(c.disk_failure().is_some()));
+        set(&m.io_errors, c.io_errors());
     }
 
     /// The replication state's name (DRBD's, with the paused variants).

@@ -349,6 +349,9 @@ impl Core {
         if self.verifier.running() {
             return Err("a verify is already running".into());
         }
+        if let Some(why) = self.peer_diskless() {
+            return Err(format!("{why}: nothing to compare with"));
+        }
         if repair && self.peer_role == Some(Role::Primary) {
             return Err("the peer is Primary: run `verify --repair` on the Primary".into());
         }

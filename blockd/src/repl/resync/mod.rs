@@ -232,6 +232,10 @@ impl Core {
         let Some(source) = self.source.as_mut() else { return };
         let done = source.on_ack(offset, len, errno, &mut self.rate);
         self.chunk_finished(done, out);
+        if errno != 0 {
+            // The target's disk failed: it detaches (see `peer_failed_write`).
+            self.peer_failed_write(out);
+        }
     }
 
     /// A chunk is on the target (its bits wait for the target's flush): its range

@@ -166,6 +166,13 @@ impl Running {
             },
             "unsent_bytes": self.t.core.unsent_bytes(),
             "disk_error": self.t.core.disk_failure().map(|f| f.to_string()),
+            "disk_failure": self.t.core.disk_failure().map(|f| serde_json::json!({
+                "op": f.op,
+                "errno": f.errno,
+                "errno_name": f.errno.map(|e| nix::errno::Errno::from_raw(e).to_string()),
+                "offset": f.offset,
+            })),
+            "io_errors": self.t.core.io_errors(),
         })
     }
 }
