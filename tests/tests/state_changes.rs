@@ -6,11 +6,13 @@
 //!   two Primaries while connected, checked on samples of both nodes' status taken
 //!   through their control sockets while the commands run, and again once both
 //!   settled; the loser is refused (exit code 1, a reason on stderr).
-//! * The replication link flapped from either side under a protocol C writer that
-//!   records every acknowledged write, the Secondary on a slow disk (nbdkit's delay
-//!   filter behind nbdfuse): afterwards the pair is in sync, every acknowledged write
-//!   reads back from the Primary and is on the Secondary's disk, online `verify`
-//!   finds nothing, and the two backing files are identical.
+//! * The replication link flapped from either side (a silent partition, or a
+//!   reset), often in the middle of the resync the previous flap caused, under a
+//!   protocol C writer that records every acknowledged write, the Secondary on a
+//!   slow disk (nbdkit's delay filter behind nbdfuse): afterwards the pair is in
+//!   sync, every acknowledged write reads back from the Primary and is on the
+//!   Secondary's disk, online `verify` finds nothing, and the two backing files are
+//!   identical.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -239,6 +241,9 @@ const PORT: u16 = 7789;
 const SECONDARY_WRITE_DELAY_MS: u32 = 5;
 /// Flaps come in pairs of one kind, cut first from alpha's side, then from beta's.
 const FLAP_KINDS: [Cut; 5] = [Cut::Partition, Cut::Partition, Cut::Reset, Cut::Reset, Cut::Reset];
+/// Slow enough that a resync of the writer's region lasts a while (about two
+/// seconds): a window for the flaps that cut in the middle of one.
+const RESYNC_RATE: &str = "4MiB";
 /// The writer's rate cap: while the link is down the Primary answers as fast as
 /// its own disk, and the run must stay within the writer's log (`max_ops`).
 const WRITES_PER_SEC: u64 = 3000;
@@ -256,22 +261,36 @@ enum Cut {
     Reset,
 }
 
+/// When a flap cuts, once the previous link is replicating again.
+#[derive(Clone, Copy, Debug)]
+enum When {
+    /// After this many more acknowledged writes.
+    Writes(u64),
+    /// Once beta, the sync target, has received part of the resync (or, should it
+    /// be over first, once it is in sync).
+    MidResync,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Flap {
     side: usize,
     cut: Cut,
-    /// Acknowledged writes to wait for before cutting.
-    writes_before: u64,
+    when: When,
 }
 
 impl fmt::Display for Flap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?} from {} after {} writes", self.cut, NODES[self.side], self.writes_before)
+        write!(f, "{:?} from {} ", self.cut, NODES[self.side])?;
+        match self.when {
+            When::Writes(n) => write!(f, "after {n} writes"),
+            When::MidResync => write!(f, "mid-resync"),
+        }
     }
 }
 
-/// The kinds in a seeded order, each cut from alpha's side then from beta's, each
-/// after a seeded number of writes.
+/// The kinds in a seeded order, each cut from alpha's side then from beta's: one of
+/// the two (seeded) in the middle of the resync, the other after a seeded number of
+/// writes.
 fn flap_schedule(seed: u64) -> Vec<Flap> {
     let mut s = seed;
     let mut kinds = FLAP_KINDS;
@@ -280,11 +299,26 @@ fn flap_schedule(seed: u64) -> Vec<Flap> {
     }
     let mut flaps = Vec::new();
     for cut in kinds {
+        let mid_resync_side = splitmix64(&mut s) % 2;
         for side in 0..2 {
-            flaps.push(Flap { side, cut, writes_before: 100 + splitmix64(&mut s) % 400 });
+            let when = if side as u64 == mid_resync_side {
+                When::MidResync
+            } else {
+                When::Writes(100 + splitmix64(&mut s) % 400)
+            };
+            flaps.push(Flap { side, cut, when });
         }
     }
     flaps
+}
+
+/// Beta has received part of a resync, or is in sync.
+fn beta_mid_resync_or_synced(p: &Pair) -> bool {
+    p.socket_status(1).is_some_and(|s| {
+        let peer = &s["peers"][0];
+        let resyncing = peer["replication"] == "SyncTarget" && peer["resync_done_bytes"].as_u64() > Some(0);
+        resyncing || (peer["replication"] == "Established" && peer["out_of_sync_bytes"] == 0)
+    })
 }
 
 /// How often each node's log says `what`.
@@ -310,6 +344,7 @@ fn link_flaps_under_a_verifying_writer_leave_the_pair_identical() {
         replication: Some(ADDRS.map(|a| format!("{a}:{PORT}"))),
         prefix: [net.exec_prefix(0), net.exec_prefix(1)],
         disks: [DiskSpec::Plain, DiskSpec::Fault(slow)],
+        extra_resource: format!("resync-rate = \"{RESYNC_RATE}\"\n"),
         ..PairOpts::default()
     };
     let mut p = Pair::create("sc-flaps", &opts);
@@ -332,10 +367,14 @@ fn link_flaps_under_a_verifying_writer_leave_the_pair_identical() {
         ..LoadOpts::default()
     };
     let load = LoadGen::start(&alpha, EXPORT, load_opts);
+    load.wait_acked(200, WAIT);
     let started = Instant::now();
     for (i, flap) in flaps.iter().enumerate() {
-        load.wait_acked(load.acked() + flap.writes_before, WAIT);
         let context = format!("flap {i} ({flap}; seed {seed})");
+        match flap.when {
+            When::Writes(n) => load.wait_acked(load.acked() + n, WAIT),
+            When::MidResync => p.wait(WAIT, |p| beta_mid_resync_or_synced(p), &context),
+        }
         let (lost, up) = (log_count(&p, LINK_LOST), log_count(&p, LINK_UP));
         let cut_at = load.acked();
         match flap.cut {
