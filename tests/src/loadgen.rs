@@ -59,7 +59,7 @@ pub const LOADGEN_MAGIC: [u8; 8] = *b"BLKDLOAD";
 
 /// Load generator options. `Default`: 4 connections, 4 KiB blocks, region
 /// `[0, 32 MiB)`, no FLUSH, queue depth 4, seed 1, at most 1,000,000 writes,
-/// at most 10 minutes.
+/// at most 10 minutes, no rate cap.
 #[derive(Debug, Clone)]
 pub struct LoadOpts {
     /// NBD connections, one writer thread each.
@@ -80,6 +80,10 @@ pub struct LoadOpts {
     pub max_ops: u64,
     /// Writers stop issuing after this long.
     pub max_duration: Duration,
+    /// Caps the rate of writes issued by all writers together (each writer paces
+    /// itself at its share), so that a long run against a fast server stays within
+    /// `max_ops`. None: as fast as the server answers.
+    pub max_writes_per_sec: Option<u64>,
 }
 
 impl Default for LoadOpts {
@@ -94,6 +98,7 @@ impl Default for LoadOpts {
             seed: 1,
             max_ops: 1_000_000,
             max_duration: Duration::from_secs(600),
+            max_writes_per_sec: None,
         }
     }
 }
@@ -330,6 +335,7 @@ impl LoadGen {
             opts.region_bytes
         );
         assert!(opts.flush_every != Some(0), "flush_every must be >= 1");
+        assert!(opts.max_writes_per_sec != Some(0), "max_writes_per_sec must be >= 1");
         let run_id = pattern::new_run_id(opts.seed);
         let shared = Arc::new(Shared {
             clock: AtomicU64::new(1),
@@ -502,6 +508,8 @@ impl WriterState {
         let mut since_flush = 0u32;
         let mut buf = Vec::with_capacity(opts.block_bytes as usize);
         let died = |e: &dyn fmt::Display| Some(EndReason::ConnectionDied(e.to_string()));
+        // This writer's share of `max_writes_per_sec`: write n is due at start + n / rate.
+        let pace = opts.max_writes_per_sec.map(|r| (Instant::now(), r as f64 / opts.connections as f64));
         loop {
             // Issue while there is room.
             while self.end.is_none() && inflight.len() < opts.queue_depth {
@@ -512,6 +520,18 @@ impl WriterState {
                 if Instant::now() >= deadline {
                     self.end = Some(EndReason::MaxDuration);
                     break;
+                }
+                if let Some((start, rate)) = pace {
+                    let due = start + Duration::from_secs_f64(self.writes.len() as f64 / rate);
+                    let early = due.saturating_duration_since(Instant::now());
+                    if !early.is_zero() {
+                        if !inflight.is_empty() {
+                            break; // collect replies meanwhile
+                        }
+                        // Short naps, so that `stop` is seen promptly.
+                        thread::sleep(early.min(Duration::from_millis(20)));
+                        continue;
+                    }
                 }
                 cookie += 1;
                 if opts.flush_every.is_some_and(|n| since_flush >= n) {

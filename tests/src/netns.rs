@@ -1,5 +1,6 @@
 //! Two network namespaces joined by a veth pair: two "hosts" on one machine,
-//! with a link a test can cut (`ip link set … down`) and restore.
+//! with a link a test can cut (`ip link set … down`) and restore, or whose TCP
+//! connections one side can abort (`ss -K`).
 //!
 //! Names are `blkd-<tag>-<pid>-a` / `-b` (the tag names the test, the pid the
 //! test process), so concurrent tests and concurrent runs never share one.
@@ -106,6 +107,37 @@ impl NetnsPair {
     /// Sets namespace `i`'s veth end down (`up = false`: the link is cut) or up.
     pub fn set_link(&self, i: usize, up: bool) {
         ip_ok(&["-n", &self.ns[i], "link", "set", VETH[i], if up { "up" } else { "down" }]);
+    }
+
+    /// Aborts every established TCP connection to or from `port` in namespace `i`
+    /// (`ss -K`; the kernel needs `CONFIG_INET_DIAG_DESTROY`): that side's sockets
+    /// fail at once (ECONNABORTED) and the other side gets a RST (ECONNRESET). A
+    /// link cut from side `i` that both ends notice without waiting for a keepalive
+    /// to expire. Returns how many connections were aborted.
+    pub fn abort_tcp(&self, i: usize, port: u16) -> usize {
+        let port = format!(":{port}");
+        let out = ip_ok(&[
+            "netns",
+            "exec",
+            &self.ns[i],
+            "ss",
+            "-K",
+            "-H",
+            "-t",
+            "-n",
+            "state",
+            "established",
+            "(",
+            "sport",
+            "=",
+            &port,
+            "or",
+            "dport",
+            "=",
+            &port,
+            ")",
+        ]);
+        out.stdout.lines().filter(|l| !l.trim().is_empty()).count()
     }
 }
 

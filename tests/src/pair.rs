@@ -7,7 +7,8 @@
 //! and its metadata an external file beside the pair's config, so that data faults
 //! do not hit it ([`PairOpts::disks`], [`PairOpts::external_meta`]).
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -21,6 +22,9 @@ use crate::server::{EXPORT, Engine, workspace_root};
 use crate::smallfs::{SmallFs, SmallFsKind};
 use crate::tmp::{TempDir, sparse_file};
 use crate::tools::{Output, run_capture};
+
+/// Bound on one [`Pair::socket_status`] exchange.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The two node names; `alpha` sorts first, so it is the one that dials.
 pub const NODES: [&str; 2] = ["alpha", "beta"];
@@ -340,6 +344,40 @@ impl Pair {
             return None;
         }
         serde_json::from_str(&out.stdout).ok()
+    }
+
+    /// `status` of node `n` straight from its control socket (one request line, one
+    /// reply line; no `blockctl` process), so both nodes can be sampled every few
+    /// milliseconds. None when the node does not answer.
+    pub fn socket_status(&self, n: usize) -> Option<Value> {
+        let mut s = UnixStream::connect(&self.nodes[n].control).ok()?;
+        s.set_read_timeout(Some(SOCKET_TIMEOUT)).ok()?;
+        s.set_write_timeout(Some(SOCKET_TIMEOUT)).ok()?;
+        let req = serde_json::json!({"v": blockd::control::PROTOCOL_VERSION, "cmd": "status"});
+        s.write_all(format!("{req}\n").as_bytes()).ok()?;
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).ok()?;
+        let mut reply: Value = serde_json::from_str(&line).ok()?;
+        (reply["ok"] == true).then(|| reply["result"].take())
+    }
+
+    /// Node `n` reaches its peer at `addr` (e.g. a [`crate::proxy::Proxy`] in front
+    /// of the peer) instead of the peer's `replication` address, where the peer still
+    /// listens. Only the dialing node (alpha, [`NODES`]`[0]`) ever uses it.
+    pub fn dial_peer_at(&mut self, n: usize, addr: &str) {
+        let line = |a: &str| format!("replication = \"{a}\"\n");
+        let old = line(&self.nodes[1 - n].replication);
+        self.edit_node_config(n, &old, &line(addr));
+    }
+
+    /// Gives node `n` a config of its own: its current one with the line `old`
+    /// (which must be there once) replaced by `new`.
+    fn edit_node_config(&mut self, n: usize, old: &str, new: &str) {
+        let text = std::fs::read_to_string(self.node_config(n)).expect("read config");
+        assert_eq!(text.matches(old).count(), 1, "{old:?} is not once in the config:\n{text}");
+        let own = self.dir.join(&format!("{}.toml", self.nodes[n].name));
+        std::fs::write(&own, text.replacen(old, new, 1)).expect("write node config");
+        self.nodes[n].config = Some(own);
     }
 
     /// `status --json` of node `n`.

@@ -72,6 +72,15 @@ pub fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A test's seed: `BLOCKD_FUZZ_SEED` when set, else a random one; printed with the
+/// line that replays it.
+pub fn random_seed() -> u64 {
+    let seed =
+        std::env::var("BLOCKD_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (replay with BLOCKD_FUZZ_SEED={seed})");
+    seed
+}
+
 /// A fresh run id: unique per call within a process and (with high
 /// probability) across processes; mixes `seed` so runs stay recognisable.
 pub fn new_run_id(seed: u64) -> u64 {

@@ -8,18 +8,11 @@ use std::time::Duration;
 use blockd_tests::chain::{ChainOpts, ChainWriter};
 use blockd_tests::loadgen::{LoadGen, LoadOpts, verify_acked, verify_flushed};
 use blockd_tests::pair::{NODES, Pair, PairOpts};
-use blockd_tests::pattern::{file_reader, nbd_reader};
+use blockd_tests::pattern::{file_reader, nbd_reader, random_seed};
 use blockd_tests::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 const BLOCK: u32 = 4096;
-
-fn random_seed() -> u64 {
-    let seed =
-        std::env::var("BLOCKD_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (replay with BLOCKD_FUZZ_SEED={seed})");
-    seed
-}
 
 fn established_primary(label: &str, protocol: char) -> Pair {
     let mut p = Pair::start(label, &PairOpts { protocol, ..PairOpts::default() });

@@ -10,7 +10,7 @@ use std::time::Duration;
 use blockd_tests::loadgen::{LoadGen, LoadOpts, verify_acked};
 use blockd_tests::netns::{ADDRS, NetnsPair};
 use blockd_tests::pair::{Pair, PairOpts};
-use blockd_tests::pattern::nbd_reader;
+use blockd_tests::pattern::{nbd_reader, random_seed};
 use blockd_tests::*;
 
 /// Bound on every wait: peer loss (5 s keepalive), reconnect (backoff ≤ 5 s
@@ -20,13 +20,6 @@ const BLOCK: u32 = 4096;
 /// The replication port inside each namespace.
 const PORT: u16 = 7789;
 const CONNECTIONS: usize = 2;
-
-fn random_seed() -> u64 {
-    let seed =
-        std::env::var("BLOCKD_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (replay with BLOCKD_FUZZ_SEED={seed})");
-    seed
-}
 
 fn peer(p: &Pair, n: usize) -> serde_json::Value {
     p.status(n)["peers"][0].clone()

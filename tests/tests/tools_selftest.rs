@@ -49,6 +49,7 @@ fn loadgen_verifies_after_stop_and_after_kill9_and_finds_corruption() {
         seed: 11,
         max_ops: 2_000_000,
         max_duration: Duration::from_secs(300),
+        max_writes_per_sec: None,
     };
 
     // 1. Run, stop, verify: everything answered, everything there.
