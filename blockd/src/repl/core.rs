@@ -146,6 +146,9 @@ pub enum Command {
     SetSyncPaused(bool),
     /// `verify [--repair]`: answered when the verify ends.
     Verify { repair: bool },
+    /// `detach-disk`: detach the local disk on purpose, as after an I/O error
+    /// (refused on a Primary: it would fail closed).
+    DetachDisk,
 }
 
 /// What a successful command reports.

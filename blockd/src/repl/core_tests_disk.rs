@@ -51,6 +51,20 @@ fn a_secondary_whose_write_fails_detaches_and_is_never_promoted() {
     );
 }
 
+/// `detach-disk` on a Secondary is a detach like after an error; on a Primary it is
+/// refused.
+#[test]
+fn detach_disk_by_the_operator() {
+    let mut p = core(Protocol::C, Role::Primary, 0);
+    let a = p.handle(Event::Command { id: 1, cmd: Command::DetachDisk });
+    assert!(matches!(&a[..], [Action::Done { result: Err(e), .. }] if e.contains("Primary")), "{a:?}");
+    let mut s = core(Protocol::C, Role::Secondary, 0);
+    let a = show(&s.handle(Event::Command { id: 1, cmd: Command::DetachDisk }));
+    assert!(a.iter().any(|x| x.starts_with("drop-link")), "{a:?}");
+    assert_eq!(s.disk(), DiskState::Diskless);
+    assert_eq!(s.disk_failure().map(|f| f.op), Some("detach-disk"));
+}
+
 /// ENOSPC on a Secondary is a failed peer write like any other.
 #[test]
 fn enospc_on_a_secondary_detaches() {

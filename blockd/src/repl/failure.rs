@@ -157,6 +157,22 @@ impl Core {
         self.maybe_diskless(out);
     }
 
+    /// `blockctl detach-disk`: as after an I/O error (the disk is left alone from
+    /// now on), so it can be replaced and attached again.
+    pub(super) fn detach_disk(&mut self, out: &mut Vec<Action>) -> Result<(), String> {
+        if self.detached() {
+            return Ok(());
+        }
+        if self.role == Role::Primary {
+            return Err("this node is Primary: a Primary without a disk cannot serve its clients yet; \
+                 move the Primary role to the peer first"
+                .into());
+        }
+        let error = "detached by the operator (`blockctl detach-disk`)".to_string();
+        self.fail_disk(DiskFailure { op: "detach-disk", errno: None, offset: None, error }, out);
+        Ok(())
+    }
+
     /// `Failed` becomes `Diskless` once no op of this node is on the disk any more.
     pub(super) fn maybe_diskless(&mut self, out: &mut Vec<Action>) {
         if self.disk == DiskState::Failed && self.local_ops == 0 {

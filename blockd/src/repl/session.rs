@@ -110,6 +110,7 @@ impl Core {
                 self.set_sync_paused(paused, out);
                 Ok(())
             }
+            Command::DetachDisk => self.detach_disk(out),
             Command::Verify { repair } => match self.start_verify(repair, out) {
                 // Answered when the verify ends.
                 Ok(()) => {
