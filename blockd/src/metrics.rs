@@ -86,6 +86,8 @@ pub struct Metrics {
     pub disk_failed: AtomicU64,
     /// Local I/O errors (passed on to a client or not).
     pub io_errors: AtomicU64,
+    /// Peer links dropped by `ack-timeout`.
+    pub ack_timeouts: AtomicU64,
 }
 
 impl Metrics {
@@ -193,6 +195,12 @@ pub fn render(s: &Sources) -> String {
         "gauge",
         "1 once the local disk failed and was detached (Failed, then Diskless; see status disk_error).",
         get(&m.disk_failed),
+    );
+    one(
+        "peer_ack_timeouts_total",
+        "counter",
+        "Peer links dropped because the peer owed acknowledgements and made no progress within ack-timeout.",
+        get(&m.ack_timeouts),
     );
     one(
         "io_errors_total",

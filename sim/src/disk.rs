@@ -62,6 +62,8 @@ struct Inner {
     meta_faults: MetaFaults,
     /// The probability that a data op fails (0: none).
     data_fault_probability: f64,
+    /// Data ops submitted now take seconds (a hung disk on a live node).
+    hung: bool,
     /// Metadata calls that failed so far (for the report).
     meta_failures: u64,
     /// Power is failing: nothing more becomes durable (a crash follows at once).
@@ -92,6 +94,7 @@ impl SimDisk {
                 stamp: 0,
                 meta_faults: MetaFaults::default(),
                 data_fault_probability: 0.0,
+                hung: false,
                 meta_failures: 0,
                 power_failing: false,
                 rng: StdRng::seed_from_u64(seed),
@@ -111,6 +114,14 @@ impl SimDisk {
 
     pub fn set_meta_faults(&self, faults: MetaFaults) {
         self.lock().meta_faults = faults;
+    }
+
+    pub fn set_hung(&self, hung: bool) {
+        self.lock().hung = hung;
+    }
+
+    pub fn hung(&self) -> bool {
+        self.lock().hung
     }
 
     pub fn set_data_faults(&self, fail_probability: f64) {

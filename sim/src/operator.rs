@@ -25,6 +25,7 @@ impl World {
             for n in &self.nodes {
                 n.disk.set_meta_faults(MetaFaults::default());
                 n.disk.set_data_faults(0.0);
+                n.disk.set_hung(false);
             }
             self.at(MS, Ev::Heal);
             return;
@@ -65,6 +66,10 @@ impl World {
                 let p = self.cfg.meta_fault_probability;
                 self.nodes[node].disk.set_meta_faults(MetaFaults { fail_probability: p });
                 self.nodes[node].disk.set_data_faults(self.cfg.data_fault_probability);
+                if self.cfg.data_fault_probability > 0.0 && self.rng.random_bool(0.3) {
+                    self.nodes[node].disk.set_hung(true);
+                    self.log(format!("{}: disk hangs", self.nodes[node].name));
+                }
                 self.log(format!(
                     "{}: disk faults on (metadata {p}, data {})",
                     self.nodes[node].name, self.cfg.data_fault_probability

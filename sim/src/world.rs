@@ -376,6 +376,8 @@ impl World {
             );
         }
         let latency = match op {
+            // Longer than `ack-timeout`: the peer must not wait for it.
+            _ if self.nodes[node].disk.hung() => self.rng.random_range(12 * SEC..20 * SEC),
             IoOp::Flush => self.rng.random_range(100..5000),
             _ => {
                 if self.rng.random_bool(0.02) {

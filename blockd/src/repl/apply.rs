@@ -230,6 +230,11 @@ impl Applier {
         }
     }
 
+    /// Writes on the peer's behalf are in flight (of any link).
+    pub fn peer_writes_in_flight(&self) -> bool {
+        !self.peer_writes.is_empty()
+    }
+
     /// Writes of an earlier link than `link_gen` are still in flight.
     pub fn stale_writes(&self, link_gen: u32) -> bool {
         self.peer_writes.keys().any(|link| *link != link_gen)

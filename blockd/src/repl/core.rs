@@ -342,6 +342,8 @@ pub struct Core {
     /// (`Failed` becomes `Diskless` when none is left).
     io_errors: u64,
     local_ops: u64,
+    /// `ack-timeout` (`repl::ackwatch`).
+    ackwatch: ackwatch::AckWatch,
     /// A client error was passed on: the range is in the bitmap, to be resynced
     /// from this node while connected.
     repair_pending: bool,
@@ -422,6 +424,7 @@ impl Core {
             io_errors: 0,
             local_ops: 0,
             repair_pending: false,
+            ackwatch: ackwatch::AckWatch::default(),
         }
     }
 
@@ -517,6 +520,9 @@ impl Core {
             Event::LocalDone { job, result, buf } => self.on_local_done(job, result, buf, out),
             Event::PeerMessage(msg) => self.on_peer_message(msg, out),
             Event::PeerSent { bytes } => {
+                if bytes > 0 {
+                    self.peer_progress();
+                }
                 self.sent_bytes_total = (self.sent_bytes_total + bytes).min(self.queued_bytes_total);
                 self.release_send_waiters(out);
             }
@@ -585,6 +591,9 @@ impl Core {
     }
 
     fn on_peer_message(&mut self, msg: Message, out: &mut Vec<Action>) {
+        if ackwatch::is_answer(&msg) {
+            self.peer_progress();
+        }
         if self.role == Role::Primary && is_peer_data(&msg) {
             // A Primary's data is what clients see: it never takes the peer's. Two
             // Primaries, or a peer that thinks this node is its sync target.
@@ -799,6 +808,8 @@ pub(super) struct AbandonedChunks {
     pub later: Vec<(JobId, std::ops::Range<u64>)>,
 }
 
+#[path = "ackwatch.rs"]
+mod ackwatch;
 #[path = "apply.rs"]
 mod apply;
 #[path = "connect.rs"]

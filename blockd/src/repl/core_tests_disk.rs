@@ -183,3 +183,64 @@ fn connect_decisions_with_a_diskless_side() {
     let d = decide(&outdated, &diskless(10, Role::Primary));
     assert_eq!(d, Decision::Refuse(Refusal::DisklessPrimaryWithoutData));
 }
+
+fn tick(c: &mut Core, ms: u64) -> Vec<String> {
+    show(&h(c, Event::Tick { elapsed_ms: ms, app_requests: 0 }))
+}
+
+/// Before: a peer whose disk hung (its process alive, answering pings) stalled the
+/// Primary's write+flush for good. Now a peer that owes an acknowledgement and
+/// makes no progress for `ack-timeout` is disconnected, and the write completes
+/// locally with its range in the bitmap.
+#[test]
+fn a_peer_that_does_not_answer_within_ack_timeout_is_disconnected() {
+    let cfg = CoreConfig { ack_timeout_ms: 2_000, ..cfg(Protocol::C, 0) };
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut p = new_core(cfg, Role::Primary, DiskState::UpToDate, gens, 1);
+    connect(&mut p, remote(10, 0, Role::Secondary)).expect("in sync");
+    write(&mut p, 1, 0, 4096);
+    write(&mut p, 2, 4096, 4096);
+    local_done(&mut p, 1);
+    local_done(&mut p, 2);
+    for _ in 0..15 {
+        assert!(!tick(&mut p, 100).iter().any(|a| a.starts_with("drop-link")));
+    }
+    // An answer is progress: the clock starts again.
+    peer(&mut p, Message::WriteAck { id: 1, errno: 0 });
+    for i in 0..19 {
+        let t = tick(&mut p, 100);
+        assert!(!t.iter().any(|a| a.starts_with("drop-link")), "{i}: {t:?}");
+    }
+    let a = tick(&mut p, 100);
+    assert!(a.iter().any(|x| x.starts_with("drop-link")), "{a:?}");
+    assert_eq!(p.ack_timeouts(), 1);
+    assert_eq!(p.link(), Link::Disconnected);
+    // The new generation's persist goes first; the reply follows once it is
+    // durable (here with the tick's bitmap write, which `h` completes and which the
+    // shell carries out after it).
+    let persist = a.iter().position(|x| x.starts_with("persist")).expect("new generation");
+    let reply = a.iter().position(|x| x == "reply 2 ok").expect("completes locally");
+    assert!(persist < reply, "{a:?}");
+    assert_eq!(p.dirty_bytes(), 8192, "both ranges are the peer's to resync");
+    // Nothing owed: no timeout however long it is quiet.
+    let mut s = core(Protocol::C, Role::Primary, 0);
+    for _ in 0..200 {
+        assert!(!tick(&mut s, 100).iter().any(|a| a.starts_with("drop-link")));
+    }
+}
+
+/// Found by the simulator (seed 588, a hung disk under protocol B): a Secondary was
+/// promoted while a write it had acknowledged (RecvAck) was still on its way to
+/// its disk, and served the older data. Now promotion waits for those writes.
+#[test]
+fn promotion_waits_for_the_peers_writes_to_land() {
+    let mut s = core(Protocol::B, Role::Secondary, 0);
+    let a = show(&peer(&mut s, Message::Write { id: 5, epoch: 1, offset: 0, fua: false, data: data(4096) }));
+    assert_eq!(a, ["send recv-ack 5", "local Apply@1:1 write"]);
+    h(&mut s, Event::LinkDown);
+    let why = promote(&mut s, true).expect_err("its write is not on the disk yet");
+    assert!(why.contains("still being written"), "{why}");
+    local_done(&mut s, ij(JobKind::Apply, 1));
+    promote(&mut s, false).expect("promoted once it landed");
+    assert_eq!(s.role(), Role::Primary);
+}

@@ -183,6 +183,7 @@ impl Core {
 
     pub(super) fn on_tick(&mut self, elapsed_ms: u64, app_requests: u64, out: &mut Vec<Action>) {
         self.rate.tick(elapsed_ms, app_requests);
+        self.ackwatch_tick(elapsed_ms, out);
         self.intent.ms_since_bitmap_write += elapsed_ms;
         // Lazily: the activity log covers what is not written yet. During a resync
         // more often, so that a crashed source redoes little.

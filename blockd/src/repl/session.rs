@@ -186,6 +186,14 @@ impl Core {
         if self.detached() {
             return Err(self.diskless_promotion_refusal());
         }
+        if self.applier.peer_writes_in_flight() {
+            // Acknowledged to the peer's client (protocols A and B, or a resync
+            // chunk) but not on this disk yet: serving reads now could return data
+            // older than an acknowledged write.
+            return Err("writes received from the peer are still being written to the local disk \
+                 (it may be slow or hung); retry once they completed"
+                .to_string());
+        }
         if self.disk != DiskState::UpToDate && !force {
             return Err(format!(
                 "the local disk is {}; only an UpToDate node can be promoted \

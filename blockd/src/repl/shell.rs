@@ -516,6 +516,7 @@ impl Running {
         set(&m.resync_paused, u64::from(c.sync_paused()));
         set(&m.disk_failed, u64::from(c.disk_failure().is_some()));
         set(&m.io_errors, c.io_errors());
+        set(&m.ack_timeouts, c.ack_timeouts());
     }
 
     /// The replication state's name (DRBD's, with the paused variants).

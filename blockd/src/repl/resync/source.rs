@@ -119,6 +119,11 @@ impl Source {
     }
 
     /// (done, total) bytes of this pass.
+    /// Chunks or a flush are in flight: the target owes an answer.
+    pub fn awaiting_peer(&self) -> bool {
+        !self.chunks.is_empty() || self.flush_in_flight.is_some()
+    }
+
     pub fn progress(&self) -> (u64, u64) {
         (self.done_bytes, self.total_bytes)
     }

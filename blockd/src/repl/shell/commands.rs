@@ -173,6 +173,7 @@ impl Running {
                 "offset": f.offset,
             })),
             "io_errors": self.t.core.io_errors(),
+            "ack_timeouts": self.t.core.ack_timeouts(),
         })
     }
 }
