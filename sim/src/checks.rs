@@ -77,7 +77,10 @@ impl World {
         ));
         if before.role == Role::Secondary && after.role == Role::Primary {
             self.model.promoted(node);
-            if before.disk != DiskState::UpToDate {
+            if matches!(after.disk, DiskState::Diskless | DiskState::Failed) {
+                // Without a disk: it serves through its UpToDate peer (checked
+                // there); its own disk holds nothing it serves.
+            } else if before.disk != DiskState::UpToDate {
                 // `primary --force`: this node's data is the reference now; what the
                 // others hold may be overwritten by the operator's choice.
                 self.model.forget(node);

@@ -152,29 +152,41 @@ impl World {
             .filter(|(p, inc)| self.nodes[*p].incarnation == *inc)
             .map(|(p, _)| p);
         let Some(pending) = self.client.outstanding.remove(&(node, job)) else { return };
+        // A Primary without a disk answers from its peer (`repl::diskless`).
+        let detached =
+            self.core(node).is_some_and(|c| matches!(c.disk(), DiskState::Diskless | DiskState::Failed));
         if !matches!(outcome, Outcome::Ok) {
             return;
         }
         match pending {
             Pending::Write { no, fua } => {
                 self.client.acked_writes += 1;
-                let mut holders = vec![(node, fua)];
-                match (self.protocol(), peer) {
-                    (Protocol::C, Some(p)) => holders.push((p, fua)),
-                    (Protocol::B, Some(p)) => holders.push((p, false)),
-                    _ => {}
+                let mut holders = Vec::new();
+                if detached {
+                    // Acknowledged from the peer's WriteAck (or a barrier's ack,
+                    // which the model does not see: then nobody is claimed).
+                    holders.extend(peer.map(|p| (p, fua)));
+                } else {
+                    holders.push((node, fua));
+                    match (self.protocol(), peer) {
+                        (Protocol::C, Some(p)) => holders.push((p, fua)),
+                        (Protocol::B, Some(p)) => holders.push((p, false)),
+                        _ => {}
+                    }
                 }
                 self.model.acked(no, &holders);
             }
             Pending::Flush { mark, session } => {
                 self.client.acked_flushes += 1;
-                self.model.flushed(node, mark);
+                if !detached {
+                    self.model.flushed(node, mark);
+                }
                 let same_link = session.is_some() && session == self.session_of(node);
                 // A diskless peer takes no writes and flushes nothing for them.
                 let peer_has_disk = self.core(node).is_some_and(|c| {
                     !matches!(c.peer_view().1, Some(DiskState::Diskless | DiskState::Failed))
                 });
-                if self.protocol() != Protocol::A && same_link && peer_has_disk {
+                if (self.protocol() != Protocol::A || detached) && same_link && peer_has_disk {
                     let s = self.net.get(session.expect("checked")).expect("live session");
                     let peer = s.other(node);
                     self.model.flushed(peer, mark);

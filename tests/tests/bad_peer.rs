@@ -224,13 +224,13 @@ fn bad_peer_input_is_refused_and_the_real_pair_still_works() {
         ),
         (
             "old version 0",
-            "peer speaks protocol version 0, this node 2".into(),
+            "peer speaks protocol version 0, this node 3".into(),
             Box::new(|h: &mut Hello| h.version = 0),
         ),
         (
-            "newer version 3",
-            "peer speaks protocol version 3, this node 2".into(),
-            Box::new(|h: &mut Hello| h.version = 3),
+            "newer version 4",
+            "peer speaks protocol version 4, this node 3".into(),
+            Box::new(|h: &mut Hello| h.version = 4),
         ),
         (
             "wrong protocol",

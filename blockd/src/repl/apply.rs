@@ -54,6 +54,9 @@ pub(super) struct Applier {
     jobs: HashMap<JobId, ApplyJob>,
     /// Writes on the peer's behalf in flight, per link generation.
     peer_writes: HashMap<u32, u32>,
+    /// The peer is a Primary without a disk: every write gets a `WriteAck` when
+    /// written, whatever the protocol (`repl::diskless`).
+    ack_every_write: bool,
 }
 
 /// What applying something meant for the rest of the core.
@@ -120,7 +123,7 @@ impl Applier {
             }
             _ => return Applied::default(),
         };
-        if ctx.cfg.protocol == Protocol::B {
+        if ctx.cfg.protocol == Protocol::B && !self.ack_every_write {
             ctx.send(Message::RecvAck { id: peer_id });
         }
         if ctx.cfg.bugs.ack_before_write && ctx.cfg.protocol == Protocol::C {
@@ -138,12 +141,17 @@ impl Applier {
         self.jobs.get(&job).map(|j| j.offset)
     }
 
+    /// Whether every write is acknowledged when written (the peer is diskless).
+    pub fn ack_every_write(&mut self, on: bool) {
+        self.ack_every_write = on;
+    }
+
     /// A write of the current link completed.
     pub fn on_done(&mut self, job: JobId, result: Result<(), Errno>, ctx: &mut Ctx<'_>) -> Applied {
         self.peer_write_done(job);
         let Some(apply) = self.jobs.remove(&job) else { return Applied::default() };
         debug_assert_eq!(apply.epoch, self.epoch);
-        if ctx.cfg.protocol == Protocol::C && !ctx.cfg.bugs.ack_before_write {
+        if (ctx.cfg.protocol == Protocol::C || self.ack_every_write) && !ctx.cfg.bugs.ack_before_write {
             let errno = result.err().map_or(0, |e| e as i32);
             ctx.send(Message::WriteAck { id: apply.peer_id, errno });
         }

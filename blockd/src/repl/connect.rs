@@ -139,6 +139,9 @@ impl Core {
             Decision::Diskless => {
                 self.start_link();
                 self.repl = ReplState::Established;
+                if remote.role == Role::Primary && self.role == Role::Secondary {
+                    self.track_for_diskless_primary(out);
+                }
             }
             Decision::WaitForPromotion => {
                 let reason = "both disks are Inconsistent; promote one with `blockctl primary --force`";
@@ -208,6 +211,8 @@ impl Core {
         // writes still count, under their link, until they land).
         self.link_gen = (self.link_gen + 1) & ((1 << 24) - 1);
         self.applier.start_link(self.cfg.bugs.accept_stale_completion);
+        // A diskless peer Primary needs every write acknowledged when written.
+        self.applier.ack_every_write(!self.peer_takes_writes());
     }
 
     /// This node's state as it announces it to a peer (`lower_name`: its name sorts

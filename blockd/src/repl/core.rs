@@ -45,9 +45,29 @@ use primary::{FlushJob, Intent, Sent, WriteJob};
 /// An NBD request as the core sees it (validated by nbd-server).
 #[derive(Debug)]
 pub enum Request {
-    Write { offset: u64, data: Buf, fua: bool },
-    Trim { offset: u64, len: u64, fua: bool },
-    WriteZeroes { offset: u64, len: u64, may_trim: bool, fast_only: bool, fua: bool },
+    /// Only for a Primary whose disk cannot serve it (detached, or the read
+    /// failed): reads otherwise bypass the core.
+    Read {
+        offset: u64,
+        buf: BufMut,
+    },
+    Write {
+        offset: u64,
+        data: Buf,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fast_only: bool,
+        fua: bool,
+    },
     Flush,
 }
 
@@ -91,6 +111,8 @@ pub enum Event {
 #[derive(Debug)]
 pub enum Outcome {
     Ok,
+    /// A read's data (served through the peer).
+    Read(BufMut),
     Error(NbdError),
 }
 
@@ -342,6 +364,12 @@ pub struct Core {
     /// (`Failed` becomes `Diskless` when none is left).
     io_errors: u64,
     local_ops: u64,
+    /// Reads served for a diskless peer Primary (`repl::serve`).
+    server: serve::ReadServer,
+    /// A diskless Primary's reads waiting for the peer (`repl::diskless`).
+    peer_reads: HashMap<JobId, BufMut>,
+    /// This Secondary records everything as out of sync for its diskless Primary.
+    tracking_diskless_primary: bool,
     /// `ack-timeout` (`repl::ackwatch`).
     ackwatch: ackwatch::AckWatch,
     /// A client error was passed on: the range is in the bitmap, to be resynced
@@ -425,6 +453,9 @@ impl Core {
             local_ops: 0,
             repair_pending: false,
             ackwatch: ackwatch::AckWatch::default(),
+            server: serve::ReadServer::default(),
+            peer_reads: HashMap::new(),
+            tracking_diskless_primary: false,
         }
     }
 
@@ -502,7 +533,8 @@ impl Core {
             JobKind::ResyncFlush => Internal { op: "resync flush", offset: None },
             JobKind::ResyncRead => Internal { op: "resync read", offset: None },
             JobKind::VerifyRead => Internal { op: "verify read", offset: None },
-            JobKind::DigestRead => Internal { op: "read for the peer", offset: None },
+            JobKind::DigestRead => Internal { op: "read for a digest request", offset: None },
+            JobKind::PeerRead => Internal { op: "read for the diskless peer", offset: None },
             JobKind::MetaFlush => Internal { op: "flush before a metadata update", offset: None },
         };
         let passed_on = self.on_io_error(io, errno, out);
@@ -568,7 +600,10 @@ impl Core {
             JobKind::Apply | JobKind::ResyncWrite if !current || self.detached() => {
                 self.stale_peer_write_done(job, out)
             }
-            JobKind::ApplyFlush | JobKind::ResyncFlush | JobKind::DigestRead if self.detached() => {}
+            JobKind::ApplyFlush | JobKind::ResyncFlush | JobKind::DigestRead | JobKind::PeerRead
+                if self.detached() => {}
+            JobKind::PeerRead if current => self.server.on_read(job, result, buf, &mut ctx!(self, out)),
+            JobKind::PeerRead => {}
             JobKind::Apply => {
                 let applied = self.applier.on_done(job, result, &mut ctx!(self, out));
                 self.after_applied(applied, out);
@@ -634,8 +669,8 @@ impl Core {
 
     fn on_peer_message_now(&mut self, msg: Message, out: &mut Vec<Action>) {
         match msg {
-            Message::WriteAck { id, errno } => self.on_peer_ack(JobId::from_raw(id), errno, out),
-            Message::RecvAck { id } => self.on_peer_ack(JobId::from_raw(id), 0, out),
+            Message::WriteAck { id, errno } => self.on_peer_ack(JobId::from_raw(id), errno, true, out),
+            Message::RecvAck { id } => self.on_peer_ack(JobId::from_raw(id), 0, false, out),
             Message::BarrierAck { epoch, errno } => self.on_barrier_ack(epoch, errno, out),
             Message::Write { .. }
             | Message::Trim { .. }
@@ -652,6 +687,10 @@ impl Core {
             Message::DigestReq { offset, len, after_epoch } => {
                 self.on_digest_req(offset, len, after_epoch, out)
             }
+            Message::ReadReq { id, offset, len, after_epoch } => {
+                self.on_read_req(id, offset, len, after_epoch, out)
+            }
+            Message::ReadData { id, errno, data } => self.on_read_data(id, errno, data, out),
             Message::Digests { offset, len, data } => self.on_digests(offset, len, data, out),
             Message::StartRepair { bytes } => self.on_start_repair(bytes, out),
             Message::Invalidate => self.on_invalidate(out),
@@ -675,14 +714,21 @@ impl Core {
         if !is_peer_data(msg) && !matches!(msg, Message::Barrier { .. } | Message::ResyncFlush { .. }) {
             return false;
         }
-        !self.ingress_held.is_empty()
-            || self.stale_peer_writes()
+        !self.ingress_held.is_empty() || self.ingress_blocked()
+    }
+
+    /// Nothing of the current link may be applied now: an earlier link's writes
+    /// are in flight, a sync target is not durably Inconsistent yet, or a
+    /// Secondary's new generation (its Primary went diskless) is not durable yet.
+    fn ingress_blocked(&self) -> bool {
+        self.stale_peer_writes()
             || self.target.as_ref().is_some_and(|t| !t.ready())
+            || (self.role == Role::Secondary && self.gens_pending)
     }
 
     /// Applies the held data-path messages, in order, as far as nothing blocks.
     pub(super) fn release_ingress(&mut self, out: &mut Vec<Action>) {
-        while !self.stale_peer_writes() && self.target.as_ref().is_none_or(|t| t.ready()) {
+        while !self.ingress_blocked() {
             let Some(msg) = self.ingress_held.pop_front() else { break };
             self.on_peer_message_now(msg, out);
         }
@@ -744,6 +790,7 @@ impl Core {
         if applied.epoch_done {
             let through = self.applier.applied_through();
             self.verifier.release_digest_reqs(through, &self.pool, &mut ctx!(self, out));
+            self.server.release(through, &self.pool, &mut ctx!(self, out));
         }
         if applied.drained {
             self.maybe_start_target_flush(out);
@@ -816,6 +863,8 @@ mod apply;
 mod connect;
 #[path = "ctx.rs"]
 mod ctx;
+#[path = "diskless.rs"]
+mod diskless;
 #[path = "failure.rs"]
 mod failure;
 #[path = "intent.rs"]
@@ -826,6 +875,8 @@ mod operator;
 mod primary;
 #[path = "resync/mod.rs"]
 mod resync;
+#[path = "serve.rs"]
+mod serve;
 #[path = "session.rs"]
 mod session;
 #[path = "twopc.rs"]

@@ -208,6 +208,7 @@ fn op_name(op: &IoOp) -> &'static str {
 fn outcome_name(o: &Outcome) -> String {
     match o {
         Outcome::Ok => "ok".into(),
+        Outcome::Read(b) => format!("read {}", b.len()),
         Outcome::Error(e) => format!("error {e}"),
     }
 }
@@ -958,8 +959,9 @@ fn a_resync_that_ends_with_bits_left_makes_another_pass() {
 
 /// Issue 12: a failed metadata write counted as durable: an activity-log
 /// transaction that failed still let its writes go on and be acknowledged. Now the
-/// node fails closed: the write is answered EIO and the disk is detached (issue
-/// 13: Failed, then Diskless; the Primary keeps its link and tells the peer).
+/// write never reaches this disk, and the disk is detached (issue 13: Failed, then
+/// Diskless); with its peer connected and UpToDate the Primary serves through it,
+/// without it everything is answered EIO.
 #[test]
 fn a_failed_metadata_write_fails_closed() {
     let mut c = core(Protocol::C, Role::Primary, 0);
@@ -970,13 +972,15 @@ fn a_failed_metadata_write_fails_closed() {
     let [Action::WriteAl { seq, .. }] = &a[..] else { panic!("{a:?}") };
     let failed =
         show(&c.handle(Event::MetaDone { seq: *seq, result: Err("EIO writing the activity log".into()) }));
-    assert!(failed.contains(&"reply 1 error EIO".to_string()), "{failed:?}");
     assert!(!failed.iter().any(|s| s.starts_with("local 1")), "the write never reaches the disk: {failed:?}");
     assert!(failed.iter().any(|s| s.starts_with("send State")), "{failed:?}");
+    assert!(failed.contains(&"send write 1 e2".to_string()), "to the peer only: {failed:?}");
     assert_eq!(c.disk(), DiskState::Diskless, "no op of its own was on the disk");
     assert!(c.disk_failure().is_some_and(|f| f.to_string().contains("EIO writing the activity log")));
+    assert_eq!(show(&peer(&mut c, Message::WriteAck { id: 1, errno: 0 })), ["reply 1 ok"]);
+    h(&mut c, Event::LinkDown);
     let later = show(&write(&mut c, 2, 8192, 4096));
-    assert_eq!(later, ["reply 2 error EIO"], "nothing is acknowledged any more");
+    assert_eq!(later, ["reply 2 error EIO"], "without the peer nothing is acknowledged");
 }
 
 /// Issue 13: disk failures (`repl::failure`).

@@ -37,12 +37,19 @@ fn a_secondary_whose_write_fails_detaches_and_is_never_promoted() {
         assert!(why.contains("Diskless") && why.contains("not connected"), "{why}");
     }
     assert_eq!(s.role(), Role::Secondary);
-    // It reconnects diskless: nothing to sync, and promotion names the other case.
+    // It reconnects diskless: nothing to sync. With the peer Primary it is refused;
+    // once the peer is an UpToDate Secondary, it may become a diskless Primary
+    // (asking the peer), never a Primary of its own data.
     let a = connect(&mut s, remote(10, 0, Role::Primary)).expect("connects diskless");
     assert!(a.is_empty(), "{:?}", show(&a));
+    let why = promote(&mut s, false).expect_err("peer is Primary");
+    assert!(why.contains("peer is Primary"), "{why}");
+    peer(&mut s, Message::State { role: Role::Secondary, disk: DiskState::Outdated });
+    let why = promote(&mut s, true).expect_err("no UpToDate peer");
+    assert!(why.contains("not UpToDate either"), "{why}");
     peer(&mut s, Message::State { role: Role::Secondary, disk: DiskState::UpToDate });
-    let why = promote(&mut s, false).expect_err("no disk");
-    assert!(why.contains("promote the peer"), "{why}");
+    let asked = show(&promote(&mut s, false).expect("asks the peer"));
+    assert!(asked.iter().any(|x| x.contains("StatePrepare")), "{asked:?}");
     // Data sent anyway is never applied.
     let a = show(&peer(&mut s, w(3, 0)));
     assert!(
@@ -51,13 +58,17 @@ fn a_secondary_whose_write_fails_detaches_and_is_never_promoted() {
     );
 }
 
-/// `detach-disk` on a Secondary is a detach like after an error; on a Primary it is
-/// refused.
+/// `detach-disk` is a detach like after an error; on a Primary only while its peer
+/// can serve in its place.
 #[test]
 fn detach_disk_by_the_operator() {
     let mut p = core(Protocol::C, Role::Primary, 0);
+    h(&mut p, Event::LinkDown);
     let a = p.handle(Event::Command { id: 1, cmd: Command::DetachDisk });
     assert!(matches!(&a[..], [Action::Done { result: Err(e), .. }] if e.contains("Primary")), "{a:?}");
+    let mut p = core(Protocol::C, Role::Primary, 0);
+    h(&mut p, Event::Command { id: 1, cmd: Command::DetachDisk });
+    assert_eq!((p.role(), p.disk()), (Role::Primary, DiskState::Diskless));
     let mut s = core(Protocol::C, Role::Secondary, 0);
     let a = show(&s.handle(Event::Command { id: 1, cmd: Command::DetachDisk }));
     assert!(a.iter().any(|x| x.starts_with("drop-link")), "{a:?}");
@@ -122,21 +133,122 @@ fn a_failed_barrier_marks_its_epoch_and_leaves_the_link() {
     assert_eq!(p.dirty_bytes(), 4096, "the acknowledged write is the peer's to resync");
 }
 
-/// Before: the Primary's disk failed and it kept saying UpToDate. Now it detaches,
-/// answers EIO (fail closed), and tells the peer.
+/// Before: the Primary's disk failed, the client got EIO although the peer held a
+/// good copy, and the Primary kept saying UpToDate. Now it detaches and serves
+/// through its peer: the failed write is answered from the peer's write, later
+/// writes go to the peer only (acknowledged on its WriteAck, whatever the
+/// protocol), reads are read there, flushes are flush barriers.
 #[test]
-fn a_primary_whose_write_fails_detaches_and_tells_the_peer() {
-    let mut p = core(Protocol::C, Role::Primary, 0);
+fn a_primary_whose_disk_fails_serves_through_its_peer() {
+    let mut p = core(Protocol::A, Role::Primary, 1 << 20);
     write(&mut p, 1, 0, 4096);
     let a = fail(&mut p, 1, Errno::EIO);
     assert!(a.iter().any(|x| x.contains("State") && x.contains("Diskless")), "{a:?}");
-    assert!(a.contains(&"reply 1 error EIO".to_string()), "{a:?}");
+    assert!(
+        a.contains(&"send barrier e1 flush=true".to_string()),
+        "what was in flight is confirmed by it: {a:?}"
+    );
+    assert!(!a.iter().any(|x| x.starts_with("reply 1")), "{a:?}");
     assert_eq!(p.disk(), DiskState::Diskless);
-    assert!(show(&peer(&mut p, Message::WriteAck { id: 1, errno: 0 })).is_empty());
-    assert_eq!(show(&write(&mut p, 2, 0, 4096)), ["reply 2 error EIO"]);
+    assert_eq!(show(&peer(&mut p, Message::BarrierAck { epoch: 1, errno: 0 })), ["reply 1 ok"]);
+    // A later write: to the peer only, done on its WriteAck.
+    assert_eq!(show(&write(&mut p, 2, 8192, 4096)), ["send write 2 e2"]);
+    assert_eq!(show(&peer(&mut p, Message::WriteAck { id: 2, errno: 0 })), ["reply 2 ok"]);
+    // A read: after the epoch holding write 2, from the peer.
+    let r = p.handle(Event::Nbd {
+        job: JobId::nbd(3),
+        request: Request::Read { offset: 8192, buf: BufMut::unpooled(4096) },
+    });
+    assert!(
+        matches!(
+            &r[..],
+            [
+                Action::Send(Message::Barrier { epoch: 2, .. }),
+                Action::Send(Message::ReadReq { id: 3, offset: 8192, len: 4096, after_epoch: 2 })
+            ]
+        ),
+        "{r:?}"
+    );
+    let mut data = BufMut::unpooled(4096);
+    data.fill(7);
+    let r = p.handle(Event::PeerMessage(Message::ReadData { id: 3, errno: 0, data: data.freeze() }));
+    assert!(
+        matches!(&r[..], [Action::Reply { outcome: Outcome::Read(b), .. }] if b[0] == 7 && b.len() == 4096),
+        "{r:?}"
+    );
+    // A flush: a flush barrier, answered by its ack.
+    let f = show(&h(&mut p, Event::Nbd { job: JobId::nbd(4), request: Request::Flush }));
+    assert_eq!(f, ["send barrier e3 flush=true"]);
+    assert_eq!(show(&peer(&mut p, Message::BarrierAck { epoch: 3, errno: 0 })), ["reply 4 ok"]);
     // No metadata is written to a detached disk any more.
     let t = show(&h(&mut p, Event::Tick { elapsed_ms: 5000, app_requests: 0 }));
     assert!(!t.iter().any(|x| x.starts_with("persist") || x.starts_with("write-")), "{t:?}");
+    // The link goes: what waits for the peer fails, and so does everything new.
+    write(&mut p, 5, 0, 4096);
+    p.handle(Event::Nbd {
+        job: JobId::nbd(6),
+        request: Request::Read { offset: 0, buf: BufMut::unpooled(4096) },
+    });
+    let gone = show(&h(&mut p, Event::LinkDown));
+    assert!(
+        gone.contains(&"reply 5 error EIO".to_string()) && gone.contains(&"reply 6 error EIO".to_string()),
+        "{gone:?}"
+    );
+    assert_eq!(show(&write(&mut p, 7, 0, 4096)), ["reply 7 error EIO"]);
+    let r = show(&h(
+        &mut p,
+        Event::Nbd { job: JobId::nbd(8), request: Request::Read { offset: 0, buf: BufMut::unpooled(4096) } },
+    ));
+    assert_eq!(r, ["reply 8 error EIO"], "never stale data");
+}
+
+/// A diskless Primary's peer: writes are acknowledged when written (protocol A
+/// here), reads are served after the named epoch, and it records everything as
+/// out of sync for the Primary's disk under a generation of its own, durable
+/// before it applies anything.
+#[test]
+fn the_peer_of_a_diskless_primary_tracks_and_serves() {
+    let mut s = core(Protocol::A, Role::Secondary, 0);
+    let a = show(&peer(&mut s, Message::State { role: Role::Primary, disk: DiskState::Diskless }));
+    let Some(seq) = a.iter().find_map(|x| x.strip_prefix("persist ")) else { panic!("{a:?}") };
+    assert_ne!(s.generations().bitmap, 0, "a generation of its own");
+    assert_eq!(s.dirty_bytes(), SIZE, "everything is out of sync for that disk");
+    let w = show(&peer(&mut s, Message::Write { id: 9, epoch: 1, offset: 0, fua: false, data: data(4096) }));
+    assert!(w.is_empty(), "held until the generation is durable: {w:?}");
+    let d = show(&h(&mut s, Event::MetaDone { seq: seq.parse().expect("seq"), result: Ok(()) }));
+    assert_eq!(d, ["local Apply@1:1 write"]);
+    assert_eq!(show(&local_done(&mut s, ij(JobKind::Apply, 1))), ["send write-ack 9 0"]);
+    // A read after epoch 1: waits for its barrier.
+    assert!(show(&peer(&mut s, Message::ReadReq { id: 4, offset: 0, len: 4096, after_epoch: 1 })).is_empty());
+    let b = show(&peer(&mut s, Message::Barrier { epoch: 1, flush: false }));
+    assert_eq!(b, ["send barrier-ack e1 0", "local PeerRead@1:2 read"]);
+    let r = s.handle(Event::LocalDone {
+        job: ij(JobKind::PeerRead, 2),
+        result: Ok(()),
+        buf: Some(BufMut::unpooled(4096)),
+    });
+    assert!(
+        matches!(&r[..], [Action::Send(Message::ReadData { id: 4, errno: 0, data })] if data.len() == 4096),
+        "{r:?}"
+    );
+}
+
+/// A diskless Secondary is promoted while its peer is connected and UpToDate (the
+/// peer agrees), and then serves through it; never with `--force` alone.
+#[test]
+fn a_diskless_node_is_promoted_only_to_serve_through_its_peer() {
+    let mut s = core(Protocol::C, Role::Secondary, 0);
+    h(&mut s, Event::Command { id: 1, cmd: Command::DetachDisk });
+    connect(&mut s, remote(10, 0, Role::Secondary)).expect("connects diskless");
+    let a = show(&promote(&mut s, false).expect("asks the peer"));
+    let Some(tid) = a.iter().find_map(|x| x.strip_prefix("send StatePrepare { tid: ")) else {
+        panic!("{a:?}")
+    };
+    let tid: u64 = tid.split(',').next().expect("tid").parse().expect("tid");
+    let c = show(&peer(&mut s, Message::StateReply { tid, yes: true, reason: String::new() }));
+    assert!(c.iter().any(|x| x.contains("Primary") && x.contains("Diskless")), "{c:?}");
+    assert_eq!((s.role(), s.disk()), (Role::Primary, DiskState::Diskless));
+    assert_eq!(show(&write(&mut s, 2, 0, 4096)), ["send write 2 e1"]);
 }
 
 /// A failed client read detaches too (the client has its error).
@@ -177,7 +289,10 @@ fn connect_decisions_with_a_diskless_side() {
     );
     // A diskless Primary needs the very data it served.
     assert_eq!(decide(&diskless(10, Role::Primary), &up), Decision::Diskless);
-    let other = decide(&diskless(10, Role::Primary), &remote(20, 10, Role::Secondary));
+    // ... or the generation its peer started when it lost its disk.
+    let moved_on = decide(&diskless(10, Role::Primary), &remote(20, 10, Role::Secondary));
+    assert_eq!(moved_on, Decision::Diskless);
+    let other = decide(&diskless(10, Role::Primary), &remote(20, 5, Role::Secondary));
     assert_eq!(other, Decision::Refuse(Refusal::DisklessPrimaryWithoutData));
     let outdated = SideState { disk: DiskState::Outdated, ..up };
     let d = decide(&outdated, &diskless(10, Role::Primary));

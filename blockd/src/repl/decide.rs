@@ -194,11 +194,11 @@ fn diskless(me: &SideState, peer: &SideState) -> Option<Decision> {
     if me.role == Role::Primary && peer.role == Role::Primary {
         return Some(Decision::Refuse(Refusal::BothPrimary));
     }
-    // A diskless Primary served only what its peer held: the same peer, still at
-    // that generation and UpToDate, or nothing it served is there.
-    if without.role == Role::Primary
-        && (with.disk != DiskState::UpToDate || with.gens.current != without.gens.current)
-    {
+    // A diskless Primary served only what its peer held: the same peer, UpToDate,
+    // still at that generation or at the one it started when that Primary lost its
+    // disk (`repl::diskless`); anything else lacks what it served.
+    let same_data = with.gens.current == without.gens.current || with.gens.bitmap == without.gens.current;
+    if without.role == Role::Primary && (with.disk != DiskState::UpToDate || !same_data) {
         return Some(Decision::Refuse(Refusal::DisklessPrimaryWithoutData));
     }
     Some(Decision::Diskless)

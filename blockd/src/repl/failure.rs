@@ -10,8 +10,8 @@
 //! - a Secondary leaves the link and comes back Diskless: the Primary's transfer
 //!   log goes into its bitmap under a new generation (as for any lost peer), and it
 //!   sends nothing to a diskless peer (`Core::peer_takes_writes`);
-//! - a Primary answers EIO from now on (a diskless Primary serving through its
-//!   peer is the next step); writes already on the disk get EIO when they finish;
+//! - a Primary keeps serving through its peer if the peer is connected and
+//!   UpToDate (`repl::diskless`), and answers EIO otherwise;
 //! - status (`disk_error`: op, errno, offset), the log and the metrics say so.
 //!
 //! **Pass-on** affects only a Primary's client I/O: the client gets the error, the
@@ -96,7 +96,7 @@ impl Core {
     /// A tick: ranges whose client error was passed on are resynced from here
     /// while connected (after a reconnect, the connect decision resyncs them).
     pub(super) fn repair_tick(&mut self, out: &mut Vec<Action>) {
-        if !self.repair_pending || self.role != Role::Primary {
+        if !self.repair_pending || self.role != Role::Primary || self.detached() {
             return;
         }
         if !self.replicating_data() {
@@ -121,6 +121,7 @@ impl Core {
             role = %self.role, "local disk failed: detaching it");
         self.disk_failure = Some(failure);
         self.disk = DiskState::Failed;
+        self.repair_pending = false;
         // Best effort: a restart on this disk must not claim UpToDate. Its outcome
         // changes nothing here (a failure of it is the same failure).
         let seq = self.next_seq();
@@ -137,21 +138,13 @@ impl Core {
                 self.on_link_down(out);
             }
         } else {
+            // A resync from this disk stops (its chunks go back; the peer stays
+            // as it was: a target only becomes UpToDate at the resync's end).
+            self.abandon_resync(out);
+            // First the news (the peer acknowledges every write of a diskless
+            // Primary from then on), then what is in flight goes to the peer.
             self.announce_state(out);
-        }
-        // Writes waiting for metadata never start.
-        for job in self.intent.take_waiting() {
-            self.fail_write(job, out);
-        }
-        // Writes on the disk, or waiting for a durable generation: answered (with
-        // an error) as soon as their local part is done.
-        let writes: Vec<JobId> = self.writes.keys().copied().collect();
-        for job in writes {
-            self.try_finish_write(job, out);
-        }
-        let flushes: Vec<JobId> = self.flushes.keys().copied().collect();
-        for job in flushes {
-            self.try_finish_flush(job, out);
+            self.go_diskless(out);
         }
         self.abandon_verify("the local disk failed", out);
         self.maybe_diskless(out);
@@ -163,9 +156,9 @@ impl Core {
         if self.detached() {
             return Ok(());
         }
-        if self.role == Role::Primary {
-            return Err("this node is Primary: a Primary without a disk cannot serve its clients yet; \
-                 move the Primary role to the peer first"
+        if self.role == Role::Primary && !self.peer_serves() {
+            return Err("this node is Primary and its peer is not connected and UpToDate: without its \
+                 disk it could serve nothing; move the Primary role first"
                 .into());
         }
         let error = "detached by the operator (`blockctl detach-disk`)".to_string();

@@ -107,6 +107,8 @@ impl Core {
             for job in ready {
                 self.try_finish_write(job, out);
             }
+            // A Secondary held a diskless Primary's writes for this (`diskless`).
+            self.release_ingress(out);
         }
     }
 
@@ -132,7 +134,7 @@ impl Core {
         self.emit_bitmap_write(out);
     }
 
-    fn emit_bitmap_write(&mut self, out: &mut Vec<Action>) {
+    pub(super) fn emit_bitmap_write(&mut self, out: &mut Vec<Action>) {
         let blocks = encode_changed(&mut self.bitmap);
         let seq = self.next_seq();
         self.intent.bitmap_write = Some((seq, self.intent.intent_gen));
@@ -232,8 +234,8 @@ impl Core {
     /// An admitted write: first its write intent (activity log, or the bitmap for a
     /// range too large for the log), then [`Core::send_write`].
     pub(super) fn dispatch_write(&mut self, job: JobId, out: &mut Vec<Action>) {
-        if self.disk_failure.is_some() {
-            return self.fail_write(job, out);
+        if self.detached() {
+            return self.send_write_diskless(job, out);
         }
         let range = self.writes[&job].range.clone();
         if ActivityLog::span(&range) > self.intent.al.max_span() {

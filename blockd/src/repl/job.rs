@@ -42,10 +42,12 @@ pub enum JobKind {
     /// A local data flush before metadata that relies on it (the activity log
     /// forgetting an extent, the bitmap recording bits cleared).
     MetaFlush = 8,
+    /// A read for the peer's `ReadReq` (the peer is a Primary without a disk).
+    PeerRead = 9,
 }
 
 impl JobKind {
-    const ALL: [JobKind; 9] = [
+    const ALL: [JobKind; 10] = [
         JobKind::Nbd,
         JobKind::Apply,
         JobKind::ApplyFlush,
@@ -55,6 +57,7 @@ impl JobKind {
         JobKind::VerifyRead,
         JobKind::DigestRead,
         JobKind::MetaFlush,
+        JobKind::PeerRead,
     ];
 }
 

@@ -64,6 +64,11 @@ pub(super) struct WriteJob {
     pub(super) intent: Option<Intent>,
     /// The peer confirmed this write's epoch before the write finished locally.
     pub(super) peer_settled: bool,
+    /// Only the peer's confirmation counts (a diskless Primary, `repl::diskless`):
+    /// it came, or the peer failed it (EIO).
+    pub(super) needs_peer: bool,
+    pub(super) peer_confirmed: bool,
+    pub(super) peer_failed: bool,
 }
 
 #[derive(Debug)]
@@ -71,6 +76,9 @@ pub(super) struct FlushJob {
     pub(super) local: Option<Result<(), Errno>>,
     /// The barrier epoch whose ack this flush waits for (B and C while connected).
     pub(super) barrier: Option<u64>,
+    /// A diskless Primary's flush: done when `barrier` is acked (`local` says EIO
+    /// if the link went first).
+    pub(super) needs_peer: bool,
 }
 
 impl Core {
@@ -103,11 +111,13 @@ impl Core {
             out.push(Action::Reply { job, outcome: Outcome::Error(NbdError::Perm) });
             return;
         }
-        if self.disk_failure.is_some() {
+        if self.detached() && !self.peer_serves() {
+            // Nothing to serve from: never stale data, never a lost write.
             out.push(Action::Reply { job, outcome: Outcome::Error(NbdError::Io) });
             return;
         }
         match request {
+            Request::Read { offset, buf } => self.read_via_peer(job, offset, buf, out),
             Request::Flush => self.start_flush(job, false, out),
             Request::Write { offset, data, fua } => {
                 let range = offset..offset + data.len() as u64;
@@ -145,6 +155,9 @@ impl Core {
             needs_durable_gens: false,
             intent: None,
             peer_settled: false,
+            needs_peer: false,
+            peer_confirmed: false,
+            peer_failed: false,
         };
         self.writes.insert(job, w);
         if admitted {
@@ -227,6 +240,9 @@ impl Core {
     /// A FLUSH (or, with `wait_peer`, a drain that waits for the peer under any
     /// protocol).
     pub(super) fn start_flush(&mut self, job: JobId, wait_peer: bool, out: &mut Vec<Action>) {
+        if self.detached() {
+            return self.start_flush_diskless(job, out);
+        }
         let barrier = if self.replicating_data() {
             let epoch = self.close_epoch(true, out);
             // Protocol A only keeps the peer ordered; B and C wait for its flush.
@@ -234,7 +250,7 @@ impl Core {
         } else {
             None
         };
-        self.flushes.insert(job, FlushJob { local: None, barrier });
+        self.flushes.insert(job, FlushJob { local: None, barrier, needs_peer: false });
         out.push(Action::Local { job, op: IoOp::Flush });
     }
 
@@ -264,6 +280,21 @@ impl Core {
 
     pub(super) fn try_finish_write(&mut self, job: JobId, out: &mut Vec<Action>) {
         let Some(w) = self.writes.get(&job) else { return };
+        if w.needs_peer {
+            // Diskless: the peer's confirmation is the whole answer.
+            let outcome = match (w.peer_confirmed, w.peer_failed) {
+                (true, _) => Outcome::Ok,
+                (false, true) => Outcome::Error(NbdError::Io),
+                (false, false) => return,
+            };
+            let w = self.writes.remove(&job).expect("present");
+            if w.epoch == self.epoch {
+                self.epoch_acked = true;
+            }
+            out.push(Action::Reply { job, outcome });
+            let next = self.inflight.complete(job, w.range.start);
+            return self.start_released(next, out);
+        }
         let peer_done = matches!(w.peer, PeerPart::Done | PeerPart::NotSent);
         let gens_ok = !w.needs_durable_gens || !self.gens_pending;
         let Some(mut local) = w.local else { return };
@@ -293,7 +324,11 @@ impl Core {
     pub(super) fn try_finish_flush(&mut self, job: JobId, out: &mut Vec<Action>) {
         let Some(f) = self.flushes.get(&job) else { return };
         let Some(mut local) = f.local else { return };
-        if self.disk_failure.is_some() {
+        if f.needs_peer {
+            if f.barrier.is_some() {
+                return;
+            }
+        } else if self.disk_failure.is_some() {
             local = Err(Errno::EIO);
         } else if f.barrier.is_some() || self.fencing {
             return;
@@ -306,12 +341,17 @@ impl Core {
         out.push(Action::Reply { job, outcome });
     }
 
-    pub(super) fn on_peer_ack(&mut self, id: JobId, errno: i32, out: &mut Vec<Action>) {
+    /// The peer's `WriteAck` (`written`) or `RecvAck` for a write.
+    pub(super) fn on_peer_ack(&mut self, id: JobId, errno: i32, written: bool, out: &mut Vec<Action>) {
         let Some(w) = self.writes.get_mut(&id) else { return };
-        if w.peer != PeerPart::Awaiting {
+        if w.peer != PeerPart::Awaiting || (w.needs_peer && !written) {
+            // Only the peer's write counts for a diskless Primary.
             return;
         }
         w.peer = PeerPart::Done;
+        if errno == 0 && w.needs_peer {
+            w.peer_confirmed = true;
+        }
         if errno != 0 {
             // The peer could not write it: its copy of the range is stale, and it
             // is not UpToDate any more. It detaches its disk (and leaves the link);
@@ -329,6 +369,10 @@ impl Core {
         if self.link == Link::Disconnected {
             return;
         }
+        if self.role == Role::Primary && self.detached() {
+            self.diskless_link_lost(out);
+        }
+        self.tracking_diskless_primary = false;
         self.link = Link::Disconnected;
         self.abandon_resync(out);
         self.send_waiters.clear();
@@ -380,6 +424,7 @@ impl Core {
         self.ingress_held.clear();
         self.abandon_verify("the peer link was lost", out);
         self.verifier.link_lost();
+        self.server.link_lost();
     }
 
     pub(super) fn on_fence_done(&mut self, result: Result<i32, String>, out: &mut Vec<Action>) {
@@ -439,6 +484,10 @@ impl Core {
         for job in waiting {
             self.flushes.get_mut(&job).expect("present").barrier = None;
             self.try_finish_flush(job, out);
+        }
+        if self.detached() {
+            self.confirm_epochs_diskless(epoch);
+            self.finish_all(out);
         }
     }
 

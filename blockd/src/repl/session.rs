@@ -33,6 +33,10 @@ impl Core {
         let took_writes = self.peer_takes_writes();
         self.peer_role = Some(role);
         self.peer_disk = Some(disk);
+        self.applier.ack_every_write(!self.peer_takes_writes());
+        if role == Role::Primary && !self.peer_takes_writes() && self.role == Role::Secondary {
+            self.track_for_diskless_primary(out);
+        }
         if took_writes
             && !self.peer_takes_writes()
             && self.role == Role::Primary
@@ -184,7 +188,12 @@ impl Core {
             return Err("the peer is Primary; demote it first (`blockctl secondary` there)".to_string());
         }
         if self.detached() {
-            return Err(self.diskless_promotion_refusal());
+            if !self.peer_serves() || self.cfg.bugs.promotion_skips_peer {
+                return Err(self.diskless_promotion_refusal());
+            }
+            // A diskless Primary serving through its UpToDate peer, which must agree.
+            self.request_promotion(id, false, out)?;
+            return Ok(Promotion::Asked);
         }
         if self.applier.peer_writes_in_flight() {
             // Acknowledged to the peer's client (protocols A and B, or a resync
@@ -222,12 +231,19 @@ impl Core {
         if self.role == Role::Primary {
             return Ok(());
         }
+        if self.detached() {
+            // Never made UpToDate by `--force`: it has no data. It serves through
+            // its peer, or not at all.
+            if !self.peer_serves() {
+                return Err(self.diskless_promotion_refusal());
+            }
+            tracing::info!("promoted without a disk: serving through the peer");
+            self.role = Role::Primary;
+            self.announce_state(out);
+            return Ok(());
+        }
         if self.disk != DiskState::UpToDate && !force {
             return Err(format!("the local disk is {}; only an UpToDate node can be promoted", self.disk));
-        }
-        if self.detached() {
-            // Never made UpToDate by `--force`: it has no data.
-            return Err(self.diskless_promotion_refusal());
         }
         if force && self.disk != DiskState::UpToDate {
             // This copy becomes the reference: a generation of its own, so the peer
@@ -253,16 +269,14 @@ impl Core {
     /// Why a node without a disk is not promoted, naming the case.
     fn diskless_promotion_refusal(&self) -> String {
         let why = self.disk_failure.as_ref().map_or_else(String::new, |f| format!(" ({f})"));
-        let peer = match (self.link, self.peer_disk) {
-            (Link::Replicating, Some(DiskState::UpToDate)) => {
-                "its peer is connected and UpToDate: promote the peer"
-            }
-            (Link::Replicating, _) => "its peer is connected but not UpToDate either",
+        let peer = match self.link {
+            Link::Replicating => "its peer is connected but not UpToDate either",
             _ => "its peer is not connected",
         };
         format!(
-            "the local disk is {}{why}: a node without a disk is never promoted with --force, and {peer}; \
-             attach a repaired disk (`blockctl attach-disk`) and let it resync",
+            "the local disk is {}{why}: a node without a disk is promoted only to serve through a \
+             connected UpToDate peer (never with --force alone), and {peer}; attach a repaired disk \
+             (`blockctl attach-disk`) and let it resync",
             self.disk
         )
     }

@@ -86,10 +86,15 @@ pub enum Input {
     FenceDone {
         result: Result<i32, String>,
     },
-    /// A client read straight from the local disk failed (the client got the error).
+    /// A client read (or CACHE) straight from the local disk failed: the failure
+    /// policy decides, then a read is answered through the peer or with the error.
     ReadFailed {
         offset: u64,
         errno: Errno,
+        responder: Responder,
+        /// The read's buffer (none for CACHE).
+        buf: Option<nbd_server::buf::BufMut>,
+        started: std::time::Instant,
     },
 }
 
@@ -127,12 +132,22 @@ impl IoSink for CoreSink {
                 let _ = tx.send(result);
             }
             Token::Direct { responder, started, offset } => {
-                self.metrics.read_latency.observe(started.elapsed());
                 if let Err(errno) = result {
-                    self.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
-                    // The failure policy applies to reads too (`repl::failure`).
-                    let _ = self.inputs.send(Input::ReadFailed { offset, errno });
+                    // The failure policy applies to reads too (`repl::failure`); a
+                    // detached Primary may serve it through its peer.
+                    let buf = match buf {
+                        IoBuf::Read(b) => Some(b),
+                        _ => None,
+                    };
+                    let failed = Input::ReadFailed { offset, errno, responder, buf, started };
+                    if let Err(mpsc::error::SendError(Input::ReadFailed { responder, .. })) =
+                        self.inputs.send(failed)
+                    {
+                        responder.error(NbdError::from_errno(errno as i32, false));
+                    }
+                    return;
                 }
+                self.metrics.read_latency.observe(started.elapsed());
                 crate::device::reply(responder, result, buf, false)
             }
         }
@@ -147,6 +162,10 @@ pub struct Shared {
     /// reconnecting kernel client would otherwise come straight back and hold off
     /// the demotion).
     demoting: AtomicBool,
+    /// The local disk is detached: reads go through the core (to the peer).
+    detached: AtomicBool,
+    /// NBD job numbers (the device's requests, and reads the core task retries).
+    next_job: AtomicU64,
     pub local_name: String,
     pub peer_name: String,
 }
@@ -163,7 +182,6 @@ pub struct ReplicatedDevice {
     metrics: Arc<Metrics>,
     inputs: mpsc::UnboundedSender<Input>,
     shared: Arc<Shared>,
-    next_job: AtomicU64,
     size_bytes: u64,
     runtime: tokio::runtime::Handle,
 }
@@ -190,13 +208,30 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     fn submit(&self, request: NbdRequest, responder: Responder) {
-        let job = JobId::nbd(self.next_job.fetch_add(1, Ordering::Relaxed));
+        let job = JobId::nbd(self.shared.next_job.fetch_add(1, Ordering::Relaxed));
         let m = &self.metrics;
         let count = |n: &AtomicU64, v: u64| {
             n.fetch_add(v, Ordering::Relaxed);
         };
         let started = std::time::Instant::now();
         let request = match request {
+            NbdRequest::Read { offset, buf } if self.shared.detached.load(Ordering::Acquire) => {
+                count(&m.reads, 1);
+                count(&m.read_bytes, buf.len() as u64);
+                Request::Read { offset, buf }
+            }
+            NbdRequest::Cache { .. } | NbdRequest::BlockStatus { .. }
+                if self.shared.detached.load(Ordering::Acquire) =>
+            {
+                // Nothing to warm or inspect here: CACHE is advisory, and every
+                // block counts as data (a hole here says nothing of the peer's).
+                return match request {
+                    NbdRequest::BlockStatus { len_bytes, .. } => {
+                        responder.block_status(vec![nbd_server::Extent { len_bytes, flags: 0 }])
+                    }
+                    _ => responder.ok(),
+                };
+            }
             NbdRequest::Read { offset, buf } => {
                 count(&m.reads, 1);
                 count(&m.read_bytes, buf.len() as u64);
@@ -350,7 +385,25 @@ impl CoreTask {
                         Event::LocalDone { job, result, buf }
                     }
                     Input::MetaDone { seq, result } => Event::MetaDone { seq, result },
-                    Input::ReadFailed { offset, errno } => Event::ReadFailed { offset, errno },
+                    Input::ReadFailed { offset, errno, responder, buf, started } => {
+                        r.t.metrics.read_latency.observe(started.elapsed());
+                        let failed = Event::ReadFailed { offset, errno };
+                        let actions = r.t.core.handle(failed);
+                        r.execute(actions);
+                        match buf {
+                            Some(buf) => {
+                                // Answered through the peer if this node detached,
+                                // with EIO otherwise.
+                                let job = JobId::nbd(r.t.shared.next_job.fetch_add(1, Ordering::Relaxed));
+                                r.responders.insert(job, (responder, None));
+                                Event::Nbd { job, request: Request::Read { offset, buf } }
+                            }
+                            None => {
+                                responder.error(NbdError::from_errno(errno as i32, false));
+                                continue;
+                            }
+                        }
+                    }
                     Input::Drain { done } => {
                         r.drain = Some(done);
                         Event::Drain { job: DRAIN_JOB }
@@ -467,6 +520,7 @@ impl Running {
                     }
                     match outcome {
                         Outcome::Ok => responder.ok(),
+                        Outcome::Read(buf) => responder.read_done(buf),
                         Outcome::Error(e) => {
                             self.t.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
                             responder.error(e)
@@ -596,6 +650,8 @@ impl Running {
         let (peer_role, peer_disk) = c.peer_view();
         self.t.shared.role.store(role.code(), Ordering::Release);
         self.t.shared.peer_role.store(peer_role.map_or(0, Role::code), Ordering::Release);
+        let detached = matches!(disk, DiskState::Failed | DiskState::Diskless);
+        self.t.shared.detached.store(detached, Ordering::Release);
         let snapshot = EventSnapshot {
             role: role.as_str(),
             disk: disk.as_str(),
@@ -639,7 +695,6 @@ pub fn new_device(
         metrics,
         inputs,
         shared,
-        next_job: AtomicU64::new(1),
         size_bytes,
         runtime: tokio::runtime::Handle::current(),
     }
@@ -659,6 +714,8 @@ pub fn new_shared(local_name: &str, peer_name: &str) -> Arc<Shared> {
         role: AtomicU8::new(Role::Secondary.code()),
         peer_role: AtomicU8::new(0),
         demoting: AtomicBool::new(false),
+        detached: AtomicBool::new(false),
+        next_job: AtomicU64::new(1),
         local_name: local_name.to_string(),
         peer_name: peer_name.to_string(),
     })
