@@ -14,7 +14,8 @@
 //!   does not read, so nothing more arrives.
 //! - [`Asked`]: requests that make this node read data for the peer (`DigestReq`:
 //!   read up to 1 MiB and hash it; `ReadReq`: read and send it) are charged to a
-//!   second budget, by the bytes they make this node read, when they arrive, and
+//!   second budget, by the memory of the buffer they make this node read into, when
+//!   they arrive, and
 //!   released when the writer queues their answer (`Digests` of the same range,
 //!   `ReadData` with the same id) — or when the link ends. So the reads and answers
 //!   the peer can make this node hold at once are bounded too.
@@ -25,6 +26,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use nbd_server::buf::footprint_bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::msg::Message;
@@ -75,13 +77,15 @@ enum Ask {
 }
 
 impl Ask {
-    /// The request `msg` makes (with the bytes it makes this node read), if any.
+    /// The request `msg` makes, with the memory of the buffer it makes this node
+    /// read into (a length the link let through: at most one frame), if any.
     fn of_request(msg: &Message) -> Option<(Ask, u64)> {
-        match *msg {
-            Message::DigestReq { offset, len, .. } => Some((Ask::Digests { offset, len }, len)),
-            Message::ReadReq { id, len, .. } => Some((Ask::Read { id }, len)),
-            _ => None,
-        }
+        let (ask, len) = match *msg {
+            Message::DigestReq { offset, len, .. } => (Ask::Digests { offset, len }, len),
+            Message::ReadReq { id, len, .. } => (Ask::Read { id }, len),
+            _ => return None,
+        };
+        Some((ask, footprint_bytes(usize::try_from(len).unwrap_or(usize::MAX)) as u64))
     }
 
     /// The request `msg` answers, if it is an answer.
@@ -170,19 +174,20 @@ mod tests {
 
     #[tokio::test]
     async fn requests_hold_their_bytes_until_answered() {
-        let asked = Asked::new(ByteBudget::new(3 << 20));
+        let each = footprint_bytes(1 << 20) as u64;
+        let asked = Asked::new(ByteBudget::new(3 * each));
         let digest_req = |offset| Message::DigestReq { offset, len: 1 << 20, after_epoch: 0 };
         let digests = |offset| Message::Digests { offset, len: 1 << 20, data: BufMut::unpooled(0).freeze() };
         assert!(!asked.charge(&digest_req(0)).await);
         assert!(!asked.charge(&digest_req(0)).await, "the same range twice");
         assert!(!asked.charge(&Message::ReadReq { id: 7, offset: 0, len: 1 << 20, after_epoch: 0 }).await);
-        assert_eq!(asked.budget.held_bytes(), 3 << 20);
+        assert_eq!(asked.budget.held_bytes(), 3 * each);
         assert!(!asked.charge(&Message::Barrier { epoch: 1, flush: false }).await, "not a request");
         asked.answered(&digests(4096));
         asked.answered(&Message::ReadData { id: 8, errno: 0, data: BufMut::unpooled(0).freeze() });
-        assert_eq!(asked.budget.held_bytes(), 3 << 20, "answers to nothing asked release nothing");
+        assert_eq!(asked.budget.held_bytes(), 3 * each, "answers to nothing asked release nothing");
         asked.answered(&digests(0));
-        assert_eq!(asked.budget.held_bytes(), 2 << 20);
+        assert_eq!(asked.budget.held_bytes(), 2 * each);
         asked.answered(&Message::ReadData { id: 7, errno: libc::EIO, data: BufMut::unpooled(0).freeze() });
         asked.answered(&digests(0));
         assert_eq!(asked.budget.held_bytes(), 0);

@@ -13,9 +13,9 @@
 //!   data frame's payload will occupy from the receive budget
 //!   (`receive_budget_bytes`) before reading it; it comes back when the core (or
 //!   whoever it handed the buffer to) drops the last handle of that buffer. Read
-//!   requests (`DigestReq`, `ReadReq`) take the bytes they make this node read from
-//!   the request budget (`request_budget_bytes`) and give them back when the writer
-//!   queues the answer.
+//!   requests (`DigestReq`, `ReadReq`) take the memory of the buffer they make this
+//!   node read into from the request budget (`request_budget_bytes`) and give it
+//!   back when the writer queues the answer.
 //!   A spent budget stops the reader, so the peer's sends back up into its own
 //!   send buffer. So the memory of received data, wherever it is held (`incoming`,
 //!   the core's queues, the disk engine), is at most the receive budget. Frames
@@ -70,7 +70,8 @@ pub struct LinkSettings {
     /// Memory that received data (the payload buffers of data frames) may occupy
     /// on this node before it stops reading (see the module doc).
     pub receive_budget_bytes: u64,
-    /// Bytes the peer's unanswered read requests may ask this node to read.
+    /// Memory the buffers of the peer's unanswered read requests may occupy (what
+    /// they make this node read into).
     pub request_budget_bytes: u64,
 }
 

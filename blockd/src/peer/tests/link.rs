@@ -353,7 +353,9 @@ async fn a_frame_larger_than_the_budget_waits_for_all_of_it() {
 #[tokio::test(start_paused = true)]
 async fn unanswered_read_requests_stop_the_reader_until_answered() {
     const MIB: u64 = 1 << 20;
-    let settings = LinkSettings { request_budget_bytes: 2 * MIB, ..LinkSettings::default() };
+    // Room for two 1 MiB reads (the budget counts the buffers they read into).
+    let two = 2 * nbd_server::buf::footprint_bytes(MIB as usize) as u64;
+    let settings = LinkSettings { request_budget_bytes: two, ..LinkSettings::default() };
     let (mut side, _raw_r, mut raw_w) = raw_peer(&settings, 1 << 20);
     for m in [
         Message::DigestReq { offset: 0, len: MIB, after_epoch: 0 },
