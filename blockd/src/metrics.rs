@@ -228,6 +228,18 @@ pub fn render(s: &Sources) -> String {
     );
     one("resync_paused", "gauge", "1 while resync is paused (pause-sync).", get(&m.resync_paused));
     let p = s.peer.snapshot();
+    one(
+        "peer_receive_budget_waits_total",
+        "counter",
+        "Peer data frames that waited for the receive budget (received data not yet applied filled it).",
+        p.receive_budget_waits,
+    );
+    one(
+        "peer_request_budget_waits_total",
+        "counter",
+        "Peer read requests (digests, reads) that waited for the request budget.",
+        p.request_budget_waits,
+    );
     let _ = writeln!(
         out,
         "# HELP blockd_peer_link_errors_total Peer link failures by kind.\n# TYPE blockd_peer_link_errors_total counter"

@@ -4,7 +4,9 @@
 //!   [`FrameReader`] frame after frame until it fails (or ends).
 //! - `peer_link`: the same bytes after a handshake, through an established link
 //!   (`spawn_link`) to the core's side: keepalive and `Bye` stay inside the link,
-//!   and nothing outside the device gets through.
+//!   nothing outside the device gets through, nor a read request no node would
+//!   answer; the harness answers read requests as the core does (the link's request
+//!   budget).
 //! - `peer_msg`: the input is a type code (2 bytes, big-endian) and a payload; the
 //!   harness wraps them in a frame with a correct header and crc, so every input
 //!   reaches the payload decoder of its message kind. Codes that name no kind are
@@ -25,7 +27,7 @@ use blockd::peer::{
     PeerStats, spawn_link,
 };
 use blockd::state::{DiskState, Generations, Role};
-use nbd_server::buf::{Buf, BufPool};
+use nbd_server::buf::{Buf, BufMut, BufPool};
 
 use crate::{Bytes, Seed};
 
@@ -57,19 +59,42 @@ pub fn peer_link(data: &[u8]) {
     // Keepalive timers that never fire within an input (real time would make runs
     // differ); a small queue, so the reader waits for the core now and then.
     let hour_ms = 3_600_000;
-    let settings = LinkSettings { ping_interval_ms: hour_ms, ping_timeout_ms: hour_ms, incoming_capacity: 2 };
+    let settings = LinkSettings {
+        ping_interval_ms: hour_ms,
+        ping_timeout_ms: hour_ms,
+        incoming_capacity: 2,
+        ..LinkSettings::default()
+    };
     let size_bytes = remote_hello().size_bytes;
     crate::block_on(async {
         let (mut conn, mut handle) = spawn_link(reader, writer, remote_hello(), &settings, stats);
         while let Some(event) = conn.incoming.recv().await {
             match event {
-                LinkEvent::Message(msg) => check_for_core(&msg, size_bytes),
+                LinkEvent::Message(msg) => {
+                    check_for_core(&msg, size_bytes);
+                    // Answer read requests as the core does: an unanswered one keeps
+                    // its share of the link's request budget, and enough of them
+                    // would stop the reader for good.
+                    if let Some(answer) = answer(&msg) {
+                        let _ = conn.outgoing.send(answer);
+                    }
+                }
                 LinkEvent::Sent { .. } => {}
                 LinkEvent::Closed(_) => break,
             }
         }
         handle.closed().await;
     });
+}
+
+/// The answer the core sends to a read request (an error: the harness has no disk).
+fn answer(msg: &Message) -> Option<Message> {
+    let no_data = BufMut::unpooled(0).freeze();
+    match *msg {
+        Message::DigestReq { offset, len, .. } => Some(Message::Digests { offset, len, data: no_data }),
+        Message::ReadReq { id, .. } => Some(Message::ReadData { id, errno: libc::EIO, data: no_data }),
+        _ => None,
+    }
 }
 
 /// Messages links handed to the core (the seeds' test checks that they get that far).
@@ -94,8 +119,17 @@ fn check_for_core(msg: &Message, size_bytes: u64) {
         | Message::WriteZeroes { offset, len, .. }
         | Message::ResyncZeroes { offset, len }
         | Message::ResyncAck { offset, len, .. }
-        | Message::DigestReq { offset, len, .. }
         | Message::Digests { offset, len, .. } => (*offset, *len),
+        // A read request asks for what one answer carries (1 MiB of digests, one
+        // frame of data), or no node would answer it.
+        Message::DigestReq { offset, len, .. } => {
+            assert!((1..=1 << 20).contains(len), "DigestReq of {len} bytes");
+            (*offset, *len)
+        }
+        Message::ReadReq { offset, len, .. } => {
+            assert!(*len <= 32 << 20, "ReadReq of {len} bytes");
+            (*offset, *len)
+        }
         _ => return,
     };
     let end = offset.checked_add(len);

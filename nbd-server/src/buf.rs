@@ -10,11 +10,17 @@
 //! The storage is a `Vec<u8>` over-allocated by one alignment unit, and the visible
 //! slice starts at the first 4 KiB boundary, so buffers are ready for `O_DIRECT`
 //! without any `unsafe`.
+//!
+//! A buffer can carry a byte-budget permit ([`BufMut::hold_permit`]): a receiver
+//! that charges its budget for what it reads gets the bytes back when the last
+//! handle of the buffer is dropped, wherever that happens (after a disk write, a
+//! reply, a peer send), without tracking the buffer itself.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Alignment of every buffer's first byte (enough for `O_DIRECT` on 4Kn disks).
 pub const BUF_ALIGN_BYTES: usize = 4096;
@@ -56,6 +62,8 @@ struct Inner {
     storage: Storage,
     len: usize,
     pool: Option<Arc<PoolShared>>,
+    /// Released when the buffer leaves use: on recycling, or when `Inner` drops.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 struct PoolShared {
@@ -118,6 +126,7 @@ impl BufPool {
                 storage: Storage::new(1 << (MIN_CLASS_SHIFT as usize + class)),
                 len,
                 pool: Some(self.shared.clone()),
+                permit: None,
             }),
         };
         debug_assert!(inner.storage.capacity >= len);
@@ -141,7 +150,7 @@ impl BufPool {
             for page in storage.bytes.chunks_mut(BUF_ALIGN_BYTES) {
                 page[0] = 1;
             }
-            let inner = Arc::new(Inner { storage, len: 0, pool: None });
+            let inner = Arc::new(Inner { storage, len: 0, pool: None, permit: None });
             if self.shared.classes[class].push(inner).is_err() {
                 break;
             }
@@ -163,6 +172,12 @@ impl BufPool {
     }
 }
 
+/// The memory a buffer of `len` visible bytes occupies: its size class plus the
+/// alignment slack (what a byte budget for received data should count).
+pub fn footprint_bytes(len: usize) -> usize {
+    (1usize << (MIN_CLASS_SHIFT as usize + class_of(len.min(MAX_BUF_BYTES)))) + BUF_ALIGN_BYTES
+}
+
 fn class_of(len: usize) -> usize {
     let shift = len.max(1).next_power_of_two().trailing_zeros().max(MIN_CLASS_SHIFT);
     (shift - MIN_CLASS_SHIFT) as usize
@@ -175,6 +190,8 @@ fn recycle(slot: &mut Option<Arc<Inner>>) {
     // instant both may fail and the memory is simply freed: a missed recycle, never a
     // double use.
     let Some(inner) = Arc::get_mut(&mut arc) else { return };
+    // Before the pool check: an unpooled buffer's permit goes back here too.
+    inner.permit = None;
     let Some(pool) = inner.pool.take() else { return };
     let class = class_of(inner.storage.capacity);
     // A full free list drops the buffer: the idle memory stays bounded.
@@ -195,7 +212,18 @@ impl std::fmt::Debug for BufMut {
 impl BufMut {
     /// A buffer not backed by any pool (tests, one-off uses).
     pub fn unpooled(len: usize) -> BufMut {
-        BufMut { inner: Some(Arc::new(Inner { storage: Storage::new(len.max(1)), len, pool: None })) }
+        BufMut {
+            inner: Some(Arc::new(Inner { storage: Storage::new(len.max(1)), len, pool: None, permit: None })),
+        }
+    }
+
+    /// Attaches `permit` (typically bytes of a receiver's budget) to the buffer: it
+    /// is released once the last handle of the buffer, frozen or not, is dropped.
+    /// A permit attached before replaces (releases) the earlier one.
+    pub fn hold_permit(&mut self, permit: OwnedSemaphorePermit) {
+        let inner =
+            Arc::get_mut(self.inner.as_mut().expect("buffer used after drop")).expect("BufMut is unique");
+        inner.permit = Some(permit);
     }
 
     fn inner(&self) -> &Inner {
@@ -335,6 +363,36 @@ mod tests {
         let bufs: Vec<_> = (0..10).map(|_| pool.get(4096)).collect();
         drop(bufs);
         assert_eq!(pool.shared.classes[0].len(), 2);
+    }
+
+    #[test]
+    fn footprint_counts_the_size_class_and_the_alignment_slack() {
+        assert_eq!(footprint_bytes(1), 8192);
+        assert_eq!(footprint_bytes(4096), 8192);
+        assert_eq!(footprint_bytes(4097), 12288);
+        assert_eq!(footprint_bytes(1 << 20), (1 << 20) + 4096);
+        assert_eq!(footprint_bytes(MAX_BUF_BYTES), MAX_BUF_BYTES + 4096);
+    }
+
+    #[test]
+    fn a_held_permit_is_released_when_the_last_handle_drops() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(10_000));
+        let pool = BufPool::new(1 << 20);
+        for pooled in [true, false] {
+            let mut b = if pooled { pool.get(4096) } else { BufMut::unpooled(4096) };
+            b.hold_permit(budget.clone().try_acquire_many_owned(4096).unwrap());
+            assert_eq!(budget.available_permits(), 10_000 - 4096);
+            let frozen = b.freeze();
+            let clone = frozen.clone();
+            drop(frozen);
+            assert_eq!(budget.available_permits(), 10_000 - 4096, "a handle is still alive");
+            drop(clone);
+            assert_eq!(budget.available_permits(), 10_000, "released with the last handle (pooled {pooled})");
+        }
+        // A recycled buffer comes back without the permit.
+        let b = pool.get(4096);
+        drop(b);
+        assert_eq!(budget.available_permits(), 10_000);
     }
 
     #[test]

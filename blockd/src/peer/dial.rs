@@ -67,6 +67,10 @@ pub struct PeerSettings {
     pub ping_timeout_ms: u64,
     /// Bound on connecting to one address, and on the Hello exchange.
     pub handshake_timeout_ms: u64,
+    /// See [`LinkSettings::receive_budget_bytes`].
+    pub receive_budget_bytes: u64,
+    /// See [`LinkSettings::request_budget_bytes`].
+    pub request_budget_bytes: u64,
     /// First retry delay.
     pub backoff_min_ms: u64,
     /// Largest retry delay (before jitter).
@@ -84,7 +88,7 @@ pub struct PeerSettings {
 
 impl PeerSettings {
     /// Settings with the default timings (ping 1 s, timeout 5 s, handshake 5 s,
-    /// backoff 100 ms..5 s).
+    /// backoff 100 ms..5 s) and budgets (64 MiB each).
     pub fn new(local_name: &str, peer_name: &str, listen: HostPort, peer_addr: HostPort) -> PeerSettings {
         PeerSettings {
             local_name: local_name.to_owned(),
@@ -94,6 +98,8 @@ impl PeerSettings {
             ping_interval_ms: 1000,
             ping_timeout_ms: 5000,
             handshake_timeout_ms: 5000,
+            receive_budget_bytes: super::link::DEFAULT_RECEIVE_BUDGET_BYTES,
+            request_budget_bytes: super::link::DEFAULT_REQUEST_BUDGET_BYTES,
             backoff_min_ms: 100,
             backoff_max_ms: 5000,
             enabled: None,
@@ -128,6 +134,8 @@ impl PeerSettings {
         LinkSettings {
             ping_interval_ms: self.ping_interval_ms,
             ping_timeout_ms: self.ping_timeout_ms,
+            receive_budget_bytes: self.receive_budget_bytes,
+            request_budget_bytes: self.request_budget_bytes,
             ..LinkSettings::default()
         }
     }

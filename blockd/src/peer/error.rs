@@ -112,6 +112,11 @@ pub struct PeerStats {
     pub connects: AtomicU64,
     /// Links closed, for any reason.
     pub disconnects: AtomicU64,
+    /// Data frames whose payload waited for the receive budget (this node had that
+    /// many bytes received and not yet applied; see `peer::budget`).
+    pub receive_budget_waits: AtomicU64,
+    /// Read requests (`DigestReq`, `ReadReq`) that waited for the request budget.
+    pub request_budget_waits: AtomicU64,
 }
 
 /// A plain copy of [`PeerStats`] at one moment.
@@ -134,6 +139,8 @@ pub struct PeerStatsSnapshot {
     pub dial_attempts: u64,
     pub connects: u64,
     pub disconnects: u64,
+    pub receive_budget_waits: u64,
+    pub request_budget_waits: u64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -183,6 +190,8 @@ impl PeerStats {
             dial_attempts: g(&self.dial_attempts),
             connects: g(&self.connects),
             disconnects: g(&self.disconnects),
+            receive_budget_waits: g(&self.receive_budget_waits),
+            request_budget_waits: g(&self.request_budget_waits),
         }
     }
 }

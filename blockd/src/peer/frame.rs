@@ -10,9 +10,12 @@
 //! the type's length bounds (all needed to know how much to read and where to put
 //! it), then reads the payload and checks the crc, and only then flags, sequence and
 //! fields. So a bit flipped anywhere past the magic and the layout-deciding fields
-//! shows up as a crc error rather than as a misleading field error. Data of `Write`
-//! and `ResyncData` is read straight into a pool buffer; the writer sends it from the
-//! caller's [`Buf`] in the same `writev` as the headers around it.
+//! shows up as a crc error rather than as a misleading field error. The data of
+//! every data-carrying type (`Write`, `ResyncData`, `BitmapBlock`, `Digests`,
+//! `ReadData`) is read straight into a pool buffer, after its bytes were taken from
+//! the link's receive budget when it has one ([`FrameReader::set_receive_budget`]);
+//! the writer sends data from the caller's [`Buf`] in the same `writev` as the
+//! headers around it.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -21,10 +24,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use nbd_server::buf::{Buf, BufPool};
+use nbd_server::buf::{Buf, BufPool, footprint_bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use super::budget::ByteBudget;
+use super::error::bump;
 use super::msg::{Kind, Layout, MAX_DATA_BYTES, Message};
 use super::{LinkError, PeerStats};
 
@@ -68,6 +73,8 @@ pub struct FrameReader<R> {
     stats: Arc<PeerStats>,
     /// Reused for fixed parts (at most a few hundred bytes).
     fixed: Vec<u8>,
+    /// Where the bytes of received data come from (see `peer::budget`).
+    budget: Option<ByteBudget>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -79,7 +86,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             pool,
             stats,
             fixed: Vec::new(),
+            budget: None,
         }
+    }
+
+    /// Takes every data frame's bytes from `budget` before reading its payload,
+    /// waiting (and so reading nothing) while they are not free; the bytes are
+    /// released when the last handle of the message's buffer drops. `None`: no
+    /// bound (the handshake's frames carry no data).
+    pub fn set_receive_budget(&mut self, budget: Option<ByteBudget>) {
+        self.budget = budget;
     }
 
     /// Fails reads with [`LinkError::Timeout`] once nothing at all arrived for
@@ -87,6 +103,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// the timer off.
     pub fn set_idle_timeout(&mut self, timeout: Option<Duration>) {
         self.inner.get_mut().set_timeout(timeout);
+    }
+
+    /// Counts the idle timeout from now, as if bytes had just arrived: for a reader
+    /// that chose not to read for a while.
+    pub(crate) fn restart_idle_timer(&mut self) {
+        self.inner.get_mut().restart();
     }
 
     /// The next frame's message. Every error is counted in [`PeerStats`] here; after
@@ -135,7 +157,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             Layout::Data { .. } => {
                 let data_len = len - fixed_len;
                 debug_assert!(data_len <= MAX_DATA_BYTES, "bounded by payload_bounds");
+                // The bytes first, the buffer after: memory is what the budget bounds,
+                // so it is charged what the buffer occupies, not only its payload.
+                let permit = match &self.budget {
+                    Some(budget) if data_len > 0 => Some(budget.take(footprint_bytes(data_len) as u64).await),
+                    _ => None,
+                };
                 let mut buf = self.pool.get(data_len);
+                if let Some((permit, waited)) = permit {
+                    buf.hold_permit(permit);
+                    if waited {
+                        bump(&self.stats.receive_budget_waits);
+                        // Not reading was this node's choice, not the peer's silence.
+                        self.restart_idle_timer();
+                    }
+                }
                 self.inner.read_exact(&mut buf).await.map_err(|e| self.io_error(e))?;
                 Some(buf.freeze())
             }
@@ -227,6 +263,12 @@ impl<R> IdleTimeout<R> {
         self.sleep = timeout.map(|t| Box::pin(tokio::time::sleep(t)));
     }
 
+    fn restart(&mut self) {
+        if let (Some(t), Some(sleep)) = (self.timeout, self.sleep.as_mut()) {
+            sleep.as_mut().reset(Instant::now() + t);
+        }
+    }
+
     /// The configured timeout if `e` is this timer's error.
     fn elapsed(&self, e: &io::Error) -> Option<Duration> {
         e.get_ref().filter(|inner| inner.is::<IdleElapsed>()).and(self.timeout)
@@ -238,9 +280,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for IdleTimeout<R> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(result) => {
-                if let (Some(t), Some(sleep)) = (this.timeout, this.sleep.as_mut()) {
-                    sleep.as_mut().reset(Instant::now() + t);
-                }
+                this.restart();
                 Poll::Ready(result)
             }
             Poll::Pending => {

@@ -9,6 +9,25 @@
 //!   inside the link. It waits for room in `incoming` before reading on, so a slow
 //!   core slows the peer through TCP instead of growing a queue. If nothing at all
 //!   arrives for `ping_timeout`, the read fails with [`LinkError::Timeout`].
+//! - **Bounds** (issue 13 §6, `peer::budget`): the reader takes the memory each
+//!   data frame's payload will occupy from the receive budget
+//!   (`receive_budget_bytes`) before reading it; it comes back when the core (or
+//!   whoever it handed the buffer to) drops the last handle of that buffer. Read
+//!   requests (`DigestReq`, `ReadReq`) take the memory of the buffer they make this
+//!   node read into from the request budget (`request_budget_bytes`) and give it
+//!   back when the writer queues the answer.
+//!   A spent budget stops the reader, so the peer's sends back up into its own
+//!   send buffer. So the memory of received data, wherever it is held (`incoming`,
+//!   the core's queues, the disk engine), is at most the receive budget. Frames
+//!   without data (at most a few hundred bytes each) are bounded in number by
+//!   `incoming_capacity` while the link holds them; those the core keeps (trims,
+//!   barriers waiting for an epoch) are the core's to bound.
+//! - **Liveness while a budget is spent**: the reader does not read, so it does not
+//!   see the peer's Pings either, but it does not time out: the idle timer only runs
+//!   while the reader waits for bytes, and restarts when it resumes after a budget
+//!   wait. The peer does not time out either: this node's writer is not held up and
+//!   keeps sending acks and Pings. A node whose disk makes no progress at all keeps
+//!   its budget spent and the link up; the Primary's ack timeout is what ends that.
 //! - The **coordinator** waits for the first of the two to end (or for
 //!   [`LinkHandle::close`]), stops the other, closes the socket by dropping both
 //!   halves, and only then sends `Closed`: so `Closed` is delivered exactly once and
@@ -25,12 +44,21 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::budget::{Asked, ByteBudget};
 use super::error::bump;
 use super::frame::{FrameReader, FrameWriter};
-use super::msg::{Hello, Message};
+use super::msg::{Hello, MAX_DATA_BYTES, MAX_DIGEST_REQ_BYTES, Message};
 use super::{LinkError, PeerStats};
 
-/// Keepalive timing and queue bound of a link.
+/// Default of [`LinkSettings::receive_budget_bytes`]: twice the largest frame, and
+/// thousands of writes for the disk to work on (8192 of 4 KiB, whose buffers take
+/// 8 KiB each), while a Primary faster than this node's disk costs it no more.
+pub const DEFAULT_RECEIVE_BUDGET_BYTES: u64 = 64 << 20;
+/// Default of [`LinkSettings::request_budget_bytes`]: a verify (8 × 1 MiB) and a
+/// checksum resync (4 × 1 MiB) at once fit many times over.
+pub const DEFAULT_REQUEST_BUDGET_BYTES: u64 = 64 << 20;
+
+/// Keepalive timing and bounds of a link.
 #[derive(Clone, Debug)]
 pub struct LinkSettings {
     /// Send a Ping after this long without sending anything.
@@ -39,11 +67,23 @@ pub struct LinkSettings {
     pub ping_timeout_ms: u64,
     /// Capacity of `PeerConn::incoming`, in events.
     pub incoming_capacity: usize,
+    /// Memory that received data (the payload buffers of data frames) may occupy
+    /// on this node before it stops reading (see the module doc).
+    pub receive_budget_bytes: u64,
+    /// Memory the buffers of the peer's unanswered read requests may occupy (what
+    /// they make this node read into).
+    pub request_budget_bytes: u64,
 }
 
 impl Default for LinkSettings {
     fn default() -> Self {
-        LinkSettings { ping_interval_ms: 1000, ping_timeout_ms: 5000, incoming_capacity: 1024 }
+        LinkSettings {
+            ping_interval_ms: 1000,
+            ping_timeout_ms: 5000,
+            incoming_capacity: 1024,
+            receive_budget_bytes: DEFAULT_RECEIVE_BUDGET_BYTES,
+            request_budget_bytes: DEFAULT_REQUEST_BUDGET_BYTES,
+        }
     }
 }
 
@@ -126,13 +166,23 @@ where
     let (events_tx, events_rx) = mpsc::channel(settings.incoming_capacity.max(1));
     let (close_tx, close_rx) = oneshot::channel();
     reader.set_idle_timeout(Some(Duration::from_millis(settings.ping_timeout_ms)));
+    reader.set_receive_budget(Some(ByteBudget::new(settings.receive_budget_bytes)));
+    let asked = Arc::new(Asked::new(ByteBudget::new(settings.request_budget_bytes)));
     let ping_interval = Duration::from_millis(settings.ping_interval_ms);
     // The reader records a Ping's nonce here; the writer answers the latest one. A
     // watch never blocks the reader, and a burst of Pings collapses into one Pong.
     let (pong_tx, pong_rx) = watch::channel(0u64);
     let size_bytes = remote.size_bytes;
-    let read_task = tokio::spawn(read_loop(reader, events_tx.clone(), pong_tx, stats.clone(), size_bytes));
-    let write_task = tokio::spawn(write_loop(writer, out_rx, events_tx.clone(), pong_rx, ping_interval));
+    let read_task = tokio::spawn(read_loop(
+        reader,
+        events_tx.clone(),
+        pong_tx,
+        stats.clone(),
+        size_bytes,
+        Arc::clone(&asked),
+    ));
+    let write_task =
+        tokio::spawn(write_loop(writer, out_rx, events_tx.clone(), pong_rx, ping_interval, asked));
     let peer = remote.node.clone();
     let task = tokio::spawn(coordinate(read_task, write_task, events_tx, close_rx, stats, peer));
     let conn = PeerConn { remote, outgoing: out_tx, incoming: events_rx };
@@ -187,17 +237,23 @@ async fn read_loop<R: AsyncRead + Unpin>(
     pong: watch::Sender<u64>,
     stats: Arc<PeerStats>,
     size_bytes: u64,
+    asked: Arc<Asked>,
 ) -> LinkError {
     loop {
         let msg = match reader.read().await {
             Ok(msg) => msg,
             Err(e) => return e,
         };
-        if let Err(e) = check_range(&msg, size_bytes) {
-            // Applying it would write outside the device: into the metadata area,
-            // or past the end of the backing file.
+        // A range outside the device would be applied into the metadata area or
+        // past the end of the backing file; a request of a length no node asks
+        // would never be answered and so hold its budget for good.
+        if let Err(e) = check_range(&msg, size_bytes).and_then(|()| check_request(&msg)) {
             stats.record(&e);
             return e;
+        }
+        if asked.charge(&msg).await {
+            bump(&stats.request_budget_waits);
+            reader.restart_idle_timer();
         }
         match msg {
             Message::Ping { nonce } => {
@@ -212,11 +268,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 stats.record(&e);
                 return e;
             }
-            msg => {
-                if events.send(LinkEvent::Message(msg)).await.is_err() {
-                    return LinkError::LocalClosed;
+            msg => match events.try_send(LinkEvent::Message(msg)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    if events.send(event).await.is_err() {
+                        return LinkError::LocalClosed;
+                    }
+                    // As after a budget wait: the pause was ours.
+                    reader.restart_idle_timer();
                 }
-            }
+                Err(mpsc::error::TrySendError::Closed(_)) => return LinkError::LocalClosed,
+            },
         }
     }
 }
@@ -243,14 +305,27 @@ fn check_range(msg: &Message, size_bytes: u64) -> Result<(), LinkError> {
     Ok(())
 }
 
+/// Read requests must ask for what one answer can carry and the core serves: a
+/// digest request for 1..=[`MAX_DIGEST_REQ_BYTES`], a read for at most one frame of
+/// data.
+fn check_request(msg: &Message) -> Result<(), LinkError> {
+    let what = match *msg {
+        Message::DigestReq { len, .. } if len == 0 || len > MAX_DIGEST_REQ_BYTES => "digest request length",
+        Message::ReadReq { len, .. } if len > MAX_DATA_BYTES as u64 => "read request longer than a frame",
+        _ => return Ok(()),
+    };
+    Err(LinkError::Malformed { kind: msg.kind().name(), what })
+}
+
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: FrameWriter<W>,
     mut outgoing: mpsc::UnboundedReceiver<Message>,
     events: mpsc::Sender<LinkEvent>,
     mut pong: watch::Receiver<u64>,
     ping_interval: Duration,
+    asked: Arc<Asked>,
 ) -> LinkError {
-    match write_batches(&mut writer, &mut outgoing, &events, &mut pong, ping_interval).await {
+    match write_batches(&mut writer, &mut outgoing, &events, &mut pong, ping_interval, &asked).await {
         Ok(()) => {
             // `outgoing` was dropped and everything queued is written: say we are done
             // (FIN) so the peer sees an orderly end rather than a reset.
@@ -268,7 +343,13 @@ async fn write_batches<W: AsyncWrite + Unpin>(
     events: &mpsc::Sender<LinkEvent>,
     pong: &mut watch::Receiver<u64>,
     ping_interval: Duration,
+    asked: &Asked,
 ) -> Result<(), LinkError> {
+    // A caller's message; an answer to a read request gives its budget back.
+    let queue = |writer: &mut FrameWriter<W>, m: Message| {
+        asked.answered(&m);
+        writer.queue(m)
+    };
     let mut last_sent = Instant::now();
     let mut ping_nonce = 0u64;
     loop {
@@ -278,7 +359,7 @@ async fn write_batches<W: AsyncWrite + Unpin>(
             // The caller's messages first: a keepalive never delays data.
             biased;
             m = outgoing.recv() => match m {
-                Some(m) => caller_bytes += writer.queue(m)?,
+                Some(m) => caller_bytes += queue(writer, m)?,
                 None => closing = true,
             },
             Ok(()) = pong.changed() => {
@@ -293,7 +374,7 @@ async fn write_batches<W: AsyncWrite + Unpin>(
         // Gather whatever else is ready into the same write.
         while !closing && !writer.batch_full() {
             match outgoing.try_recv() {
-                Ok(m) => caller_bytes += writer.queue(m)?,
+                Ok(m) => caller_bytes += queue(writer, m)?,
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => closing = true,
             }

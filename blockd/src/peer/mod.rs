@@ -12,6 +12,8 @@
 //!   then, with a `shared-secret`, the [`auth`] challenge both ways.
 //! - [`link`]: an established connection as channels ([`PeerConn`]): batching
 //!   writer, back-pressured reader, keepalive, exactly one `Closed` at the end.
+//! - [`budget`]: the byte budgets that bound what a link receives (data held, reads
+//!   asked) and stop its reader while they are spent.
 //! - [`dial`]: the supervisor that keeps one connection up (the lower name dials,
 //!   the other accepts), reconnecting with backoff and re-resolving the peer's name.
 //! - [`error`]: [`LinkError`] and the [`PeerStats`] counters.
@@ -21,6 +23,7 @@
 //! that fails any check ends the link before it becomes a [`Message`].
 
 pub mod auth;
+pub mod budget;
 pub mod dial;
 pub mod error;
 pub mod frame;

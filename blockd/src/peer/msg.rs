@@ -71,6 +71,10 @@ pub const MAX_NAME_BYTES: usize = 255;
 pub const MAX_REASON_BYTES: usize = 1024;
 /// Largest data part of a `Write` or `ResyncData` (the buffer pool's largest size).
 pub const MAX_DATA_BYTES: usize = nbd_server::buf::MAX_BUF_BYTES;
+/// Longest range one `DigestReq` may ask about: a verify or resync chunk (1 MiB).
+/// The link refuses longer ones (the core would ignore them, and an unanswered
+/// request holds its share of the link's request budget).
+pub const MAX_DIGEST_REQ_BYTES: u64 = 1 << 20;
 
 pub(super) const GENS_BYTES: usize = 8 * (2 + HISTORY_LEN);
 /// Hello's fixed part without the two strings' bytes (but with their length prefixes).

@@ -17,12 +17,28 @@
 //! Types: [`StorageOptions`] (engine choice, queue bound, thread count, read-only),
 //! [`IoOp`] (one request, owning its buffer), [`IoBuf`] (the buffer handed back with
 //! the completion), [`IoSink`] (the caller's completion callback), [`Storage`] (open,
-//! submit, block status, shutdown), [`Extent`] (one block-status run) and
-//! [`StorageError`] (open-time failures).
+//! submit, block status, shutdown, [`StorageStats`]), [`Extent`] (one block-status
+//! run) and [`StorageError`] (open-time failures).
 //!
 //! INTERFACE CONTRACT (fixed; engines implement it):
-//! - `submit` never blocks on I/O; the caller bounds the number of ops in flight
-//!   (at most `StorageOptions::max_inflight`), so the engine queues are sized to that.
+//! - `submit` never blocks and never spins, whatever the load: it is called from
+//!   async runtime threads (the replication core's task, NBD connection tasks), and
+//!   one of those waiting for the engine would stall every task on it. The engines'
+//!   preallocated lock-free queues hold `StorageOptions::max_inflight` ops; an op
+//!   that finds them full waits in an overflow queue (`overflow`), which the engine
+//!   drains in arrival order after the ops queued before it.
+//! - The overflow queue has no bound of its own: what reaches it is bounded
+//!   upstream. A standalone export submits at most one op per NBD request in
+//!   flight, and those are bounded per connection (`nbd_server::MAX_INFLIGHT_REQUESTS`,
+//!   128, and 64 MiB of payload) and in connections
+//!   (`nbd_server::ServerConfig::max_connections`, 64): 8192, the default
+//!   `max_inflight`, so it does not overflow at all. A replicated node adds the
+//!   core's own work on top of its NBD requests: resync and verify run a fixed number
+//!   of requests at a time, and what a node applies for its peer is bounded by the
+//!   peer link's byte budget for received data. Only the sum can pass
+//!   `max_inflight`, briefly; each op that overflows is counted
+//!   ([`StorageStats::overflow_ops_total`], and a debug line when an overflow
+//!   episode starts).
 //! - Every submitted op completes exactly once through the sink: from an engine
 //!   thread, or — for a read fully served from the page cache — on the submitting
 //!   thread before `submit` returns. Sinks must therefore not take locks the
@@ -32,6 +48,7 @@
 //!   completed before it was submitted.
 
 pub(crate) mod ops;
+mod overflow;
 mod posix;
 mod range;
 mod uring;
@@ -110,8 +127,8 @@ pub enum BackingKind {
 #[derive(Clone, Debug)]
 pub struct StorageOptions {
     pub engine: EngineKind,
-    /// Upper bound on ops in flight (submitted and not yet completed), guaranteed by
-    /// the caller; queues and slabs are preallocated to it.
+    /// Ops in flight (submitted and not yet completed) that the preallocated queues
+    /// and slabs hold; more than this still never blocks `submit` (they overflow).
     pub max_inflight: usize,
     /// Worker threads of the posix engine.
     pub posix_threads: usize,
@@ -123,6 +140,15 @@ impl Default for StorageOptions {
     fn default() -> Self {
         StorageOptions { engine: EngineKind::Auto, max_inflight: 8192, posix_threads: 4, read_only: false }
     }
+}
+
+/// Counters of a [`Storage`] (cumulative since open, except the gauge).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StorageStats {
+    /// Ops that found the engine's queue full and waited in the overflow queue.
+    pub overflow_ops_total: u64,
+    /// Ops waiting in the overflow queue now.
+    pub overflow_queued_ops: usize,
 }
 
 /// One I/O request. Offsets and lengths are in bytes.
@@ -274,9 +300,9 @@ impl<S: IoSink> Storage<S> {
 
     /// Queues `op`; its completion arrives through the sink with `token`.
     ///
-    /// Never blocks on I/O and can be called from any thread, including async
-    /// runtime workers. It can wait for queue space only if the caller breaks the
-    /// `max_inflight` bound.
+    /// Never blocks or spins, so it can be called from any thread, including async
+    /// runtime workers. Past `max_inflight` queued ops it takes a lock and queues the
+    /// op in the overflow queue (see the module doc).
     ///
     /// A read whose bytes are all in the page cache is served right here with
     /// `preadv2(RWF_NOWAIT)` (which never waits for the disk) and completes before
@@ -296,6 +322,15 @@ impl<S: IoSink> Storage<S> {
             Engine::Posix(engine) => engine.submit(op, token),
             Engine::Uring(engine) => engine.submit(op, token),
         }
+    }
+
+    /// The overflow counters.
+    pub fn stats(&self) -> StorageStats {
+        let (overflow_ops_total, overflow_queued_ops) = match &self.engine {
+            Engine::Posix(engine) => engine.overflow().stats(),
+            Engine::Uring(engine) => engine.overflow().stats(),
+        };
+        StorageStats { overflow_ops_total, overflow_queued_ops }
     }
 
     /// Allocation map for NBD BLOCK_STATUS: consecutive extents starting at

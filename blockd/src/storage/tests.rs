@@ -30,6 +30,12 @@ struct Recorder {
     changed: Condvar,
     /// Panic instead of recording this token (0 = never; such tests start at 1).
     panic_on_token: AtomicU64,
+    /// Hold the completing engine thread inside the callback for this token until
+    /// [`Recorder::release`] (0 = never): the engine is then busy and its queue fills.
+    hold_token: AtomicU64,
+    /// (the held callback has been entered, it may return).
+    hold: Mutex<(bool, bool)>,
+    hold_changed: Condvar,
 }
 
 impl IoSink for Recorder {
@@ -37,6 +43,14 @@ impl IoSink for Recorder {
     fn complete(&self, token: u64, result: Result<(), Errno>, buf: IoBuf) {
         if token != 0 && token == self.panic_on_token.load(Ordering::Relaxed) {
             panic!("test sink panics on token {token} (expected)");
+        }
+        if token != 0 && token == self.hold_token.load(Ordering::Relaxed) {
+            let mut hold = self.hold.lock().unwrap();
+            hold.0 = true;
+            self.hold_changed.notify_all();
+            while !hold.1 {
+                hold = self.hold_changed.wait(hold).unwrap();
+            }
         }
         self.done.lock().unwrap().push(Completion { token, result, buf });
         self.changed.notify_all();
@@ -54,6 +68,23 @@ impl Recorder {
             done = self.changed.wait_timeout(done, left).unwrap().0;
         }
         done.drain(..count).collect()
+    }
+
+    /// Waits until an engine thread is held in the callback for `hold_token`.
+    fn wait_held(&self) {
+        let deadline = Instant::now() + DEADLINE;
+        let mut hold = self.hold.lock().unwrap();
+        while !hold.0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "the held completion did not arrive within {DEADLINE:?}");
+            hold = self.hold_changed.wait_timeout(hold, left).unwrap().0;
+        }
+    }
+
+    /// Lets the held callback return.
+    fn release(&self) {
+        self.hold.lock().unwrap().1 = true;
+        self.hold_changed.notify_all();
     }
 
     /// Completions not taken yet; after a shutdown, any would be extra ones.
@@ -181,6 +212,11 @@ engine_tests!(
     small_inflight_bound_reuses_slots,
     a_panicking_sink_does_not_stop_the_engine,
     cached_reads_complete_inline_and_cold_reads_use_the_engine,
+    a_full_queue_overflows_without_blocking,
+    overflowed_ops_start_in_submission_order,
+    overflow_wakes_an_idle_engine,
+    concurrent_submitters_overflow_and_all_complete,
+    shutdown_completes_overflowed_ops,
 );
 
 fn round_trip_at_random_offsets(engine: EngineKind) {
@@ -494,4 +530,135 @@ fn cached_reads_complete_inline_and_cold_reads_use_the_engine(engine: EngineKind
     // A read straddling the end of the file falls back to the engine, which zero-fills.
     let tail = h.read(4 * MIB - 4096, 8192);
     assert!(tail.iter().all(|&b| b == 0));
+}
+
+/// An engine whose queue holds `max_inflight` ops and whose only thread is held in
+/// the completion callback of token 1 (so nothing it has queued moves).
+fn held_engine(engine: EngineKind, file: &TempFile, max_inflight: usize) -> Harness {
+    let opts = StorageOptions { engine, max_inflight, posix_threads: 1, ..StorageOptions::default() };
+    let h = Harness::open_with(file, &opts);
+    h.sink.hold_token.store(1, Ordering::Relaxed);
+    h.storage.submit(IoOp::Flush, 1);
+    h.sink.wait_held();
+    h
+}
+
+/// Submits from another thread and fails the test if that does not return: a submit
+/// that waited for the held engine would never return.
+fn submit_all_or_fail(h: &Harness, ops: Vec<(IoOp, u64)>) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let storage = &h.storage;
+        s.spawn(move || {
+            for (op, token) in ops {
+                storage.submit(op, token);
+            }
+            let _ = done_tx.send(());
+        });
+        if done_rx.recv_timeout(DEADLINE).is_err() {
+            // Unblock the submitter so the scope can end, then fail.
+            h.sink.release();
+            panic!("submit blocked on a full engine queue for {DEADLINE:?}");
+        }
+    });
+}
+
+fn write_op(token: u64, offset: u64) -> IoOp {
+    IoOp::Write { offset, buf: filled(&pattern(token, 4096)), fua: false }
+}
+
+fn a_full_queue_overflows_without_blocking(engine: EngineKind) {
+    let file = TempFile::sparse(MIB);
+    let h = held_engine(engine, &file, 2);
+    assert_eq!(h.storage.stats(), StorageStats::default());
+    // Two fit in the engine's queue; the other 98 overflow.
+    submit_all_or_fail(&h, (2..102).map(|token| (write_op(token, token * 4096), token)).collect());
+    assert_eq!(h.storage.stats(), StorageStats { overflow_ops_total: 98, overflow_queued_ops: 98 });
+    assert_eq!(h.sink.untaken(), 0, "nothing moves while the engine is held");
+    h.sink.release();
+    let done = h.sink.take(101);
+    let tokens: HashSet<u64> = done.iter().map(|c| c.token).collect();
+    assert_eq!(tokens, (1..102).collect(), "every op exactly once");
+    assert!(done.iter().all(|c| c.result.is_ok()));
+    assert_eq!(h.storage.stats(), StorageStats { overflow_ops_total: 98, overflow_queued_ops: 0 });
+    for token in [2, 3, 4, 101] {
+        assert!(*h.read(token * 4096, 4096) == pattern(token, 4096)[..], "block {token}");
+    }
+}
+
+fn overflowed_ops_start_in_submission_order(engine: EngineKind) {
+    let file = TempFile::sparse(MIB);
+    // One op at a time (one slot, one worker): completion order is start order.
+    let h = held_engine(engine, &file, 1);
+    // All to the same block: the last one submitted must be what stays.
+    submit_all_or_fail(&h, (2..200).map(|token| (write_op(token, 0), token)).collect());
+    assert!(h.storage.stats().overflow_queued_ops > 0);
+    // More while the overflow queue is not empty go behind it, not around it.
+    h.sink.release();
+    for token in 200..300 {
+        h.storage.submit(write_op(token, 0), token);
+    }
+    let order: Vec<u64> = h.sink.take(299).iter().map(|c| c.token).collect();
+    assert_eq!(order, (1..300).collect::<Vec<_>>());
+    assert!(*h.read(0, 4096) == pattern(299, 4096)[..]);
+}
+
+fn overflow_wakes_an_idle_engine(engine: EngineKind) {
+    let file = TempFile::sparse(MIB);
+    let opts = StorageOptions { engine, max_inflight: 2, posix_threads: 2, ..StorageOptions::default() };
+    let h = Harness::open_with(&file, &opts);
+    // Each round starts with the engine idle (everything completed, its threads
+    // going to sleep) and overflows at once; a lost wake-up leaves a round hanging.
+    let mut token = 0;
+    for round in 0..300u64 {
+        let burst = 3 + round % 8;
+        for _ in 0..burst {
+            let op = if token % 3 == 0 { IoOp::Flush } else { write_op(token, (token % 256) * 4096) };
+            h.storage.submit(op, token);
+            token += 1;
+        }
+        assert!(h.sink.take(burst as usize).iter().all(|c| c.result.is_ok()), "round {round}");
+    }
+    assert!(h.storage.stats().overflow_ops_total > 0, "the bursts overflowed");
+    assert_eq!(h.storage.stats().overflow_queued_ops, 0);
+}
+
+fn concurrent_submitters_overflow_and_all_complete(engine: EngineKind) {
+    const THREADS: u64 = 4;
+    const PER_THREAD: u64 = 500;
+    let file = TempFile::sparse(THREADS * PER_THREAD * 4096);
+    let opts = StorageOptions { engine, max_inflight: 4, posix_threads: 2, ..StorageOptions::default() };
+    let h = Harness::open_with(&file, &opts);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let storage = &h.storage;
+            s.spawn(move || {
+                for token in t * PER_THREAD..(t + 1) * PER_THREAD {
+                    storage.submit(write_op(token, token * 4096), token);
+                }
+            });
+        }
+    });
+    let done = h.sink.take((THREADS * PER_THREAD) as usize);
+    let tokens: HashSet<u64> = done.iter().map(|c| c.token).collect();
+    assert_eq!(tokens, (0..THREADS * PER_THREAD).collect());
+    assert!(done.iter().all(|c| c.result.is_ok()));
+    for token in [0, 777, THREADS * PER_THREAD - 1] {
+        assert!(*h.read(token * 4096, 4096) == pattern(token, 4096)[..], "block {token}");
+    }
+    let Harness { storage, sink, .. } = h;
+    storage.shutdown();
+    assert_eq!(sink.untaken(), 0, "no op completed twice");
+}
+
+fn shutdown_completes_overflowed_ops(engine: EngineKind) {
+    let file = TempFile::sparse(MIB);
+    let h = held_engine(engine, &file, 2);
+    submit_all_or_fail(&h, (2..200).map(|token| (write_op(token, (token % 200) * 4096), token)).collect());
+    assert!(h.storage.stats().overflow_queued_ops > 0);
+    h.sink.release();
+    let Harness { storage, sink, .. } = h;
+    storage.shutdown();
+    // No waiting: shutdown returns only after every op, overflowed ones included.
+    assert_eq!(sink.untaken(), 199);
 }

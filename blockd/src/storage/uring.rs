@@ -1,7 +1,8 @@
 //! The io_uring engine: one ring owned by one thread.
 //!
-//! Submitters push `(op, token)` into a bounded lock-free queue and write to an
-//! eventfd only when the ring thread sleeps. The ring thread keeps a read of that
+//! Submitters push `(op, token)` into a bounded lock-free queue (past its bound,
+//! into the [`Overflow`] queue: a submit never waits) and write to an eventfd only
+//! when the ring thread sleeps. The ring thread keeps a read of that
 //! eventfd armed in the ring, so a single `io_uring_enter` waits for disk
 //! completions and wake-ups alike. Ops in flight live in a slab indexed by
 //! `user_data`, which owns their buffers until the kernel is done with them.
@@ -9,7 +10,14 @@
 //! Lost wake-up avoidance: the ring thread sets `sleeping`, then re-checks the
 //! queue; a submitter pushes, then checks `sleeping`. A SeqCst fence on each side
 //! between the write and the read guarantees that at least one of them sees the
-//! other, so either the ring thread finds the op or the submitter wakes it.
+//! other, so either the ring thread finds the op or the submitter wakes it. An op
+//! in the overflow queue is published (its count stored) before the same fence.
+//!
+//! A burst larger than the submission queue (it holds at most [`MAX_SQ_ENTRIES`],
+//! while up to [`MAX_SLOTS`] ops may be started in one pass) does not stall: a full
+//! SQ is handed to the kernel (`io_uring_enter`) and refilled. That can only fail
+//! transiently (EAGAIN/EBUSY), never for lack of CQ room: the CQ holds a CQE for
+//! every slot plus the wake-up read, and each slot has at most one SQE in flight.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -25,6 +33,7 @@ use nbd_server::buf::{Buf, BufMut};
 use nix::errno::Errno;
 
 use super::ops::{self, Backing};
+use super::overflow::{Item, Overflow};
 use super::range::{Action, Next, RangeJob, ZEROES};
 use super::{IoBuf, IoOp, IoSink, StorageError, deliver};
 
@@ -93,7 +102,9 @@ impl Ring {
 
 /// State shared by the submitters and the ring thread.
 struct Shared<T> {
-    queue: ArrayQueue<(IoOp, T)>,
+    queue: ArrayQueue<Item<T>>,
+    /// Ops that found `queue` full; the ring thread takes them after `queue`'s.
+    overflow: Overflow<T>,
     sleeping: AtomicBool,
     stop: AtomicBool,
     wake_fd: OwnedFd,
@@ -133,6 +144,7 @@ impl<S: IoSink> UringEngine<S> {
             // Sized to the caller's full bound (not the slab's), so a push never
             // finds it full while the caller keeps to max_inflight.
             queue: ArrayQueue::new(queue_capacity),
+            overflow: Overflow::new(),
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             wake_fd,
@@ -147,19 +159,21 @@ impl<S: IoSink> UringEngine<S> {
         Ok(UringEngine { shared, thread: Some(thread), sink })
     }
 
+    /// Never blocks or spins: a full queue sends the op to the overflow queue.
     pub fn submit(&self, op: IoOp, token: S::Token) {
-        let mut item = (op, token);
-        while let Err(back) = self.shared.queue.push(item) {
-            // Only a caller over its max_inflight bound gets here: wait for room.
-            item = back;
+        let item = (op, token);
+        let refused =
+            if self.shared.overflow.is_empty() { self.shared.queue.push(item).err() } else { Some(item) };
+        if let Some(item) = refused {
+            // Only a caller over its max_inflight bound gets here.
             if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
                 tracing::error!("the io_uring thread has exited; failing the op");
                 let (op, token) = item;
                 deliver(&*self.sink, token, Err(Errno::EIO), op.into_buf());
                 return;
             }
-            self.shared.wake();
-            std::thread::yield_now();
+            // The ring thread takes overflowed ops itself: nothing to forward.
+            self.shared.overflow.push(item, Err);
         }
         // Pairs with the fence in RingLoop::run (see the module comment).
         fence(Ordering::SeqCst);
@@ -168,6 +182,12 @@ impl<S: IoSink> UringEngine<S> {
         if self.shared.sleeping.load(Ordering::SeqCst) && self.shared.sleeping.swap(false, Ordering::SeqCst) {
             self.shared.wake();
         }
+    }
+}
+
+impl<S: IoSink> UringEngine<S> {
+    pub fn overflow(&self) -> &Overflow<S::Token> {
+        &self.shared.overflow
     }
 }
 
@@ -238,7 +258,7 @@ impl<S: IoSink> RingLoop<'_, S> {
             self.pull_queued();
             self.reap();
             let stopping = self.shared.stop.load(Ordering::SeqCst);
-            if stopping && !self.wake_armed && self.in_flight() == 0 && self.shared.queue.is_empty() {
+            if stopping && !self.wake_armed && self.in_flight() == 0 && !self.anything_queued() {
                 return;
             }
             if self.can_pull() || self.cq_ready() {
@@ -264,8 +284,12 @@ impl<S: IoSink> RingLoop<'_, S> {
         self.slots.len() - self.free.len()
     }
 
+    fn anything_queued(&self) -> bool {
+        !self.shared.queue.is_empty() || !self.shared.overflow.is_empty()
+    }
+
     fn can_pull(&self) -> bool {
-        !self.free.is_empty() && !self.shared.queue.is_empty()
+        !self.free.is_empty() && self.anything_queued()
     }
 
     fn cq_ready(&mut self) -> bool {
@@ -273,10 +297,11 @@ impl<S: IoSink> RingLoop<'_, S> {
         !self.cq.is_empty()
     }
 
-    /// Moves queued ops into free slots and starts them.
+    /// Moves queued ops into free slots and starts them: the fast queue's first
+    /// (they are older than any that overflowed), then the overflow queue's.
     fn pull_queued(&mut self) {
         while let Some(&index) = self.free.last() {
-            let Some((op, token)) = self.shared.queue.pop() else {
+            let Some((op, token)) = self.shared.queue.pop().or_else(|| self.shared.overflow.pop()) else {
                 return;
             };
             self.free.pop();

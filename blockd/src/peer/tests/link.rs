@@ -273,13 +273,121 @@ async fn data_path_frames_beyond_the_device_end_end_the_link() {
         assert!(matches!(next(&mut side).await, LinkEvent::Message(Message::Trim { id: 9, .. })));
         // ...one past it is not, and never reaches the core.
         let kind = bad.kind().name();
-        raw_w.send(bad).await.unwrap();
-        let event = next(&mut side).await;
-        assert!(
-            matches!(&event, LinkEvent::Closed(LinkError::OutOfRange { kind: k, .. }) if *k == kind),
-            "{event:?}"
-        );
-        assert!(within(side.conn.incoming.recv()).await.is_none());
-        assert_eq!(side.stats.snapshot().malformed, 1);
+        let error = refused(side, raw_w, bad).await;
+        assert!(matches!(&error, LinkError::OutOfRange { kind: k, .. } if *k == kind), "{error:?}");
+    }
+}
+
+/// Sends `bad` and checks that it ends the link, counted as malformed and never
+/// delivered; returns why the link ended.
+async fn refused(mut side: Side, mut raw_w: FrameWriter<Writer>, bad: Message) -> LinkError {
+    raw_w.send(bad).await.unwrap();
+    let LinkEvent::Closed(error) = next(&mut side).await else { panic!("a refused frame was delivered") };
+    assert!(within(side.conn.incoming.recv()).await.is_none());
+    assert_eq!(side.stats.snapshot().malformed, 1);
+    error
+}
+
+/// The next message, skipping the `Sent` reports of what the test sent.
+async fn next_message(side: &mut Side) -> Message {
+    loop {
+        match next(side).await {
+            LinkEvent::Message(m) => return m,
+            LinkEvent::Sent { .. } => {}
+            closed => panic!("expected a message, got {closed:?}"),
+        }
+    }
+}
+
+fn write_of(id: u64, len: usize) -> Message {
+    let data = random_data(&mut StdRng::seed_from_u64(id), len);
+    Message::Write { id, epoch: 1, offset: id * len as u64, fua: false, data }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spent_receive_budget_stops_the_reader_without_timing_out() {
+    // Room for two 2 KiB writes: the budget counts the memory their buffers occupy.
+    let two = 2 * nbd_server::buf::footprint_bytes(2048) as u64;
+    let settings = LinkSettings { receive_budget_bytes: two, ..LinkSettings::default() };
+    let (mut side, _raw_r, mut raw_w) = raw_peer(&settings, 1 << 20);
+    for id in 0..3 {
+        raw_w.queue(write_of(id, 2048)).unwrap();
+    }
+    raw_w.flush().await.unwrap();
+    let mut held: Vec<Message> = Vec::new();
+    for id in 0..2 {
+        let m = next_message(&mut side).await;
+        assert!(matches!(m, Message::Write { id: got, .. } if got == id), "{m:?}");
+        held.push(m);
+    }
+    // Far longer than the ping timeout, and the peer sends nothing more: the reader
+    // is waiting for its budget, which is not the peer's silence.
+    let quiet = tokio::time::timeout(Duration::from_secs(30), side.conn.incoming.recv()).await;
+    assert!(quiet.is_err(), "a spent budget delivered {quiet:?}");
+    // The core lets go of one write's buffer: its bytes come back, the third arrives.
+    drop(held.remove(0));
+    assert!(matches!(next_message(&mut side).await, Message::Write { id: 2, .. }));
+    assert_eq!(side.stats.snapshot().receive_budget_waits, 1);
+    // The idle timeout counts from when the reader resumed, not from the last bytes
+    // before its wait: the silent peer times out a full timeout later.
+    let resumed = Instant::now();
+    let event = next(&mut side).await;
+    assert!(matches!(event, LinkEvent::Closed(LinkError::Timeout { .. })), "{event:?}");
+    assert!(resumed.elapsed() >= Duration::from_millis(settings.ping_timeout_ms), "{:?}", resumed.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frame_larger_than_the_budget_waits_for_all_of_it() {
+    let settings = LinkSettings { receive_budget_bytes: 4096, ..LinkSettings::default() };
+    let (mut side, _raw_r, mut raw_w) = raw_peer(&settings, 1 << 20);
+    raw_w.queue(write_of(0, 8192)).unwrap();
+    raw_w.queue(write_of(1, 8192)).unwrap();
+    raw_w.flush().await.unwrap();
+    let first = next_message(&mut side).await;
+    let quiet = tokio::time::timeout(Duration::from_secs(10), side.conn.incoming.recv()).await;
+    assert!(quiet.is_err(), "the second frame needs the whole budget: {quiet:?}");
+    drop(first);
+    assert!(matches!(next_message(&mut side).await, Message::Write { id: 1, .. }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unanswered_read_requests_stop_the_reader_until_answered() {
+    const MIB: u64 = 1 << 20;
+    // Room for two 1 MiB reads (the budget counts the buffers they read into).
+    let two = 2 * nbd_server::buf::footprint_bytes(MIB as usize) as u64;
+    let settings = LinkSettings { request_budget_bytes: two, ..LinkSettings::default() };
+    let (mut side, _raw_r, mut raw_w) = raw_peer(&settings, 1 << 20);
+    for m in [
+        Message::DigestReq { offset: 0, len: MIB, after_epoch: 0 },
+        Message::ReadReq { id: 7, offset: MIB, len: MIB, after_epoch: 0 },
+        Message::DigestReq { offset: 2 * MIB, len: MIB, after_epoch: 0 },
+        Message::RecvAck { id: 1 },
+    ] {
+        raw_w.queue(m).unwrap();
+    }
+    raw_w.flush().await.unwrap();
+    assert!(matches!(next_message(&mut side).await, Message::DigestReq { offset: 0, .. }));
+    assert!(matches!(next_message(&mut side).await, Message::ReadReq { id: 7, .. }));
+    let quiet = tokio::time::timeout(Duration::from_secs(30), side.conn.incoming.recv()).await;
+    assert!(quiet.is_err(), "2 MiB of reads are asked and unanswered: {quiet:?}");
+    // Answering the read (even with an error and no data) gives its bytes back.
+    let no_data = BufMut::unpooled(0).freeze();
+    side.conn.outgoing.send(Message::ReadData { id: 7, errno: libc::EIO, data: no_data }).unwrap();
+    assert!(matches!(next_message(&mut side).await, Message::DigestReq { offset, .. } if offset == 2 * MIB));
+    assert!(matches!(next_message(&mut side).await, Message::RecvAck { id: 1 }));
+    assert_eq!(side.stats.snapshot().request_budget_waits, 1);
+}
+
+#[tokio::test]
+async fn read_requests_no_node_answers_end_the_link() {
+    for bad in [
+        Message::DigestReq { offset: 0, len: 0, after_epoch: 0 },
+        Message::DigestReq { offset: 0, len: (1 << 20) + 4096, after_epoch: 0 },
+        Message::ReadReq { id: 1, offset: 0, len: 64 << 20, after_epoch: 0 },
+    ] {
+        let (side, _raw_r, raw_w) = raw_peer(&LinkSettings::default(), 64 << 10);
+        let kind = bad.kind().name();
+        let error = refused(side, raw_w, bad).await;
+        assert!(matches!(&error, LinkError::Malformed { kind: k, .. } if *k == kind), "{error:?}");
     }
 }
