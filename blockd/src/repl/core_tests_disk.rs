@@ -359,3 +359,19 @@ fn promotion_waits_for_the_peers_writes_to_land() {
     promote(&mut s, false).expect("promoted once it landed");
     assert_eq!(s.role(), Role::Primary);
 }
+
+/// Found by the simulator (seed 2234): a Primary whose disk failed came back
+/// Outdated at the generation its peer still had (the peer finished a resync from
+/// it just after the failure, so it had not started its own), and the crashed
+/// Primary's flag made the stale disk the resync source. Now an Outdated disk at
+/// the same generation is a full sync's target whatever the flags say, and a
+/// target that finishes while its Primary is diskless starts tracking then.
+#[test]
+fn an_outdated_disk_at_the_same_generation_is_resynced_in_full() {
+    use crate::repl::decide::{Decision, SyncScope, decide};
+    let up = remote(10, 0, Role::Secondary);
+    let stale =
+        SideState { disk: DiskState::Outdated, crashed_primary: true, ..remote(10, 0, Role::Secondary) };
+    assert_eq!(decide(&stale, &up), Decision::SyncTarget(SyncScope::Full));
+    assert_eq!(decide(&up, &stale), Decision::SyncSource(SyncScope::Full));
+}

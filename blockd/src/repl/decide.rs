@@ -228,11 +228,24 @@ fn direction(me: &Generations, peer: &Generations, my_disk: DiskState, peer_disk
         return Direction::Source(Full);
     }
     if me.current == peer.current {
-        // Same generation, but an interrupted resync leaves its target Inconsistent.
-        return match (my_disk == DiskState::Inconsistent, peer_disk == DiskState::Inconsistent) {
+        // Same generation, but an interrupted resync leaves its target Inconsistent,
+        // and a disk that failed is Outdated (which of the writes in flight then
+        // reached it is unknown): either is resynced in full, whatever else the
+        // states say (a crashed Primary's flag included).
+        let behind = |d: DiskState| matches!(d, DiskState::Inconsistent | DiskState::Outdated);
+        return match (behind(my_disk), behind(peer_disk)) {
             (true, false) => Direction::Target(Full),
             (false, true) => Direction::Source(Full),
-            (true, true) => Direction::Fresh,
+            (true, true) if my_disk == peer_disk => {
+                if my_disk == DiskState::Inconsistent {
+                    Direction::Fresh
+                } else {
+                    Direction::Equal
+                }
+            }
+            // Outdated has the data of its generation; Inconsistent may not.
+            (true, true) if my_disk == DiskState::Outdated => Direction::Source(Full),
+            (true, true) => Direction::Target(Full),
             (false, false) => Direction::Equal,
         };
     }

@@ -390,6 +390,11 @@ impl Core {
         self.persist(out);
         self.write_bitmap(out);
         self.send(Message::State { role: self.role, disk: self.disk }, out);
+        if self.peer_role == Some(Role::Primary) && !self.peer_takes_writes() {
+            // The source lost its disk at the end of the resync: this is the only
+            // copy from now on (`repl::diskless`).
+            self.track_for_diskless_primary(out);
+        }
         // E.g. remove the constraint a fence-peer handler placed against this node.
         out.push(Action::AfterResyncTarget);
     }
