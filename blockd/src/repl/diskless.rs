@@ -194,16 +194,4 @@ impl Core {
             f.local = Some(Err(Errno::EIO));
         }
     }
-
-    /// Tries to answer every write and flush in flight.
-    pub(super) fn finish_all(&mut self, out: &mut Vec<Action>) {
-        let writes: Vec<JobId> = self.writes.keys().copied().collect();
-        for job in writes {
-            self.try_finish_write(job, out);
-        }
-        let flushes: Vec<JobId> = self.flushes.keys().copied().collect();
-        for job in flushes {
-            self.try_finish_flush(job, out);
-        }
-    }
 }

@@ -442,14 +442,7 @@ impl Core {
             Err(e) => tracing::error!(error = %e, "fence-peer handler failed; writes resume anyway"),
         }
         self.last_fence = Some(result);
-        let writes: Vec<JobId> = self.writes.keys().copied().collect();
-        for job in writes {
-            self.try_finish_write(job, out);
-        }
-        let flushes: Vec<JobId> = self.flushes.keys().copied().collect();
-        for job in flushes {
-            self.try_finish_flush(job, out);
-        }
+        self.finish_all(out);
     }
 
     /// The peer finished an epoch (and flushed, for a flush barrier).
@@ -499,6 +492,18 @@ impl Core {
         }
         out.push(Action::DropLink { reason: "the peer failed a replicated write".into() });
         self.on_link_down(out);
+    }
+
+    /// Tries to answer every write and flush in flight.
+    pub(super) fn finish_all(&mut self, out: &mut Vec<Action>) {
+        let writes: Vec<JobId> = self.writes.keys().copied().collect();
+        for job in writes {
+            self.try_finish_write(job, out);
+        }
+        let flushes: Vec<JobId> = self.flushes.keys().copied().collect();
+        for job in flushes {
+            self.try_finish_flush(job, out);
+        }
     }
 
     /// Whether the fence-peer handler runs now, and how the last one ended.
