@@ -75,6 +75,15 @@ pub enum Command {
     /// Hold resync until `resume-sync`.
     PauseSync,
     ResumeSync,
+    /// Detach the local disk on purpose (as after an I/O error): the node goes on
+    /// Diskless and releases the disk's metadata lock, so the disk can be replaced
+    /// (`create-md`). Refused on a Primary.
+    DetachDisk,
+    /// Bring a detached disk (repaired, or replaced and `create-md`'d) back: the
+    /// node restarts inside the daemon process from the disk's metadata and
+    /// resyncs as the generations say. The reply comes once the node runs again.
+    /// Only on a Secondary whose disk is Diskless.
+    AttachDisk,
     /// Stream state changes (`exists` objects first); with `now`, only the current
     /// state. Served by the control task itself, one JSON object per line.
     Events {
@@ -98,11 +107,14 @@ struct Envelope {
     command: serde_json::Value,
 }
 
+/// Where the answer to one request goes: the `result` object, or why not.
+pub type Reply = oneshot::Sender<Result<serde_json::Value, String>>;
+
 /// One request handed to the daemon, with where its answer goes.
 #[derive(Debug)]
 pub struct ControlRequest {
     pub command: Command,
-    pub reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    pub reply: Reply,
 }
 
 /// What the control task serves without asking the core: the state snapshots for
@@ -353,6 +365,8 @@ mod tests {
             Ok(Command::Primary { force: true })
         );
         assert_eq!(parse_request(r#"{"v":1,"cmd":"secondary"}"#), Ok(Command::Secondary { force: false }));
+        assert_eq!(parse_request(r#"{"v":1,"cmd":"detach-disk"}"#), Ok(Command::DetachDisk));
+        assert_eq!(parse_request(r#"{"v":1,"cmd":"attach-disk"}"#), Ok(Command::AttachDisk));
         assert!(parse_request(r#"{"v":1,"cmd":"finish-forced-demotion"}"#).is_err(), "internal only");
         assert!(parse_request("garbage").unwrap_err().starts_with("malformed request"));
         assert!(parse_request(r#"{"v":2,"cmd":"status"}"#).unwrap_err().contains("version 2"));

@@ -39,7 +39,7 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
         }
         // Ready once the control socket answers: the supervisor probes it.
         let systemd = notify_systemd(Probe::Control(node.control.clone()), &stop);
-        let result = crate::repl::node::run(config, node, peer, storage_opts, stop).await;
+        let result = run_node(config, node, peer, storage_opts, stop).await;
         if let Some(task) = systemd {
             task.abort();
         }
@@ -84,6 +84,40 @@ pub async fn run(config: Config, node: NodeConfig, opts: RunOptions) -> anyhow::
     device.flush().await.context("final flush of the backing store failed")?;
     tracing::info!("clean shutdown");
     Ok(())
+}
+
+/// A replicated node, started again in this process after each `attach-disk`
+/// (see [`crate::repl::node`]). A start that fails ends the daemon, and the
+/// `attach-disk` waiting for it is told why.
+async fn run_node(
+    config: Config,
+    node: NodeConfig,
+    peer: NodeConfig,
+    storage_opts: StorageOptions,
+    stop: watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    use crate::repl::node::NodeExit;
+    let mut attached = None;
+    loop {
+        let run = crate::repl::node::run(
+            config.clone(),
+            node.clone(),
+            peer.clone(),
+            storage_opts.clone(),
+            stop.clone(),
+            &mut attached,
+        );
+        match run.await {
+            Ok(NodeExit::Stopped) => return Ok(()),
+            Ok(NodeExit::AttachDisk(reply)) => attached = Some(reply),
+            Err(e) => {
+                if let Some(reply) = attached.take() {
+                    let _ = reply.send(Err(format!("the node could not start again: {e:#}; blockd exits")));
+                }
+                return Err(e);
+            }
+        }
+    }
 }
 
 /// Under systemd (`$NOTIFY_SOCKET`): readiness, watchdog and stop notifications

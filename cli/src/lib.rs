@@ -39,7 +39,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Verb {
-    /// Initialize this node's metadata (the node must be stopped).
+    /// Initialize this node's metadata (the node must be stopped, or its disk
+    /// detached: `detach-disk`).
     CreateMd {
         resource: Option<String>,
         /// Overwrite existing metadata.
@@ -121,6 +122,17 @@ pub enum Verb {
     },
     /// Close the connection to the peer; this node stays StandAlone until `connect`.
     Disconnect { resource: Option<String> },
+    /// Detach this node's disk on purpose, as after an I/O error (Secondary only):
+    /// the node goes on Diskless, the peer tracks every write in its bitmap, and the
+    /// disk's metadata is closed, so the disk can be repaired or replaced (then
+    /// `create-md --force`) while the node runs.
+    DetachDisk { resource: Option<String> },
+    /// Bring a detached disk back (Secondary with a Diskless disk only): the node
+    /// restarts inside the running daemon (same PID) from the disk's metadata and
+    /// resyncs from the peer, a bitmap or a full resync as the generations say.
+    /// Refused, with the node still running, when the disk's metadata is missing,
+    /// belongs to another node or cannot be written.
+    AttachDisk { resource: Option<String> },
     /// Compare every granule with the peer (digests) while in use; waits until done
     /// and prints the bytes found out of sync. With --repair, resyncs them.
     Verify {

@@ -200,5 +200,17 @@ fn run(cli: Cli) -> Result<(), Fail> {
         Verb::InvalidateRemote { resource } => simple(&paths, resource, node_arg, "invalidate-remote"),
         Verb::PauseSync { resource } => simple(&paths, resource, node_arg, "pause-sync"),
         Verb::ResumeSync { resource } => simple(&paths, resource, node_arg, "resume-sync"),
+        Verb::DetachDisk { resource } => simple(&paths, resource, node_arg, "detach-disk"),
+        Verb::AttachDisk { resource } => {
+            let config = load(&paths, resource.as_deref())?;
+            let node = local(&config, node_arg)?;
+            let result = client::request(&node, &serde_json::json!({"cmd": "attach-disk"}))?;
+            println!(
+                "node {} runs again with its disk ({}); resync follows on connect",
+                node.name,
+                result["disk"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
     }
 }

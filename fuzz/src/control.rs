@@ -54,6 +54,8 @@ pub fn seeds() -> Vec<Seed> {
         Command::InvalidateRemote,
         Command::PauseSync,
         Command::ResumeSync,
+        Command::DetachDisk,
+        Command::AttachDisk,
         Command::Events { now: true },
     ];
     let mut all = String::new();

@@ -1,6 +1,17 @@
 //! Running one node of a replicated resource (`blockd run` with a peer in the
 //! config): metadata, storage, the core task, the NBD server (which refuses clients
 //! while Secondary), the control socket and the peer supervisor; and an orderly stop.
+//!
+//! `attach-disk` restarts the node inside the daemon process: once the core task
+//! accepted it (a Secondary whose disk is Diskless) and the disk's metadata opens,
+//! belongs to this node and takes a write, the node stops as for `down` (nothing is
+//! written to the detached disk), [`run`] returns [`NodeExit::AttachDisk`], and the
+//! daemon calls [`run`] again, which starts from the disk's metadata as `blockd run`
+//! does (repaired in place, or replaced and `create-md`'d). The PID stays, so a
+//! supervisor (systemd, Pacemaker) sees no restart; the control socket, the NBD and
+//! metrics listeners are closed and bound again, the peer link is dropped and dialed
+//! again (the connect decision picks a bitmap or full resync from the generations),
+//! and the metrics' counters start from zero.
 
 use std::sync::Arc;
 
@@ -9,8 +20,8 @@ use nbd_server::Server;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, NodeConfig, ResyncRate};
-use crate::control;
-use crate::meta::{MetaStore, MetaTarget};
+use crate::control::{self, Reply};
+use crate::meta::{MetaError, MetaStore, MetaTarget};
 use crate::peer::dial::{PeerSettings, spawn_supervisor};
 use crate::peer::msg::Hello;
 use crate::repl::core::{Core, CoreConfig};
@@ -20,22 +31,37 @@ use crate::storage::{IoOp, Storage, StorageOptions};
 
 /// How long a stopping Primary waits for the peer to confirm its last writes.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long `attach-disk` waits for the detached disk's metadata to be closed by
+/// this node (its last update may still be running).
+const META_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How a node's run ended.
+#[derive(Debug)]
+pub enum NodeExit {
+    /// For good: a signal or `blockctl down`.
+    Stopped,
+    /// For `attach-disk`: run again; `reply` answers the request once the node runs.
+    AttachDisk(Reply),
+}
 
 /// Runs the node until `stop` turns true (signals, or `blockctl down` through the
-/// control socket, which sets it too).
+/// control socket, which sets it too), or until `attach-disk` stopped it to start it
+/// again. `attached`: the `attach-disk` request this start answers (taken once the
+/// node runs; left for the caller when the start fails).
 pub async fn run(
     config: Config,
     node: NodeConfig,
     peer: NodeConfig,
     storage_opts: StorageOptions,
     stop: watch::Sender<bool>,
-) -> anyhow::Result<()> {
+    attached: &mut Option<Reply>,
+) -> anyhow::Result<NodeExit> {
     let target = MetaTarget { backing: node.disk.clone(), location: node.meta.clone() };
     let mut meta = MetaStore::open(&target)?;
     meta.verify_identity(&config.resource.name, &node.name)?;
     let crate::repl::recover::Recovered { superblock: sb, size_bytes, crashed_primary, bitmap } =
         crate::repl::recover::recover(&mut meta, config.resource.al_extents, config.resource.size_bytes)?;
-    let meta = Arc::new(std::sync::Mutex::new(meta));
+    let meta = Arc::new(std::sync::Mutex::new(Some(meta)));
 
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let (sink, inputs_tx, inputs_rx) = new_sink(metrics.clone());
@@ -97,6 +123,7 @@ pub async fn run(
     let disconnector = server.disconnector();
 
     let (control_tx, control_rx) = mpsc::channel(16);
+    let (attach_tx, mut attach_rx) = mpsc::channel(1);
     let (core_stop_tx, core_stop_rx) = watch::channel(false);
     let (events_tx, events_rx) = watch::channel(crate::events::EventSnapshot::default());
     let event_source = control::EventSource {
@@ -167,6 +194,7 @@ pub async fn run(
         resource: config.resource.name.clone(),
         shutdown: core_stop_rx,
         stop_daemon: stop.clone(),
+        attach_disk: attach_tx,
     };
     tracing::info!(
         resource = %config.resource.name, node = %node.name, peer = %peer.name, size_bytes,
@@ -174,11 +202,39 @@ pub async fn run(
     );
     let inputs_for_drain = inputs_tx;
     let mut core_task = tokio::spawn(task.run());
-    tokio::select! {
-        _ = server.serve(listeners, stop.subscribe()) => {}
-        // The core ends on its own only if it failed.
-        ended = &mut core_task => core_failed(ended),
+    if let Some(reply) = attached.take() {
+        tracing::info!(disk = %sb.disk, "attach-disk: the node runs again with its disk");
+        let _ = reply.send(Ok(serde_json::json!({ "disk": sb.disk.as_str() })));
     }
+    // The node stops on the daemon's stop, or for `attach-disk`.
+    let (node_stop, _) = watch::channel(false);
+    let serve = server.serve(listeners, node_stop.subscribe());
+    tokio::pin!(serve);
+    let mut daemon_stop = stop.subscribe();
+    let mut attach = None;
+    loop {
+        tokio::select! {
+            _ = &mut serve => break,
+            // The core ends on its own only if it failed.
+            ended = &mut core_task => core_failed(ended),
+            _ = daemon_stop.wait_for(|s| *s), if !*node_stop.borrow() => {
+                node_stop.send_replace(true);
+            }
+            Some(reply) = attach_rx.recv(), if !*node_stop.borrow() => {
+                let (config, node, target) = (config.clone(), node.clone(), target.clone());
+                match tokio::task::spawn_blocking(move || check_attach(config, node, target)).await {
+                    Ok(Ok(())) => {
+                        tracing::info!("attach-disk: stopping the node to start it again with its disk");
+                        attach = Some(reply);
+                        node_stop.send_replace(true);
+                    }
+                    Ok(Err(why)) => drop(reply.send(Err(why))),
+                    Err(e) => drop(reply.send(Err(format!("checking the disk failed: {e}")))),
+                }
+            }
+        }
+    }
+    drop(attach_rx);
     // NBD clients are gone. Before the core stops, every write must be on the peer
     // too (protocol A may still have frames queued); bounded, since the peer may be
     // gone or slow.
@@ -196,6 +252,16 @@ pub async fn run(
     }
     let _ = control_task.await;
 
+    if let Some(reply) = attach {
+        if *stop.borrow() {
+            let _ = reply.send(Err("the daemon is stopping".into()));
+        } else {
+            // Nothing was written to the detached disk. The engine threads are
+            // joined off the runtime's threads.
+            let _ = tokio::task::spawn_blocking(move || drop(storage)).await;
+            return Ok(NodeExit::AttachDisk(reply));
+        }
+    }
     if let Ok(core) = &core
         && let Some(failure) = core.disk_failure()
     {
@@ -208,6 +274,7 @@ pub async fn run(
     storage.submit(IoOp::Flush, Token::Internal(tx));
     rx.await.unwrap_or(Err(nix::errno::Errno::EIO)).context("final flush of the backing store failed")?;
     let mut meta = meta.lock().map_err(|_| anyhow::anyhow!("metadata lock poisoned"))?;
+    let meta = meta.as_mut().context("the metadata was closed, but the disk is attached")?;
     if let Ok(mut core) = core {
         // The bitmap on disk covers everything now; the activity log is not needed.
         meta.write_bitmap_blocks(&core.stop_dirty()).context("cannot write the bitmap at shutdown")?;
@@ -219,7 +286,30 @@ pub async fn run(
     meta.update(|sb| sb.flags.clean_shutdown = true)
         .context("cannot record the clean shutdown in the metadata")?;
     tracing::info!("clean shutdown");
-    Ok(())
+    Ok(NodeExit::Stopped)
+}
+
+/// Before `attach-disk` stops the node: the disk is there and fits the config, its
+/// metadata opens (once this node closed it), belongs to this resource and node, and
+/// takes a superblock write (the same content under the next sequence number), so
+/// a disk that still fails is refused here with the node still running.
+fn check_attach(config: Config, node: NodeConfig, target: MetaTarget) -> Result<(), String> {
+    config.check_local(&node).map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + META_CLOSE_TIMEOUT;
+    let mut meta = loop {
+        match MetaStore::open(&target) {
+            Err(MetaError::Busy { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e @ MetaError::NoMetadata { .. }) => {
+                return Err(format!("{e}; a new disk needs `blockctl create-md --force` first"));
+            }
+            Err(e) => return Err(e.to_string()),
+            Ok(meta) => break meta,
+        }
+    };
+    meta.verify_identity(&config.resource.name, &node.name).map_err(|e| e.to_string())?;
+    meta.update(|_| {}).map_err(|e| format!("the disk's metadata cannot be written: {e}"))
 }
 
 /// The core task ended before the node was told to stop: it panicked (a bug). The

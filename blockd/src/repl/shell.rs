@@ -12,7 +12,9 @@
 //!
 //! Metadata actions (superblock updates, bitmap blocks, activity-log transactions)
 //! run on one metadata thread, in the order the core emitted them: the core relies
-//! on that order (bitmap blocks before the activity log forgets an extent).
+//! on that order (bitmap blocks before the activity log forgets an extent). Once the
+//! disk is detached (Diskless), the metadata thread closes the metadata, after the
+//! core's last update of it, so its lock is free for `create-md` on a replaced disk.
 //!
 //! Reads, CACHE and BLOCK_STATUS bypass the core: they touch only the local disk,
 //! which on a Primary is UpToDate, so they cost what they cost standalone.
@@ -25,7 +27,7 @@ use nbd_server::{BlockDevice, ExportInfo, NbdError, Request as NbdRequest, Respo
 use nix::errno::Errno;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::control::{Command, ControlRequest};
+use crate::control::{Command, ControlRequest, Reply};
 use crate::device::spawn_block_status;
 use crate::events::EventSnapshot;
 use crate::meta::MetaStore;
@@ -281,7 +283,8 @@ pub struct CoreTask {
     pub inputs_tx: mpsc::UnboundedSender<Input>,
     pub conns: mpsc::Receiver<PeerConn>,
     pub control: mpsc::Receiver<ControlRequest>,
-    pub meta: Arc<std::sync::Mutex<MetaStore>>,
+    /// The open metadata; `None` once closed after the disk was detached.
+    pub meta: Arc<std::sync::Mutex<Option<MetaStore>>>,
     pub shared: Arc<Shared>,
     pub hello: watch::Sender<Hello>,
     /// Tells the peer supervisor whether to connect at all (false: StandAlone).
@@ -302,6 +305,16 @@ pub struct CoreTask {
     pub shutdown: watch::Receiver<bool>,
     /// Asks the whole daemon to stop (`blockctl down`).
     pub stop_daemon: watch::Sender<bool>,
+    /// `attach-disk` requests, accepted by this task, carried out by `repl::node`
+    /// (which restarts the node); capacity 1.
+    pub attach_disk: mpsc::Sender<Reply>,
+}
+
+/// Work for the metadata thread.
+enum MetaWork {
+    Job(MetaJob),
+    /// The disk was detached: close the metadata (and release its lock).
+    Close,
 }
 
 /// Runs metadata actions one at a time, in order, and reports each one's result.
@@ -309,20 +322,32 @@ pub struct CoreTask {
 /// transaction queued, and superblock updates and bitmap intents are bounded by the
 /// writes in flight.
 fn spawn_meta_thread(
-    meta: Arc<std::sync::Mutex<MetaStore>>,
+    meta: Arc<std::sync::Mutex<Option<MetaStore>>>,
     inputs: mpsc::UnboundedSender<Input>,
-) -> (std::sync::mpsc::Sender<MetaJob>, std::thread::JoinHandle<()>) {
-    let (tx, rx) = std::sync::mpsc::channel::<MetaJob>();
+) -> (std::sync::mpsc::Sender<MetaWork>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel::<MetaWork>();
     let handle = std::thread::Builder::new()
         .name("blockd-meta".into())
         .spawn(move || {
             let mut writer = MetaWriter::default();
-            for job in rx {
+            for work in rx {
                 let Ok(mut m) = meta.lock() else {
                     tracing::error!("metadata lock poisoned; metadata updates stop");
                     return;
                 };
-                let result = writer.run(&mut m, &job);
+                let job = match work {
+                    MetaWork::Job(job) => job,
+                    MetaWork::Close => {
+                        if m.take().is_some() {
+                            tracing::info!("disk detached: metadata closed (its lock is released)");
+                        }
+                        continue;
+                    }
+                };
+                let result = match m.as_mut() {
+                    Some(store) => writer.run(store, &job),
+                    None => Err("not written: the disk is detached".to_string()),
+                };
                 drop(m);
                 let _ = inputs.send(Input::MetaDone { seq: job.seq(), result });
             }
@@ -337,7 +362,9 @@ type Published = (EventSnapshot, (Generations, DiskState, Role, u32));
 struct Running {
     t: CoreTask,
     published: std::cell::Cell<Option<Published>>,
-    meta_jobs: std::sync::mpsc::Sender<MetaJob>,
+    meta_jobs: std::sync::mpsc::Sender<MetaWork>,
+    /// The metadata was closed after the disk was detached.
+    meta_closed: bool,
     app_requests_seen: u64,
     link: Option<PeerConn>,
     /// Each NBD request's responder, and when a write arrived (for its latency).
@@ -360,6 +387,7 @@ impl CoreTask {
             t: self,
             published: std::cell::Cell::new(None),
             meta_jobs,
+            meta_closed: false,
             app_requests_seen: 0,
             link: None,
             responders: HashMap::new(),
@@ -449,6 +477,7 @@ impl CoreTask {
             r.t.core.handle_into(event, &mut actions);
             r.execute(actions.drain(..));
             r.publish();
+            r.close_meta_if_detached();
         }
         // Everything queued for the metadata is written before the caller's final
         // bitmap write.
@@ -633,8 +662,18 @@ impl Running {
     }
 
     fn meta_job(&self, job: MetaJob) {
-        if self.meta_jobs.send(job).is_err() {
+        if self.meta_jobs.send(MetaWork::Job(job)).is_err() {
             tracing::error!("the metadata thread is gone; a metadata update was lost");
+        }
+    }
+
+    /// Once Diskless, the core writes no more metadata (its last update, the
+    /// best-effort Outdated, is queued before): the metadata thread closes it after
+    /// that update, so `create-md` can run on a replaced disk before `attach-disk`.
+    fn close_meta_if_detached(&mut self) {
+        if !self.meta_closed && self.t.core.disk() == DiskState::Diskless {
+            self.meta_closed = true;
+            let _ = self.meta_jobs.send(MetaWork::Close);
         }
     }
 

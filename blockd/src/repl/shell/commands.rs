@@ -1,6 +1,7 @@
 //! The core task's answers to control-socket commands (`blockctl` verbs): role
 //! changes (with the forced demotion's steps), connect/disconnect, the operator
-//! commands the core decides, and the status object (SPEC §8.1 fields).
+//! commands the core decides, `attach-disk`'s checks, and the status object (SPEC
+//! §8.1 fields).
 
 use super::*;
 
@@ -76,8 +77,43 @@ impl Running {
             Command::PauseSync => Core::SetSyncPaused(true),
             Command::ResumeSync => Core::SetSyncPaused(false),
             Command::Verify { repair } => Core::Verify { repair },
+            Command::DetachDisk => Core::DetachDisk,
+            Command::AttachDisk => return self.attach_disk(req.reply),
         };
         self.core_command(cmd, req.reply);
+    }
+
+    /// `attach-disk`: only a Secondary whose disk is Diskless (a Failed disk still
+    /// has this node's ops on it). `repl::node` then checks the disk's metadata and
+    /// restarts the node in this process; the reply comes from there.
+    fn attach_disk(&mut self, reply: Reply) {
+        let (role, disk) = (self.t.core.role(), self.t.core.disk());
+        let refusal = match (role, disk) {
+            (Role::Primary, _) => Some(format!(
+                "this node is Primary (disk {disk}): attach-disk restarts the node; \
+                 move the Primary role first (`secondary` here, `primary` on the peer)"
+            )),
+            (_, DiskState::Diskless) => None,
+            (_, DiskState::Failed) => Some(
+                "the disk is Failed: this node's I/O on it has not finished yet; \
+                 retry once it is Diskless (status)"
+                    .to_string(),
+            ),
+            (_, disk) => Some(format!(
+                "the disk is attached ({disk}); attach-disk brings back a detached disk \
+                 (`detach-disk` first to replace it)"
+            )),
+        };
+        if let Some(why) = refusal {
+            let _ = reply.send(Err(why));
+            return;
+        }
+        if let Err(e) = self.t.attach_disk.try_send(reply) {
+            let reply = match e {
+                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
+            };
+            let _ = reply.send(Err("an attach-disk is in progress already".into()));
+        }
     }
 
     /// Demotes with no client in transmission and new ones refused (`demoting`);
