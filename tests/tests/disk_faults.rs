@@ -32,6 +32,7 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
 const BS: u32 = 4096;
+const NBD_EIO: u32 = 5;
 const NBD_ENOSPC: u32 = 28;
 
 fn random_seed() -> u64 {
@@ -389,12 +390,41 @@ fn enospc_on_a_secondary_detaches_it() {
     stop_and_compare(&mut p, &log, size);
 }
 
+/// alpha (the Primary) keeps its disk while its writes fail with `errno`: the
+/// client gets exactly that NBD error for them and nothing else, the disk stays
+/// UpToDate, and where beta wrote what failed on alpha the range is out of sync
+/// (resynced from alpha). After `heal`, writes succeed and the pair converges.
+fn primary_errors_reach_the_client(
+    mut p: Pair,
+    errno: u32,
+    region: (u64, u64),
+    fail: impl Fn(&Pair),
+    heal: impl Fn(&Pair),
+) {
+    let size = p.export_size(0);
+    fail(&p);
+    let log = writer_for(&p, region.0, region.1, Duration::from_secs(2)).finish();
+    assert_all_errors_are(&log, errno);
+    report(&p, "alpha's writes failing");
+    assert_eq!(field(&p, 0, "disk"), "UpToDate", "the disk stays attached");
+    assert!(p.status(0)["io_errors"].as_u64().unwrap_or(0) > 0, "alpha counts the errors");
+    assert_divergence_tracked(&p, 0, size);
+
+    heal(&p);
+    let load = writer(&p, region.0, region.1.min(8 * MIB));
+    load.wait_acked(2000, WAIT);
+    let log = finish_clean(load);
+    p.wait_synced(WAIT);
+    report(&p, "after the repair");
+    assert_eq!(field(&p, 0, "disk"), "UpToDate");
+    assert_verify_clean(&p, 0);
+    stop_and_compare(&mut p, &log, size);
+}
+
 /// alpha's (the Primary's) thin store is full: the client gets ENOSPC (28) for
-/// writes into holes and nothing else; the disk stays UpToDate (a full disk
-/// works); where beta wrote what failed on alpha, the range is out of sync and
-/// resynced from alpha. After space is freed, writes succeed and the pair
-/// converges. External metadata: internal metadata on a full thin store fails its
-/// own updates (the metadata area is a hole), which is a metadata failure.
+/// writes into holes (a full disk works: it is not detached). External metadata:
+/// internal metadata on a full thin store fails its own updates (the metadata area
+/// is a hole), which is a metadata failure.
 #[test]
 fn enospc_on_a_primary_is_returned_to_the_client() {
     let opts = PairOpts {
@@ -403,26 +433,34 @@ fn enospc_on_a_primary_is_returned_to_the_client() {
         disk_bytes: 256 * MIB,
         ..PairOpts::default()
     };
-    let mut p = start("df-enospc-pri", opts);
-    let size = p.export_size(0);
-    let filler = p.small_fs(0).fill();
-    eprintln!("alpha's filesystem filled ({filler} bytes taken)");
-    let log = writer_for(&p, 64 * MIB, 64 * MIB, Duration::from_secs(2)).finish();
-    assert_all_errors_are(&log, NBD_ENOSPC);
-    report(&p, "alpha full");
-    assert_eq!(field(&p, 0, "disk"), "UpToDate", "ENOSPC does not detach a Primary");
-    assert!(p.status(0)["io_errors"].as_u64().unwrap_or(0) > 0, "alpha counts the errors");
-    assert_divergence_tracked(&p, 0, size);
+    let p = start("df-enospc-pri", opts);
+    primary_errors_reach_the_client(
+        p,
+        NBD_ENOSPC,
+        (64 * MIB, 64 * MIB),
+        |p| eprintln!("alpha's filesystem filled ({} bytes taken)", p.small_fs(0).fill()),
+        |p| p.small_fs(0).release(),
+    );
+}
 
-    p.small_fs(0).release();
-    let load = writer(&p, 64 * MIB, 8 * MIB);
-    load.wait_acked(2000, WAIT);
-    let log = finish_clean(load);
-    p.wait_synced(WAIT);
-    report(&p, "after release");
-    assert_eq!(field(&p, 0, "disk"), "UpToDate");
-    assert_verify_clean(&p, 0);
-    stop_and_compare(&mut p, &log, size);
+/// `on-io-error = "pass-on"`: a Primary's failing writes give the client EIO and
+/// the disk stays (external metadata: only data I/O fails).
+#[test]
+fn pass_on_returns_eio_and_keeps_the_disk() {
+    let opts = PairOpts {
+        disks: [fault(), DiskSpec::Plain],
+        external_meta: true,
+        extra_resource: "on-io-error = \"pass-on\"\n".into(),
+        ..PairOpts::default()
+    };
+    let p = start("df-pass-on", opts);
+    primary_errors_reach_the_client(
+        p,
+        NBD_EIO,
+        (0, 8 * MIB),
+        |p| p.fault(0).fail(FaultScope::Writes),
+        |p| p.fault(0).heal(),
+    );
 }
 
 // ---------------------------------------------------------------------------
