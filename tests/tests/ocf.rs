@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use blockd_tests::pair::{Pair, PairOpts, binary};
+use blockd_tests::faultdisk::{FaultOpts, FaultScope};
+use blockd_tests::pair::{DiskSpec, Pair, PairOpts, binary};
+use blockd_tests::raw::{CMD_WRITE, RawClient, Reply};
 use blockd_tests::tools::{Output, run_capture};
 use blockd_tests::*;
 
@@ -133,9 +135,13 @@ struct Fixture {
 
 impl Fixture {
     fn new(label: &str) -> Fixture {
+        Fixture::with(label, &PairOpts::default())
+    }
+
+    fn with(label: &str, opts: &PairOpts) -> Fixture {
         require("xmllint");
         require("crm_attribute");
-        let pair = Pair::create(label, &PairOpts::default());
+        let pair = Pair::create(label, opts);
         let cib = pair.dir.join("cib.xml");
         write_cib(&cib, "r0-clone", true, true);
         let log = pair.dir.join("alpha-agent.log");
@@ -400,6 +406,77 @@ fn actions_and_scores() {
     assert!(f.reaper.strays().is_empty(), "blockd alpha still running after stop");
     // Notify never fails, even on a stopped node.
     f.expect("notify", &[("OCF_RESKEY_CRM_meta_notify_type", "post")], OK);
+}
+
+/// Disk failures (issue 13), as `ocf:linbit:drbd`: a Secondary whose disk is
+/// Diskless (`detach-disk`) is running (0) with no promotion score and its
+/// promote fails naming the case; meanwhile beta is promoted (as the cluster
+/// would); after `attach-disk` and the resync (same daemon PID) alpha's score is
+/// back. A Primary whose disk failed (EIO on a write: it fails closed) makes
+/// monitor return OCF_ERR_GENERIC (1), without a score; stop works.
+#[test]
+fn monitor_and_scores_with_a_failed_disk() {
+    let opts = PairOpts {
+        disks: [DiskSpec::Fault(FaultOpts::default()), DiskSpec::Plain],
+        external_meta: true,
+        ..PairOpts::default()
+    };
+    let mut f = Fixture::with("ocf-disk", &opts);
+    f.pair.start_node(1);
+    f.expect("start", &[], OK);
+    let synced = |p: &mut Pair| {
+        p.try_status(0).is_some_and(|s| {
+            s["disk"] == "UpToDate"
+                && s["peers"][0]["connection"] == "Connected"
+                && s["peers"][0]["replication"] == "Established"
+        })
+    };
+    f.pair.wait(WAIT, synced, "alpha UpToDate and Connected");
+    f.monitor(OK);
+    assert_eq!(f.score(), Some(10000));
+    let pid = f.alpha_status().expect("status")["pid"].clone();
+
+    // A diskless Secondary: running, never promoted.
+    f.pair.ctl_ok(0, &["detach-disk"]);
+    f.pair.wait(WAIT, |p| p.try_status(0).is_some_and(|s| s["disk"] == "Diskless"), "alpha Diskless");
+    f.monitor(OK);
+    assert_eq!(f.score(), None, "a diskless Secondary has no promotion score");
+    let out = f.expect("promote", &[("OCF_RESKEY_CRM_meta_timeout", "7000")], ERR_GENERIC);
+    assert!(out.stderr.contains("Diskless"), "the refusal names the case\n{}", out.describe());
+    f.monitor(OK);
+    // The cluster promotes the other node meanwhile (it gets a new generation, so
+    // alpha's disk is behind when it comes back).
+    f.pair.ctl_ok(1, &["primary"]);
+
+    // Repaired: attach-disk, resync, the score is back (same daemon).
+    f.pair.ctl_ok(0, &["attach-disk"]);
+    f.pair.wait(WAIT, synced, "alpha resynced after attach-disk");
+    assert_eq!(f.alpha_status().expect("status")["pid"], pid, "attach-disk keeps the PID");
+    f.monitor(OK);
+    assert_eq!(f.score(), Some(10000), "UpToDate again");
+
+    // A Primary whose disk fails: it fails closed, monitor 1, no score.
+    f.pair.ctl_ok(1, &["secondary"]);
+    f.expect("promote", &[], OK);
+    f.monitor(RUNNING_PROMOTED);
+    f.pair.fault(0).fail(FaultScope::Writes);
+    let addr = Addr::Unix(f.pair.nodes[0].nbd.clone());
+    let (mut c, _, _) = RawClient::handshake(&addr, EXPORT, false);
+    c.request(0, CMD_WRITE, 1, 0, 4096, &[0x5a; 4096]).expect("send a write");
+    match c.read_reply().expect("reply") {
+        Reply::Simple { error, .. } => assert_ne!(error, 0, "a write on a failing disk is not acknowledged"),
+        r => panic!("unexpected reply {r:?}"),
+    }
+    drop(c);
+    f.pair.wait(WAIT, |p| p.try_status(0).is_some_and(|s| s["disk"] == "Diskless"), "alpha Diskless");
+    let out = f.monitor(ERR_GENERIC);
+    assert!(out.stderr.contains("Primary with a Diskless local disk"), "{}", out.describe());
+    assert_eq!(f.score(), None, "a diskless Primary has no promotion score");
+
+    f.pair.fault(0).heal();
+    f.expect("stop", &[], OK);
+    f.monitor(NOT_RUNNING);
+    assert!(f.reaper.strays().is_empty(), "blockd alpha still running after stop");
 }
 
 /// crm-fence-peer / crm-unfence-peer on a CIB file: the constraint, exit codes 4
