@@ -20,6 +20,10 @@
 //!   it yet; move the test once `git log main` shows the ack-timeout commit.
 //! - **bounded queues** (issue 13 part 6):
 //!   `protocol_a_with_a_slow_secondary_keeps_both_nodes_bounded`.
+//! - **two defects found while writing the tests** (section 6 below; both fail
+//!   today): `a_disk_attached_with_nothing_missed_becomes_up_to_date` (stays
+//!   Outdated for good), and `a_restarted_node_whose_failed_disk_missed_writes_is_not_promoted`
+//!   (promoted alone, serves stale data).
 //!
 //! ASSUMES (from issue 13; adapt when the implementation chose differently):
 //! - A diskless Primary keeps its role, shows `disk` `Diskless` (after `Failed`),
@@ -235,3 +239,58 @@ fn protocol_a_with_a_slow_secondary_keeps_both_nodes_bounded() {
     stop_and_compare(&mut p, &log, size);
 }
 
+
+// ---------------------------------------------------------------------------
+// 6. Defects found while writing the tests (both fail today).
+
+/// `detach-disk` on beta while no node is Primary, then `attach-disk`: nothing
+/// was written meanwhile, so the generations are equal and no bit is set. beta
+/// comes back Outdated (the update after the detach, and `attach-disk`'s check,
+/// record that) and the connect decision says Established: beta stays Outdated
+/// for good, never promotable, though its data is current. Expected: UpToDate
+/// (DRBD clears Outdated on a connect that needs no resync with an UpToDate peer
+/// at equal UUIDs), or a (zero-byte) resync that ends UpToDate.
+#[test]
+fn a_disk_attached_with_nothing_missed_becomes_up_to_date() {
+    let mut p = Pair::start("df-attach-same", &PairOpts::default());
+    p.wait_established();
+    p.ctl_ok(1, &["detach-disk"]);
+    wait_disk(&mut p, 1, "Diskless");
+    attach_disk(&mut p, 1);
+    p.wait(WAIT, |p| field(p, 1, "disk") == "UpToDate", "beta UpToDate again");
+}
+
+/// Internal metadata on beta's disk, which fails writes: the update that should
+/// record the disk Outdated after the failure fails too, so the metadata still
+/// says UpToDate. alpha goes on writing, then stops; beta's daemon is restarted
+/// on the recovered disk (a reboot, `systemctl restart`) without alpha: it comes
+/// up UpToDate and `blockctl primary` (no --force) is accepted. Measured: the new
+/// Primary served 2442 of 3074 blocks without their acknowledged writes.
+/// `attach-disk` is safe (its check writes Outdated); a plain restart is not.
+/// Possible fixes: the Primary fences/outdates a peer that went diskless (as DRBD's
+/// fence-peer does), or the failure is recorded where it can be written.
+#[test]
+fn a_restarted_node_whose_failed_disk_missed_writes_is_not_promoted() {
+    let opts = PairOpts { disks: [DiskSpec::Plain, fault()], ..PairOpts::default() };
+    let mut p = start("df-restart-stale", opts);
+    let load = writer(&p, 0, 16 * MIB);
+    load.wait_acked(2000, WAIT);
+    p.fault(1).fail(FaultScope::Writes);
+    wait_disk(&mut p, 1, "Diskless");
+    let acked = load.acked();
+    load.wait_acked(acked + 2000, WAIT);
+    let log = finish_clean(load);
+    p.stop_node(0);
+    // A detached node exits 1 (not a clean stop).
+    let status = p.daemon(1).stop();
+    assert_eq!(status.code(), Some(1));
+    p.nodes[1].daemon = None;
+    p.fault(1).heal();
+    p.start_node(1);
+    let out = p.ctl(1, &["primary"]);
+    if out.status.success() {
+        verify_acked(&log, nbd_reader(&nbd(&p, 1), EXPORT, BS)).expect("no stale data from beta");
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{}", out.describe());
+    }
+}

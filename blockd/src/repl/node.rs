@@ -26,7 +26,7 @@ use crate::peer::dial::{PeerSettings, spawn_supervisor};
 use crate::peer::msg::Hello;
 use crate::repl::core::{Core, CoreConfig};
 use crate::repl::shell::{CoreTask, HELLO_CRASHED_PRIMARY, Input, Token, new_device, new_shared, new_sink};
-use crate::state::Role;
+use crate::state::{DiskState, Role};
 use crate::storage::{IoOp, Storage, StorageOptions};
 
 /// How long a stopping Primary waits for the peer to confirm its last writes.
@@ -291,8 +291,11 @@ pub async fn run(
 
 /// Before `attach-disk` stops the node: the disk is there and fits the config, its
 /// metadata opens (once this node closed it), belongs to this resource and node, and
-/// takes a superblock write (the same content under the next sequence number), so
-/// a disk that still fails is refused here with the node still running.
+/// takes a superblock write, so a disk that still fails is refused here with the
+/// node still running. That write records the disk as at best Outdated: it may have
+/// missed writes while detached, and the core's own update after the failure may
+/// not have reached it (a disk failing its writes, internal metadata), so it could
+/// still say UpToDate; it becomes UpToDate again only through a resync.
 fn check_attach(config: Config, node: NodeConfig, target: MetaTarget) -> Result<(), String> {
     config.check_local(&node).map_err(|e| e.to_string())?;
     let deadline = std::time::Instant::now() + META_CLOSE_TIMEOUT;
@@ -309,7 +312,8 @@ fn check_attach(config: Config, node: NodeConfig, target: MetaTarget) -> Result<
         }
     };
     meta.verify_identity(&config.resource.name, &node.name).map_err(|e| e.to_string())?;
-    meta.update(|_| {}).map_err(|e| format!("the disk's metadata cannot be written: {e}"))
+    meta.update(|sb| sb.disk = sb.disk.min(DiskState::Outdated))
+        .map_err(|e| format!("the disk's metadata cannot be written: {e}"))
 }
 
 /// The core task ended before the node was told to stop: it panicked (a bug). The
