@@ -110,16 +110,15 @@ fn pid(p: &Pair, n: usize) -> u64 {
 
 /// One line per node for the report: role, disk, peer view, out of sync, errors.
 fn report(p: &Pair, when: &str) {
-    for n in 0..2 {
+    for (n, name) in NODES.iter().enumerate() {
         let Some(s) = p.try_status(n) else {
-            eprintln!("[{when}] {}: not answering", NODES[n]);
+            eprintln!("[{when}] {name}: not answering");
             continue;
         };
         let peer = &s["peers"][0];
         eprintln!(
-            "[{when}] {}: role {} disk {} | peer {} {} disk {} out_of_sync {} | io_errors {} disk_failure {} \
+            "[{when}] {name}: role {} disk {} | peer {} {} disk {} out_of_sync {} | io_errors {} disk_failure {} \
              disk_error {}",
-            NODES[n],
             s["role"],
             s["disk"],
             peer["connection"],
