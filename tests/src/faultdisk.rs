@@ -318,12 +318,22 @@ impl FaultDisk {
     }
 }
 
+impl FaultDisk {
+    /// Cleanup: lets held requests through if the disk is paused (errors ignored).
+    /// A process with a request held here cannot exit (a thread waits in the
+    /// kernel for FUSE), so this must come before its owner is killed and reaped:
+    /// the [`crate::pair::Pair`] calls it before it stops its nodes.
+    pub fn resume_if_paused(&self) {
+        if self.paused.swap(false, Ordering::SeqCst) {
+            let _ = self.control(b'r', b'R');
+        }
+    }
+}
+
 impl Drop for FaultDisk {
     fn drop(&mut self) {
         // Held requests would keep the FUSE file busy: let them finish first.
-        if self.paused.load(Ordering::SeqCst) {
-            let _ = self.control(b'r', b'R');
-        }
+        self.resume_if_paused();
         let _ = remove(&self.fail_writes);
         let _ = remove(&self.fail_reads);
         // Then the fields: the FUSE mount (unmounted, nbdfuse reaped), nbdkit (killed).

@@ -500,6 +500,20 @@ impl Pair {
     }
 }
 
+impl Drop for Pair {
+    /// Before the fields drop (the nodes are killed first): a node with a request
+    /// held by a paused [`FaultDisk`] can be killed but not reaped until the
+    /// request completes, so paused disks are resumed first (a failing test would
+    /// hang in its cleanup otherwise).
+    fn drop(&mut self) {
+        for backing in &self.backing {
+            if let Backing::Fault(disk) = backing {
+                disk.resume_if_paused();
+            }
+        }
+    }
+}
+
 /// Creates node `name`'s backing store of `bytes` in `dir`: what backs it, the
 /// config's `disk`, and the file holding the data.
 fn create_disk(dir: &TempDir, name: &str, spec: &DiskSpec, bytes: u64) -> (Backing, PathBuf, PathBuf) {

@@ -11,15 +11,17 @@
 //! Each test prints what the client saw and what both nodes' status said
 //! (`eprintln!`, visible with `--nocapture`), for the issue's closing note.
 //!
+//! Also a hung disk (nbdkit's pause filter) on the Secondary: `ack-timeout`.
+//!
 //! Not here yet (in `tests/drafts/disk_faults.rs`, waiting for their behaviour):
-//! a failing Primary disk (a diskless Primary serving through its peer), the hung
-//! disk and `ack-timeout`, protocol A bounds with a slow Secondary.
+//! a failing Primary disk (a diskless Primary serving through its peer), protocol
+//! A bounds with a slow Secondary.
 //!
 //! Needs root, FUSE, loop devices, nbdkit, nbdfuse, mkfs.ext4 (like
 //! `faultdisk_selftest.rs`). About a minute in all.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blockd_tests::faultdisk::{FaultOpts, FaultScope};
 use blockd_tests::loadgen::{AckLog, LoadGen, LoadOpts, verify_acked};
@@ -460,6 +462,51 @@ fn pass_on_returns_eio_and_keeps_the_disk() {
         |p| p.fault(0).fail(FaultScope::Writes),
         |p| p.fault(0).heal(),
     );
+}
+
+// ---------------------------------------------------------------------------
+// A hung disk on a live peer: ack-timeout.
+
+/// beta's disk hangs (nbdkit's pause filter; its process keeps answering pings)
+/// under a protocol C writer: within `ack-timeout` (2 s) alpha drops beta and
+/// writes go on locally, tracked in the bitmap (before issue 13 they stalled for
+/// more than 40 s). The writer's own reply timeout (20 s, `raw::IO_TIMEOUT`) is the
+/// test's bound: a longer stall is a dead connection and fails `finish_clean`;
+/// the stall is measured and printed, not asserted. When the disk comes back, the
+/// pair reconnects and resyncs, and the copies are equal.
+#[test]
+fn a_hung_secondary_disk_is_dropped_after_ack_timeout() {
+    let opts = PairOpts {
+        disks: [DiskSpec::Plain, fault()],
+        extra_resource: "ack-timeout = \"2s\"\n".into(),
+        ..PairOpts::default()
+    };
+    let mut p = start("df-hung", opts);
+    let size = p.export_size(0);
+    let load = writer(&p, 0, 16 * MIB);
+    load.wait_acked(2000, WAIT);
+
+    let paused = Instant::now();
+    p.fault(1).pause();
+    p.wait(WAIT, |p| peer_field(p, 0, "connection") != "Connected", "alpha drops the hung peer");
+    let dropped = paused.elapsed();
+    let acked = load.acked();
+    load.wait_acked(acked + 2000, WAIT);
+    eprintln!("alpha dropped beta {dropped:?} after the pause; writes went on ({} acked)", load.acked());
+    report(&p, "beta's disk hung");
+    assert!(p.peer_u64(0, "out_of_sync_bytes") > 0, "alpha tracks what beta did not confirm");
+    let log = p.daemon(0).log();
+    assert!(log.contains("ack-timeout"), "alpha's log says why it dropped beta:\n{log}");
+    assert!(p.status(0)["ack_timeouts"].as_u64().unwrap_or(0) > 0, "alpha counts the ack timeouts");
+    assert_eq!(field(&p, 0, "disk"), "UpToDate");
+
+    p.fault(1).resume();
+    p.wait_synced(WAIT);
+    report(&p, "after resume and resync");
+    let log = finish_clean(load);
+    verify_acked(&log, nbd_reader(&nbd(&p, 0), EXPORT, BS)).expect("alpha");
+    assert_verify_clean(&p, 0);
+    stop_and_compare(&mut p, &log, size);
 }
 
 // ---------------------------------------------------------------------------
