@@ -77,7 +77,7 @@ pub enum Command {
     ResumeSync,
     /// Detach the local disk on purpose (as after an I/O error): the node goes on
     /// Diskless and releases the disk's metadata lock, so the disk can be replaced
-    /// (`create-md`). Refused on a Primary.
+    /// (`create-md`). On a Primary only while its peer can serve for it.
     DetachDisk,
     /// Bring a detached disk (repaired, or replaced and `create-md`'d) back: the
     /// node restarts inside the daemon process from the disk's metadata and

@@ -122,8 +122,9 @@ pub enum Verb {
     },
     /// Close the connection to the peer; this node stays StandAlone until `connect`.
     Disconnect { resource: Option<String> },
-    /// Detach this node's disk on purpose, as after an I/O error (Secondary only):
-    /// the node goes on Diskless, the peer tracks every write in its bitmap, and the
+    /// Detach this node's disk on purpose, as after an I/O error: the node goes on
+    /// Diskless (a Primary only while its peer is connected and UpToDate: it then
+    /// serves through the peer), the peer tracks every write in its bitmap, and the
     /// disk's metadata is closed, so the disk can be repaired or replaced (then
     /// `create-md --force`) while the node runs.
     DetachDisk { resource: Option<String> },

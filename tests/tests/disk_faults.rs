@@ -2,20 +2,20 @@
 //! under a verifying protocol C writer (`LoadGen`, 4 connections, FLUSH every 128
 //! writes). The faults: nbdkit's error filter behind nbdfuse (`FaultDisk`: EIO on
 //! writes, switched at runtime) and a sparse store on a small ext4 that is filled
-//! on demand (`SmallFs`: ENOSPC into holes). After each: no acknowledged write is
-//! lost, no Primary serves stale data, a node that missed writes is never
-//! promoted, and after repair (`attach-disk`) and resync the copies are equal
-//! (`verify` finds 0 bytes out of sync, the stores are byte-identical, and beta's
-//! store holds every acknowledged write).
+//! on demand (`SmallFs`: ENOSPC into holes), and a hung disk (nbdkit's pause
+//! filter: `ack-timeout`). After each: no acknowledged write is lost, no Primary
+//! serves stale data (a node that missed writes is promoted only as a diskless
+//! Primary serving its UpToDate peer's data, never alone), and after repair
+//! (`attach-disk`) and resync the copies are equal (`verify` finds 0 bytes out of
+//! sync, the stores are byte-identical, and beta's store holds every acknowledged
+//! write). A Primary whose disk fails goes on through its peer; the client sees
+//! nothing.
 //!
 //! Each test prints what the client saw and what both nodes' status said
 //! (`eprintln!`, visible with `--nocapture`), for the closing note.
 //!
-//! Also a hung disk (nbdkit's pause filter) on the Secondary: `ack-timeout`.
-//!
-//! Not here yet (in `tests/drafts/disk_faults.rs`, waiting for their behaviour):
-//! a failing Primary disk (a diskless Primary serving through its peer), protocol
-//! A bounds with a slow Secondary.
+//! Not here yet (in `tests/drafts/disk_faults.rs`): two defects found while
+//! writing these.
 //!
 //! Needs root, FUSE, loop devices, nbdkit, nbdfuse, mkfs.ext4 (like
 //! `faultdisk_selftest.rs`). About a minute in all.
@@ -27,6 +27,7 @@ use blockd_tests::faultdisk::{FaultOpts, FaultScope};
 use blockd_tests::loadgen::{AckLog, LoadGen, LoadOpts, verify_acked};
 use blockd_tests::pair::{DiskSpec, NODES, Pair, PairOpts};
 use blockd_tests::pattern::{file_reader, nbd_reader};
+use blockd_tests::raw::{CMD_READ, CMD_WRITE, RawClient, Reply};
 use blockd_tests::scatter::{assert_data_equal, data_segments, merge};
 use blockd_tests::smallfs::SmallFsKind;
 use blockd_tests::*;
@@ -35,6 +36,7 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(60);
 const BS: u32 = 4096;
 const NBD_EIO: u32 = 5;
+const NBD_OK: u32 = 0;
 const NBD_ENOSPC: u32 = 28;
 
 fn random_seed() -> u64 {
@@ -190,14 +192,26 @@ fn assert_verify_clean(p: &Pair, n: usize) {
     );
 }
 
-/// Promotion of node `n` (diskless) is refused, with and without --force, and the
-/// reason names the case; the peer must not be Primary (that refusal comes first).
+/// Promotion of node `n` (diskless, its peer not connected) is refused, with and
+/// without --force, and the reason names the case.
 fn assert_promotion_refused(p: &Pair, n: usize) {
     for args in [&["primary"][..], &["primary", "--force"]] {
         let out = p.ctl_refused(n, args, 1, "Diskless");
         eprintln!("{} {args:?} refused: {}", NODES[n], out.stderr.trim());
     }
     assert_eq!(field(p, n, "role"), "Secondary");
+}
+
+/// Node `n` (diskless, its peer connected, UpToDate and Secondary) is promoted: a
+/// diskless Primary, serving its peer's data: every write `log` acknowledged
+/// (never stale data). Then it is demoted again.
+fn diskless_primary_serves_the_peers_data(p: &mut Pair, n: usize, log: &AckLog) {
+    p.ctl_ok(n, &["primary"]);
+    assert_eq!((field(p, n, "role").as_str(), field(p, n, "disk").as_str()), ("Primary", "Diskless"));
+    report(p, &format!("{} promoted without its disk", NODES[n]));
+    verify_acked(log, nbd_reader(&nbd(p, n), EXPORT, BS))
+        .expect("the diskless Primary serves the peer's data");
+    p.ctl_ok(n, &["secondary"]);
 }
 
 /// `attach-disk` on node `n`: the same daemon process goes on with its disk.
@@ -264,7 +278,8 @@ fn stop_and_compare(p: &mut Pair, log: &AckLog, size: u64) {
 
 /// beta's disk starts failing writes under load. The client sees nothing; beta
 /// goes Failed, then Diskless, saying what failed; alpha sees its peer Diskless
-/// and tracks every write beta misses; beta cannot be promoted. Repair: the
+/// and tracks every write beta misses; beta is promoted only as a diskless Primary
+/// serving alpha's data, never alone. Repair: the
 /// faults stop and `attach-disk` brings the disk back, internal metadata after
 /// `create-md --force` (a replaced disk: full sync), external metadata as it is
 /// (bitmap resync).
@@ -305,9 +320,10 @@ fn secondary_disk_fails(label: &str, external_meta: bool) {
     verify_acked(&log, nbd_reader(&nbd(&p, 0), EXPORT, BS)).expect("alpha serves every acknowledged write");
     assert_divergence_tracked(&p, 0, size);
 
-    // beta's data is behind: it is never promoted, connected or not.
+    // beta's data is behind: promoted only to serve alpha's data through alpha;
+    // alone, never.
     p.ctl_ok(0, &["secondary"]);
-    assert_promotion_refused(&p, 1);
+    diskless_primary_serves_the_peers_data(&mut p, 1, &log);
     p.stop_node(0);
     p.wait(WAIT, |p| peer_field(p, 1, "connection") != "Connected", "beta sees alpha gone");
     assert_promotion_refused(&p, 1);
@@ -352,6 +368,122 @@ fn a_failing_secondary_data_area_is_detached_even_with_healthy_metadata() {
 }
 
 // ---------------------------------------------------------------------------
+// The Primary's disk fails: it goes on as a diskless Primary.
+
+/// One request on a fresh connection to node `n` (a Primary): its NBD error (0:
+/// success). A read's data is discarded: the point is whether it is served.
+fn probe(p: &Pair, n: usize, cmd: u16, offset: u64) -> u32 {
+    let (mut c, _, _) = RawClient::handshake(&nbd(p, n), EXPORT, false);
+    let data = vec![0x3c; BS as usize];
+    let payload: &[u8] = if cmd == CMD_WRITE { &data } else { &[] };
+    c.request(0, cmd, 1, offset, BS, payload).expect("send");
+    match c.read_reply().expect("reply") {
+        Reply::Simple { error: NBD_OK, .. } if cmd == CMD_READ => {
+            let mut buf = vec![0u8; BS as usize];
+            c.read_exact(&mut buf).expect("read data");
+            NBD_OK
+        }
+        Reply::Simple { error, .. } => error,
+        r => panic!("unexpected reply {r:?}"),
+    }
+}
+
+/// Moves the Primary role from alpha to beta (no client connected).
+fn switch_to_beta(p: &Pair) {
+    p.ctl_ok(0, &["secondary"]);
+    p.ctl_ok(1, &["primary"]);
+}
+
+/// alpha's disk fails reads and writes under load (protocol `protocol`): alpha
+/// goes Diskless and stays Primary, serving reads from beta and writing to beta
+/// only; the client sees no error, and every acknowledged write is on beta's disk
+/// (protocol C semantics while diskless, whatever the protocol). Without beta,
+/// alpha answers EIO to reads and writes: never stale data. Repair: the role
+/// moves to beta (attach-disk restarts the node, so not on a Primary), the disk
+/// is replaced (`create-md --force`) and attached: full sync.
+fn primary_disk_fails(protocol: char) {
+    let opts = PairOpts { protocol, disks: [fault(), DiskSpec::Plain], ..PairOpts::default() };
+    let mut p = start(&format!("df-pri-{protocol}"), opts);
+    let size = p.export_size(0);
+    let load = writer(&p, 0, 16 * MIB);
+    load.wait_acked(2000, WAIT);
+
+    p.fault(0).fail(FaultScope::ReadsAndWrites);
+    wait_disk(&mut p, 0, "Diskless");
+    assert_disk_failure(&p, 0, libc::EIO, "EIO");
+    assert_eq!(field(&p, 0, "role"), "Primary");
+    wait_peer_disk(&mut p, 1, "Diskless");
+    report(&p, "alpha's disk failed");
+    let acked = load.acked();
+    load.wait_acked(acked + 2000, WAIT);
+    let log = finish_clean(load);
+    verify_acked(&log, nbd_reader(&nbd(&p, 0), EXPORT, BS))
+        .expect("the diskless Primary reads from its peer");
+    verify_acked(&log, file_reader(p.store_path(1), BS)).expect("every acknowledged write is on beta");
+
+    p.stop_node(1);
+    p.wait(WAIT, |p| peer_field(p, 0, "connection") != "Connected", "alpha sees beta gone");
+    let (read, write) = (probe(&p, 0, CMD_READ, 0), probe(&p, 0, CMD_WRITE, 0));
+    eprintln!("diskless alpha without beta: read → NBD error {read}, write → NBD error {write}");
+    assert_eq!((read, write), (NBD_EIO, NBD_EIO), "a diskless Primary without its peer serves nothing");
+    p.start_node(1);
+    p.wait(WAIT, |p| peer_field(p, 0, "connection") == "Connected", "beta reconnects");
+    report(&p, "beta back");
+
+    p.ctl_refused(0, &["attach-disk"], 1, "move the Primary role first");
+    switch_to_beta(&p);
+    p.fault(0).heal();
+    p.ctl_ok(0, &["create-md", "--force"]);
+    attach_disk(&mut p, 0);
+    p.wait_synced(WAIT);
+    report(&p, "after attach-disk and resync");
+    assert_verify_clean(&p, 1);
+    stop_and_compare(&mut p, &log, size);
+}
+
+#[test]
+fn a_failing_primary_disk_is_invisible_to_the_client_protocol_c() {
+    primary_disk_fails('C');
+}
+
+#[test]
+fn a_failing_primary_disk_is_invisible_to_the_client_protocol_a() {
+    primary_disk_fails('A');
+}
+
+/// `detach-disk` on the Primary under load (beta connected and UpToDate): alpha
+/// goes on Diskless, serving through beta; the client sees nothing. Refused while
+/// beta is not connected. After the role moved to beta, `attach-disk` of the same
+/// disk brings it back.
+#[test]
+fn detach_disk_on_the_primary_serves_through_the_peer() {
+    let mut p = start("df-detach-pri", PairOpts { external_meta: true, ..PairOpts::default() });
+    let size = p.export_size(0);
+    p.ctl_ok(0, &["disconnect"]);
+    p.ctl_refused(0, &["detach-disk"], 1, "not connected and UpToDate");
+    p.ctl_ok(0, &["connect"]);
+    p.wait_synced(WAIT);
+
+    let load = writer(&p, 0, 16 * MIB);
+    load.wait_acked(2000, WAIT);
+    p.ctl_ok(0, &["detach-disk"]);
+    wait_disk(&mut p, 0, "Diskless");
+    assert_eq!(field(&p, 0, "role"), "Primary");
+    report(&p, "alpha detached by the operator");
+    let acked = load.acked();
+    load.wait_acked(acked + 2000, WAIT);
+    let log = finish_clean(load);
+    verify_acked(&log, nbd_reader(&nbd(&p, 0), EXPORT, BS)).expect("alpha serves through beta");
+
+    switch_to_beta(&p);
+    attach_disk(&mut p, 0);
+    p.wait_synced(WAIT);
+    report(&p, "after attach-disk");
+    assert_verify_clean(&p, 1);
+    stop_and_compare(&mut p, &log, size);
+}
+
+// ---------------------------------------------------------------------------
 // ENOSPC on thin stores.
 
 /// beta's thin store is full: its first write into a hole fails with ENOSPC,
@@ -379,7 +511,7 @@ fn enospc_on_a_secondary_detaches_it() {
     let log = finish_clean(load);
     assert_divergence_tracked(&p, 0, size);
     p.ctl_ok(0, &["secondary"]);
-    assert_promotion_refused(&p, 1);
+    diskless_primary_serves_the_peers_data(&mut p, 1, &log);
     p.ctl_ok(0, &["primary"]);
 
     p.small_fs(1).release();
@@ -512,6 +644,22 @@ fn a_hung_secondary_disk_is_dropped_after_ack_timeout() {
 // ---------------------------------------------------------------------------
 // The repair verbs on a healthy pair.
 
+/// `detach-disk` on beta while no node is Primary, then `attach-disk`: nothing
+/// was written meanwhile, so the generations are equal and no bit is set, but
+/// beta comes back Outdated (recorded after the detach, and by `attach-disk`'s
+/// check). It must not stay Outdated for good (as it did before the connect
+/// decision made an Outdated disk at the peer's generation a sync target).
+#[test]
+fn a_disk_attached_with_nothing_missed_becomes_up_to_date() {
+    let mut p = Pair::start("df-attach-same", &PairOpts::default());
+    p.wait_established();
+    p.ctl_ok(1, &["detach-disk"]);
+    wait_disk(&mut p, 1, "Diskless");
+    attach_disk(&mut p, 1);
+    p.wait_synced(WAIT);
+    report(&p, "after attach-disk with nothing missed");
+}
+
 /// `detach-disk` / `attach-disk` round trip on the Secondary under load: the
 /// client sees nothing; beta goes Diskless and its metadata is free (another
 /// process can open it); `attach-disk` brings the same disk back in the same
@@ -522,7 +670,6 @@ fn detach_and_attach_disk_round_trip_under_load() {
     let size = p.export_size(0);
 
     // Refusals, before anything is detached.
-    p.ctl_refused(0, &["detach-disk"], 1, "Primary");
     p.ctl_refused(0, &["attach-disk"], 1, "move the Primary role first");
     p.ctl_refused(1, &["attach-disk"], 1, "attached");
     p.ctl_refused(1, &["create-md", "--force"], 1, "in use");

@@ -35,6 +35,8 @@ const ERR_GENERIC: i32 = 1;
 const ERR_CONFIGURED: i32 = 6;
 const NOT_RUNNING: i32 = 7;
 const RUNNING_PROMOTED: i32 = 8;
+/// The agent's score for a Primary serving through its peer without its disk.
+const SCORE_DISKLESS_PRIMARY: i64 = 9999;
 
 fn ocf(name: &str) -> PathBuf {
     workspace_root().join("ocf").join(name)
@@ -408,12 +410,12 @@ fn actions_and_scores() {
     f.expect("notify", &[("OCF_RESKEY_CRM_meta_notify_type", "post")], OK);
 }
 
-/// Disk failures (issue 13), as `ocf:linbit:drbd`: a Secondary whose disk is
-/// Diskless (`detach-disk`) is running (0) with no promotion score and its
-/// promote fails naming the case; meanwhile beta is promoted (as the cluster
-/// would); after `attach-disk` and the resync (same daemon PID) alpha's score is
-/// back. A Primary whose disk failed (EIO on a write: it fails closed) makes
-/// monitor return OCF_ERR_GENERIC (1), without a score; stop works.
+/// Disk failures (issue 13), after `ocf:linbit:drbd`: a Secondary whose disk is
+/// Diskless (`detach-disk`) is running (0) with no promotion score; promoted, it
+/// serves through its UpToDate peer (8, score 9999); after `attach-disk` and the
+/// resync (same daemon PID) the score is 10000 again. A Primary whose disk fails
+/// goes on through its peer (8, 9999); without the peer it answers EIO: monitor 1,
+/// no score. Stop works.
 #[test]
 fn monitor_and_scores_with_a_failed_disk() {
     let opts = PairOpts {
@@ -431,47 +433,57 @@ fn monitor_and_scores_with_a_failed_disk() {
                 && s["peers"][0]["replication"] == "Established"
         })
     };
+    let diskless = |p: &mut Pair| p.try_status(0).is_some_and(|s| s["disk"] == "Diskless");
     f.pair.wait(WAIT, synced, "alpha UpToDate and Connected");
     f.monitor(OK);
     assert_eq!(f.score(), Some(10000));
     let pid = f.alpha_status().expect("status")["pid"].clone();
 
-    // A diskless Secondary: running, never promoted.
+    // A diskless Secondary: running, no score.
     f.pair.ctl_ok(0, &["detach-disk"]);
-    f.pair.wait(WAIT, |p| p.try_status(0).is_some_and(|s| s["disk"] == "Diskless"), "alpha Diskless");
+    f.pair.wait(WAIT, diskless, "alpha Diskless");
     f.monitor(OK);
     assert_eq!(f.score(), None, "a diskless Secondary has no promotion score");
-    let out = f.expect("promote", &[("OCF_RESKEY_CRM_meta_timeout", "7000")], ERR_GENERIC);
-    assert!(out.stderr.contains("Diskless"), "the refusal names the case\n{}", out.describe());
+    // Promoted anyway (by hand): a diskless Primary serving through beta.
+    f.expect("promote", &[], OK);
+    f.monitor(RUNNING_PROMOTED);
+    assert_eq!(f.score(), Some(SCORE_DISKLESS_PRIMARY));
+    f.expect("demote", &[], OK);
     f.monitor(OK);
-    // The cluster promotes the other node meanwhile (it gets a new generation, so
-    // alpha's disk is behind when it comes back).
-    f.pair.ctl_ok(1, &["primary"]);
+    assert_eq!(f.score(), None);
 
-    // Repaired: attach-disk, resync, the score is back (same daemon).
+    // beta is promoted meanwhile (as the cluster would) and writes; alpha's disk
+    // comes back with attach-disk and resyncs; the score is back (same daemon).
+    f.pair.ctl_ok(1, &["primary"]);
     f.pair.ctl_ok(0, &["attach-disk"]);
     f.pair.wait(WAIT, synced, "alpha resynced after attach-disk");
     assert_eq!(f.alpha_status().expect("status")["pid"], pid, "attach-disk keeps the PID");
     f.monitor(OK);
     assert_eq!(f.score(), Some(10000), "UpToDate again");
-
-    // A Primary whose disk fails: it fails closed, monitor 1, no score.
     f.pair.ctl_ok(1, &["secondary"]);
+
+    // A Primary whose disk fails goes on through beta; without beta it fails.
     f.expect("promote", &[], OK);
     f.monitor(RUNNING_PROMOTED);
     f.pair.fault(0).fail(FaultScope::Writes);
     let addr = Addr::Unix(f.pair.nodes[0].nbd.clone());
     let (mut c, _, _) = RawClient::handshake(&addr, EXPORT, false);
     c.request(0, CMD_WRITE, 1, 0, 4096, &[0x5a; 4096]).expect("send a write");
-    match c.read_reply().expect("reply") {
-        Reply::Simple { error, .. } => assert_ne!(error, 0, "a write on a failing disk is not acknowledged"),
-        r => panic!("unexpected reply {r:?}"),
-    }
+    let reply = c.read_reply().expect("reply");
+    assert!(matches!(reply, Reply::Simple { error: 0, .. }), "served through beta: {reply:?}");
     drop(c);
-    f.pair.wait(WAIT, |p| p.try_status(0).is_some_and(|s| s["disk"] == "Diskless"), "alpha Diskless");
+    f.pair.wait(WAIT, diskless, "alpha Diskless");
+    f.monitor(RUNNING_PROMOTED);
+    assert_eq!(f.score(), Some(SCORE_DISKLESS_PRIMARY));
+    f.pair.stop_node(1);
+    f.pair.wait(
+        WAIT,
+        |p| p.try_status(0).is_some_and(|s| s["peers"][0]["connection"] != "Connected"),
+        "alpha sees beta gone",
+    );
     let out = f.monitor(ERR_GENERIC);
     assert!(out.stderr.contains("Primary with a Diskless local disk"), "{}", out.describe());
-    assert_eq!(f.score(), None, "a diskless Primary has no promotion score");
+    assert_eq!(f.score(), None, "a diskless Primary without its peer has no promotion score");
 
     f.pair.fault(0).heal();
     f.expect("stop", &[], OK);
