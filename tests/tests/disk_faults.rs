@@ -388,19 +388,29 @@ fn probe(p: &Pair, n: usize, cmd: u16, offset: u64) -> u32 {
     }
 }
 
-/// Moves the Primary role from alpha to beta (no client connected).
-fn switch_to_beta(p: &Pair) {
+/// Repairs alpha's disk after alpha served as a diskless Primary: the role moves
+/// to beta (`attach-disk` restarts the node, so not on a Primary), `create-md
+/// --force` for a `replaced` disk, `attach-disk`, the resync, then the end checks.
+fn repair_alpha_on_beta(p: &mut Pair, log: &AckLog, size: u64, replaced: bool) {
+    p.ctl_refused(0, &["attach-disk"], 1, "move the Primary role first");
     p.ctl_ok(0, &["secondary"]);
     p.ctl_ok(1, &["primary"]);
+    if replaced {
+        p.ctl_ok(0, &["create-md", "--force"]);
+    }
+    attach_disk(p, 0);
+    p.wait_synced(WAIT);
+    report(p, "after attach-disk and resync");
+    assert_verify_clean(p, 1);
+    stop_and_compare(p, log, size);
 }
 
 /// alpha's disk fails reads and writes under load (protocol `protocol`): alpha
 /// goes Diskless and stays Primary, serving reads from beta and writing to beta
 /// only; the client sees no error, and every acknowledged write is on beta's disk
 /// (protocol C semantics while diskless, whatever the protocol). Without beta,
-/// alpha answers EIO to reads and writes: never stale data. Repair: the role
-/// moves to beta (attach-disk restarts the node, so not on a Primary), the disk
-/// is replaced (`create-md --force`) and attached: full sync.
+/// alpha answers EIO to reads and writes: never stale data. Repair: the disk is
+/// replaced (`create-md --force`) and attached once beta is Primary: full sync.
 fn primary_disk_fails(protocol: char) {
     let opts = PairOpts { protocol, disks: [fault(), DiskSpec::Plain], ..PairOpts::default() };
     let mut p = start(&format!("df-pri-{protocol}"), opts);
@@ -430,15 +440,8 @@ fn primary_disk_fails(protocol: char) {
     p.wait(WAIT, |p| peer_field(p, 0, "connection") == "Connected", "beta reconnects");
     report(&p, "beta back");
 
-    p.ctl_refused(0, &["attach-disk"], 1, "move the Primary role first");
-    switch_to_beta(&p);
     p.fault(0).heal();
-    p.ctl_ok(0, &["create-md", "--force"]);
-    attach_disk(&mut p, 0);
-    p.wait_synced(WAIT);
-    report(&p, "after attach-disk and resync");
-    assert_verify_clean(&p, 1);
-    stop_and_compare(&mut p, &log, size);
+    repair_alpha_on_beta(&mut p, &log, size, true);
 }
 
 #[test]
@@ -475,12 +478,7 @@ fn detach_disk_on_the_primary_serves_through_the_peer() {
     let log = finish_clean(load);
     verify_acked(&log, nbd_reader(&nbd(&p, 0), EXPORT, BS)).expect("alpha serves through beta");
 
-    switch_to_beta(&p);
-    attach_disk(&mut p, 0);
-    p.wait_synced(WAIT);
-    report(&p, "after attach-disk");
-    assert_verify_clean(&p, 1);
-    stop_and_compare(&mut p, &log, size);
+    repair_alpha_on_beta(&mut p, &log, size, false);
 }
 
 // ---------------------------------------------------------------------------
