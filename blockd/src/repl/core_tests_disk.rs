@@ -375,3 +375,19 @@ fn an_outdated_disk_at_the_same_generation_is_resynced_in_full() {
     assert_eq!(decide(&stale, &up), Decision::SyncTarget(SyncScope::Full));
     assert_eq!(decide(&up, &stale), Decision::SyncSource(SyncScope::Full));
 }
+
+/// Found by the fault tests: a sync target whose disk failed mid-resync was
+/// recorded Outdated (consistent) in its metadata. Now it stays Inconsistent.
+#[test]
+fn a_failed_sync_target_stays_inconsistent_in_its_metadata() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut t = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::UpToDate, gens, 4);
+    connect(&mut t, remote(20, 10, Role::Secondary)).expect("target");
+    assert_eq!(t.repl_state(), ReplState::SyncTarget);
+    let a = t.handle(Event::Command { id: 1, cmd: Command::DetachDisk });
+    let recorded = a.iter().rev().find_map(|x| match x {
+        Action::Persist { disk, .. } => Some(*disk),
+        _ => None,
+    });
+    assert_eq!(recorded, Some(DiskState::Inconsistent), "{a:?}");
+}

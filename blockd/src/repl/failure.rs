@@ -120,6 +120,9 @@ impl Core {
         tracing::error!(op = failure.op, errno = failure.errno, offset = failure.offset, error = %failure.error,
             role = %self.role, "local disk failed: detaching it");
         self.disk_failure = Some(failure);
+        // What the metadata may say from now on: Outdated at best; a sync target
+        // stays Inconsistent (its data is partly written).
+        let recorded = self.disk.min(DiskState::Outdated);
         self.disk = DiskState::Failed;
         self.repair_pending = false;
         // Best effort: a restart on this disk must not claim UpToDate. Its outcome
@@ -127,7 +130,7 @@ impl Core {
         let seq = self.next_seq();
         self.last_persist_seq = seq;
         let was_primary = self.role == Role::Primary || self.crashed_primary;
-        out.push(Action::Persist { seq, gens: self.gens, disk: DiskState::Outdated, was_primary });
+        out.push(Action::Persist { seq, gens: self.gens, disk: recorded, was_primary });
         if self.role == Role::Secondary {
             if self.link != Link::Disconnected {
                 // Comes back Diskless: the Primary records everything it sent
