@@ -69,10 +69,13 @@ fn a_dead_core_stops_the_node_and_a_restart_recovers() {
 
     p.wait(WAIT, |p| p.peer(1)["connection"] != "Connected", "beta sees alpha gone");
 
-    // A restart recovers from what the metadata holds, as after a crash.
+    // A restart recovers from what the metadata holds, as after a crash: the disk
+    // is Consistent, not UpToDate, until the peer is heard (no promotion on its own
+    // data), then the crashed Primary's hot extents go to beta.
     p.start_node(0);
     let log = p.daemon(0).log();
     assert!(log.contains("crashed while Primary"), "the unclean stop is recognised:\n{log}");
+    p.wait_established();
     p.ctl_ok(0, &["primary"]);
     p.wait_synced(WAIT);
 }

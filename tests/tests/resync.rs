@@ -236,8 +236,11 @@ fn primary_crash_while_disconnected_resyncs_bitmap_plus_activity_log() {
     p.daemon(0).start_again();
     let s = p.status(0);
     assert_eq!(s["role"], "Secondary", "a node always starts Secondary: {s}");
+    // Not stopped cleanly, and its peer not heard: Consistent, promoted only by
+    // the operator's choice (DRBD's `primary --force` on a Consistent disk).
+    assert_eq!(s["disk"], "Consistent", "{s}");
     let gens_restarted = p.status(0)["generations"].clone();
-    p.ctl_ok(0, &["primary"]);
+    p.ctl_ok(0, &["primary", "--force"]);
     eprintln!(
         "alpha generations: after restart {gens_restarted}, after `primary` {}; beta {}",
         p.status(0)["generations"],

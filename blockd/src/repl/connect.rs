@@ -111,7 +111,17 @@ impl Core {
         remote: SideState,
         out: &mut Vec<Action>,
     ) -> Result<(), ConnectRefusal> {
-        match decide(me, &remote) {
+        let decision = decide(me, &remote);
+        if self.disk == DiskState::Consistent
+            && matches!(decision, Decision::InSync | Decision::SyncSource(_))
+        {
+            // Heard from the peer: nothing newer there (in sync), or this node's
+            // data is the reference (source). A target becomes UpToDate at the end.
+            tracing::info!("the peer is heard: the disk is UpToDate again");
+            self.disk = DiskState::UpToDate;
+            self.persist(out);
+        }
+        match decision {
             Decision::InSync => {
                 self.start_link();
                 self.repl = ReplState::Established;

@@ -391,3 +391,22 @@ fn a_failed_sync_target_stays_inconsistent_in_its_metadata() {
     });
     assert_eq!(recorded, Some(DiskState::Inconsistent), "{a:?}");
 }
+
+/// Found by the fault tests and the simulator (seed 2507): after an unclean stop a
+/// node came back UpToDate (its failed disk could not record Outdated; or it lost
+/// unflushed acknowledged writes in a crash) and was promoted on its own data,
+/// serving stale blocks. Now such a node is Consistent until it hears its peer:
+/// promotion is refused without --force; connecting makes it UpToDate (in sync or
+/// source) or a sync target.
+#[test]
+fn a_consistent_disk_is_promoted_only_by_force_or_after_connecting() {
+    let gens = Generations { current: 10, ..Generations::default() };
+    let mut c = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::Consistent, gens, 1);
+    let why = promote(&mut c, false).expect_err("Consistent");
+    assert!(why.contains("Consistent") && why.contains("--force"), "{why}");
+    connect(&mut c, remote(10, 0, Role::Secondary)).expect("in sync");
+    assert_eq!(c.disk(), DiskState::UpToDate, "heard the peer, nothing newer there");
+    let mut f = new_core(cfg(Protocol::C, 0), Role::Secondary, DiskState::Consistent, gens, 1);
+    promote(&mut f, true).expect("the operator vouches for it");
+    assert_eq!((f.role(), f.disk(), f.generations().bitmap), (Role::Primary, DiskState::UpToDate, 10));
+}

@@ -31,12 +31,26 @@ pub struct Recovered {
 /// Opens a run on `meta`: records it as not cleanly stopped (until a clean stop
 /// says otherwise) with the configured activity-log size, and loads the bitmap.
 pub fn recover(meta: &mut MetaStore, al_extents: u32, size_bytes: Option<u64>) -> anyhow::Result<Recovered> {
-    let superblock = meta.superblock().clone();
+    let mut superblock = meta.superblock().clone();
+    // After an unclean stop the disk is `Consistent`, not UpToDate, until the peer
+    // has been heard (DRBD's meaning): a crash may have lost writes the peer holds
+    // (unflushed ones acknowledged under protocol C, say), and a disk that failed may
+    // not have recorded that it is Outdated. So it is never promoted on its own
+    // data without `--force`; connecting decides. Recorded at once, so a clean stop
+    // before that does not turn it back into UpToDate.
+    let unclean_up_to_date = !superblock.flags.clean_shutdown && superblock.disk == DiskState::UpToDate;
+    if unclean_up_to_date {
+        superblock.disk = DiskState::Consistent;
+        tracing::warn!("not stopped cleanly: the disk is Consistent (not UpToDate) until the peer is heard");
+    }
     // The activity log's size follows the config (informational in the superblock:
     // the log itself records its hot set).
     meta.update(|sb| {
         sb.flags.clean_shutdown = false;
         sb.al_extents = al_extents;
+        if unclean_up_to_date {
+            sb.disk = DiskState::Consistent;
+        }
     })
     .context("cannot update the metadata")?;
     let size_bytes = size_bytes.map_or(meta.data_size_bytes(), |s| s.min(meta.data_size_bytes()));

@@ -203,6 +203,12 @@ impl Core {
                  (it may be slow or hung); retry once they completed"
                 .to_string());
         }
+        if self.disk == DiskState::Consistent && !force {
+            return Err("the local disk is Consistent: this node did not stop cleanly and has not heard \
+                 its peer since, so it may lack acknowledged writes; connect to the peer, or use --force \
+                 if this node's data is to be trusted"
+                .to_string());
+        }
         if self.disk != DiskState::UpToDate && !force {
             return Err(format!(
                 "the local disk is {}; only an UpToDate node can be promoted \
@@ -244,6 +250,15 @@ impl Core {
         }
         if self.disk != DiskState::UpToDate && !force {
             return Err(format!("the local disk is {}; only an UpToDate node can be promoted", self.disk));
+        }
+        if force && self.disk == DiskState::Consistent {
+            // Consistent after an unclean stop: the operator vouches for it. It is
+            // the data of its generation, promoted as an UpToDate disk would be (no
+            // generation of its own on top: the peer resyncs by bitmap as usual).
+            tracing::warn!(
+                "primary --force on a Consistent disk: taken as UpToDate by the operator's choice"
+            );
+            self.disk = DiskState::UpToDate;
         }
         if force && self.disk != DiskState::UpToDate {
             // This copy becomes the reference: a generation of its own, so the peer
