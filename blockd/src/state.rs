@@ -70,6 +70,14 @@ wire_enum!(DiskState {
     UpToDate = 6, "UpToDate";
 });
 
+impl DiskState {
+    /// No usable disk: detached after an I/O error (`Failed` while its last ops
+    /// run, then `Diskless`), or never attached.
+    pub fn is_detached(self) -> bool {
+        matches!(self, DiskState::Failed | DiskState::Diskless)
+    }
+}
+
 /// How many past generation ids are remembered.
 pub const HISTORY_LEN: usize = 4;
 

@@ -77,7 +77,7 @@ impl World {
         ));
         if before.role == Role::Secondary && after.role == Role::Primary {
             self.model.promoted(node);
-            if matches!(after.disk, DiskState::Diskless | DiskState::Failed) {
+            if after.disk.is_detached() {
                 // Without a disk: it serves through its UpToDate peer (checked
                 // there); its own disk holds nothing it serves.
             } else if before.disk != DiskState::UpToDate {

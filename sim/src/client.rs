@@ -153,8 +153,7 @@ impl World {
             .map(|(p, _)| p);
         let Some(pending) = self.client.outstanding.remove(&(node, job)) else { return };
         // A Primary without a disk answers from its peer (`repl::diskless`).
-        let detached =
-            self.core(node).is_some_and(|c| matches!(c.disk(), DiskState::Diskless | DiskState::Failed));
+        let detached = self.core(node).is_some_and(|c| c.disk().is_detached());
         if !matches!(outcome, Outcome::Ok) {
             return;
         }
@@ -183,9 +182,8 @@ impl World {
                 }
                 let same_link = session.is_some() && session == self.session_of(node);
                 // A diskless peer takes no writes and flushes nothing for them.
-                let peer_has_disk = self.core(node).is_some_and(|c| {
-                    !matches!(c.peer_view().1, Some(DiskState::Diskless | DiskState::Failed))
-                });
+                let peer_has_disk =
+                    self.core(node).is_some_and(|c| !c.peer_view().1.is_some_and(DiskState::is_detached));
                 if (self.protocol() != Protocol::A || detached) && same_link && peer_has_disk {
                     let s = self.net.get(session.expect("checked")).expect("live session");
                     let peer = s.other(node);

@@ -583,14 +583,22 @@ impl Core {
 
     /// Queues a durable update of the persistent state; returns its sequence number.
     fn persist(&mut self, out: &mut Vec<Action>) -> u64 {
+        if self.detached() {
+            // A detached disk gets no metadata (`fail_disk` recorded it Outdated).
+            let seq = self.next_seq();
+            self.last_persist_seq = seq;
+            return seq;
+        }
+        self.persist_disk(self.disk, out)
+    }
+
+    /// Queues a durable update recording `disk` as the disk state.
+    fn persist_disk(&mut self, disk: DiskState, out: &mut Vec<Action>) -> u64 {
         let seq = self.next_seq();
         self.last_persist_seq = seq;
         // A crashed Primary keeps the flag until a resync made it consistent again.
         let was_primary = self.role == Role::Primary || self.crashed_primary;
-        if !self.detached() {
-            // A detached disk gets no metadata (`fail_disk` recorded it Outdated).
-            out.push(Action::Persist { seq, gens: self.gens, disk: self.disk, was_primary });
-        }
+        out.push(Action::Persist { seq, gens: self.gens, disk, was_primary });
         seq
     }
 

@@ -184,7 +184,7 @@ pub fn decide(me: &SideState, peer: &SideState) -> Decision {
 
 /// The decision when either side has no disk (symmetric).
 fn diskless(me: &SideState, peer: &SideState) -> Option<Decision> {
-    let no_disk = |s: &SideState| matches!(s.disk, DiskState::Diskless | DiskState::Failed);
+    let no_disk = |s: &SideState| s.disk.is_detached();
     let (without, with) = match (no_disk(me), no_disk(peer)) {
         (false, false) => return None,
         (true, true) => return Some(Decision::Refuse(Refusal::NoDisk)),

@@ -127,10 +127,7 @@ impl Core {
         self.repair_pending = false;
         // Best effort: a restart on this disk must not claim UpToDate. Its outcome
         // changes nothing here (a failure of it is the same failure).
-        let seq = self.next_seq();
-        self.last_persist_seq = seq;
-        let was_primary = self.role == Role::Primary || self.crashed_primary;
-        out.push(Action::Persist { seq, gens: self.gens, disk: recorded, was_primary });
+        self.persist_disk(recorded, out);
         if self.role == Role::Secondary {
             if self.link != Link::Disconnected {
                 // Comes back Diskless: the Primary records everything it sent
@@ -180,12 +177,12 @@ impl Core {
 
     /// The disk was detached (after an I/O error): it takes no part in anything.
     pub(super) fn detached(&self) -> bool {
-        matches!(self.disk, DiskState::Failed | DiskState::Diskless)
+        self.disk.is_detached()
     }
 
     /// The peer has a disk to write to (while connected).
     pub(super) fn peer_takes_writes(&self) -> bool {
-        !matches!(self.peer_disk, Some(DiskState::Failed | DiskState::Diskless))
+        !self.peer_disk.is_some_and(DiskState::is_detached)
     }
 
     /// Connected to a peer that takes writes: the data path replicates.
@@ -196,7 +193,7 @@ impl Core {
     /// Why the peer cannot take part in a resync or verify, if it cannot.
     pub(super) fn peer_diskless(&self) -> Option<String> {
         match self.peer_disk {
-            Some(d @ (DiskState::Failed | DiskState::Diskless)) => {
+            Some(d) if d.is_detached() => {
                 Some(format!("the peer's disk is {d} (detached after an I/O error)"))
             }
             _ => None,

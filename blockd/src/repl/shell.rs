@@ -689,8 +689,7 @@ impl Running {
         let (peer_role, peer_disk) = c.peer_view();
         self.t.shared.role.store(role.code(), Ordering::Release);
         self.t.shared.peer_role.store(peer_role.map_or(0, Role::code), Ordering::Release);
-        let detached = matches!(disk, DiskState::Failed | DiskState::Diskless);
-        self.t.shared.detached.store(detached, Ordering::Release);
+        self.t.shared.detached.store(disk.is_detached(), Ordering::Release);
         let snapshot = EventSnapshot {
             role: role.as_str(),
             disk: disk.as_str(),
