@@ -88,6 +88,9 @@ pub struct Metrics {
     pub io_errors: AtomicU64,
     /// Peer links dropped by `ack-timeout`.
     pub ack_timeouts: AtomicU64,
+    /// 1 while this Primary is pulled ahead of its peer; times it pulled ahead.
+    pub ahead: AtomicU64,
+    pub pull_aheads: AtomicU64,
 }
 
 impl Metrics {
@@ -201,6 +204,18 @@ pub fn render(s: &Sources) -> String {
         "counter",
         "Peer links dropped because the peer owed acknowledgements and made no progress within ack-timeout.",
         get(&m.ack_timeouts),
+    );
+    one(
+        "peer_ahead",
+        "gauge",
+        "1 while this Primary is pulled ahead of its peer (on-congestion = pull-ahead: writes go to the bitmap).",
+        get(&m.ahead),
+    );
+    one(
+        "peer_pull_aheads_total",
+        "counter",
+        "Times this Primary pulled ahead of its peer because more than congestion-fill was queued.",
+        get(&m.pull_aheads),
     );
     one(
         "io_errors_total",

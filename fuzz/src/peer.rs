@@ -249,6 +249,7 @@ pub fn sample_messages() -> Vec<Message> {
         Message::StateReply { tid: 9, yes: false, reason: "the peer is Primary".into() },
         Message::StateCommit { tid: 9 },
         Message::StateAbort { tid: 10 },
+        Message::Ahead { queued_bytes: 64 << 20 },
         Message::Bye { reason: "shutting down".into() },
     ]
 }

@@ -47,6 +47,10 @@ pub struct SimConfig {
     pub heal_timeout_us: Micros,
     /// The client keeps writing this long into healing.
     pub heal_writes_us: Micros,
+    /// A slow link in some seeds: bytes per second each way (else only latency).
+    pub link_bytes_per_sec: Option<u64>,
+    /// Protocol A with `on-congestion = "pull-ahead"` in some seeds.
+    pub pull_ahead_fill_bytes: Option<u64>,
     pub verbose: bool,
     /// Known defects put back into the core (the simulator's own tests).
     pub bugs: InjectedBugs,
@@ -88,9 +92,28 @@ impl SimConfig {
             chaos_us: r.random_range(500 * MS..4 * SEC),
             heal_timeout_us: 120 * SEC,
             heal_writes_us: r.random_range(0..2 * SEC),
+            link_bytes_per_sec: None,
+            pull_ahead_fill_bytes: None,
             verbose: false,
             bugs: InjectedBugs::default(),
         }
+        .with_wan(seed)
+    }
+
+    /// The WAN draws (issue 15), from a stream of their own so the draws above stay
+    /// what they were: a slow link in a third of the seeds, and pull-ahead in half
+    /// of the protocol A seeds (most of them with a slow link, where it matters).
+    fn with_wan(mut self, seed: u64) -> SimConfig {
+        let mut r = StdRng::seed_from_u64(seed ^ 0x0a4e_ad00);
+        let pull_ahead = self.protocol == Protocol::A && r.random_bool(0.5);
+        if pull_ahead || r.random_bool(0.25) {
+            self.link_bytes_per_sec = Some([1u64 << 20, 4 << 20, 16 << 20][r.random_range(0..3)]);
+        }
+        if pull_ahead {
+            let fill = [32u64 << 10, 128 << 10, 1 << 20][r.random_range(0..3)];
+            self.pull_ahead_fill_bytes = Some(fill.min(self.send_buffer_bytes));
+        }
+        self
     }
 
     pub fn core_config(&self, size_bytes: u64) -> CoreConfig {
@@ -107,6 +130,7 @@ impl SimConfig {
             name_sorts_first: false,
             on_io_error: blockd::config::IoErrorPolicy::Detach,
             ack_timeout_ms: blockd::config::DEFAULT_ACK_TIMEOUT_MS,
+            pull_ahead_fill_bytes: self.pull_ahead_fill_bytes,
             bugs: self.bugs,
         }
     }

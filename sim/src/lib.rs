@@ -43,6 +43,7 @@ pub struct SeedOutcome {
     pub seed: u64,
     pub steps: u64,
     pub episodes: u64,
+    pub pull_aheads: u64,
     pub acked_writes: u64,
     pub failure: Option<Failure>,
     /// The last events before the failure.
@@ -60,6 +61,7 @@ pub fn injected_bugs(names: &[String]) -> Result<blockd::repl::core::InjectedBug
             "promotion-skips-peer" => b.promotion_skips_peer = true,
             "accept-stale-completion" => b.accept_stale_completion = true,
             "apply-out-of-order" => b.apply_out_of_order = true,
+            "ahead-forgets-writes" => b.ahead_forgets_writes = true,
             other => return Err(format!("unknown bug `{other}`")),
         }
     }
@@ -84,6 +86,7 @@ pub fn run_config(config: SimConfig, steps: u64) -> SeedOutcome {
                 seed,
                 steps: 0,
                 episodes: 0,
+                pull_aheads: 0,
                 acked_writes: 0,
                 failure: Some(failure),
                 trace: Vec::new(),
@@ -97,6 +100,7 @@ pub fn run_config(config: SimConfig, steps: u64) -> SeedOutcome {
         seed,
         steps: world.steps,
         episodes: world.episodes,
+        pull_aheads: world.pull_aheads,
         acked_writes: world.client.acked_writes,
         failure: world.failure.clone(),
         trace,

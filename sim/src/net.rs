@@ -24,6 +24,9 @@ pub struct Session {
     pub cut: bool,
     /// The time of the last delivery scheduled towards each side (FIFO).
     pub last_delivery_us: [u64; 2],
+    /// A slow link (`SimConfig::link_bytes_per_sec`): when the wire toward each
+    /// side has sent everything queued so far.
+    pub wire_free_us: [u64; 2],
 }
 
 impl Session {
@@ -91,7 +94,10 @@ impl Net {
         let id = self.next_id;
         let nodes = [a.min(b), a.max(b)];
         let last_delivery_us = if nodes[0] == a { up_at_us } else { [up_at_us[1], up_at_us[0]] };
-        self.sessions.insert(id, Session { id, nodes, up: [true, true], cut: false, last_delivery_us });
+        self.sessions.insert(
+            id,
+            Session { id, nodes, up: [true, true], cut: false, last_delivery_us, wire_free_us: [0; 2] },
+        );
         id
     }
 

@@ -130,6 +130,8 @@ pub struct World {
     /// The acknowledgement count when each node last sent `ResyncDone`.
     pub resync_done_mark: Vec<u64>,
     pub episodes: u64,
+    /// Times a Primary pulled ahead of its peer (`Ahead` sent).
+    pub pull_aheads: u64,
     pub checks_passed: u64,
     pub episode_start_us: Micros,
     pub last_heal_action_us: Micros,
@@ -174,6 +176,7 @@ impl World {
             draining: vec![false; n],
             resync_done_mark: vec![0; n],
             episodes: 0,
+            pull_aheads: 0,
             checks_passed: 0,
             episode_start_us: 0,
             last_heal_action_us: 0,
@@ -603,19 +606,30 @@ impl World {
         if matches!(msg, Message::ResyncDone { .. }) {
             self.resync_done_mark[from] = self.model.ack_mark();
         }
+        if matches!(msg, Message::Ahead { .. }) {
+            self.pull_aheads += 1;
+        }
         if let Message::WriteAck { id, errno: 0 } = msg {
             self.check_write_ack(from, to, JobId::from_raw(id));
         }
         self.log_for_prefix(session, to, &msg);
         let bytes = msg.wire_len();
         let latency = self.rng.random_range(20..600) + bytes / 2000;
+        let now_us = self.now_us;
         let s = self.net.get_mut(session).expect("checked");
-        let when = (self.now_us + latency).max(s.last_delivery_us[to_side] + 1);
+        // A slow link: the frame leaves once everything queued before it has, at
+        // the link's rate (the sender's queue builds up: pull-ahead's congestion).
+        let on_wire_us = self.cfg.link_bytes_per_sec.map(|rate| {
+            let start = s.wire_free_us[to_side].max(now_us);
+            s.wire_free_us[to_side] = start + bytes * SEC / rate;
+            s.wire_free_us[to_side] - now_us
+        });
+        let when = (now_us + latency + on_wire_us.unwrap_or(0)).max(s.last_delivery_us[to_side] + 1);
         s.last_delivery_us[to_side] = when;
-        let delay = when - self.now_us;
+        let delay = when - now_us;
         self.at(delay, Ev::Deliver { to, session, msg });
         let sent = self.rng.random_range(1..200);
-        self.at(sent, Ev::PeerSent { node: from, session, bytes });
+        self.at(on_wire_us.unwrap_or(sent), Ev::PeerSent { node: from, session, bytes });
     }
 
     fn deliver(&mut self, to: usize, session: u64, msg: Message) {

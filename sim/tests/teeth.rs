@@ -72,3 +72,14 @@ fn a_secondary_applying_epochs_out_of_order_is_caught() {
         "{invariant}: {detail}"
     );
 }
+
+#[test]
+fn a_primary_pulled_ahead_forgetting_its_writes_is_caught() {
+    let (_, invariant, detail) = first_catch("ahead-forgets-writes");
+    // The catch-up resync does not copy them: the Secondary ends its resync (or
+    // is UpToDate) with older data.
+    assert!(
+        invariant == "no resync from the stale side" || invariant == "UpToDate means the Primary's data",
+        "{invariant}: {detail}"
+    );
+}

@@ -20,6 +20,9 @@
 //! #                               # the CA every node's certificate chains to
 //! # on-io-error = "detach"        # or "pass-on": what an error of this node's disk does
 //! # ack-timeout = "10s"           # a peer that confirms no write for this long is dropped
+//! # on-congestion = "block"       # protocol A, more than congestion-fill queued: writers
+//! #                               # wait, or "pull-ahead": stop shipping, resync later
+//! # congestion-fill = "64MiB"     # 1MiB..send-buffer
 //!
 //! [[node]]
 //! name = "alpha"
@@ -91,6 +94,7 @@ mod raw;
 mod tls;
 mod validate;
 mod values;
+mod wan;
 
 #[cfg(test)]
 mod local_tests;
@@ -107,6 +111,7 @@ pub use disk::{DEFAULT_ACK_TIMEOUT_MS, IoErrorPolicy, MAX_ACK_TIMEOUT_MS, MIN_AC
 pub use error::ConfigError;
 pub use keys::{node_keys, resource_keys};
 pub use tls::{NbdTls, NbdTlsMode, PeerTlsFiles, TlsFiles};
+pub use wan::{CongestionPolicy, DEFAULT_CONGESTION_FILL_BYTES, MIN_CONGESTION_FILL_BYTES};
 
 /// Default bitmap granularity: one bit per 4 KiB.
 pub const DEFAULT_BITMAP_GRANULARITY: u64 = 4096;
@@ -189,6 +194,10 @@ pub struct ResourceConfig {
     /// `ack-timeout`: a peer that leaves a replicated write, barrier, flush or
     /// read unanswered this long after it was sent is disconnected.
     pub ack_timeout_ms: u64,
+    /// `on-congestion` (protocol A): block writers, or pull ahead of the peer.
+    pub on_congestion: CongestionPolicy,
+    /// `congestion-fill`: bytes queued for the peer beyond which the policy acts.
+    pub congestion_fill_bytes: u64,
 }
 
 /// The peers' shared secret; never printed.
@@ -466,6 +475,8 @@ impl Config {
         }
         let _ = writeln!(out, "on-io-error = {}", q(&r.on_io_error.to_string()));
         let _ = writeln!(out, "ack-timeout = {}", q(&format!("{}ms", r.ack_timeout_ms)));
+        let _ = writeln!(out, "on-congestion = {}", q(&r.on_congestion.to_string()));
+        let _ = writeln!(out, "congestion-fill = {}", r.congestion_fill_bytes);
         for n in &self.nodes {
             let nbd: Vec<String> = n.nbd.iter().map(|a| q(&a.to_string())).collect();
             let meta = match &n.meta {

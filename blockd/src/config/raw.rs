@@ -36,6 +36,8 @@ pub(super) struct RawResource {
     pub tls_ca: Option<Spanned<String>>,
     pub on_io_error: Option<Spanned<RawIoErrorPolicy>>,
     pub ack_timeout: Option<Spanned<RawDuration>>,
+    pub on_congestion: Option<Spanned<RawCongestionPolicy>>,
+    pub congestion_fill: Option<Spanned<RawSize>>,
 }
 
 /// One `[[node]]`.
@@ -101,6 +103,11 @@ described_string!(
     /// `on-io-error`; checked by validation.
     RawIoErrorPolicy,
     r#""detach" or "pass-on""#
+);
+described_string!(
+    /// `on-congestion`; checked by validation.
+    RawCongestionPolicy,
+    r#""block" or "pull-ahead""#
 );
 described_string!(
     /// `meta`; checked by validation.

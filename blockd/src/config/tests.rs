@@ -104,6 +104,8 @@ fn spec_example_parses_with_defaults() {
             tls_ca: None,
             on_io_error: IoErrorPolicy::Detach,
             ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
+            on_congestion: CongestionPolicy::Block,
+            congestion_fill_bytes: DEFAULT_CONGESTION_FILL_BYTES,
         }
     );
     assert_eq!(c.nodes.len(), 2);
@@ -323,7 +325,7 @@ fn unknown_keys() {
         "r0.toml:5: key `resource.bitmap_granularity`: unknown key \
          (expected one of: name, protocol, size, bitmap-granularity, send-buffer, al-extents, \
          resync-rate, resync-min-rate, resync-checksum, shared-secret, allow-unauthenticated-peers, tls-ca, \
-         on-io-error, ack-timeout)"
+         on-io-error, ack-timeout, on-congestion, congestion-fill)"
     );
     assert_eq!(
         err(&spec_with(&[(1, "[resources]")])),

@@ -24,6 +24,7 @@ use super::{
     MIN_SHARED_SECRET_BYTES, MetaLocation, NodeConfig, NodeLines, Protocol, ResourceConfig, ResyncRate,
     SharedSecret,
 };
+use super::{CongestionPolicy, DEFAULT_CONGESTION_FILL_BYTES, MIN_CONGESTION_FILL_BYTES};
 use super::{DEFAULT_ACK_TIMEOUT_MS, IoErrorPolicy, MAX_ACK_TIMEOUT_MS, MIN_ACK_TIMEOUT_MS};
 
 #[path = "validate_tls.rs"]
@@ -332,6 +333,40 @@ impl Cx<'_> {
             }
         };
 
+        let on_congestion = match &raw.on_congestion {
+            None => CongestionPolicy::default(),
+            Some(p) => match p.get_ref().0.as_str() {
+                "block" => CongestionPolicy::Block,
+                "pull-ahead" if protocol != Protocol::A => {
+                    let why = format!(
+                        r#""pull-ahead" needs protocol "A" (this resource uses "{protocol}"): under B and C every write waits for the peer"#
+                    );
+                    return Err(self.at(p, "resource.on-congestion", why));
+                }
+                "pull-ahead" => CongestionPolicy::PullAhead,
+                other => {
+                    let why = format!(r#"expected "block" or "pull-ahead", found {other:?}"#);
+                    return Err(self.at(p, "resource.on-congestion", why));
+                }
+            },
+        };
+        let congestion_fill_bytes = match &raw.congestion_fill {
+            None => DEFAULT_CONGESTION_FILL_BYTES.min(send_buffer_bytes),
+            Some(b) => {
+                let key = "resource.congestion-fill";
+                let bytes = parse_size(b.get_ref()).map_err(|m| self.at(b, key, m))?;
+                if !(MIN_CONGESTION_FILL_BYTES..=send_buffer_bytes).contains(&bytes) {
+                    let why = format!(
+                        "{} is not allowed; use 1MiB up to send-buffer ({send_buffer_bytes} bytes): \
+                         beyond it writers would wait before the policy acts",
+                        describe(b.get_ref())
+                    );
+                    return Err(self.at(b, key, why));
+                }
+                bytes
+            }
+        };
+
         Ok(ResourceConfig {
             name: name.get_ref().clone(),
             protocol,
@@ -347,6 +382,8 @@ impl Cx<'_> {
             tls_ca,
             on_io_error,
             ack_timeout_ms,
+            on_congestion,
+            congestion_fill_bytes,
         })
     }
 

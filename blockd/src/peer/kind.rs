@@ -42,6 +42,7 @@ pub enum Kind {
     StateReply,
     StateCommit,
     StateAbort,
+    Ahead,
 }
 
 /// How a type's payload is laid out, which is all the frame reader needs to know
@@ -58,7 +59,7 @@ pub(crate) enum Layout {
 
 impl Kind {
     /// Every type, for tests and tables.
-    pub const ALL: [Kind; 35] = [
+    pub const ALL: [Kind; 36] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Pong,
@@ -94,6 +95,7 @@ impl Kind {
         Kind::StateReply,
         Kind::StateCommit,
         Kind::StateAbort,
+        Kind::Ahead,
     ];
 
     /// The type code in the frame header.
@@ -134,6 +136,7 @@ impl Kind {
             Kind::StateReply => 0x32,
             Kind::StateCommit => 0x33,
             Kind::StateAbort => 0x34,
+            Kind::Ahead => 0x35,
         }
     }
 
@@ -180,6 +183,7 @@ impl Kind {
             Kind::StateReply => "StateReply",
             Kind::StateCommit => "StateCommit",
             Kind::StateAbort => "StateAbort",
+            Kind::Ahead => "Ahead",
         }
     }
 
@@ -199,7 +203,7 @@ impl Kind {
             Kind::ResyncDone => Layout::Fixed(GENS_BYTES),
             Kind::ResyncZeroes => Layout::Fixed(16),
             Kind::BitmapBlock => Layout::Data { fixed: 8 },
-            Kind::BitmapDone | Kind::StartRepair | Kind::Invalidate => Layout::Fixed(8),
+            Kind::BitmapDone | Kind::StartRepair | Kind::Invalidate | Kind::Ahead => Layout::Fixed(8),
             Kind::SyncPause => Layout::Fixed(1),
             Kind::ResyncInfo => Layout::Fixed(16),
             Kind::ResyncFlush | Kind::ResyncFlushed | Kind::StateCommit | Kind::StateAbort => {

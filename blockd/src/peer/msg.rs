@@ -43,6 +43,7 @@
 //! | StateReply | 0x32 | tid 8, flags 1 (bit 0 yes), reason str |
 //! | StateCommit | 0x33 | tid 8 |
 //! | StateAbort | 0x34 | tid 8 |
+//! | Ahead | 0x35 | queued bytes 8 (protocol A, pull-ahead: the sender stops shipping writes; the receiver is Behind) |
 //!
 //! A string is a u16 byte length and UTF-8 bytes; gens are current, bitmap and the
 //! four history ids, 8 bytes each. Unknown enum codes and unknown flag bits are
@@ -58,8 +59,8 @@ use crate::state::{DiskState, Generations, HISTORY_LEN, Role};
 
 /// The protocol version this node speaks (2: the connect decision from
 /// `ConnectState`, state changes agreed with the peer, resync flushes; 3: reads
-/// from the peer, and every failed replicated write reported).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// from the peer, and every failed replicated write reported; 4: `Ahead`).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Hello feature bit: this node has a `shared-secret` and requires the peer to prove
 /// it knows it (AuthChallenge / AuthResponse) before anything else.
 pub const FEATURE_AUTH: u64 = 1 << 0;
@@ -182,6 +183,11 @@ pub enum Message {
     StateCommit { tid: u64 },
     /// The change `tid` is dropped.
     StateAbort { tid: u64 },
+    /// Protocol A with `on-congestion = "pull-ahead"`: more than `congestion-fill`
+    /// was queued (`queued_bytes`); the sender (Primary) stops shipping writes and
+    /// records them in its bitmap until a resync catches the receiver up. The
+    /// receiver is Behind: Outdated until then.
+    Ahead { queued_bytes: u64 },
     /// Orderly close with a reason (≤ 1 KiB).
     Bye { reason: String },
     /// Authentication: a fresh random nonce the peer must answer.
@@ -233,6 +239,7 @@ impl Message {
             Message::StateReply { .. } => Kind::StateReply,
             Message::StateCommit { .. } => Kind::StateCommit,
             Message::StateAbort { .. } => Kind::StateAbort,
+            Message::Ahead { .. } => Kind::Ahead,
             Message::Bye { .. } => Kind::Bye,
             Message::AuthChallenge { .. } => Kind::AuthChallenge,
             Message::AuthResponse { .. } => Kind::AuthResponse,
@@ -374,7 +381,7 @@ impl Message {
                 put(out, *id);
                 put(out, *errno);
             }
-            Message::StartRepair { bytes } => put(out, *bytes),
+            Message::StartRepair { bytes } | Message::Ahead { queued_bytes: bytes } => put(out, *bytes),
             Message::Invalidate => put(out, 0u64),
             Message::SyncPause { paused } => out.push(u8::from(*paused)),
             Message::ResyncInfo { done_bytes, total_bytes } => {
@@ -519,6 +526,7 @@ fn decode_fields(kind: Kind, c: &mut Cursor<'_>, data: Option<Buf>) -> Result<Me
         },
         Kind::StateCommit => Message::StateCommit { tid: c.u64()? },
         Kind::StateAbort => Message::StateAbort { tid: c.u64()? },
+        Kind::Ahead => Message::Ahead { queued_bytes: c.u64()? },
     })
 }
 

@@ -153,6 +153,11 @@ pub struct Core {
     /// A client error was passed on: the range is in the bitmap, to be resynced
     /// from this node while connected.
     repair_pending: bool,
+    /// Pull-ahead (`repl::ahead`): this Primary ships no writes until the queue
+    /// drained; this Secondary was told its Primary pulled ahead.
+    ahead: bool,
+    behind: bool,
+    ahead_count: u64,
 }
 
 impl Core {
@@ -234,6 +239,9 @@ impl Core {
             server: serve::ReadServer::default(),
             peer_reads: HashMap::new(),
             tracking_diskless_primary: false,
+            ahead: false,
+            behind: false,
+            ahead_count: 0,
         }
     }
 
@@ -335,6 +343,7 @@ impl Core {
                 }
                 self.sent_bytes_total = (self.sent_bytes_total + bytes).min(self.queued_bytes_total);
                 self.release_send_waiters(out);
+                self.check_drained(out);
             }
             Event::LinkUp => self.on_link_up(out),
             Event::LinkDown => self.on_link_down(out),
@@ -482,6 +491,7 @@ impl Core {
             Message::StateReply { tid, yes, reason } => self.on_state_reply(tid, yes, reason, out),
             Message::StateCommit { tid } => self.on_state_commit(tid),
             Message::StateAbort { tid } => self.on_state_abort(tid),
+            Message::Ahead { queued_bytes } => self.on_peer_ahead(queued_bytes, out),
             other => tracing::debug!(?other, "message not handled by the data path"),
         }
     }
@@ -548,7 +558,7 @@ impl Core {
 
     /// The replication state toward the peer.
     pub fn repl_state(&self) -> ReplState {
-        self.repl
+        self.congestion_state().unwrap_or(self.repl)
     }
 
     /// A write of an earlier link finished; its result has nobody to go to.
@@ -646,6 +656,8 @@ mod types;
 pub use types::*;
 #[path = "ackwatch.rs"]
 mod ackwatch;
+#[path = "ahead.rs"]
+mod ahead;
 #[path = "apply.rs"]
 mod apply;
 #[path = "connect.rs"]

@@ -24,6 +24,7 @@ fn cfg(protocol: Protocol, send_buffer_bytes: u64) -> CoreConfig {
         name_sorts_first: true,
         on_io_error: crate::config::IoErrorPolicy::Detach,
         ack_timeout_ms: crate::config::DEFAULT_ACK_TIMEOUT_MS,
+        pull_ahead_fill_bytes: None,
         bugs: Default::default(),
     }
 }
@@ -984,5 +985,8 @@ fn a_failed_metadata_write_fails_closed() {
 }
 
 /// Issue 13: disk failures (`repl::failure`).
+#[path = "core_tests_wan.rs"]
+mod wan;
+
 #[path = "core_tests_disk.rs"]
 mod disk;

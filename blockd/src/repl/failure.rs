@@ -185,9 +185,10 @@ impl Core {
         !self.peer_disk.is_some_and(DiskState::is_detached)
     }
 
-    /// Connected to a peer that takes writes: the data path replicates.
+    /// Connected to a peer that takes writes, and not pulled ahead of it
+    /// (`repl::ahead`): the data path replicates.
     pub(super) fn replicating_data(&self) -> bool {
-        self.link == Link::Replicating && self.peer_takes_writes()
+        self.link == Link::Replicating && self.peer_takes_writes() && !self.ahead
     }
 
     /// Why the peer cannot take part in a resync or verify, if it cannot.

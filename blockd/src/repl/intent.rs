@@ -200,6 +200,7 @@ impl Core {
         self.twophase_tick(out);
         self.source_tick(out);
         self.repair_tick(out);
+        self.check_drained(out);
         self.idle_housekeeping(out);
     }
 

@@ -90,6 +90,8 @@ pub async fn run(
         name_sorts_first: node.name < peer.name,
         on_io_error: r.on_io_error,
         ack_timeout_ms: r.ack_timeout_ms,
+        pull_ahead_fill_bytes: (r.on_congestion == crate::config::CongestionPolicy::PullAhead)
+            .then_some(r.congestion_fill_bytes),
         bugs: Default::default(),
     };
     if crashed_primary {

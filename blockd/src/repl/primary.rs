@@ -186,7 +186,9 @@ impl Core {
         if !replicating {
             // The bitmap records it: the peer part is settled.
             let (range, intent) = (w.range.clone(), w.intent);
-            self.mark_dirty(range.clone());
+            if !(self.ahead && self.cfg.bugs.ahead_forgets_writes) {
+                self.mark_dirty(range.clone());
+            }
             if intent == Some(Intent::Log) {
                 self.release_al(&range, out);
             }
@@ -209,6 +211,7 @@ impl Core {
         if matches!(peer, PeerPart::Queued { .. }) {
             self.send_waiters.push_back(job);
             self.release_send_waiters(out);
+            self.check_congestion(out);
         }
     }
 
@@ -374,6 +377,10 @@ impl Core {
         }
         self.tracking_diskless_primary = false;
         self.link = Link::Disconnected;
+        // Ahead: the new generation and the bitmap already hold what was not
+        // shipped; the next link resyncs by generation.
+        self.ahead = false;
+        self.behind = false;
         self.abandon_resync(out);
         self.send_waiters.clear();
         self.queued_bytes_total = self.sent_bytes_total;

@@ -600,6 +600,8 @@ impl Running {
         set(&m.disk_failed, u64::from(c.disk_failure().is_some()));
         set(&m.io_errors, c.io_errors());
         set(&m.ack_timeouts, c.ack_timeouts());
+        set(&m.ahead, u64::from(c.repl_state() == crate::repl::core::ReplState::Ahead));
+        set(&m.pull_aheads, c.ahead_count());
     }
 
     /// The replication state's name (DRBD's, with the paused variants).

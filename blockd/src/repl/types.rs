@@ -201,6 +201,9 @@ pub struct CoreConfig {
     /// `ack-timeout`: a peer that leaves a replicated write, barrier, resync chunk
     /// or read unanswered this long is disconnected.
     pub ack_timeout_ms: u64,
+    /// Protocol A with `on-congestion = "pull-ahead"`: the `congestion-fill` beyond
+    /// which the Primary pulls ahead of its peer (`repl::ahead`); `None`: block.
+    pub pull_ahead_fill_bytes: Option<u64>,
     /// Known defects the simulator's own tests put back, to show it catches each.
     /// Always off outside those tests (no config key or flag reaches it).
     #[doc(hidden)]
@@ -222,6 +225,8 @@ pub struct InjectedBugs {
     /// The Secondary starts the writes of a later epoch without waiting for the
     /// current one.
     pub apply_out_of_order: bool,
+    /// A Primary pulled ahead does not record its unshipped writes in the bitmap.
+    pub ahead_forgets_writes: bool,
 }
 
 /// Whether and how the peer takes part in the data path.

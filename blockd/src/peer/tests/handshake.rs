@@ -27,7 +27,7 @@ type Change = Box<dyn Fn(&mut Hello)>;
 fn each_mismatch_is_refused_naming_both_values() {
     let local = hello("alpha");
     let cases: Vec<(Change, &str, &str)> = vec![
-        (Box::new(|h| h.version = 4), "beta", "peer speaks protocol version 4, this node 3"),
+        (Box::new(|h| h.version = 5), "beta", "peer speaks protocol version 5, this node 4"),
         (Box::new(|h| h.resource = "r1".into()), "beta", "peer serves resource `r1`, this node `r0`"),
         (
             Box::new(|h| h.size_bytes = 2 << 30),
@@ -149,11 +149,11 @@ async fn one_sided_refusal_reaches_the_peer_as_bye() {
 #[tokio::test]
 async fn newer_protocol_version_is_refused_with_a_clear_message() {
     let mut b = hello("beta");
-    b.version = 4;
+    b.version = 5;
     let [(ra, sa), _] = both(hello("alpha"), "beta", b, "alpha").await;
     let Err(HandshakeError::Refused(refusal)) = ra else { panic!("{:?}", ra.err()) };
-    assert_eq!(refusal, Refusal::Version { local: 3, remote: 4 });
-    assert_eq!(refusal.to_string(), "peer speaks protocol version 4, this node 3");
+    assert_eq!(refusal, Refusal::Version { local: 4, remote: 5 });
+    assert_eq!(refusal.to_string(), "peer speaks protocol version 5, this node 4");
     assert_eq!(sa.snapshot().handshake_refused, 1);
 }
 

@@ -201,6 +201,7 @@ fn random_messages(rng: &mut StdRng, data_len: usize) -> Vec<Message> {
         Message::StateReply { tid: rng.random(), yes: rng.random(), reason: random_string(rng, 1024) },
         Message::StateCommit { tid: rng.random() },
         Message::StateAbort { tid: rng.random() },
+        Message::Ahead { queued_bytes: rng.random() },
         Message::Bye { reason: random_string(rng, 1024) },
     ]
 }

@@ -278,9 +278,9 @@ async fn malformed_fields() {
 #[tokio::test]
 async fn other_hello_version_is_reported_as_such() {
     let mut h = hello("alpha");
-    h.version = 4;
+    h.version = 5;
     let bytes = encode(vec![Message::Hello(h)]).await;
-    expect_error(&bytes, 0, |e| matches!(e, LinkError::Version { remote: 4 }), |s| s.malformed = 1).await;
+    expect_error(&bytes, 0, |e| matches!(e, LinkError::Version { remote: 5 }), |s| s.malformed = 1).await;
 }
 
 #[tokio::test]

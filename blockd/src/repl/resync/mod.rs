@@ -57,6 +57,10 @@ pub enum ReplState {
     Established,
     SyncSource,
     SyncTarget,
+    /// Pull-ahead: this Primary ships no writes (they go to the bitmap).
+    Ahead,
+    /// Its Primary pulled ahead: this node is Outdated until a resync.
+    Behind,
 }
 
 impl ReplState {
@@ -66,6 +70,8 @@ impl ReplState {
             ReplState::Established => "Established",
             ReplState::SyncSource => "SyncSource",
             ReplState::SyncTarget => "SyncTarget",
+            ReplState::Ahead => "Ahead",
+            ReplState::Behind => "Behind",
         }
     }
 }
@@ -131,6 +137,7 @@ impl Core {
     /// Becomes a sync target: the disk is Inconsistent (durably) until `ResyncDone`.
     pub(super) fn start_target(&mut self, out: &mut Vec<Action>) {
         self.repl = ReplState::SyncTarget;
+        self.behind = false;
         self.disk = DiskState::Inconsistent;
         let seq = self.persist(out);
         self.target = Some(Target::new(seq));
@@ -138,13 +145,14 @@ impl Core {
         self.send(Message::State { role: self.role, disk: self.disk }, out);
     }
 
-    /// `verify --repair` from the peer: become its sync target.
+    /// `verify --repair` or the end of a pull-ahead (`repl::ahead`) on the peer:
+    /// become its sync target.
     pub(super) fn on_start_repair(&mut self, bytes: u64, out: &mut Vec<Action>) {
         if self.role == Role::Primary || self.source.is_some() || self.target.is_some() {
-            tracing::warn!(bytes, "repair request refused: this node is Primary or already syncing");
+            tracing::warn!(bytes, "resync request refused: this node is Primary or already syncing");
             return;
         }
-        tracing::info!(bytes, "verify repair: resync as target");
+        tracing::info!(bytes, "the peer starts a resync (repair or catch-up): resync as target");
         self.start_target(out);
     }
 

@@ -210,6 +210,7 @@ impl Running {
             })),
             "io_errors": self.t.core.io_errors(),
             "ack_timeouts": self.t.core.ack_timeouts(),
+            "pull_aheads": self.t.core.ahead_count(),
         })
     }
 }
