@@ -294,7 +294,9 @@ impl UndoJournal {
         let stored = format::decode_header(&block[..got]).map_err(|p| match p {
             // Shorter than a header but starting like one: a torn header, not
             // another kind of file.
-            HeaderProblem::Magic if got > 0 && got < HEADER_BYTES as usize && is_magic_prefix(&block[..got]) => {
+            HeaderProblem::Magic
+                if got > 0 && got < HEADER_BYTES as usize && is_magic_prefix(&block[..got]) =>
+            {
                 UndoError::BadHeader { path: path.to_owned(), why: format!("only {got} bytes") }
             }
             HeaderProblem::Magic => UndoError::NotAJournal { path: path.to_owned() },
@@ -550,9 +552,11 @@ impl UndoJournal {
         loop {
             match scan.next()? {
                 Step::Record { offset_bytes, data, .. } => {
-                    target
-                        .write_all_at(data, offset_bytes)
-                        .map_err(|source| UndoError::Data { op, offset_bytes, source })?;
+                    target.write_all_at(data, offset_bytes).map_err(|source| UndoError::Data {
+                        op,
+                        offset_bytes,
+                        source,
+                    })?;
                     bytes += data.len() as u64;
                 }
                 Step::End { torn: None, .. } => return Ok(bytes),

@@ -124,7 +124,8 @@ impl<'a> Scanner<'a> {
         self.pos = 0;
         let loaded_end = self.buf_at + self.buf.len() as u64;
         let room = self.limit_bytes.saturating_sub(loaded_end);
-        let want = (n.max(READ_CHUNK_BYTES) - self.buf.len()).min(usize::try_from(room).unwrap_or(usize::MAX));
+        let want =
+            (n.max(READ_CHUNK_BYTES) - self.buf.len()).min(usize::try_from(room).unwrap_or(usize::MAX));
         let old = self.buf.len();
         self.buf.resize(old + want, 0);
         let mut got = 0;
