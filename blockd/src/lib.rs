@@ -38,6 +38,9 @@
 //! - [`tls`]: the crypto provider (aws-lc-rs, chosen by measurement), PEM files
 //!   into rustls configs, and the NBD server's STARTTLS hook; [`peer::tls`] builds
 //!   the peer link's mutual TLS on it.
+//! - [`undo`]: the undo journal of a resync target: the old contents of each granule
+//!   a catch-up overwrites, saved durably first, so a target can roll back to the
+//!   image before the catch-up (and a discarded split-brain side's blocks are kept).
 //! - [`safety`]: `PR_SET_IO_FLUSHER`, `oom_score_adj`, `mlockall` for processes in
 //!   the block I/O path of a kernel NBD client on the same host (blockd, and
 //!   `blockctl attach`'s resident).
@@ -62,3 +65,4 @@ pub mod state;
 pub mod storage;
 pub mod systemd;
 pub mod tls;
+pub mod undo;
