@@ -44,6 +44,7 @@ pub struct SeedOutcome {
     pub steps: u64,
     pub episodes: u64,
     pub pull_aheads: u64,
+    pub rollbacks: u64,
     pub acked_writes: u64,
     pub failure: Option<Failure>,
     /// The last events before the failure.
@@ -87,6 +88,7 @@ pub fn run_config(config: SimConfig, steps: u64) -> SeedOutcome {
                 steps: 0,
                 episodes: 0,
                 pull_aheads: 0,
+                rollbacks: 0,
                 acked_writes: 0,
                 failure: Some(failure),
                 trace: Vec::new(),
@@ -101,6 +103,7 @@ pub fn run_config(config: SimConfig, steps: u64) -> SeedOutcome {
         steps: world.steps,
         episodes: world.episodes,
         pull_aheads: world.pull_aheads,
+        rollbacks: world.rollbacks,
         acked_writes: world.client.acked_writes,
         failure: world.failure.clone(),
         trace,

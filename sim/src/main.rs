@@ -70,10 +70,11 @@ fn main() {
     let mut outcomes = outcomes.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     outcomes.sort_by_key(|o| o.seed);
     let (mut steps, mut failures, mut episodes, mut writes) = (0u64, 0u64, 0u64, 0u64);
-    let mut pull_aheads = 0u64;
+    let (mut pull_aheads, mut rollbacks) = (0u64, 0u64);
     for o in &outcomes {
         steps += o.steps;
         pull_aheads += o.pull_aheads;
+        rollbacks += o.rollbacks;
         episodes += o.episodes;
         writes += o.acked_writes;
         let Some(f) = &o.failure else { continue };
@@ -99,6 +100,7 @@ fn main() {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "{episodes} episodes converged, {writes} writes acknowledged, {pull_aheads} pull-aheads, \
+         {rollbacks} rollbacks to a fallback image, \
          {:.0} steps/s on {threads} threads",
         steps as f64 / secs.max(1e-9)
     );

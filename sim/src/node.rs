@@ -42,6 +42,13 @@ pub struct Running {
     pub accepting_clients: bool,
     /// Application requests since the last tick (the `auto` resync rate).
     pub app_requests: u64,
+    /// A catch-up's undo journal (the shell's `CatchUpJournal`): the contents of
+    /// each block before the catch-up first overwrote it. Lost in a crash (the
+    /// restarted core is not told of a fallback, so it never rolls back then).
+    pub undo: Option<std::collections::BTreeMap<u64, Vec<u8>>>,
+    /// The whole disk as it was when the catch-up began (taken when no write was
+    /// in flight then), for the check that a rollback restores exactly it.
+    pub undo_snapshot: Option<Vec<u8>>,
 }
 
 impl Running {
@@ -111,6 +118,8 @@ impl SimNode {
             link_enabled: true,
             accepting_clients: true,
             app_requests: 0,
+            undo: None,
+            undo_snapshot: None,
         });
         Ok(())
     }

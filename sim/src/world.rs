@@ -6,6 +6,7 @@
 //! the actions that come out against the simulated disks, metadata and network, and
 //! checks the invariants (`checks`). One event is one step.
 
+use crate::disk::BLOCK_BYTES;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use blockd::config::Protocol;
@@ -41,6 +42,11 @@ pub enum Ev {
         node: usize,
         inc: u64,
         op: u64,
+    },
+    /// A rollback to the undo journal's image is done (`Action::RollBack`).
+    RolledBack {
+        node: usize,
+        inc: u64,
     },
     MetaExec {
         node: usize,
@@ -132,6 +138,8 @@ pub struct World {
     pub episodes: u64,
     /// Times a Primary pulled ahead of its peer (`Ahead` sent).
     pub pull_aheads: u64,
+    /// Rollbacks of a sync target to its image from before the catch-up.
+    pub rollbacks: u64,
     pub checks_passed: u64,
     pub episode_start_us: Micros,
     pub last_heal_action_us: Micros,
@@ -177,6 +185,7 @@ impl World {
             resync_done_mark: vec![0; n],
             episodes: 0,
             pull_aheads: 0,
+            rollbacks: 0,
             checks_passed: 0,
             episode_start_us: 0,
             last_heal_action_us: 0,
@@ -255,6 +264,11 @@ impl World {
             Ev::IoDone { node, inc, op } => {
                 if self.alive(node, inc) {
                     self.complete_io(node, op);
+                }
+            }
+            Ev::RolledBack { node, inc } => {
+                if self.alive(node, inc) {
+                    self.roll_back(node);
                 }
             }
             Ev::MetaExec { node, inc } => {
@@ -352,6 +366,29 @@ impl World {
                 Action::Send(msg) => self.send(node, msg),
                 Action::Reply { job, outcome } => self.client_reply(node, job, outcome),
                 Action::FencePeer | Action::AfterResyncTarget => {}
+                Action::CatchUpBegin { .. } => {
+                    let n = &mut self.nodes[node];
+                    if let Some(run) = n.run.as_mut() {
+                        run.undo = Some(Default::default());
+                        let quiet = run.ops.values().all(|p| overwritten(&p.op).is_none());
+                        run.undo_snapshot = quiet.then(|| {
+                            let mut image = vec![0u8; n.disk.len_bytes() as usize];
+                            n.disk.read(0, &mut image);
+                            image
+                        });
+                    }
+                }
+                Action::CatchUpEnd { .. } => {
+                    if let Some(run) = self.nodes[node].run.as_mut() {
+                        run.undo = None;
+                        run.undo_snapshot = None;
+                    }
+                }
+                Action::RollBack => {
+                    let inc = self.nodes[node].incarnation;
+                    let latency = self.rng.random_range(MS..50 * MS);
+                    self.at(latency, Ev::RolledBack { node, inc });
+                }
                 Action::Done { id, result } => self.command_done(node, id, result),
                 Action::DropLink { reason } => self.drop_link(node, &reason),
                 Action::LinkPolicy { enabled } => {
@@ -392,6 +429,18 @@ impl World {
             }
         };
         let n = &mut self.nodes[node];
+        if let (Some(undo), Some(range)) = (n.run.as_mut().and_then(|r| r.undo.as_mut()), overwritten(&op)) {
+            // The shell preserves what a write overwrites, durably, before
+            // submitting it (`shell::undo`).
+            let bs = BLOCK_BYTES as u64;
+            for block in range.start / bs..range.end.div_ceil(bs) {
+                undo.entry(block).or_insert_with(|| {
+                    let mut old = vec![0u8; BLOCK_BYTES];
+                    n.disk.read(block * bs, &mut old);
+                    old
+                });
+            }
+        }
         let inc = n.incarnation;
         let submitted_stamp = n.disk.stamp();
         let run = n.run.as_mut().expect("running");
@@ -820,5 +869,50 @@ fn describe_message(m: &Message) -> String {
         Message::BitmapBlock { index, .. } => format!("BitmapBlock {index}"),
         Message::Digests { offset, len, .. } => format!("Digests {offset}+{len}"),
         other => format!("{other:?}"),
+    }
+}
+
+/// The byte range an op overwrites, if it writes.
+fn overwritten(op: &IoOp) -> Option<std::ops::Range<u64>> {
+    match op {
+        IoOp::Write { offset, buf, .. } => Some(*offset..*offset + buf.len() as u64),
+        IoOp::Trim { offset, len, .. } | IoOp::WriteZeroes { offset, len, .. } => {
+            Some(*offset..*offset + *len)
+        }
+        _ => None,
+    }
+}
+
+impl World {
+    /// `Action::RollBack`: the preserved blocks are written back, durably.
+    fn roll_back(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        let Some(undo) = n.run.as_mut().and_then(|r| r.undo.take()) else {
+            self.handle(node, Event::RolledBack { result: Err("no undo journal".into()) });
+            return;
+        };
+        let bs = BLOCK_BYTES as u64;
+        let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+        for (block, old) in &undo {
+            n.disk.write(block * bs, old, true);
+            match ranges.last_mut() {
+                Some(last) if last.end == block * bs => last.end += bs,
+                _ => ranges.push(block * bs..(block + 1) * bs),
+            }
+        }
+        let name = n.name.clone();
+        self.rollbacks += 1;
+        if let Some(snapshot) = n.run.as_mut().and_then(|r| r.undo_snapshot.take()) {
+            let mut now = vec![0u8; snapshot.len()];
+            n.disk.read(0, &mut now);
+            // The metadata at the end of the disk is not the journal's business.
+            let data_end = self.core(node).map_or(0, |c| c.size_bytes()) as usize;
+            if let Some(at) = (0..data_end.min(now.len())).find(|&i| now[i] != snapshot[i]) {
+                let detail = format!("{name}: byte {at} differs from the image before the catch-up");
+                self.fail("a rollback restores the image from before the catch-up", detail);
+            }
+        }
+        self.log(format!("{name}: rolled back {} blocks to the image before the catch-up", undo.len()));
+        self.handle(node, Event::RolledBack { result: Ok(ranges) });
     }
 }

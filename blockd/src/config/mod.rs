@@ -23,6 +23,7 @@
 //! # on-congestion = "block"       # protocol A, more than congestion-fill queued: writers
 //! #                               # wait, or "pull-ahead": stop shipping, resync later
 //! # congestion-fill = "64MiB"     # 1MiB..send-buffer
+//! # undo-size = "1GiB"            # undo journal of a catching-up target; "0": none
 //!
 //! [[node]]
 //! name = "alpha"
@@ -43,6 +44,7 @@
 //! # nbd-tls-cert = "/etc/blockd/tls/r0/alpha/server-cert.pem"   # use it (Unix-socket
 //! # nbd-tls-key = "/etc/blockd/tls/r0/alpha/server-key.pem"     # listeners never require)
 //! # nbd-tls-ca = "/etc/blockd/tls/r0/ca-cert.pem"   # optional: client certificates required
+//! # undo-dir = "/var/lib/blockd"  # where the undo journals (<resource>.undo) live
 //! ```
 //!
 //! # TLS
@@ -92,6 +94,7 @@ mod keys;
 mod local;
 mod raw;
 mod tls;
+mod undo;
 mod validate;
 mod values;
 mod wan;
@@ -111,6 +114,7 @@ pub use disk::{DEFAULT_ACK_TIMEOUT_MS, IoErrorPolicy, MAX_ACK_TIMEOUT_MS, MIN_AC
 pub use error::ConfigError;
 pub use keys::{node_keys, resource_keys};
 pub use tls::{NbdTls, NbdTlsMode, PeerTlsFiles, TlsFiles};
+pub use undo::{DEFAULT_UNDO_DIR, DEFAULT_UNDO_SIZE_BYTES, MIN_UNDO_SIZE_BYTES};
 pub use wan::{CongestionPolicy, DEFAULT_CONGESTION_FILL_BYTES, MIN_CONGESTION_FILL_BYTES};
 
 /// Default bitmap granularity: one bit per 4 KiB.
@@ -198,6 +202,10 @@ pub struct ResourceConfig {
     pub on_congestion: CongestionPolicy,
     /// `congestion-fill`: bytes queued for the peer beyond which the policy acts.
     pub congestion_fill_bytes: u64,
+    /// `undo-size`: the most bytes a catching-up target's undo journal may hold
+    /// ([`crate::undo`]); 0: no journal, a catch-up overwrites in place (DRBD's way)
+    /// and the target has no consistent image until it completes.
+    pub undo_size_bytes: u64,
 }
 
 /// The peers' shared secret; never printed.
@@ -287,6 +295,10 @@ pub struct NodeConfig {
     pub tls: Option<TlsFiles>,
     /// `nbd-tls` and its files: TLS for NBD clients.
     pub nbd_tls: NbdTls,
+    /// `undo-dir`: where this node keeps undo journals
+    /// ([`crate::undo::catchup_path`], [`crate::undo::discarded_path`]); default
+    /// [`DEFAULT_UNDO_DIR`].
+    pub undo_dir: PathBuf,
     /// Where the keys were written, so that checks made later against the machine
     /// ([`Config::check_local`]) can point at the line like parse errors do.
     pub lines: NodeLines,
@@ -477,6 +489,7 @@ impl Config {
         let _ = writeln!(out, "ack-timeout = {}", q(&format!("{}ms", r.ack_timeout_ms)));
         let _ = writeln!(out, "on-congestion = {}", q(&r.on_congestion.to_string()));
         let _ = writeln!(out, "congestion-fill = {}", r.congestion_fill_bytes);
+        let _ = writeln!(out, "undo-size = {}", r.undo_size_bytes);
         for n in &self.nodes {
             let nbd: Vec<String> = n.nbd.iter().map(|a| q(&a.to_string())).collect();
             let meta = match &n.meta {
@@ -517,6 +530,7 @@ impl Config {
             if let Some(ca) = &n.nbd_tls.client_ca {
                 let _ = writeln!(out, "nbd-tls-ca = {}", path(ca));
             }
+            let _ = writeln!(out, "undo-dir = {}", path(&n.undo_dir));
         }
         out
     }

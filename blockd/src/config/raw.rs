@@ -38,6 +38,7 @@ pub(super) struct RawResource {
     pub ack_timeout: Option<Spanned<RawDuration>>,
     pub on_congestion: Option<Spanned<RawCongestionPolicy>>,
     pub congestion_fill: Option<Spanned<RawSize>>,
+    pub undo_size: Option<Spanned<RawSize>>,
 }
 
 /// One `[[node]]`.
@@ -62,6 +63,7 @@ pub(super) struct RawNode {
     pub nbd_tls_cert: Option<Spanned<String>>,
     pub nbd_tls_key: Option<Spanned<String>>,
     pub nbd_tls_ca: Option<Spanned<String>>,
+    pub undo_dir: Option<Spanned<String>>,
 }
 
 /// Declares a string newtype whose type errors name what the string should be.

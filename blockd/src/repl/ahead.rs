@@ -17,6 +17,13 @@
 //! makes another pass: the resync is never stopped and restarted, so it cannot
 //! loop between Ahead and a paused sync (DRBD's LINBIT/drbd#46).
 //!
+//! A resync chunk read while Ahead holds writes that were never shipped; so no
+//! chunk is read until the peer acknowledged the barrier that closed the last
+//! shipped epoch (every shipped write is then applied there): otherwise an older
+//! shipped write still queued on the peer could land after the chunk and undo
+//! them. After the pull-ahead, shipped writes are newer than any chunk holding
+//! the same block, so the order they land in does not matter.
+//!
 //! Why acknowledged writes stay safe: an Ahead write is a write with the peer
 //! lost (`ARCHITECTURE.md`, "Acknowledgements"): the activity log covers it
 //! locally and its bits are set before the next bitmap write; the peer's part is
@@ -36,7 +43,7 @@ impl Core {
         }
         let queued_bytes = self.unsent_bytes();
         tracing::warn!(queued_bytes, fill, "congestion: pulling ahead of the peer (writes go to the bitmap)");
-        self.close_epoch(true, out);
+        self.ahead_barrier = Some(self.close_epoch(true, out));
         self.send(Message::Ahead { queued_bytes }, out);
         self.ahead = true;
         self.ahead_count += 1;
@@ -98,6 +105,24 @@ impl Core {
             self.persist(out);
             self.announce_state(out);
         }
+    }
+
+    /// The peer acknowledged barrier `epoch`: once the barrier that closed the
+    /// last shipped epoch is acknowledged, every write shipped before is applied
+    /// there and resync chunks may go again.
+    pub(super) fn ahead_barrier_acked(&mut self, epoch: u64, out: &mut Vec<Action>) {
+        if self.ahead_barrier.is_some_and(|e| e <= epoch) {
+            self.ahead_barrier = None;
+            self.pump_source(out);
+        }
+    }
+
+    /// No resync chunk is read while writes shipped before the pull-ahead may
+    /// still be on their way to the peer's disk: a chunk carries the writes made
+    /// while Ahead (never shipped), and an older shipped write of the same block
+    /// landing after it there would undo them (found by the simulator, seed 841).
+    pub(super) fn chunks_wait_for_ahead_barrier(&self) -> bool {
+        self.ahead_barrier.is_some()
     }
 
     /// Ahead/Behind as status and events show them (over Established/SyncSource).

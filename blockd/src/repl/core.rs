@@ -158,6 +158,18 @@ pub struct Core {
     ahead: bool,
     behind: bool,
     ahead_count: u64,
+    /// A sync target's fallback image (`repl::fallback`): an undo journal holds
+    /// the image from before the catch-up; why the last one was dropped; the
+    /// `primary --force` waiting for a rollback.
+    fallback: bool,
+    fallback_lost: Option<String>,
+    rollback_cmd: Option<CmdId>,
+    /// A sync target started on a live link applies nothing of the resync until
+    /// the writes received before it completed (`on_start_repair`).
+    target_after_drain: bool,
+    /// Pulled ahead: the barrier that closed the last shipped epoch, until the
+    /// peer acknowledged it (`repl::ahead`: no resync chunk is read meanwhile).
+    ahead_barrier: Option<u64>,
 }
 
 impl Core {
@@ -242,6 +254,11 @@ impl Core {
             ahead: false,
             behind: false,
             ahead_count: 0,
+            fallback: false,
+            fallback_lost: None,
+            rollback_cmd: None,
+            target_after_drain: false,
+            ahead_barrier: None,
         }
     }
 
@@ -352,6 +369,8 @@ impl Core {
             Event::Tick { elapsed_ms, app_requests } => self.on_tick(elapsed_ms, app_requests, out),
             Event::FenceDone { result } => self.on_fence_done(result, out),
             Event::ReadFailed { offset, errno } => self.on_read_failed(offset, errno, out),
+            Event::FallbackLost { reason } => self.on_fallback_lost(reason),
+            Event::RolledBack { result } => self.on_rolled_back(result, out),
         }
     }
 
@@ -506,11 +525,13 @@ impl Core {
     }
 
     /// Nothing of the current link may be applied now: an earlier link's writes
-    /// are in flight, a sync target is not durably Inconsistent yet, or a
-    /// Secondary's new generation (its Primary went diskless) is not durable yet.
+    /// are in flight, a sync target is not durably Inconsistent yet or waits for
+    /// the writes received before it, or a Secondary's new generation (its
+    /// Primary went diskless) is not durable yet.
     fn ingress_blocked(&self) -> bool {
         self.stale_peer_writes()
             || self.target.as_ref().is_some_and(|t| !t.ready())
+            || self.target_after_drain
             || (self.role == Role::Secondary && self.gens_pending)
     }
 
@@ -581,6 +602,9 @@ impl Core {
             self.server.release(through, &self.pool, &mut ctx!(self, out));
         }
         if applied.drained {
+            if std::mem::take(&mut self.target_after_drain) {
+                self.release_ingress(out);
+            }
             self.maybe_start_target_flush(out);
         }
     }
@@ -668,6 +692,8 @@ mod ctx;
 mod diskless;
 #[path = "failure.rs"]
 mod failure;
+#[path = "fallback.rs"]
+mod fallback;
 #[path = "intent.rs"]
 mod intent;
 #[path = "operator.rs"]

@@ -191,6 +191,9 @@ fn show(actions: &[Action]) -> Vec<String> {
             Action::LinkPolicy { enabled } => format!("link-policy {enabled}"),
             Action::FencePeer => "fence-peer".to_string(),
             Action::AfterResyncTarget => "after-resync-target".to_string(),
+            Action::CatchUpBegin { discarded } => format!("catch-up-begin discarded={discarded}"),
+            Action::CatchUpEnd { after_seq } => format!("catch-up-end after {after_seq}"),
+            Action::RollBack => "roll-back".to_string(),
         })
         .collect()
 }
@@ -488,8 +491,13 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
     let a = connect(&mut t, remote(20, 10, Role::Primary)).expect("target");
     assert_eq!(
         show(&a),
-        ["send BitmapDone { blocks: 0 }", "persist 1", "send State { role: Secondary, disk: Inconsistent }"],
-        "its own bitmap (empty) goes to the source first"
+        [
+            "send BitmapDone { blocks: 0 }",
+            "catch-up-begin discarded=false",
+            "persist 1",
+            "send State { role: Secondary, disk: Inconsistent }"
+        ],
+        "its own bitmap (empty) goes to the source first; the undo journal of its consistent image begins"
     );
     assert_eq!((t.repl_state(), t.disk()), (ReplState::SyncTarget, DiskState::Inconsistent));
     let data = Message::ResyncData { offset: 0, data: data(4096) };

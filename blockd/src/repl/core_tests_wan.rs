@@ -118,3 +118,65 @@ fn losing_the_link_while_ahead_resyncs_by_generation() {
     let shown = show(&connect(&mut c, outdated).expect("connects"));
     assert_eq!(c.repl_state(), ReplState::SyncSource, "{shown:?}");
 }
+
+/// Issue 15 item 4: a target whose image was consistent asks for an undo
+/// journal before its first resync write; `primary --force` after the source is
+/// lost rolls back first, marks the restored ranges out of sync and promotes the
+/// older image under a generation of its own.
+#[test]
+fn a_forced_target_rolls_back_to_its_fallback_image_first() {
+    let mut t = core(Protocol::A, Role::Secondary, 0);
+    let shown = show(&peer(&mut t, Message::StartRepair { bytes: 8192 }));
+    assert!(shown.contains(&"catch-up-begin discarded=false".to_string()), "{shown:?}");
+    assert!(t.fallback());
+    h(&mut t, Event::LinkDown);
+    let mut out = Vec::new();
+    t.promote(7, true, &mut out).expect("asked");
+    assert_eq!(show(&out), ["roll-back"], "nothing else before the rollback");
+    assert_eq!(t.role(), Role::Secondary);
+    let restored = vec![0..8192, 1 << 20..(1 << 20) + 4096];
+    let done = show(&h(&mut t, Event::RolledBack { result: Ok(restored) }));
+    assert_eq!((t.role(), t.disk()), (Role::Primary, DiskState::UpToDate), "{done:?}");
+    assert_ne!(t.generations().current, 10, "a generation of its own");
+    assert_eq!(t.dirty_bytes(), 8192 + 4096, "the restored ranges are out of sync");
+    assert!(done.iter().any(|a| a.starts_with("catch-up-end")), "{done:?}");
+    assert!(!t.fallback());
+}
+
+#[test]
+fn a_target_whose_fallback_was_lost_is_forced_as_before() {
+    let mut t = core(Protocol::A, Role::Secondary, 0);
+    peer(&mut t, Message::StartRepair { bytes: 8192 });
+    h(&mut t, Event::FallbackLost { reason: "undo journal full".into() });
+    assert_eq!(t.fallback_lost(), Some("undo journal full"));
+    h(&mut t, Event::LinkDown);
+    let mut out = Vec::new();
+    t.promote(7, true, &mut out).expect("promoted");
+    assert!(!show(&out).contains(&"roll-back".to_string()));
+    assert_eq!((t.role(), t.disk()), (Role::Primary, DiskState::UpToDate));
+}
+
+/// Sim seed 841: a resync chunk read while Ahead carries writes never shipped;
+/// an older shipped write still queued on the peer would undo them. No chunk is
+/// read before the barrier closing the last shipped epoch is acknowledged.
+#[test]
+fn resync_chunks_wait_for_the_barrier_that_closed_the_shipped_writes() {
+    let mut c = pull_ahead_primary();
+    let (shown, next) = write_until_ahead(&mut c);
+    // A write while Ahead: only a resync chunk will carry it.
+    write(&mut c, next, 0, 4096);
+    local_done(&mut c, next);
+    let persist = c.last_persist_seq;
+    h(&mut c, Event::MetaDone { seq: persist, result: Ok(()) });
+    let epoch = shown
+        .iter()
+        .find_map(|a| a.strip_prefix("send barrier e").and_then(|r| r.strip_suffix(" flush=true")))
+        .and_then(|e| e.parse::<u64>().ok())
+        .expect("the flush barrier closing the shipped writes");
+    let unsent = c.unsent_bytes();
+    let catch_up = show(&h(&mut c, Event::PeerSent { bytes: unsent }));
+    assert!(catch_up.iter().any(|a| a.starts_with("send StartRepair")), "{catch_up:?}");
+    assert!(!catch_up.iter().any(|a| a.contains("ResyncRead")), "no chunk read yet: {catch_up:?}");
+    let acked = show(&peer(&mut c, Message::BarrierAck { epoch, errno: 0 }));
+    assert!(acked.iter().any(|a| a.contains("ResyncRead")), "chunks go once acknowledged: {acked:?}");
+}

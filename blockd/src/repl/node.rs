@@ -99,7 +99,18 @@ pub async fn run(
     }
     // A node always starts as Secondary, as with `drbdadm up`.
     let seed = crate::meta::random_id().context("cannot read random bytes for generation ids")?;
-    let core = Core::new(cfg, Role::Secondary, sb.disk, sb.generations, crashed_primary, bitmap, seed);
+    let mut core = Core::new(cfg, Role::Secondary, sb.disk, sb.generations, crashed_primary, bitmap, seed);
+    // A sync target that stopped mid-catch-up keeps its fallback image.
+    let (undo, fallback) = crate::repl::shell::CatchUpJournal::at_start(
+        &node.undo_dir,
+        &config.resource.name,
+        &node.disk,
+        config.resource.undo_size_bytes,
+        size_bytes,
+        u32::try_from(sb.bitmap_granularity_bytes).unwrap_or(u32::MAX),
+        sb.disk == crate::state::DiskState::Inconsistent,
+    );
+    core.set_fallback(fallback);
 
     let auth = config.resource.shared_secret.is_some();
     let hello = Hello {
@@ -197,6 +208,7 @@ pub async fn run(
         shutdown: core_stop_rx,
         stop_daemon: stop.clone(),
         attach_disk: attach_tx,
+        undo,
     };
     tracing::info!(
         resource = %config.resource.name, node = %node.name, peer = %peer.name, size_bytes,

@@ -381,6 +381,8 @@ impl Core {
         // shipped; the next link resyncs by generation.
         self.ahead = false;
         self.behind = false;
+        self.target_after_drain = false;
+        self.ahead_barrier = None;
         self.abandon_resync(out);
         self.send_waiters.clear();
         self.queued_bytes_total = self.sent_bytes_total;
@@ -464,6 +466,7 @@ impl Core {
         // of its epoch and before are durable on the peer: a crash of the peer
         // loses anything else, so it stays in the transfer log (and its extents
         // hot) until then.
+        self.ahead_barrier_acked(epoch, out);
         let mut flushed = false;
         while self.flush_barriers.front().is_some_and(|e| *e <= epoch) {
             flushed |= self.flush_barriers.pop_front() == Some(epoch);

@@ -203,6 +203,10 @@ impl Core {
                  (it may be slow or hung); retry once they completed"
                 .to_string());
         }
+        if self.roll_back_for_promotion(id, force, out) {
+            // Answered once the disk is back to its fallback image.
+            return Ok(Promotion::Asked);
+        }
         if self.disk == DiskState::Consistent && !force {
             return Err("the local disk is Consistent: this node did not stop cleanly and has not heard \
                  its peer since, so it may lack acknowledged writes; connect to the peer, or use --force \

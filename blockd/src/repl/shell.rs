@@ -40,6 +40,9 @@ use crate::state::{DiskState, Generations, Role};
 use crate::storage::{IoBuf, IoOp, IoSink, Storage};
 
 mod commands;
+mod undo;
+
+pub(crate) use undo::CatchUpJournal;
 
 // The Hello's state (generations, role, disk, these flags) is informational: it is
 // logged at the handshake; the connect decision uses `ConnectState`, sent once the
@@ -87,6 +90,14 @@ pub enum Input {
     /// The fence-peer handler ended (exit code, or why it did not run or finish).
     FenceDone {
         result: Result<i32, String>,
+    },
+    /// The catch-up's undo journal had to go (`repl::fallback`).
+    FallbackLost {
+        reason: String,
+    },
+    /// A rollback to the fallback image ended.
+    RolledBack {
+        result: Result<Vec<std::ops::Range<u64>>, String>,
     },
     /// A client read (or CACHE) straight from the local disk failed: the failure
     /// policy decides, then a read is answered through the peer or with the error.
@@ -308,6 +319,8 @@ pub struct CoreTask {
     /// `attach-disk` requests, accepted by this task, carried out by `repl::node`
     /// (which restarts the node); capacity 1.
     pub attach_disk: mpsc::Sender<Reply>,
+    /// The undo journal of a catch-up (`repl::fallback`).
+    pub undo: CatchUpJournal,
 }
 
 /// Work for the metadata thread.
@@ -412,12 +425,19 @@ impl CoreTask {
                         let buf = match buf { IoBuf::Read(b) => Some(b), _ => None };
                         Event::LocalDone { job, result, buf }
                     }
-                    Input::MetaDone { seq, result } => Event::MetaDone { seq, result },
+                    Input::MetaDone { seq, result } => {
+                        if result.is_ok() {
+                            r.t.undo.on_meta_durable(seq);
+                        }
+                        Event::MetaDone { seq, result }
+                    }
+                    Input::FallbackLost { reason } => Event::FallbackLost { reason },
+                    Input::RolledBack { result } => Event::RolledBack { result },
                     Input::ReadFailed { offset, errno, responder, buf, started } => {
                         r.t.metrics.read_latency.observe(started.elapsed());
                         let failed = Event::ReadFailed { offset, errno };
-                        let actions = r.t.core.handle(failed);
-                        r.execute(actions);
+                        let mut actions = r.t.core.handle(failed);
+                        r.execute(&mut actions);
                         match buf {
                             Some(buf) => {
                                 // Answered through the peer if this node detached,
@@ -475,7 +495,7 @@ impl CoreTask {
                 }
             };
             r.t.core.handle_into(event, &mut actions);
-            r.execute(actions.drain(..));
+            r.execute(&mut actions);
             r.publish();
             r.close_meta_if_detached();
         }
@@ -508,9 +528,21 @@ impl Running {
         Some(Event::LinkUp)
     }
 
-    fn execute(&mut self, actions: impl IntoIterator<Item = Action>) {
-        for action in actions {
+    /// Carries out a batch of the core's actions, in order (all of them: the
+    /// vector is left empty for reuse). A catch-up's undo journal first preserves
+    /// what the batch's writes overwrite (`shell::undo`).
+    fn execute(&mut self, actions: &mut Vec<Action>) {
+        if let Err(undo::Lost(reason)) = self.t.undo.before(actions, self.t.core.generations().current) {
+            let _ = self.t.inputs_tx.send(Input::FallbackLost { reason });
+        }
+        for action in actions.drain(..) {
             match action {
+                Action::CatchUpBegin { .. } => {}
+                Action::CatchUpEnd { after_seq } => self.t.undo.end_after(after_seq),
+                Action::RollBack => {
+                    let result = self.t.undo.roll_back();
+                    let _ = self.t.inputs_tx.send(Input::RolledBack { result });
+                }
                 Action::Local { job, op } => self.t.storage.submit(op, Token::Core(job)),
                 Action::Send(m) => {
                     if let Some(link) = &self.link {

@@ -76,6 +76,12 @@ pub enum Event {
     /// rate, and lazy bitmap writes. `app_requests`: NBD requests (reads included)
     /// since the last tick, for the `auto` resync rate.
     Tick { elapsed_ms: u64, app_requests: u64 },
+    /// The undo journal of the running catch-up (`Action::CatchUpBegin`) could not
+    /// be kept (full, or an I/O error on it): there is no fallback image now.
+    FallbackLost { reason: String },
+    /// `Action::RollBack` is done: the disk holds the image from before the
+    /// catch-up again; `Ok` carries the ranges it restored.
+    RolledBack { result: Result<Vec<std::ops::Range<u64>>, String> },
 }
 
 /// How an NBD request ends.
@@ -115,6 +121,19 @@ pub enum Action {
     DropLink { reason: String },
     /// Whether the shell should connect to the peer at all (false: StandAlone).
     LinkPolicy { enabled: bool },
+    /// A resync is about to overwrite this disk's consistent image: before any
+    /// later `Local` write, trim or zeroes reaches the disk, keep the old contents
+    /// of what it overwrites in an undo journal (`crate::undo`), durable before
+    /// the overwrite. `discarded`: a split brain resolved against this node (the
+    /// journal is kept at the end, for `blockctl export-discarded`).
+    CatchUpBegin { discarded: bool },
+    /// The catch-up ended (the target is UpToDate) or was rolled back: once the
+    /// metadata update `after_seq` is durable, remove the journal (or keep it as a
+    /// discarded node's data if it was begun so).
+    CatchUpEnd { after_seq: u64 },
+    /// `primary --force` on a target that has a fallback: write the journal's old
+    /// contents back (durably); `Event::RolledBack` follows.
+    RollBack,
 }
 
 /// Identifies an operator command until its `Action::Done`.

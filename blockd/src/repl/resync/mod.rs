@@ -138,6 +138,7 @@ impl Core {
     pub(super) fn start_target(&mut self, out: &mut Vec<Action>) {
         self.repl = ReplState::SyncTarget;
         self.behind = false;
+        self.begin_catch_up(out);
         self.disk = DiskState::Inconsistent;
         let seq = self.persist(out);
         self.target = Some(Target::new(seq));
@@ -154,6 +155,11 @@ impl Core {
         }
         tracing::info!(bytes, "the peer starts a resync (repair or catch-up): resync as target");
         self.start_target(out);
+        // Writes received before this on the same link may still be on their way
+        // to the disk: a resync chunk of the same block must not race them (it
+        // holds newer data; the older write landing last would lose it). Found by
+        // the simulator with pull-ahead (seed 168).
+        self.target_after_drain = !self.applier.mark_drain();
     }
 
     /// Verify `--repair`: resync what the verify found, as source.
@@ -178,6 +184,9 @@ impl Core {
     /// Starts chunks up to the parallelism and rate bounds; ends the pass when
     /// nothing is left.
     pub(super) fn pump_source(&mut self, out: &mut Vec<Action>) {
+        if self.chunks_wait_for_ahead_barrier() {
+            return;
+        }
         loop {
             let paused = self.sync_paused();
             let Some(source) = self.source.as_mut() else { return };
@@ -397,6 +406,7 @@ impl Core {
         self.repl = ReplState::Established;
         self.persist(out);
         self.write_bitmap(out);
+        self.end_catch_up(out);
         self.send(Message::State { role: self.role, disk: self.disk }, out);
         if self.peer_role == Some(Role::Primary) && !self.peer_takes_writes() {
             // The source lost its disk at the end of the resync: this is the only

@@ -17,7 +17,7 @@ impl Running {
         self.commands.insert(id, reply);
         let mut actions = Vec::new();
         self.t.core.handle_into(Event::Command { id, cmd }, &mut actions);
-        self.execute(actions);
+        self.execute(&mut actions);
         self.publish();
     }
 
@@ -211,6 +211,15 @@ impl Running {
             "io_errors": self.t.core.io_errors(),
             "ack_timeouts": self.t.core.ack_timeouts(),
             "pull_aheads": self.t.core.ahead_count(),
+            // A catching-up target: whether the image from before the resync can
+            // be rolled back to (`primary --force` does), and its undo journal.
+            "fallback_image": self.t.core.fallback(),
+            "fallback_lost": self.t.core.fallback_lost(),
+            "undo_journal": self.t.undo.status().map(|(preserved_bytes, used_bytes)| serde_json::json!({
+                "preserved_bytes": preserved_bytes,
+                "used_bytes": used_bytes,
+                "capacity_bytes": self.t.undo.capacity_bytes(),
+            })),
         })
     }
 }
