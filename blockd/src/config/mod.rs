@@ -20,6 +20,7 @@
 //! #                               # the CA every node's certificate chains to
 //! # on-io-error = "detach"        # or "pass-on": what an error of this node's disk does
 //! # ack-timeout = "10s"           # a peer that confirms no write for this long is dropped
+//! # undo-size = "1GiB"            # undo journal of a catching-up target; "0": none
 //!
 //! [[node]]
 //! name = "alpha"
@@ -40,6 +41,7 @@
 //! # nbd-tls-cert = "/etc/blockd/tls/r0/alpha/server-cert.pem"   # use it (Unix-socket
 //! # nbd-tls-key = "/etc/blockd/tls/r0/alpha/server-key.pem"     # listeners never require)
 //! # nbd-tls-ca = "/etc/blockd/tls/r0/ca-cert.pem"   # optional: client certificates required
+//! # undo-dir = "/var/lib/blockd"  # where the undo journals (<resource>.undo) live
 //! ```
 //!
 //! # TLS
@@ -89,6 +91,7 @@ mod keys;
 mod local;
 mod raw;
 mod tls;
+mod undo;
 mod validate;
 mod values;
 
@@ -107,6 +110,7 @@ pub use disk::{DEFAULT_ACK_TIMEOUT_MS, IoErrorPolicy, MAX_ACK_TIMEOUT_MS, MIN_AC
 pub use error::ConfigError;
 pub use keys::{node_keys, resource_keys};
 pub use tls::{NbdTls, NbdTlsMode, PeerTlsFiles, TlsFiles};
+pub use undo::{DEFAULT_UNDO_DIR, DEFAULT_UNDO_SIZE_BYTES, MIN_UNDO_SIZE_BYTES};
 
 /// Default bitmap granularity: one bit per 4 KiB.
 pub const DEFAULT_BITMAP_GRANULARITY: u64 = 4096;
@@ -189,6 +193,10 @@ pub struct ResourceConfig {
     /// `ack-timeout`: a peer that leaves a replicated write, barrier, flush or
     /// read unanswered this long after it was sent is disconnected.
     pub ack_timeout_ms: u64,
+    /// `undo-size`: the most bytes a catching-up target's undo journal may hold
+    /// ([`crate::undo`]); 0: no journal, a catch-up overwrites in place (DRBD's way)
+    /// and the target has no consistent image until it completes.
+    pub undo_size_bytes: u64,
 }
 
 /// The peers' shared secret; never printed.
@@ -278,6 +286,10 @@ pub struct NodeConfig {
     pub tls: Option<TlsFiles>,
     /// `nbd-tls` and its files: TLS for NBD clients.
     pub nbd_tls: NbdTls,
+    /// `undo-dir`: where this node keeps undo journals
+    /// ([`crate::undo::catchup_path`], [`crate::undo::discarded_path`]); default
+    /// [`DEFAULT_UNDO_DIR`].
+    pub undo_dir: PathBuf,
     /// Where the keys were written, so that checks made later against the machine
     /// ([`Config::check_local`]) can point at the line like parse errors do.
     pub lines: NodeLines,
@@ -466,6 +478,7 @@ impl Config {
         }
         let _ = writeln!(out, "on-io-error = {}", q(&r.on_io_error.to_string()));
         let _ = writeln!(out, "ack-timeout = {}", q(&format!("{}ms", r.ack_timeout_ms)));
+        let _ = writeln!(out, "undo-size = {}", r.undo_size_bytes);
         for n in &self.nodes {
             let nbd: Vec<String> = n.nbd.iter().map(|a| q(&a.to_string())).collect();
             let meta = match &n.meta {
@@ -506,6 +519,7 @@ impl Config {
             if let Some(ca) = &n.nbd_tls.client_ca {
                 let _ = writeln!(out, "nbd-tls-ca = {}", path(ca));
             }
+            let _ = writeln!(out, "undo-dir = {}", path(&n.undo_dir));
         }
         out
     }

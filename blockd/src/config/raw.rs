@@ -36,6 +36,7 @@ pub(super) struct RawResource {
     pub tls_ca: Option<Spanned<String>>,
     pub on_io_error: Option<Spanned<RawIoErrorPolicy>>,
     pub ack_timeout: Option<Spanned<RawDuration>>,
+    pub undo_size: Option<Spanned<RawSize>>,
 }
 
 /// One `[[node]]`.
@@ -60,6 +61,7 @@ pub(super) struct RawNode {
     pub nbd_tls_cert: Option<Spanned<String>>,
     pub nbd_tls_key: Option<Spanned<String>>,
     pub nbd_tls_ca: Option<Spanned<String>>,
+    pub undo_dir: Option<Spanned<String>>,
 }
 
 /// Declares a string newtype whose type errors name what the string should be.

@@ -104,6 +104,7 @@ fn spec_example_parses_with_defaults() {
             tls_ca: None,
             on_io_error: IoErrorPolicy::Detach,
             ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
+            undo_size_bytes: DEFAULT_UNDO_SIZE_BYTES,
         }
     );
     assert_eq!(c.nodes.len(), 2);
@@ -123,6 +124,7 @@ fn spec_example_parses_with_defaults() {
             oom_score_adj: DEFAULT_OOM_SCORE_ADJ,
             tls: None,
             nbd_tls: NbdTls::default(),
+            undo_dir: DEFAULT_UNDO_DIR.into(),
             lines: NodeLines { disk: L_NODE0_DISK, meta: L_NODE0_META },
         }
     );
@@ -316,14 +318,14 @@ fn unknown_keys() {
         "r0.toml:10: key `node[0].nbd-addr`: unknown key \
          (expected one of: name, replication, nbd, disk, meta, control, control-group, metrics, \
          fence-peer, after-resync-target, mlock, oom-score-adj, tls-cert, tls-key, nbd-tls, nbd-tls-cert, \
-         nbd-tls-key, nbd-tls-ca)"
+         nbd-tls-key, nbd-tls-ca, undo-dir)"
     );
     assert_eq!(
         err(&spec_with(&[(L_GRANULARITY, "bitmap_granularity = 4096")])),
         "r0.toml:5: key `resource.bitmap_granularity`: unknown key \
          (expected one of: name, protocol, size, bitmap-granularity, send-buffer, al-extents, \
          resync-rate, resync-min-rate, resync-checksum, shared-secret, allow-unauthenticated-peers, tls-ca, \
-         on-io-error, ack-timeout)"
+         on-io-error, ack-timeout, undo-size)"
     );
     assert_eq!(
         err(&spec_with(&[(1, "[resources]")])),

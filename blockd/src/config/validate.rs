@@ -12,6 +12,7 @@ use toml::Spanned;
 
 use super::disk::parse_duration_ms;
 use super::raw::{RawConfig, RawNbd, RawNode, RawRate, RawResource, RawSize};
+use super::undo::check_undo_size;
 use super::values::{
     UNIX_PATH_MAX, check_abs_path, check_name, check_unix_path, parse_host_port, parse_listen_addr,
     parse_size,
@@ -25,6 +26,7 @@ use super::{
     SharedSecret,
 };
 use super::{DEFAULT_ACK_TIMEOUT_MS, IoErrorPolicy, MAX_ACK_TIMEOUT_MS, MIN_ACK_TIMEOUT_MS};
+use super::{DEFAULT_UNDO_DIR, DEFAULT_UNDO_SIZE_BYTES};
 
 #[path = "validate_tls.rs"]
 mod tls;
@@ -331,6 +333,14 @@ impl Cx<'_> {
                 ms
             }
         };
+        let undo_size_bytes = match &raw.undo_size {
+            None => DEFAULT_UNDO_SIZE_BYTES,
+            Some(u) => {
+                let key = "resource.undo-size";
+                let bytes = parse_size(u.get_ref()).map_err(|m| self.at(u, key, m))?;
+                check_undo_size(bytes, &describe(u.get_ref())).map_err(|m| self.at(u, key, m))?
+            }
+        };
 
         Ok(ResourceConfig {
             name: name.get_ref().clone(),
@@ -347,6 +357,7 @@ impl Cx<'_> {
             tls_ca,
             on_io_error,
             ack_timeout_ms,
+            undo_size_bytes,
         })
     }
 
@@ -561,6 +572,13 @@ impl Cx<'_> {
 
         let tls = self.node_tls(key, table, name_s, tls_on)?;
         let nbd_tls = self.nbd_tls(key, table)?;
+        let undo_dir = match &raw.undo_dir {
+            None => PathBuf::from(DEFAULT_UNDO_DIR),
+            Some(d) => {
+                check_abs_path(d.get_ref()).map_err(|m| self.at(d, &k("undo-dir"), m))?;
+                PathBuf::from(d.get_ref())
+            }
+        };
 
         let lines = NodeLines { disk: self.line(disk_s.span().start), meta: self.line(meta_s.span().start) };
         Ok(NodeConfig {
@@ -577,6 +595,7 @@ impl Cx<'_> {
             oom_score_adj,
             tls,
             nbd_tls,
+            undo_dir,
             lines,
         })
     }
