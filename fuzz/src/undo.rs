@@ -169,8 +169,8 @@ pub fn seeds() -> Vec<Seed> {
     for (name, granule_bytes, purpose, ranges, tear) in [
         ("seed-empty", 4096, Purpose::CatchUp, &[][..], false),
         ("seed-three", 4096, Purpose::CatchUp, &[0..5000, (1 << 20)..(1 << 20) + 1][..], false),
-        ("seed-torn", 4096, Purpose::CatchUp, &[8192..20000][..], true),
-        ("seed-discarded-64k", 65536, Purpose::Discarded, &[70000..70001][..], false),
+        ("seed-torn", 4096, Purpose::CatchUp, &[8192..12289][..], true),
+        ("seed-discarded-64k", 65536, Purpose::Discarded, &[(1 << 20) + 999..(1 << 20) + 1000][..], false),
     ] {
         let path = dir.join(format!("{name}.undo"));
         let header = UndoHeader {
@@ -220,8 +220,8 @@ mod tests {
             let want = match name.trim_end_matches("-fixing") {
                 "seed-empty" => 0,
                 "seed-three" => 3,
-                // 8192..20000: three granules, the last one torn off.
-                "seed-torn" => 2,
+                // 8192..12289: two granules, the last one torn off.
+                "seed-torn" => 1,
                 _ => 1,
             };
             assert_eq!(j.preserved_granules(), want, "{name}");
