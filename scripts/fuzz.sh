@@ -11,7 +11,7 @@
 # inputs found go to a temporary directory, never into fuzz/corpus/.
 #
 # Cost on this 2-core machine kind: a cold build takes about 3.5 CPU-minutes (about
-# 2 minutes when nothing else runs), then 9 targets x 15 s, two at a time: ~80 s.
+# 2 minutes when nothing else runs), then 10 targets x 15 s, two at a time: ~90 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -144,6 +144,25 @@ pub enum Verb {
     },
     /// Print this node's metadata (the node must be stopped).
     DumpMd { resource: Option<String> },
+    /// Write the blocks this node had changed before a split brain was resolved
+    /// against it (`connect --discard-my-data` keeps them in its undo-dir) as an image
+    /// for recovery: at their offsets in a sparse file of the device's size, or over
+    /// a copy of --base for a full image of the discarded data. Reads the newest kept
+    /// journal of RESOURCE (or --journal); works offline, without the daemon.
+    ExportDiscarded {
+        resource: Option<String>,
+        /// The image to write (created or replaced; a regular file).
+        #[arg(long, value_name = "FILE")]
+        output: PathBuf,
+        /// The kept journal to read (default: the newest RESOURCE.discarded.*.undo in
+        /// the node's undo-dir). With --journal no config is needed.
+        #[arg(long, value_name = "PATH")]
+        journal: Option<PathBuf>,
+        /// Copy this image first (of the device's size exactly: e.g. the current
+        /// device, taken with nbdcopy) and write the saved blocks over it.
+        #[arg(long, value_name = "IMAGE")]
+        base: Option<PathBuf>,
+    },
     /// Make a CA and a certificate and key for every node of the config (TLS on the
     /// peer link and for NBD), plus one for NBD clients. Writes into --out-dir
     /// (default: tls/RESOURCE/ beside the config file); files are mode 0600 and

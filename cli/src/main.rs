@@ -8,6 +8,7 @@ mod all;
 mod attach;
 mod certs;
 mod client;
+mod discarded;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -128,6 +129,17 @@ fn run(cli: Cli) -> Result<(), Fail> {
             let config = load(&paths, resource.as_deref())?;
             let node = local(&config, node_arg)?;
             client::dump_md(&node)
+        }
+        Verb::ExportDiscarded { resource, output, journal, base } => {
+            let journal = match journal {
+                Some(path) => path,
+                None => {
+                    let config = load(&paths, resource.as_deref())?;
+                    let node = local(&config, node_arg)?;
+                    discarded::newest(&node.undo_dir, &config.resource.name)?
+                }
+            };
+            discarded::export(&journal, &output, base.as_deref())
         }
         Verb::Disconnect { resource } => {
             let config = load(&paths, resource.as_deref())?;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 fn main() -> std::io::Result<()> {
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
-    let targets: [(&str, Vec<blockd_fuzz::Seed>); 9] = [
+    let targets: [(&str, Vec<blockd_fuzz::Seed>); 10] = [
         ("nbd_handshake", blockd_fuzz::nbd::handshake_seeds()),
         ("nbd_client", blockd_fuzz::nbd::client_seeds()),
         ("nbd_request", blockd_fuzz::nbd::request_seeds()),
@@ -16,6 +16,7 @@ fn main() -> std::io::Result<()> {
         ("control_line", blockd_fuzz::control::seeds()),
         ("meta_open", blockd_fuzz::meta::seeds()),
         ("bitmap_blocks", blockd_fuzz::bitmaps::seeds()),
+        ("undo_open", blockd_fuzz::undo::seeds()),
     ];
     for (target, seeds) in targets {
         let dir = corpus.join(target);

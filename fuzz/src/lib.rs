@@ -12,6 +12,8 @@
 //!   slots, activity-log slots, bitmap blocks and crc table (`meta_open`).
 //! - [`bitmaps`]: the bitmap crate's on-disk block decoding and the peer's bitmap
 //!   blocks (`bitmap_blocks`).
+//! - [`undo`]: an undo journal read back after a crash: `UndoJournal::open`, then
+//!   export, roll back and append (`undo_open`).
 //!
 //! Every target must return for every input, without a panic, a hang or an
 //! allocation out of proportion to the input. The async parsers run on one
@@ -22,6 +24,7 @@ pub mod control;
 pub mod meta;
 pub mod nbd;
 pub mod peer;
+pub mod undo;
 
 use std::future::Future;
 

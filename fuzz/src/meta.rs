@@ -189,7 +189,8 @@ fn files() -> &'static Files {
     FILES.get_or_init(|| Files { meta: memfd(c"blockd-fuzz-meta"), backing: memfd(c"blockd-fuzz-disk") })
 }
 
-fn memfd(name: &std::ffi::CStr) -> File {
+/// A new memfd (shared with the other harnesses of files: [`crate::undo`]).
+pub(crate) fn memfd(name: &std::ffi::CStr) -> File {
     // SAFETY: memfd_create takes a NUL-terminated name and returns a new descriptor
     // (or -1), which the File then owns alone.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -198,7 +199,8 @@ fn memfd(name: &std::ffi::CStr) -> File {
     unsafe { File::from_raw_fd(fd) }
 }
 
-fn fd_path(file: &File) -> PathBuf {
+/// The path through which a memfd opens like a file.
+pub(crate) fn fd_path(file: &File) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 

@@ -212,14 +212,19 @@ impl Pair {
         });
         for (node, extra) in nodes.iter().zip(&opts.extra_node) {
             let meta = node.meta.as_ref().map_or("internal".to_string(), |m| m.display().to_string());
+            // Both nodes share this host: each keeps its undo journals in its own
+            // directory (the default, /var/lib/blockd, would be one file for both).
+            let undo_dir = dir.join(&format!("{}-undo", node.name));
+            std::fs::create_dir_all(&undo_dir).expect("mkdir undo-dir");
             text.push_str(&format!(
                 "\n[[node]]\nname = \"{}\"\nreplication = \"{}\"\nnbd = \"unix:{}\"\n\
-                 disk = \"{}\"\nmeta = \"{meta}\"\ncontrol = \"{}\"\n",
+                 disk = \"{}\"\nmeta = \"{meta}\"\ncontrol = \"{}\"\nundo-dir = \"{}\"\n",
                 node.name,
                 node.replication,
                 node.nbd.display(),
                 node.disk.display(),
-                node.control.display()
+                node.control.display(),
+                undo_dir.display()
             ));
             text.push_str(extra);
             if !text.ends_with('\n') {

@@ -347,3 +347,23 @@ fn external_meta_in_a_missing_directory() {
     let want = Want::Key { line: 12, key: "node[0].meta", message: "/nodir does not exist" };
     case("cfg-err-metadir", &[(12, "meta = \"@DIR@/nodir/alpha.meta\"")], nothing, Scope::Local, want);
 }
+
+#[test]
+fn undo_size_below_the_minimum() {
+    let want = Want::Key {
+        line: 4,
+        key: "resource.undo-size",
+        message: r#""1MiB" is not allowed; use 0 (no consistent image while catching up) or at least 4MiB"#,
+    };
+    case("cfg-err-undosize", &[(4, "undo-size = \"1MiB\"")], nothing, Scope::File, want);
+}
+
+#[test]
+fn undo_dir_relative() {
+    let want = Want::Key {
+        line: 14,
+        key: "node[0].undo-dir",
+        message: r#""undo" is a relative path; use an absolute path"#,
+    };
+    case("cfg-err-undodir", &[(14, "undo-dir = \"undo\"")], nothing, Scope::File, want);
+}

@@ -251,18 +251,25 @@ impl UndoJournal {
         format::check_header(&header).map_err(|why| UndoError::InvalidHeader { why })?;
         let stored = StoredHeader { header, journal_id: rand::random::<u64>() | 1 };
         let tmp = tmp_path(path);
-        let io = |op| move |source| UndoError::Io { path: tmp_path(path), op, source };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("create"))?;
-        file.write_all_at(&format::encode_header(&stored), 0).map_err(io("write header"))?;
-        file.sync_all().map_err(io("fsync"))?;
-        std::fs::rename(&tmp, path).map_err(io("rename"))?;
+        let written = (|| {
+            let tmp = tmp.as_path();
+            let io = |op| move |source| UndoError::Io { path: tmp.to_owned(), op, source };
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io("create"))?;
+            file.write_all_at(&format::encode_header(&stored), 0).map_err(io("write header"))?;
+            file.sync_all().map_err(io("fsync"))?;
+            std::fs::rename(&tmp, path).map_err(io("rename"))?;
+            Ok(file)
+        })();
+        let file = written.inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
         sync_dir(path)?;
         Ok(UndoJournal::new(path, file, stored, true))
     }

@@ -88,6 +88,8 @@ fn header_round_trips_and_reopens_empty() {
     assert_eq!((j.preserved_bytes(), j.preserved_granules(), j.torn_tail()), (0, 0, None));
     assert!(UndoJournal::open(&t.path("none.undo")).unwrap().is_none());
     assert!(!t.path("r0.undo.tmp").exists(), "create leaves no temporary file");
+    let e = UndoJournal::create(&t.path("missing/r0.undo"), header(roomy())).unwrap_err();
+    assert!(matches!(e, UndoError::Io { op: "create", .. }), "{e}");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
 }
