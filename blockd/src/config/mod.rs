@@ -20,6 +20,11 @@
 //! #                               # the CA every node's certificate chains to
 //! # on-io-error = "detach"        # or "pass-on": what an error of this node's disk does
 //! # ack-timeout = "10s"           # a peer that confirms no write for this long is dropped
+//! # compression = "off"           # or "zstd": Write and resync data on the peer link
+//! #                               # (both nodes must say zstd, else it runs uncompressed)
+//! # compression-level = 3         # zstd level, 1..19
+//! # replication-rate = "100MiB"   # protocols A/B: ship application writes at most this
+//! #                               # fast (bytes per second on the wire); default unlimited
 //!
 //! [[node]]
 //! name = "alpha"
@@ -91,6 +96,7 @@ mod raw;
 mod tls;
 mod validate;
 mod values;
+mod wan;
 
 #[cfg(test)]
 mod local_tests;
@@ -98,6 +104,8 @@ mod local_tests;
 mod tests;
 #[cfg(test)]
 mod tls_tests;
+#[cfg(test)]
+mod wan_tests;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -107,6 +115,10 @@ pub use disk::{DEFAULT_ACK_TIMEOUT_MS, IoErrorPolicy, MAX_ACK_TIMEOUT_MS, MIN_AC
 pub use error::ConfigError;
 pub use keys::{node_keys, resource_keys};
 pub use tls::{NbdTls, NbdTlsMode, PeerTlsFiles, TlsFiles};
+pub use wan::{
+    Compression, DEFAULT_COMPRESSION_LEVEL, MAX_COMPRESSION_LEVEL, MIN_COMPRESSION_LEVEL,
+    MIN_REPLICATION_RATE_BYTES_PER_SEC,
+};
 
 /// Default bitmap granularity: one bit per 4 KiB.
 pub const DEFAULT_BITMAP_GRANULARITY: u64 = 4096;
@@ -189,6 +201,15 @@ pub struct ResourceConfig {
     /// `ack-timeout`: a peer that leaves a replicated write, barrier, flush or
     /// read unanswered this long after it was sent is disconnected.
     pub ack_timeout_ms: u64,
+    /// `compression`: compress the data of `Write` and resync frames on the peer link
+    /// (used only when the peer says the same in its Hello).
+    pub compression: Compression,
+    /// `compression-level`: the zstd level this node compresses at,
+    /// [`MIN_COMPRESSION_LEVEL`]..=[`MAX_COMPRESSION_LEVEL`].
+    pub compression_level: i32,
+    /// `replication-rate`: bytes per second (on the wire) at most for the frames of
+    /// application writes; protocols A and B only. `None`: unlimited.
+    pub replication_rate_bytes_per_sec: Option<u64>,
 }
 
 /// The peers' shared secret; never printed.
@@ -466,6 +487,11 @@ impl Config {
         }
         let _ = writeln!(out, "on-io-error = {}", q(&r.on_io_error.to_string()));
         let _ = writeln!(out, "ack-timeout = {}", q(&format!("{}ms", r.ack_timeout_ms)));
+        let _ = writeln!(out, "compression = {}", q(&r.compression.to_string()));
+        let _ = writeln!(out, "compression-level = {}", r.compression_level);
+        if let Some(rate) = r.replication_rate_bytes_per_sec {
+            let _ = writeln!(out, "replication-rate = {rate}");
+        }
         for n in &self.nodes {
             let nbd: Vec<String> = n.nbd.iter().map(|a| q(&a.to_string())).collect();
             let meta = match &n.meta {

@@ -36,6 +36,9 @@ pub(super) struct RawResource {
     pub tls_ca: Option<Spanned<String>>,
     pub on_io_error: Option<Spanned<RawIoErrorPolicy>>,
     pub ack_timeout: Option<Spanned<RawDuration>>,
+    pub compression: Option<Spanned<RawCompression>>,
+    pub compression_level: Option<Spanned<RawInt>>,
+    pub replication_rate: Option<Spanned<RawRate>>,
 }
 
 /// One `[[node]]`.
@@ -101,6 +104,11 @@ described_string!(
     /// `on-io-error`; checked by validation.
     RawIoErrorPolicy,
     r#""detach" or "pass-on""#
+);
+described_string!(
+    /// `compression`; checked by validation.
+    RawCompression,
+    r#""off" or "zstd""#
 );
 described_string!(
     /// `meta`; checked by validation.

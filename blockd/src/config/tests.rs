@@ -104,6 +104,9 @@ fn spec_example_parses_with_defaults() {
             tls_ca: None,
             on_io_error: IoErrorPolicy::Detach,
             ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
+            compression: Compression::Off,
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
+            replication_rate_bytes_per_sec: None,
         }
     );
     assert_eq!(c.nodes.len(), 2);
@@ -323,7 +326,7 @@ fn unknown_keys() {
         "r0.toml:5: key `resource.bitmap_granularity`: unknown key \
          (expected one of: name, protocol, size, bitmap-granularity, send-buffer, al-extents, \
          resync-rate, resync-min-rate, resync-checksum, shared-secret, allow-unauthenticated-peers, tls-ca, \
-         on-io-error, ack-timeout)"
+         on-io-error, ack-timeout, compression, compression-level, replication-rate)"
     );
     assert_eq!(
         err(&spec_with(&[(1, "[resources]")])),
