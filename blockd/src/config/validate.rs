@@ -285,7 +285,13 @@ impl Cx<'_> {
             None => ResyncRate::Auto,
             Some(r) if r.get_ref().is_auto() => ResyncRate::Auto,
             Some(r) => ResyncRate::Fixed {
-                bytes_per_sec: self.rate(r, "resource.resync-rate", true, MIN_RESYNC_RATE_BYTES_PER_SEC, "1MiB")?,
+                bytes_per_sec: self.rate(
+                    r,
+                    "resource.resync-rate",
+                    true,
+                    MIN_RESYNC_RATE_BYTES_PER_SEC,
+                    "1MiB",
+                )?,
             },
         };
         let resync_min_rate_bytes_per_sec = match &raw.resync_min_rate {

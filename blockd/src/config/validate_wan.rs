@@ -54,7 +54,8 @@ impl Cx<'_> {
         }
         let bytes = self.rate(r, key, false, MIN_REPLICATION_RATE_BYTES_PER_SEC, "64KiB")?;
         if protocol == Protocol::C {
-            let why = "replication-rate needs protocol A or B: under protocol C every write waits for the peer";
+            let why =
+                "replication-rate needs protocol A or B: under protocol C every write waits for the peer";
             return Err(self.at(r, key, why.to_owned()));
         }
         Ok(Some(bytes))

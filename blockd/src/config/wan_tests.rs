@@ -100,5 +100,8 @@ fn show_prints_the_wan_keys_and_parses_again() {
     let again = Config::parse(&shown, Path::new("shown.toml")).unwrap();
     assert_eq!(again.resource, cfg.resource);
     let plain = ok(&with_resource("")).effective_toml();
-    assert!(plain.contains("compression = \"off\"\ncompression-level = 3\n") && !plain.contains("replication-rate"));
+    assert!(
+        plain.contains("compression = \"off\"\ncompression-level = 3\n")
+            && !plain.contains("replication-rate")
+    );
 }

@@ -1,11 +1,12 @@
 //! Tests of the peer protocol: wire format and corruption (`wire`), the link over
-//! in-memory pipes (`link`), the handshake (`handshake`), and the supervisor over
-//! real loopback TCP (`dial`).
+//! in-memory pipes (`link`), the handshake (`handshake`), the supervisor over
+//! real loopback TCP (`dial`), and compression and pacing (`wan`).
 
 mod dial;
 mod handshake;
 mod link;
 mod tls;
+mod wan;
 mod wire;
 
 use std::future::Future;
