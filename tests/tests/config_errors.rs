@@ -347,3 +347,30 @@ fn external_meta_in_a_missing_directory() {
     let want = Want::Key { line: 12, key: "node[0].meta", message: "/nodir does not exist" };
     case("cfg-err-metadir", &[(12, "meta = \"@DIR@/nodir/alpha.meta\"")], nothing, Scope::Local, want);
 }
+
+#[test]
+fn replication_rate_under_protocol_c() {
+    let want = Want::Key {
+        line: 4,
+        key: "resource.replication-rate",
+        message: "replication-rate needs protocol A or B: under protocol C every write waits for the peer",
+    };
+    case("cfg-err-reprate", &[(4, "replication-rate = \"10MiB\"")], nothing, Scope::File, want);
+}
+
+#[test]
+fn bad_compression_and_level() {
+    let want = Want::Key {
+        line: 4,
+        key: "resource.compression",
+        message: r#"expected "off" or "zstd", found "gzip""#,
+    };
+    case("cfg-err-compress", &[(4, "compression = \"gzip\"")], nothing, Scope::File, want);
+    let want = Want::Key {
+        line: 5,
+        key: "resource.compression-level",
+        message: "22 is not allowed; use a zstd level from 1 (fastest) to 19 (smallest)",
+    };
+    let edits = [(4, "compression = \"zstd\""), (5, "compression-level = 22")];
+    case("cfg-err-level", &edits, nothing, Scope::File, want);
+}
