@@ -94,21 +94,11 @@ struct Link {
     cpu: [f64; 2],
 }
 
-/// `base`: CPU seconds of each node's earlier processes (beta is restarted).
-fn link(p: &mut Pair, base: [f64; 2]) -> Link {
-    let cpu = [0, 1].map(|n| base[n] + cpu_secs(p.daemon(n).pid().expect("running")));
-    Link {
-        replicated: p.peer_u64(0, "replicated_bytes"),
-        resync: p.peer_u64(0, "resync_sent_bytes"),
-        wire: p.peer_u64(0, "sent_wire_bytes"),
-        uncompressed: p.peer_u64(0, "sent_uncompressed_bytes"),
-        cpu,
-    }
-}
-
-/// [`link`] while beta is stopped (its CPU is all in `base`).
-fn link_alone(p: &mut Pair, base: [f64; 2]) -> Link {
-    let cpu = [base[0] + cpu_secs(p.daemon(0).pid().expect("running")), base[1]];
+/// `base`: CPU seconds of each node's earlier processes (beta is restarted); a
+/// stopped node's CPU is all in `base`.
+fn link(p: &Pair, base: [f64; 2]) -> Link {
+    let cpu =
+        [0, 1].map(|n| base[n] + p.nodes[n].daemon.as_ref().and_then(|d| d.pid()).map_or(0.0, cpu_secs));
     Link {
         replicated: p.peer_u64(0, "replicated_bytes"),
         resync: p.peer_u64(0, "resync_sent_bytes"),
@@ -164,20 +154,20 @@ fn ordinary_files_shrink_on_the_wire_and_random_data_never_grows() {
 
     // Phase 1: files replicated as they are written, then more while beta is down
     // (they reach it by resync).
-    let start = link(&mut p, [0.0; 2]);
+    let start = link(&p, [0.0; 2]);
     copy_files(&share, &m.path().join("share"));
-    let replicated = link(&mut p, [0.0; 2]);
+    let replicated = link(&p, [0.0; 2]);
     report("  of which replicated as written", start, replicated);
     let beta_cpu = cpu_secs(p.daemon(1).pid().expect("running"));
     p.stop_node(1);
     let base = [0.0, beta_cpu];
-    let alone = link_alone(&mut p, base);
+    let alone = link(&p, base);
     copy_files(&lib, &m.path().join("lib"));
-    let written = link_alone(&mut p, base);
+    let written = link(&p, base);
     eprintln!("  written while beta was down: CPU alpha {:.2} s", written.cpu[0] - alone.cpu[0]);
     p.start_node(1);
     p.wait_synced(SETTLE);
-    let files = link(&mut p, base);
+    let files = link(&p, base);
     report("  of which resynced", Link { cpu: [written.cpu[0], beta_cpu], ..written }, files);
     let (data, wire, frames) = report("ordinary files (zstd level 3)", start, files);
     assert!(files.resync > start.resync, "part of the files went by resync");
@@ -193,7 +183,7 @@ fn ordinary_files_shrink_on_the_wire_and_random_data_never_grows() {
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
     p.wait_synced(SETTLE);
-    let after = link(&mut p, base);
+    let after = link(&p, base);
     let (data, wire, frames) = report("random data", files, after);
     assert!(data >= RANDOM_BYTES as u64, "{data}");
     assert!(wire <= frames, "random data cost more on the wire ({wire}) than uncompressed ({frames})");

@@ -703,7 +703,7 @@ fn send_buffer_is_a_bounded_size() {
 }
 
 /// A minimal config with one `[resource]` line set to `line` (line 3).
-fn with_resource_line(line: &str) -> String {
+pub(super) fn with_resource_line(line: &str) -> String {
     format!(
         "[resource]\nname = \"r0\"\n{line}\n\n[[node]]\nname = \"alpha\"\nreplication = \"127.0.0.1:7789\"\n\
          nbd = \"127.0.0.1:10809\"\ndisk = \"/d.img\"\nmeta = \"internal\"\n"

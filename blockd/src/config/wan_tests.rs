@@ -3,16 +3,8 @@
 
 use std::path::Path;
 
-use super::tests::{err, ok};
+use super::tests::{err, ok, with_resource_line as with_resource};
 use super::*;
-
-/// A one-node file with `lines` in `[resource]` (from line 3 on).
-fn with_resource(lines: &str) -> String {
-    format!(
-        "[resource]\nname = \"r0\"\n{lines}\n\n[[node]]\nname = \"alpha\"\nreplication = \"127.0.0.1:7789\"\n\
-         nbd = \"127.0.0.1:10809\"\ndisk = \"/d.img\"\nmeta = \"internal\"\n"
-    )
-}
 
 #[test]
 fn compression_defaults_values_and_errors() {

@@ -39,31 +39,12 @@ fn frames_of(bytes: &[u8]) -> Vec<(u16, u16, usize)> {
     out
 }
 
-/// Reads `bytes` with decompression on, like [`decode_all`].
 async fn decode_compressed(bytes: &[u8]) -> (Vec<Message>, LinkError, PeerStatsSnapshot) {
-    let stats = Arc::new(PeerStats::default());
-    let mut r = FrameReader::new(bytes, BufPool::default(), stats.clone());
-    r.set_decompression(true);
-    let mut out = Vec::new();
-    loop {
-        match r.read().await {
-            Ok(m) => out.push(m),
-            Err(e) => return (out, e, stats.snapshot()),
-        }
-    }
+    decode_all_with(bytes, true).await
 }
 
 async fn encode_compressed(msgs: Vec<Message>, level: i32) -> Vec<u8> {
-    let mut w = FrameWriter::new(Vec::new());
-    w.set_compression(Some(level));
-    for m in msgs {
-        w.queue(m).expect("encodable");
-        if w.batch_full() {
-            w.flush().await.expect("write to memory");
-        }
-    }
-    w.flush().await.expect("write to memory");
-    w.get_ref().clone()
+    encode_at(msgs, Some(level)).await
 }
 
 #[tokio::test]
