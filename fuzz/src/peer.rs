@@ -191,7 +191,10 @@ fn check_reencodes(input: &[u8], read: Vec<Message>) {
             let data_len = msg.data().map_or(0, |d| d.len());
             let fixed_end = o.len() - data_len;
             assert!(i[..6] == o[..6] && i[8..16] == o[8..16], "a compressed frame's header changed");
-            assert!(i[FRAME_HEADER_BYTES..fixed_end] == o[FRAME_HEADER_BYTES..fixed_end], "its fixed part changed");
+            assert!(
+                i[FRAME_HEADER_BYTES..fixed_end] == o[FRAME_HEADER_BYTES..fixed_end],
+                "its fixed part changed"
+            );
             let declared = u32::from_be_bytes(i[fixed_end..fixed_end + 4].try_into().expect("4 bytes"));
             assert_eq!(declared as usize, data_len, "decoded data of another length than declared");
             assert!(i.len() < o.len(), "a compressed frame not smaller than raw");
@@ -340,7 +343,8 @@ pub fn msg_seeds() -> Vec<Seed> {
             let frame = encode_at(vec![m], level);
             let flags = u16::from_be_bytes([frame[6], frame[7]]);
             assert_eq!(flags != 0, level.is_some(), "{name}: the sample compresses");
-            let code = u16::from_be_bytes([frame[4], frame[5]]) | if flags != 0 { COMPRESSED_CODE } else { 0 };
+            let code =
+                u16::from_be_bytes([frame[4], frame[5]]) | if flags != 0 { COMPRESSED_CODE } else { 0 };
             (name, Bytes::default().u16(code).raw(&frame[FRAME_HEADER_BYTES..]).0)
         })
         .collect()
