@@ -255,6 +255,24 @@ pub fn render(s: &Sources) -> String {
         "Peer read requests (digests, reads) that waited for the request budget.",
         p.request_budget_waits,
     );
+    one(
+        "peer_sent_wire_bytes_total",
+        "counter",
+        "Bytes of frames written to the peer's socket (headers included, data compressed where it was).",
+        p.sent_wire_bytes,
+    );
+    one(
+        "peer_sent_uncompressed_bytes_total",
+        "counter",
+        "The same frames' bytes before compression (equal to the wire bytes without compression).",
+        p.sent_uncompressed_bytes,
+    );
+    one(
+        "peer_compression",
+        "gauge",
+        "1 while the link to the peer compresses (both nodes have compression = zstd).",
+        u64::from(p.compressing),
+    );
     let _ = writeln!(
         out,
         "# HELP blockd_peer_link_errors_total Peer link failures by kind.\n# TYPE blockd_peer_link_errors_total counter"

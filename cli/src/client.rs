@@ -286,6 +286,12 @@ pub fn human_status(s: &Value, verbose: bool) -> String {
                 num("resync_sent_bytes"),
                 s["unsent_bytes"].as_u64().unwrap_or(0)
             ));
+            out.push_str(&format!(
+                "    wire-sent:{} bytes (uncompressed {} bytes) compression:{}\n",
+                num("sent_wire_bytes"),
+                num("sent_uncompressed_bytes"),
+                p["compression"].as_str().unwrap_or("off")
+            ));
         }
     }
     if verbose {

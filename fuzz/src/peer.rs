@@ -11,11 +11,20 @@
 //!   harness wraps them in a frame with a correct header and crc, so every input
 //!   reaches the payload decoder of its message kind. Codes that name no kind are
 //!   mapped onto [`Kind::ALL`], so kinds added later are fuzzed without a change
-//!   here.
+//!   here. The code's top bit sets the frame's compressed flag
+//!   ([`FLAG_COMPRESSED`]): the payload is then a compressed frame's (fixed part,
+//!   declared length, zstd bytes).
+//!
+//! Every reader here accepts compressed frames (as on a link that agreed on zstd),
+//! so the decompression path (declared lengths, corrupt data, bombs) is fuzzed by
+//! all three targets.
 //!
 //! Checks: no panic; every frame read is consumed whole; and encoding the decoded
 //! messages again ([`FrameWriter`]) gives back exactly the bytes that were read, so
 //! the decoder accepts nothing the encoder would not write (one meaning per frame).
+//! A compressed frame cannot be compared byte for byte (zstd has many encodings of
+//! the same data): its header but flags, length and crc, its fixed part, and its
+//! declared length against the decoded data are compared instead.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use blockd::config::Protocol;
 use blockd::peer::msg::{AUTH_BYTES, PROTOCOL_VERSION, StateChange};
 use blockd::peer::{
-    FRAME_HEADER_BYTES, FRAME_MAGIC, FrameReader, FrameWriter, Hello, Kind, LinkEvent, LinkSettings, Message,
-    PeerStats, spawn_link,
+    FLAG_COMPRESSED, FRAME_HEADER_BYTES, FRAME_MAGIC, FrameReader, FrameWriter, Hello, Kind, LinkEvent,
+    LinkSettings, Message, PeerStats, spawn_link,
 };
 use blockd::state::{DiskState, Generations, Role};
 use nbd_server::buf::{Buf, BufMut, BufPool};
@@ -41,14 +50,21 @@ pub fn peer_frames(data: &[u8]) {
 pub fn peer_msg(data: &[u8]) {
     let Some((code, payload)) = data.split_first_chunk::<2>() else { return };
     let code = u16::from_be_bytes(*code);
+    let flags = if code & COMPRESSED_CODE != 0 { FLAG_COMPRESSED } else { 0 };
+    let code = code & !COMPRESSED_CODE;
     let kind = Kind::from_code(code).unwrap_or(Kind::ALL[usize::from(code) % Kind::ALL.len()]);
-    let frame = frame(kind, payload);
+    let frame = frame(kind, flags, payload);
     let read = crate::block_on(read_frames(&frame));
     if let Some(msg) = read.first() {
         assert_eq!(msg.kind(), kind, "a {} frame decoded as {:?}", kind.name(), msg.kind());
     }
     check_reencodes(&frame, read);
 }
+
+/// The bit of a `peer_msg` code that sets the compressed flag (no kind's code has it).
+const COMPRESSED_CODE: u16 = 0x8000;
+/// The zstd level the seeds are compressed at.
+const LEVEL: i32 = 3;
 
 /// Target `peer_link`: a peer's bytes after the handshake, through an established
 /// link (`spawn_link`: keepalive, `Bye`, the range check) to what the core gets.
@@ -63,6 +79,7 @@ pub fn peer_link(data: &[u8]) {
         ping_interval_ms: hour_ms,
         ping_timeout_ms: hour_ms,
         incoming_capacity: 2,
+        compression_level: Some(LEVEL),
         ..LinkSettings::default()
     };
     let size_bytes = remote_hello().size_bytes;
@@ -143,6 +160,7 @@ fn check_for_core(msg: &Message, size_bytes: u64) {
 /// The messages `FrameReader` gets from `bytes` before its first error.
 async fn read_frames(bytes: &[u8]) -> Vec<Message> {
     let mut reader = FrameReader::new(bytes, pool(), Arc::new(PeerStats::default()));
+    reader.set_decompression(true);
     let mut read = Vec::new();
     while let Ok(msg) = reader.read().await {
         read.push(msg);
@@ -150,21 +168,42 @@ async fn read_frames(bytes: &[u8]) -> Vec<Message> {
     read
 }
 
-/// Encodes `read` again and compares with the start of `input`.
+/// Encodes `read` again (uncompressed) and compares with the start of `input`,
+/// frame by frame.
 fn check_reencodes(input: &[u8], read: Vec<Message>) {
     let frame_bytes: u64 = read.iter().map(Message::wire_len).sum();
     let mut writer = FrameWriter::new(Vec::new());
-    for msg in read {
+    for msg in &read {
         let name = msg.kind().name();
-        writer.queue(msg).unwrap_or_else(|e| panic!("a decoded {name} does not encode again: {e}"));
+        writer.queue(msg.clone()).unwrap_or_else(|e| panic!("a decoded {name} does not encode again: {e}"));
     }
     crate::block_on(writer.flush()).expect("writing to memory");
     let out = writer.get_ref();
     assert_eq!(out.len() as u64, frame_bytes, "wire_len disagrees with the encoding");
-    assert!(out.len() <= input.len(), "re-encoded {} bytes from {} read", out.len(), input.len());
-    if out[..] != input[..out.len()] {
-        let at = out.iter().zip(input).position(|(a, b)| a != b).unwrap_or(out.len());
-        panic!("decoding then encoding changed the frames at byte {at}");
+    let (mut i_at, mut o_at) = (0, 0);
+    for msg in &read {
+        let o = &out[o_at..o_at + msg.wire_len() as usize];
+        let h = &input[i_at..i_at + FRAME_HEADER_BYTES];
+        let i_len = FRAME_HEADER_BYTES + u32::from_be_bytes(h[16..20].try_into().expect("4 bytes")) as usize;
+        let i = &input[i_at..i_at + i_len];
+        let flags = u16::from_be_bytes([h[6], h[7]]);
+        if flags & FLAG_COMPRESSED != 0 {
+            let data_len = msg.data().map_or(0, |d| d.len());
+            let fixed_end = o.len() - data_len;
+            assert!(i[..6] == o[..6] && i[8..16] == o[8..16], "a compressed frame's header changed");
+            assert!(
+                i[FRAME_HEADER_BYTES..fixed_end] == o[FRAME_HEADER_BYTES..fixed_end],
+                "its fixed part changed"
+            );
+            let declared = u32::from_be_bytes(i[fixed_end..fixed_end + 4].try_into().expect("4 bytes"));
+            assert_eq!(declared as usize, data_len, "decoded data of another length than declared");
+            assert!(i.len() < o.len(), "a compressed frame not smaller than raw");
+        } else if i != o {
+            let at = o.iter().zip(i).position(|(a, b)| a != b).unwrap_or(o.len());
+            panic!("decoding then encoding changed the frames at byte {}", i_at + at);
+        }
+        i_at += i_len;
+        o_at += o.len();
     }
 }
 
@@ -175,10 +214,10 @@ fn pool() -> BufPool {
 }
 
 /// A frame of `kind` around `payload`, sequence 0, with a correct crc32c.
-fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+fn frame(kind: Kind, flags: u16, payload: &[u8]) -> Vec<u8> {
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     let mut f =
-        Bytes::default().u32(FRAME_MAGIC).u16(kind.code()).u16(0).u64(0).u32(len).u32(0).raw(payload).0;
+        Bytes::default().u32(FRAME_MAGIC).u16(kind.code()).u16(flags).u64(0).u32(len).u32(0).raw(payload).0;
     let crc = crc32c::crc32c(&f);
     f[FRAME_HEADER_BYTES - 4..FRAME_HEADER_BYTES].copy_from_slice(&crc.to_be_bytes());
     f
@@ -255,7 +294,13 @@ pub fn sample_messages() -> Vec<Message> {
 }
 
 fn encode(messages: Vec<Message>) -> Vec<u8> {
+    encode_at(messages, None)
+}
+
+/// [`encode`], compressing at `level` (what does not shrink goes raw).
+fn encode_at(messages: Vec<Message>, level: Option<i32>) -> Vec<u8> {
     let mut writer = FrameWriter::new(Vec::new());
+    writer.set_compression(level);
     for m in messages {
         writer.queue(m).expect("samples fit a frame");
     }
@@ -267,13 +312,20 @@ fn encode(messages: Vec<Message>) -> Vec<u8> {
 pub fn frame_seeds() -> Vec<Seed> {
     let all = sample_messages();
     let handshake = all[..3].to_vec();
-    vec![("seed-session".into(), encode(all)), ("seed-handshake".into(), encode(handshake))]
+    vec![
+        ("seed-session-zstd".into(), encode_at(all.clone(), Some(LEVEL))),
+        ("seed-session".into(), encode(all)),
+        ("seed-handshake".into(), encode(handshake)),
+    ]
 }
 
 /// Seeds of `peer_link`: the data path and resync after a handshake, with a Ping.
 pub fn link_seeds() -> Vec<Seed> {
-    let after_handshake = sample_messages().into_iter().skip(3).collect();
-    vec![("seed-after-handshake".into(), encode(after_handshake))]
+    let after_handshake: Vec<Message> = sample_messages().into_iter().skip(3).collect();
+    vec![
+        ("seed-after-handshake-zstd".into(), encode_at(after_handshake.clone(), Some(LEVEL))),
+        ("seed-after-handshake".into(), encode(after_handshake)),
+    ]
 }
 
 /// Seeds of `peer_msg`: code and payload of one sample per kind. Fails if a kind has
@@ -283,12 +335,17 @@ pub fn msg_seeds() -> Vec<Seed> {
     for kind in Kind::ALL {
         assert!(samples.iter().any(|m| m.kind() == kind), "no sample message of kind {}", kind.name());
     }
-    samples
-        .into_iter()
-        .map(|m| {
-            let name = format!("seed-{}", m.kind().name());
-            let code = m.kind().code();
-            let frame = encode(vec![m]);
+    let compressed = samples.iter().filter(|m| m.kind().compressible()).cloned().collect::<Vec<_>>();
+    let raw = samples.into_iter().map(|m| (m, None));
+    raw.chain(compressed.into_iter().map(|m| (m, Some(LEVEL))))
+        .map(|(m, level)| {
+            let suffix = if level.is_some() { "-zstd" } else { "" };
+            let name = format!("seed-{}{suffix}", m.kind().name());
+            let frame = encode_at(vec![m], level);
+            let flags = u16::from_be_bytes([frame[6], frame[7]]);
+            assert_eq!(flags != 0, level.is_some(), "{name}: the sample compresses");
+            let code =
+                u16::from_be_bytes([frame[4], frame[5]]) | if flags != 0 { COMPRESSED_CODE } else { 0 };
             (name, Bytes::default().u16(code).raw(&frame[FRAME_HEADER_BYTES..]).0)
         })
         .collect()
@@ -311,8 +368,10 @@ mod tests {
             assert_eq!(DELIVERED.load(Ordering::Relaxed) - before, Kind::ALL.len() as u64 - 6);
         }
         for (name, s) in msg_seeds() {
-            let kind = Kind::from_code(u16::from_be_bytes([s[0], s[1]])).expect("a known code");
-            assert_eq!(crate::block_on(read_frames(&frame(kind, &s[2..]))).len(), 1, "{name}");
+            let code = u16::from_be_bytes([s[0], s[1]]);
+            let flags = if code & COMPRESSED_CODE != 0 { FLAG_COMPRESSED } else { 0 };
+            let kind = Kind::from_code(code & !COMPRESSED_CODE).expect("a known code");
+            assert_eq!(crate::block_on(read_frames(&frame(kind, flags, &s[2..]))).len(), 1, "{name}");
             peer_msg(&s);
         }
     }

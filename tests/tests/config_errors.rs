@@ -366,4 +366,28 @@ fn undo_dir_relative() {
         message: r#""undo" is a relative path; use an absolute path"#,
     };
     case("cfg-err-undodir", &[(14, "undo-dir = \"undo\"")], nothing, Scope::File, want);
+fn replication_rate_under_protocol_c() {
+    let want = Want::Key {
+        line: 4,
+        key: "resource.replication-rate",
+        message: "replication-rate needs protocol A or B: under protocol C every write waits for the peer",
+    };
+    case("cfg-err-reprate", &[(4, "replication-rate = \"10MiB\"")], nothing, Scope::File, want);
+}
+
+#[test]
+fn bad_compression_and_level() {
+    let want = Want::Key {
+        line: 4,
+        key: "resource.compression",
+        message: r#"expected "off" or "zstd", found "gzip""#,
+    };
+    case("cfg-err-compress", &[(4, "compression = \"gzip\"")], nothing, Scope::File, want);
+    let want = Want::Key {
+        line: 5,
+        key: "resource.compression-level",
+        message: "22 is not allowed; use a zstd level from 1 (fastest) to 19 (smallest)",
+    };
+    let edits = [(4, "compression = \"zstd\""), (5, "compression-level = 22")];
+    case("cfg-err-level", &edits, nothing, Scope::File, want);
 }

@@ -168,6 +168,14 @@ fn metrics_parse_and_move_with_traffic_and_the_control_group_can_connect() {
     assert_eq!(grew("blockd_nbd_read_latency_seconds_count"), 5.0);
     assert!(grew("blockd_replicated_bytes_total") >= 40960.0, "the gauges were refreshed");
     assert!(value(&after, "blockd_activity_log_hot_extents") >= 1.0);
+    // The peer link's wire bytes: every frame (writes, barriers, keepalive); without
+    // compression exactly its uncompressed bytes.
+    assert!(grew("blockd_peer_sent_wire_bytes_total") >= 40960.0);
+    assert_eq!(
+        value(&after, "blockd_peer_sent_wire_bytes_total"),
+        value(&after, "blockd_peer_sent_uncompressed_bytes_total")
+    );
+    assert_eq!(value(&after, "blockd_peer_compression"), 0.0);
 
     let (status, _) = get(port, "/other");
     assert!(status.contains("404"), "{status}");

@@ -24,6 +24,11 @@
 //! #                               # wait, or "pull-ahead": stop shipping, resync later
 //! # congestion-fill = "64MiB"     # 1MiB..send-buffer
 //! # undo-size = "1GiB"            # undo journal of a catching-up target; "0": none
+//! # compression = "off"           # or "zstd": Write and resync data on the peer link
+//! #                               # (both nodes must say zstd, else it runs uncompressed)
+//! # compression-level = 3         # zstd level, 1..19
+//! # replication-rate = "100MiB"   # protocols A/B: ship application writes at most this
+//! #                               # fast (bytes per second on the wire); default unlimited
 //!
 //! [[node]]
 //! name = "alpha"
@@ -105,6 +110,8 @@ mod local_tests;
 mod tests;
 #[cfg(test)]
 mod tls_tests;
+#[cfg(test)]
+mod wan_tests;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -116,6 +123,10 @@ pub use keys::{node_keys, resource_keys};
 pub use tls::{NbdTls, NbdTlsMode, PeerTlsFiles, TlsFiles};
 pub use undo::{DEFAULT_UNDO_DIR, DEFAULT_UNDO_SIZE_BYTES, MIN_UNDO_SIZE_BYTES};
 pub use wan::{CongestionPolicy, DEFAULT_CONGESTION_FILL_BYTES, MIN_CONGESTION_FILL_BYTES};
+pub use wan::{
+    Compression, DEFAULT_COMPRESSION_LEVEL, MAX_COMPRESSION_LEVEL, MIN_COMPRESSION_LEVEL,
+    MIN_REPLICATION_RATE_BYTES_PER_SEC,
+};
 
 /// Default bitmap granularity: one bit per 4 KiB.
 pub const DEFAULT_BITMAP_GRANULARITY: u64 = 4096;
@@ -206,6 +217,15 @@ pub struct ResourceConfig {
     /// ([`crate::undo`]); 0: no journal, a catch-up overwrites in place (DRBD's way)
     /// and the target has no consistent image until it completes.
     pub undo_size_bytes: u64,
+    /// `compression`: compress the data of `Write` and resync frames on the peer link
+    /// (used only when the peer says the same in its Hello).
+    pub compression: Compression,
+    /// `compression-level`: the zstd level this node compresses at,
+    /// [`MIN_COMPRESSION_LEVEL`]..=[`MAX_COMPRESSION_LEVEL`].
+    pub compression_level: i32,
+    /// `replication-rate`: bytes per second (on the wire) at most for the frames of
+    /// application writes; protocols A and B only. `None`: unlimited.
+    pub replication_rate_bytes_per_sec: Option<u64>,
 }
 
 /// The peers' shared secret; never printed.
@@ -490,6 +510,11 @@ impl Config {
         let _ = writeln!(out, "on-congestion = {}", q(&r.on_congestion.to_string()));
         let _ = writeln!(out, "congestion-fill = {}", r.congestion_fill_bytes);
         let _ = writeln!(out, "undo-size = {}", r.undo_size_bytes);
+        let _ = writeln!(out, "compression = {}", q(&r.compression.to_string()));
+        let _ = writeln!(out, "compression-level = {}", r.compression_level);
+        if let Some(rate) = r.replication_rate_bytes_per_sec {
+            let _ = writeln!(out, "replication-rate = {rate}");
+        }
         for n in &self.nodes {
             let nbd: Vec<String> = n.nbd.iter().map(|a| q(&a.to_string())).collect();
             let meta = match &n.meta {

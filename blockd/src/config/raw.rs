@@ -39,6 +39,9 @@ pub(super) struct RawResource {
     pub on_congestion: Option<Spanned<RawCongestionPolicy>>,
     pub congestion_fill: Option<Spanned<RawSize>>,
     pub undo_size: Option<Spanned<RawSize>>,
+    pub compression: Option<Spanned<RawCompression>>,
+    pub compression_level: Option<Spanned<RawInt>>,
+    pub replication_rate: Option<Spanned<RawRate>>,
 }
 
 /// One `[[node]]`.
@@ -110,6 +113,11 @@ described_string!(
     /// `on-congestion`; checked by validation.
     RawCongestionPolicy,
     r#""block" or "pull-ahead""#
+);
+described_string!(
+    /// `compression`; checked by validation.
+    RawCompression,
+    r#""off" or "zstd""#
 );
 described_string!(
     /// `meta`; checked by validation.

@@ -107,6 +107,9 @@ fn spec_example_parses_with_defaults() {
             on_congestion: CongestionPolicy::Block,
             congestion_fill_bytes: DEFAULT_CONGESTION_FILL_BYTES,
             undo_size_bytes: DEFAULT_UNDO_SIZE_BYTES,
+            compression: Compression::Off,
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
+            replication_rate_bytes_per_sec: None,
         }
     );
     assert_eq!(c.nodes.len(), 2);
@@ -327,7 +330,7 @@ fn unknown_keys() {
         "r0.toml:5: key `resource.bitmap_granularity`: unknown key \
          (expected one of: name, protocol, size, bitmap-granularity, send-buffer, al-extents, \
          resync-rate, resync-min-rate, resync-checksum, shared-secret, allow-unauthenticated-peers, tls-ca, \
-         on-io-error, ack-timeout, on-congestion, congestion-fill, undo-size)"
+         on-io-error, ack-timeout, compression, compression-level, replication-rate, on-congestion, congestion-fill, undo-size)"
     );
     assert_eq!(
         err(&spec_with(&[(1, "[resources]")])),
@@ -704,7 +707,7 @@ fn send_buffer_is_a_bounded_size() {
 }
 
 /// A minimal config with one `[resource]` line set to `line` (line 3).
-fn with_resource_line(line: &str) -> String {
+pub(super) fn with_resource_line(line: &str) -> String {
     format!(
         "[resource]\nname = \"r0\"\n{line}\n\n[[node]]\nname = \"alpha\"\nreplication = \"127.0.0.1:7789\"\n\
          nbd = \"127.0.0.1:10809\"\ndisk = \"/d.img\"\nmeta = \"internal\"\n"

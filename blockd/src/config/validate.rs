@@ -31,6 +31,8 @@ use super::{DEFAULT_UNDO_DIR, DEFAULT_UNDO_SIZE_BYTES};
 
 #[path = "validate_tls.rs"]
 mod tls;
+#[path = "validate_wan.rs"]
+mod wan;
 
 /// Sizes must be whole sectors.
 const SECTOR: u64 = 512;
@@ -285,7 +287,15 @@ impl Cx<'_> {
         let resync_rate = match &raw.resync_rate {
             None => ResyncRate::Auto,
             Some(r) if r.get_ref().is_auto() => ResyncRate::Auto,
-            Some(r) => ResyncRate::Fixed { bytes_per_sec: self.rate(r, "resource.resync-rate", true)? },
+            Some(r) => ResyncRate::Fixed {
+                bytes_per_sec: self.rate(
+                    r,
+                    "resource.resync-rate",
+                    true,
+                    MIN_RESYNC_RATE_BYTES_PER_SEC,
+                    "1MiB",
+                )?,
+            },
         };
         let resync_min_rate_bytes_per_sec = match &raw.resync_min_rate {
             None => DEFAULT_RESYNC_MIN_RATE_BYTES_PER_SEC,
@@ -293,7 +303,9 @@ impl Cx<'_> {
                 let why = r#""auto" is not allowed here; give a rate such as "8MiB""#.to_owned();
                 return Err(self.at(r, "resource.resync-min-rate", why));
             }
-            Some(r) => self.rate(r, "resource.resync-min-rate", false)?,
+            Some(r) => {
+                self.rate(r, "resource.resync-min-rate", false, MIN_RESYNC_RATE_BYTES_PER_SEC, "1MiB")?
+            }
         };
         let resync_checksum = raw.resync_checksum.as_ref().is_some_and(|b| *b.get_ref());
         let shared_secret = match &raw.shared_secret {
@@ -376,6 +388,8 @@ impl Cx<'_> {
                 bytes
             }
         };
+        let (compression, compression_level) = self.compression(raw)?;
+        let replication_rate_bytes_per_sec = self.replication_rate(raw, protocol)?;
 
         Ok(ResourceConfig {
             name: name.get_ref().clone(),
@@ -395,13 +409,23 @@ impl Cx<'_> {
             on_congestion,
             congestion_fill_bytes,
             undo_size_bytes,
+            compression,
+            compression_level,
+            replication_rate_bytes_per_sec,
         })
     }
 
-    /// A rate in bytes per second (a string may end in `/s`), at least
-    /// [`MIN_RESYNC_RATE_BYTES_PER_SEC`]. `auto_ok`: the key also takes `"auto"` (handled
-    /// by the caller), which the messages then mention.
-    fn rate(&self, raw: &Spanned<RawRate>, key: &str, auto_ok: bool) -> Result<u64, ConfigError> {
+    /// A rate in bytes per second (a string may end in `/s`), at least `min` bytes
+    /// (written `min_text` in messages). `auto_ok`: the key also takes `"auto"`
+    /// (handled by the caller), which the messages then mention.
+    fn rate(
+        &self,
+        raw: &Spanned<RawRate>,
+        key: &str,
+        auto_ok: bool,
+        min: u64,
+        min_text: &str,
+    ) -> Result<u64, ConfigError> {
         let written = &raw.get_ref().0;
         let hint = if auto_ok { r#""auto" or "# } else { "" };
         let size = match written {
@@ -419,9 +443,11 @@ impl Cx<'_> {
             };
             self.at(raw, key, m)
         })?;
-        if bytes < MIN_RESYNC_RATE_BYTES_PER_SEC {
-            let why =
-                format!("{} is not allowed; use {hint}at least 1MiB (bytes per second)", describe(written));
+        if bytes < min {
+            let why = format!(
+                "{} is not allowed; use {hint}at least {min_text} (bytes per second)",
+                describe(written)
+            );
             return Err(self.at(raw, key, why));
         }
         Ok(bytes)

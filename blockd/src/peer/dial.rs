@@ -36,7 +36,9 @@ use tokio::time::Instant;
 
 use super::error::bump;
 use super::frame::{FrameReader, FrameWriter};
-use super::handshake::{Established, HandshakeError, HandshakeParams, handshake, say_bye};
+use super::handshake::{
+    Established, HandshakeError, HandshakeParams, compression_agreed, handshake, say_bye,
+};
 use super::link::{LinkHandle, LinkSettings, PeerConn, spawn_link};
 use super::msg::Hello;
 use super::tls::{self, PeerRead, PeerWrite, TlsError};
@@ -84,6 +86,12 @@ pub struct PeerSettings {
     /// `resource.tls-ca` and this node's files: mutual TLS (see [`super::tls`]),
     /// read again for every connection.
     pub tls: Option<PeerTlsFiles>,
+    /// `compression = "zstd"` at this level (this node's Hello must say
+    /// [`FEATURE_ZSTD`](super::msg::FEATURE_ZSTD)); a link compresses when both
+    /// Hellos say it ([`compression_agreed`]).
+    pub compression_level: Option<i32>,
+    /// See [`LinkSettings::replication_rate_bytes_per_sec`].
+    pub replication_rate_bytes_per_sec: Option<u64>,
 }
 
 impl PeerSettings {
@@ -105,7 +113,17 @@ impl PeerSettings {
             enabled: None,
             secret: None,
             tls: None,
+            compression_level: None,
+            replication_rate_bytes_per_sec: None,
         }
+    }
+
+    /// Takes the WAN keys of `[resource]`: `compression`, `compression-level`,
+    /// `replication-rate`.
+    pub fn set_wan(&mut self, resource: &crate::config::ResourceConfig) {
+        self.compression_level =
+            (resource.compression == crate::config::Compression::Zstd).then_some(resource.compression_level);
+        self.replication_rate_bytes_per_sec = resource.replication_rate_bytes_per_sec;
     }
 
     fn is_enabled(&self) -> bool {
@@ -122,6 +140,7 @@ impl PeerSettings {
         let mut s = PeerSettings::new(local, &peer.name, me.replication.clone(), peer.replication.clone());
         s.secret = config.resource.shared_secret.clone();
         s.tls = config.peer_tls(local);
+        s.set_wan(&config.resource);
         Some(s)
     }
 
@@ -130,12 +149,15 @@ impl PeerSettings {
         self.local_name < self.peer_name
     }
 
-    fn link(&self) -> LinkSettings {
+    /// The settings of a link; `compress`: both Hellos said zstd.
+    fn link(&self, compress: bool) -> LinkSettings {
         LinkSettings {
             ping_interval_ms: self.ping_interval_ms,
             ping_timeout_ms: self.ping_timeout_ms,
             receive_budget_bytes: self.receive_budget_bytes,
             request_budget_bytes: self.request_budget_bytes,
+            compression_level: self.compression_level.filter(|_| compress),
+            replication_rate_bytes_per_sec: self.replication_rate_bytes_per_sec,
             ..LinkSettings::default()
         }
     }
@@ -232,7 +254,9 @@ impl Supervisor {
     ) -> Option<LinkHandle> {
         let Established { reader, writer, remote } = est;
         let node = remote.node.clone();
-        let (conn, mut link) = spawn_link(reader, writer, remote, &self.settings.link(), self.stats.clone());
+        // Both must want it (the handshake warned if only one does).
+        let settings = self.settings.link(compression_agreed(&self.hello.borrow(), &remote));
+        let (conn, mut link) = spawn_link(reader, writer, remote, &settings, self.stats.clone());
         bump(&self.stats.connects);
         tracing::info!(peer = %node, %addr, "peer connected");
         let delivered = tokio::select! {

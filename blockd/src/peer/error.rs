@@ -5,7 +5,7 @@
 //! reader), so a counter never double-counts an error that also travels on to the
 //! core inside `LinkEvent::Closed`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Why a link (or the frame stream under a handshake) stopped. Frame errors mean
 /// nothing from that frame was applied: it is rejected before it becomes a
@@ -74,8 +74,8 @@ pub enum LinkError {
     Io(#[from] std::io::Error),
 }
 
-/// Live counters of the peer connection; all monotonic, read with
-/// [`PeerStats::snapshot`].
+/// Live counters of the peer connection; all monotonic but `compressing`, read
+/// with [`PeerStats::snapshot`].
 #[derive(Debug, Default)]
 pub struct PeerStats {
     /// Frames with a bad magic number.
@@ -117,6 +117,14 @@ pub struct PeerStats {
     pub receive_budget_waits: AtomicU64,
     /// Read requests (`DigestReq`, `ReadReq`) that waited for the request budget.
     pub request_budget_waits: AtomicU64,
+    /// Bytes of frames the links wrote to the socket (headers included, data as
+    /// sent: compressed where it was), every frame after the handshake.
+    pub sent_wire_bytes: AtomicU64,
+    /// The same frames' bytes uncompressed ([`super::Message::wire_len`]): with
+    /// `sent_wire_bytes`, what compression saved.
+    pub sent_uncompressed_bytes: AtomicU64,
+    /// The link that is up compresses (both nodes said zstd); false while down.
+    pub compressing: AtomicBool,
 }
 
 /// A plain copy of [`PeerStats`] at one moment.
@@ -141,6 +149,9 @@ pub struct PeerStatsSnapshot {
     pub disconnects: u64,
     pub receive_budget_waits: u64,
     pub request_budget_waits: u64,
+    pub sent_wire_bytes: u64,
+    pub sent_uncompressed_bytes: u64,
+    pub compressing: bool,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -192,6 +203,9 @@ impl PeerStats {
             disconnects: g(&self.disconnects),
             receive_budget_waits: g(&self.receive_budget_waits),
             request_budget_waits: g(&self.request_budget_waits),
+            sent_wire_bytes: g(&self.sent_wire_bytes),
+            sent_uncompressed_bytes: g(&self.sent_uncompressed_bytes),
+            compressing: self.compressing.load(Ordering::Relaxed),
         }
     }
 }

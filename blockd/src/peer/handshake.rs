@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::auth;
 use super::error::bump;
 use super::frame::{FrameReader, FrameWriter};
-use super::msg::{FEATURE_AUTH, Hello, MAX_NAME_BYTES, Message, PROTOCOL_VERSION};
+use super::msg::{FEATURE_AUTH, FEATURE_ZSTD, Hello, MAX_NAME_BYTES, Message, PROTOCOL_VERSION};
 use super::{LinkError, PeerStats};
 use crate::config::{Protocol, SharedSecret};
 
@@ -153,6 +153,27 @@ pub fn check_compatible(local: &Hello, remote: &Hello, expected_peer: &str) -> R
     Ok(())
 }
 
+/// Whether a link between these Hellos compresses: only if both nodes configured
+/// `compression = "zstd"`. A mismatch is not a refusal (the link runs
+/// uncompressed): [`compression_mismatch`] says what to log.
+pub fn compression_agreed(local: &Hello, remote: &Hello) -> bool {
+    (local.features & remote.features) & FEATURE_ZSTD != 0
+}
+
+/// The warning for a link on which only one node configured compression, naming
+/// both settings; `None` when they agree.
+pub fn compression_mismatch(local: &Hello, remote: &Hello) -> Option<String> {
+    let setting = |h: &Hello| if h.features & FEATURE_ZSTD != 0 { "zstd" } else { "off" };
+    let (ours, theirs) = (setting(local), setting(remote));
+    (ours != theirs).then(|| {
+        format!(
+            "this node has compression = \"{ours}\" but the peer `{}` has \"{theirs}\": the link runs \
+             uncompressed; set the same compression on both nodes",
+            remote.node
+        )
+    })
+}
+
 /// Runs the handshake over a fresh connection's halves. Counts the outcome in
 /// `stats` (`handshake_refused` or `handshake_failed`; `connects` is the caller's,
 /// once the link is up).
@@ -230,6 +251,9 @@ where
         Err(e) => return Err(e.into()),
     };
     check_compatible(local, &remote, &params.expected_peer)?;
+    if let Some(warning) = compression_mismatch(local, &remote) {
+        tracing::warn!(peer = %params.remote_addr, "{warning}");
+    }
     if let Some(secret) = &params.secret {
         tokio::time::timeout(params.timeout, authenticate(reader, writer, secret.as_bytes(), local, &remote))
             .await

@@ -219,6 +219,18 @@ impl Kind {
         }
     }
 
+    /// Whether this type's data may travel compressed (`Write`, `ResyncData`: the
+    /// bulk of what a link carries; other data is small or already dense).
+    pub fn compressible(self) -> bool {
+        matches!(self, Kind::Write | Kind::ResyncData)
+    }
+
+    /// Whether a `replication-rate` paces this type: the frames of application
+    /// writes (resync has its own rate; acks, barriers and keepalive never wait).
+    pub fn paced(self) -> bool {
+        matches!(self, Kind::Write | Kind::Trim | Kind::WriteZeroes)
+    }
+
     /// Smallest and largest payload this type allows, in bytes.
     pub(crate) fn payload_bounds(self) -> (usize, usize) {
         match self.layout() {

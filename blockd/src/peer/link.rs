@@ -5,6 +5,12 @@
 //!   vectored write and one flush, then reports `Sent { bytes }` for the batch (only
 //!   the caller's messages: keepalive frames are the link's own business). When
 //!   nothing was sent for `ping_interval` it sends a Ping; it answers Pings with Pongs.
+//!   On a link that agreed on compression it compresses the data of `Write` and
+//!   `ResyncData` frames as it queues them (the reader decompresses); with a
+//!   `replication-rate` it writes the frames of application writes in pieces as
+//!   the token bucket allows (`peer::pace`) and reports `Sent` per piece, so the
+//!   core sees the socket take bytes. It counts what it writes in
+//!   [`PeerStats::sent_wire_bytes`] (as sent) and `sent_uncompressed_bytes`.
 //! - The **reader** decodes frames into `LinkEvent::Message`. Ping, Pong and Bye stay
 //!   inside the link. It waits for room in `incoming` before reading on, so a slow
 //!   core slows the peer through TCP instead of growing a queue. If nothing at all
@@ -37,6 +43,7 @@
 //! crc over up to 32 MiB) use both cores.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -73,6 +80,11 @@ pub struct LinkSettings {
     /// Memory the buffers of the peer's unanswered read requests may occupy (what
     /// they make this node read into).
     pub request_budget_bytes: u64,
+    /// zstd level when this link compresses (both nodes configured it: the
+    /// supervisor decides from the Hellos); `None`: no compression either way.
+    pub compression_level: Option<i32>,
+    /// `replication-rate`: wire bytes per second for application-write frames.
+    pub replication_rate_bytes_per_sec: Option<u64>,
 }
 
 impl Default for LinkSettings {
@@ -83,6 +95,8 @@ impl Default for LinkSettings {
             incoming_capacity: 1024,
             receive_budget_bytes: DEFAULT_RECEIVE_BUDGET_BYTES,
             request_budget_bytes: DEFAULT_REQUEST_BUDGET_BYTES,
+            compression_level: None,
+            replication_rate_bytes_per_sec: None,
         }
     }
 }
@@ -105,9 +119,11 @@ pub struct PeerConn {
 pub enum LinkEvent {
     /// A message from the peer (never Hello, Ping, Pong or Bye).
     Message(Message),
-    /// This many bytes of the caller's frames (see [`Message::wire_len`]) were
-    /// written to the socket, summed per flush. Bytes of a batch the link died
-    /// writing are never reported: after `Closed` the accounting starts over.
+    /// This many bytes of the caller's frames (see [`Message::wire_len`]: always the
+    /// uncompressed length) were written to the socket, summed per flush (per piece
+    /// of a paced batch, a frame in pieces counting its share). Bytes of a batch
+    /// the link died writing are never reported: after `Closed` the accounting
+    /// starts over.
     Sent {
         /// Frame bytes, headers included.
         bytes: u64,
@@ -153,7 +169,7 @@ impl LinkHandle {
 /// on with the sequence numbers after the Hellos).
 pub fn spawn_link<R, W>(
     mut reader: FrameReader<R>,
-    writer: FrameWriter<W>,
+    mut writer: FrameWriter<W>,
     remote: Hello,
     settings: &LinkSettings,
     stats: Arc<PeerStats>,
@@ -167,6 +183,10 @@ where
     let (close_tx, close_rx) = oneshot::channel();
     reader.set_idle_timeout(Some(Duration::from_millis(settings.ping_timeout_ms)));
     reader.set_receive_budget(Some(ByteBudget::new(settings.receive_budget_bytes)));
+    reader.set_decompression(settings.compression_level.is_some());
+    writer.set_compression(settings.compression_level);
+    writer.set_pacing(settings.replication_rate_bytes_per_sec);
+    stats.compressing.store(settings.compression_level.is_some(), Ordering::Relaxed);
     let asked = Arc::new(Asked::new(ByteBudget::new(settings.request_budget_bytes)));
     let ping_interval = Duration::from_millis(settings.ping_interval_ms);
     // The reader records a Ping's nonce here; the writer answers the latest one. A
@@ -181,8 +201,15 @@ where
         size_bytes,
         Arc::clone(&asked),
     ));
-    let write_task =
-        tokio::spawn(write_loop(writer, out_rx, events_tx.clone(), pong_rx, ping_interval, asked));
+    let write_task = tokio::spawn(write_loop(
+        writer,
+        out_rx,
+        events_tx.clone(),
+        pong_rx,
+        ping_interval,
+        asked,
+        stats.clone(),
+    ));
     let peer = remote.node.clone();
     let task = tokio::spawn(coordinate(read_task, write_task, events_tx, close_rx, stats, peer));
     let conn = PeerConn { remote, outgoing: out_tx, incoming: events_rx };
@@ -219,6 +246,7 @@ async fn coordinate(
     };
     // Both tasks are gone, and with them both socket halves: the connection is closed.
     bump(&stats.disconnects);
+    stats.compressing.store(false, Ordering::Relaxed);
     match &error {
         LinkError::LocalClosed => tracing::info!(%peer, "peer link closed locally"),
         LinkError::Bye { reason } => tracing::info!(%peer, %reason, "peer closed the link"),
@@ -324,8 +352,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut pong: watch::Receiver<u64>,
     ping_interval: Duration,
     asked: Arc<Asked>,
+    stats: Arc<PeerStats>,
 ) -> LinkError {
-    match write_batches(&mut writer, &mut outgoing, &events, &mut pong, ping_interval, &asked).await {
+    let w = Writing { events: &events, ping_interval, asked: &asked, stats: &stats };
+    match write_batches(&mut writer, &mut outgoing, &mut pong, &w).await {
         Ok(()) => {
             // `outgoing` was dropped and everything queued is written: say we are done
             // (FIN) so the peer sees an orderly end rather than a reset.
@@ -336,59 +366,72 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
+/// What the write loop needs besides the writer and its inputs.
+struct Writing<'a> {
+    events: &'a mpsc::Sender<LinkEvent>,
+    ping_interval: Duration,
+    asked: &'a Asked,
+    stats: &'a PeerStats,
+}
+
 /// Returns `Ok` when `outgoing` is closed and drained.
 async fn write_batches<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     outgoing: &mut mpsc::UnboundedReceiver<Message>,
-    events: &mpsc::Sender<LinkEvent>,
     pong: &mut watch::Receiver<u64>,
-    ping_interval: Duration,
-    asked: &Asked,
+    w: &Writing<'_>,
 ) -> Result<(), LinkError> {
     // A caller's message; an answer to a read request gives its budget back.
     let queue = |writer: &mut FrameWriter<W>, m: Message| {
-        asked.answered(&m);
+        w.asked.answered(&m);
         writer.queue(m)
     };
     let mut last_sent = Instant::now();
     let mut ping_nonce = 0u64;
     loop {
-        let mut caller_bytes = 0u64;
         let mut closing = false;
         tokio::select! {
             // The caller's messages first: a keepalive never delays data.
             biased;
             m = outgoing.recv() => match m {
-                Some(m) => caller_bytes += queue(writer, m)?,
+                Some(m) => {
+                    queue(writer, m)?;
+                }
                 None => closing = true,
             },
             Ok(()) = pong.changed() => {
                 let nonce = *pong.borrow_and_update();
-                writer.queue(Message::Pong { nonce })?;
+                writer.queue_own(Message::Pong { nonce })?;
             }
-            () = tokio::time::sleep_until(last_sent + ping_interval) => {
+            () = tokio::time::sleep_until(last_sent + w.ping_interval) => {
                 ping_nonce += 1;
-                writer.queue(Message::Ping { nonce: ping_nonce })?;
+                writer.queue_own(Message::Ping { nonce: ping_nonce })?;
             }
         }
         // Gather whatever else is ready into the same write.
         while !closing && !writer.batch_full() {
             match outgoing.try_recv() {
-                Ok(m) => caller_bytes += queue(writer, m)?,
+                Ok(m) => {
+                    queue(writer, m)?;
+                }
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => closing = true,
             }
         }
         if pong.has_changed().unwrap_or(false) {
             let nonce = *pong.borrow_and_update();
-            writer.queue(Message::Pong { nonce })?;
+            writer.queue_own(Message::Pong { nonce })?;
         }
-        writer.flush().await?;
+        while let Some(p) = writer.write_piece().await? {
+            w.stats.sent_wire_bytes.fetch_add(p.wire_bytes, Ordering::Relaxed);
+            w.stats.sent_uncompressed_bytes.fetch_add(p.frame_bytes, Ordering::Relaxed);
+            let sent = LinkEvent::Sent { bytes: p.caller_frame_bytes };
+            if p.caller_frame_bytes > 0 && w.events.send(sent).await.is_err() {
+                // The core dropped `incoming`: it is not listening any more.
+                return Err(LinkError::LocalClosed);
+            }
+        }
         last_sent = Instant::now();
-        if caller_bytes > 0 && events.send(LinkEvent::Sent { bytes: caller_bytes }).await.is_err() {
-            // The core dropped `incoming`: it is not listening any more.
-            return Err(LinkError::LocalClosed);
-        }
         if closing {
             return Ok(());
         }

@@ -6,6 +6,9 @@
 //!   travels in pool buffers ([`nbd_server::buf::Buf`]) and is never copied into a
 //!   frame buffer.
 //! - [`msg`]: the messages ([`Message`], [`Hello`]) and their payload layouts.
+//! - `compress`: zstd for the data of `Write` and `ResyncData` frames when both
+//!   nodes configured it (agreed in the Hello); `pace`: the token bucket of
+//!   `replication-rate` in the writer.
 //! - [`tls`]: with `resource.tls-ca`, mutual TLS 1.3 under everything above (the
 //!   certificate must name the expected peer), and the stream halves the link runs on.
 //! - [`handshake`](mod@handshake): Hello exchange with a timeout and [`check_compatible`],
@@ -24,6 +27,7 @@
 
 pub mod auth;
 pub mod budget;
+mod compress;
 pub mod dial;
 pub mod error;
 pub mod frame;
@@ -31,6 +35,7 @@ pub mod handshake;
 pub mod kind;
 pub mod link;
 pub mod msg;
+mod pace;
 pub mod tls;
 
 #[cfg(test)]
@@ -38,8 +43,14 @@ mod tests;
 
 pub use dial::{PeerSettings, spawn_supervisor};
 pub use error::{LinkError, PeerStats, PeerStatsSnapshot};
-pub use frame::{FRAME_HEADER_BYTES, FRAME_MAGIC, FrameReader, FrameWriter, MAX_FRAME_PAYLOAD_BYTES};
-pub use handshake::{Established, HandshakeError, HandshakeParams, Refusal, check_compatible, handshake};
+pub use frame::{
+    FLAG_COMPRESSED, FRAME_HEADER_BYTES, FRAME_MAGIC, FrameReader, FrameWriter, MAX_FRAME_PAYLOAD_BYTES,
+    Progress,
+};
+pub use handshake::{
+    Established, HandshakeError, HandshakeParams, Refusal, check_compatible, compression_agreed,
+    compression_mismatch, handshake,
+};
 pub use kind::Kind;
 pub use link::{LinkEvent, LinkHandle, LinkSettings, PeerConn, spawn_link};
 pub use msg::{Hello, Message, PROTOCOL_VERSION};

@@ -48,6 +48,16 @@
 //! A string is a u16 byte length and UTF-8 bytes; gens are current, bitmap and the
 //! four history ids, 8 bytes each. Unknown enum codes and unknown flag bits are
 //! rejected, never ignored: a newer peer must bump the version or a feature bit.
+//!
+//! **Compressed data** (on a link where both Hellos carry [`FEATURE_ZSTD`]): the
+//! data of a `Write` or `ResyncData` may travel as one or more zstd frames, marked
+//! by the frame header's flag [`FLAG_COMPRESSED`](super::frame::FLAG_COMPRESSED).
+//! The payload is then the fixed part, the data's length before compression (u32),
+//! and the compressed bytes, which must be fewer than that length minus 4 (a
+//! compressed frame is always smaller than the same frame raw). The receiver
+//! decompresses into a buffer of exactly the declared length; anything else is a
+//! bad frame. Nothing changes in the message: `Message::wire_len` stays the
+//! uncompressed length, the one the replication core accounts in.
 
 use nbd_server::buf::Buf;
 
@@ -64,6 +74,11 @@ pub const PROTOCOL_VERSION: u32 = 4;
 /// Hello feature bit: this node has a `shared-secret` and requires the peer to prove
 /// it knows it (AuthChallenge / AuthResponse) before anything else.
 pub const FEATURE_AUTH: u64 = 1 << 0;
+/// Hello feature bit: this node has `compression = "zstd"`. When both Hellos carry
+/// it, each side may send compressed data (see the module doc); when only one
+/// does, the link runs uncompressed (both sides warn) and is not refused. A node
+/// that predates the bit ignores it, so it never receives a compressed frame.
+pub const FEATURE_ZSTD: u64 = 1 << 1;
 /// Bytes of an auth nonce and of an HMAC-SHA256.
 pub const AUTH_BYTES: usize = 32;
 /// Longest resource or node name on the wire, in bytes.
@@ -86,7 +101,7 @@ pub(super) const HELLO_MIN_BYTES: usize = 4 + 8 + 8 + 4 + 1 + 1 + 1 + GENS_BYTES
 pub struct Hello {
     /// [`PROTOCOL_VERSION`].
     pub version: u32,
-    /// Optional-feature bits: [`FEATURE_AUTH`].
+    /// Optional-feature bits: [`FEATURE_AUTH`], [`FEATURE_ZSTD`].
     pub features: u64,
     /// Resource name (≤ 255 bytes).
     pub resource: String,
@@ -106,6 +121,13 @@ pub struct Hello {
     pub gens: Generations,
     /// Flags for the core; carried, not interpreted, here.
     pub flags: u32,
+}
+
+/// The feature bits of this node's Hello for `resource`'s config.
+pub fn local_features(resource: &crate::config::ResourceConfig) -> u64 {
+    let auth = if resource.shared_secret.is_some() { FEATURE_AUTH } else { 0 };
+    let zstd = if resource.compression == crate::config::Compression::Zstd { FEATURE_ZSTD } else { 0 };
+    auth | zstd
 }
 
 /// One peer protocol message.

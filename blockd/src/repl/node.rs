@@ -112,10 +112,9 @@ pub async fn run(
     );
     core.set_fallback(fallback);
 
-    let auth = config.resource.shared_secret.is_some();
     let hello = Hello {
         version: crate::peer::msg::PROTOCOL_VERSION,
-        features: if auth { crate::peer::msg::FEATURE_AUTH } else { 0 },
+        features: crate::peer::msg::local_features(&config.resource),
         resource: config.resource.name.clone(),
         node: node.name.clone(),
         size_bytes,
@@ -159,6 +158,7 @@ pub async fn run(
     settings.enabled = Some(link_enabled_rx);
     settings.secret = config.resource.shared_secret.clone();
     settings.tls = config.peer_tls(&node.name);
+    settings.set_wan(&config.resource);
     let peer_stats = Arc::new(crate::peer::PeerStats::default());
     let metrics_task = match &node.metrics {
         Some(addr) => {
@@ -182,7 +182,7 @@ pub async fn run(
         settings,
         hello_rx,
         nbd_server::buf::BufPool::default(),
-        peer_stats,
+        peer_stats.clone(),
         conns_tx,
         core_stop_rx.clone(),
     );
@@ -202,6 +202,7 @@ pub async fn run(
         metrics: metrics.clone(),
         handlers: node.handlers.clone(),
         nbd_clients,
+        peer_stats,
         disconnector,
         control_tx,
         resource: config.resource.name.clone(),

@@ -307,6 +307,8 @@ pub struct CoreTask {
     /// Commands run on replication events.
     pub handlers: crate::config::Handlers,
     pub nbd_clients: Arc<nbd_server::ServerStats>,
+    /// The peer link's counters (status: wire bytes, compression in use).
+    pub peer_stats: Arc<crate::peer::PeerStats>,
     /// Closes NBD clients (`secondary --force`).
     pub disconnector: nbd_server::Disconnector,
     /// This task's own control channel (to finish a forced demotion later).

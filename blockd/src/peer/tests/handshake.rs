@@ -275,3 +275,34 @@ async fn a_peer_that_skips_the_challenge_is_not_accepted() {
     assert!(matches!(e, HandshakeError::NotAuth { kind: "Ping", wanted: "AuthChallenge" }), "{e}");
     assert_eq!(stats.snapshot().handshake_failed, 1);
 }
+
+#[tokio::test]
+async fn compression_is_agreed_only_when_both_say_zstd_and_a_mismatch_is_no_refusal() {
+    use crate::peer::handshake::{compression_agreed, compression_mismatch};
+    use crate::peer::msg::FEATURE_ZSTD;
+    let zstd = |node: &str| Hello { features: FEATURE_ZSTD, ..hello(node) };
+    assert!(compression_agreed(&zstd("alpha"), &zstd("beta")));
+    assert_eq!(compression_mismatch(&zstd("alpha"), &zstd("beta")), None);
+    assert!(!compression_agreed(&hello("alpha"), &hello("beta")));
+    assert_eq!(compression_mismatch(&hello("alpha"), &hello("beta")), None);
+    // Auth is another bit: it does not count as compression.
+    let auth = Hello { features: crate::peer::msg::FEATURE_AUTH, ..hello("beta") };
+    assert!(!compression_agreed(&zstd("alpha"), &auth));
+    for (local, remote, ours, theirs) in
+        [(zstd("alpha"), hello("beta"), "zstd", "off"), (hello("alpha"), zstd("beta"), "off", "zstd")]
+    {
+        assert!(!compression_agreed(&local, &remote));
+        assert_eq!(
+            compression_mismatch(&local, &remote).as_deref(),
+            Some(&*format!(
+                "this node has compression = \"{ours}\" but the peer `beta` has \"{theirs}\": the link runs \
+                 uncompressed; set the same compression on both nodes"
+            ))
+        );
+    }
+    // Both handshakes succeed: nothing is refused over it.
+    let [(ra, sa), (rb, sb)] = both(zstd("alpha"), "beta", hello("beta"), "alpha").await;
+    assert_eq!(ra.expect("alpha connects").remote.features, 0);
+    assert_eq!(rb.expect("beta connects").remote.features, FEATURE_ZSTD);
+    assert_eq!((sa.snapshot().handshake_refused, sb.snapshot().handshake_refused), (0, 0));
+}

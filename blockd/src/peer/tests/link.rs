@@ -16,8 +16,8 @@ use crate::peer::handshake::{HandshakeParams, handshake};
 use crate::peer::link::{LinkEvent, LinkHandle, LinkSettings, PeerConn, spawn_link};
 use crate::peer::msg::Kind;
 
-type Reader = ReadHalf<DuplexStream>;
-type Writer = WriteHalf<DuplexStream>;
+pub(super) type Reader = ReadHalf<DuplexStream>;
+pub(super) type Writer = WriteHalf<DuplexStream>;
 
 fn params(node: &str, peer: &str) -> HandshakeParams {
     HandshakeParams {
@@ -29,14 +29,19 @@ fn params(node: &str, peer: &str) -> HandshakeParams {
     }
 }
 
-struct Side {
-    conn: PeerConn,
-    handle: LinkHandle,
-    stats: Arc<PeerStats>,
+pub(super) struct Side {
+    pub(super) conn: PeerConn,
+    pub(super) handle: LinkHandle,
+    pub(super) stats: Arc<PeerStats>,
 }
 
 /// Two links joined by an in-memory pipe, after a real handshake.
 async fn linked_pair() -> (Side, Side) {
+    linked_pair_with(&LinkSettings::default(), &LinkSettings::default()).await
+}
+
+/// [`linked_pair`] with each side's link settings (alpha's, beta's).
+pub(super) async fn linked_pair_with(settings_a: &LinkSettings, settings_b: &LinkSettings) -> (Side, Side) {
     let (a, b) = tokio::io::duplex(1 << 20);
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
@@ -48,14 +53,16 @@ async fn linked_pair() -> (Side, Side) {
     );
     let (ea, eb) = (ea.expect("alpha's handshake"), eb.expect("beta's handshake"));
     assert_eq!(ea.remote.node, "beta");
-    let settings = LinkSettings::default();
-    let (ca, ha) = spawn_link(ea.reader, ea.writer, ea.remote, &settings, sa.clone());
-    let (cb, hb) = spawn_link(eb.reader, eb.writer, eb.remote, &settings, sb.clone());
+    let (ca, ha) = spawn_link(ea.reader, ea.writer, ea.remote, settings_a, sa.clone());
+    let (cb, hb) = spawn_link(eb.reader, eb.writer, eb.remote, settings_b, sb.clone());
     (Side { conn: ca, handle: ha, stats: sa }, Side { conn: cb, handle: hb, stats: sb })
 }
 
 /// A link on one end of a pipe whose other end the test drives frame by frame.
-fn raw_peer(settings: &LinkSettings, pipe_bytes: usize) -> (Side, FrameReader<Reader>, FrameWriter<Writer>) {
+pub(super) fn raw_peer(
+    settings: &LinkSettings,
+    pipe_bytes: usize,
+) -> (Side, FrameReader<Reader>, FrameWriter<Writer>) {
     let (a, b) = tokio::io::duplex(pipe_bytes);
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
@@ -66,13 +73,13 @@ fn raw_peer(settings: &LinkSettings, pipe_bytes: usize) -> (Side, FrameReader<Re
     (Side { conn, handle, stats }, raw_reader, FrameWriter::new(bw))
 }
 
-async fn next(side: &mut Side) -> LinkEvent {
+pub(super) async fn next(side: &mut Side) -> LinkEvent {
     within(side.conn.incoming.recv()).await.expect("an event before the channel closes")
 }
 
 /// Receives until the caller's messages' `Sent` bytes reach `want`; anything else
 /// is a failure.
-async fn expect_sent(side: &mut Side, want: u64) {
+pub(super) async fn expect_sent(side: &mut Side, want: u64) {
     let mut sent = 0;
     while sent < want {
         match next(side).await {

@@ -1,11 +1,12 @@
 //! Tests of the peer protocol: wire format and corruption (`wire`), the link over
-//! in-memory pipes (`link`), the handshake (`handshake`), and the supervisor over
-//! real loopback TCP (`dial`).
+//! in-memory pipes (`link`), the handshake (`handshake`), the supervisor over
+//! real loopback TCP (`dial`), and compression and pacing (`wan`).
 
 mod dial;
 mod handshake;
 mod link;
 mod tls;
+mod wan;
 mod wire;
 
 use std::future::Future;
@@ -73,7 +74,13 @@ fn raw_frame(code: u16, flags: u16, seq: u64, payload: &[u8]) -> Vec<u8> {
 
 /// The bytes a fresh [`FrameWriter`] produces for `msgs` (sequence from 0).
 async fn encode(msgs: Vec<Message>) -> Vec<u8> {
+    encode_at(msgs, None).await
+}
+
+/// [`encode`] with compression at `level`.
+async fn encode_at(msgs: Vec<Message>, level: Option<i32>) -> Vec<u8> {
     let mut w = FrameWriter::new(Vec::new());
+    w.set_compression(level);
     for m in msgs {
         w.queue(m).expect("encodable");
         if w.batch_full() {
@@ -87,8 +94,14 @@ async fn encode(msgs: Vec<Message>) -> Vec<u8> {
 /// Reads every frame from `bytes` until the first error; returns the messages, the
 /// error and the counters.
 async fn decode_all(bytes: &[u8]) -> (Vec<Message>, LinkError, PeerStatsSnapshot) {
+    decode_all_with(bytes, false).await
+}
+
+/// [`decode_all`], accepting compressed frames if `decompress`.
+async fn decode_all_with(bytes: &[u8], decompress: bool) -> (Vec<Message>, LinkError, PeerStatsSnapshot) {
     let stats = Arc::new(PeerStats::default());
     let mut r = FrameReader::new(bytes, BufPool::default(), stats.clone());
+    r.set_decompression(decompress);
     let mut out = Vec::new();
     loop {
         match r.read().await {

@@ -163,6 +163,7 @@ impl Running {
         let (al_hot_extents, al_transactions) = self.t.core.al_stats();
         let (connection, refusal) = self.t.core.connection();
         let (peer_role, peer_disk) = self.t.core.peer_view();
+        let link = self.t.peer_stats.snapshot();
         serde_json::json!({
             "resource": self.t.resource,
             "pid": std::process::id(),
@@ -181,6 +182,9 @@ impl Running {
                 "resync_total_bytes": p.total_bytes,
                 "replicated_bytes": self.t.core.replicated_bytes(),
                 "resync_sent_bytes": p.sent_bytes,
+                "sent_wire_bytes": link.sent_wire_bytes,
+                "sent_uncompressed_bytes": link.sent_uncompressed_bytes,
+                "compression": if link.compressing { "zstd" } else { "off" },
                 "resync_rate_bytes_per_sec": p.rate_bytes_per_sec,
                 "resync_eta_secs": p.eta_secs,
                 "verify_running": v.running,
