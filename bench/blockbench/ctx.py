@@ -42,6 +42,7 @@ class Ctx:
         self.blockd_bin = blockd_bin
         self.blockctl_bin = blockctl_bin
         self.prefill_cmds: list[str] = []
+        self.wan_proxy: Optional[Path] = None   # --preset wan: the delay proxy binary
 
     def server_dir(self, label: str) -> Path:
         d = self.tmpdir / re.sub(r"[^A-Za-z0-9_.-]", "_", label)

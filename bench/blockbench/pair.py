@@ -233,7 +233,8 @@ class Nodes:
     def stop(self, compare: bool = True) -> Optional[bool]:
         """Stops the nodes (alpha first); for a pair that exited cleanly, returns
         whether the two data regions are identical (None: not compared)."""
-        if self.pair and self.kids:
+        started = bool(self.kids)
+        if self.pair and started:
             try:
                 self.final_status = self.statuses()
             except BenchError as e:
@@ -245,7 +246,7 @@ class Nodes:
                 ok = False
                 self.warn(f"{c.name} (pid {c.pid}) exited with status {rc}")
         self.kids = []
-        if not (self.pair and compare):
+        if not (self.pair and compare and started):
             return None
         if not ok:
             self.warn("a node did not exit cleanly; disks not compared")

@@ -44,10 +44,12 @@ def parse_parts(arg: Optional[str], known: tuple[str, ...]) -> list[str]:
     return parts
 
 
-def run_scenario(args, name: str, parts: list[str], table: dict[str, Part], need_bytes: int
+def run_scenario(args, name: str, parts: list[str], table: dict[str, Part], need_bytes: int,
+                 setup: Optional[Callable[[Ctx], None]] = None
                  ) -> tuple[dict, dict, list[str], list[str], str]:
-    """Sets up (tools, binaries, temp dir), runs each part, cleans up.  Returns
-    (machine info, results per part, rendered sections, failed parts, stamp)."""
+    """Sets up (tools, binaries, temp dir, then `setup(ctx)`), runs each part,
+    cleans up.  Returns (machine info, results per part, rendered sections,
+    failed parts, stamp)."""
     workdir = check_workdir(args.workdir, need_bytes)
     ensure_tools()
     blockd_bin, blockctl_bin = resolve_blockd(args, [NeedsPair(f"--preset {name}")])
@@ -60,6 +62,8 @@ def run_scenario(args, name: str, parts: list[str], table: dict[str, Part], need
     sections: list[str] = []
     failed: list[str] = []
     try:
+        if setup:
+            setup(ctx)
         for part in parts:
             log(f"part {part}")
             res = results[part] = {}
