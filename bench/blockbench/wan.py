@@ -148,6 +148,24 @@ class WanPair:
                                        "out_of_sync_bytes", "replication", "connection", "disk")} \
             | {"unsent_bytes": st.get("unsent_bytes")}
 
+    def in_sync(self, after: str) -> dict:
+        """Waits (bounded by --wan-timeout) until alpha reports Established,
+        unsent 0, out_of_sync 0 (Nodes.quiesce); warns if it did not happen."""
+        q = self.p.quiesce(timeout=self.ctx.args.wan_timeout)
+        if not q["quiet"]:
+            self.p.warn(f"not in sync {q['drain_s']:.0f}s after {after}: {q}")
+        return q
+
+    def finish(self, res: dict, row: dict, name: Optional[str]) -> None:
+        """After a row: stops everything (close), records whether the copies are
+        identical, the warnings (prefixed with the row's name) and the commands,
+        and removes the row's files."""
+        row["identical"] = self.close()
+        if self.p is not None:
+            res["warnings"] += [f"{name}: {x}" if name else x for x in self.p.warnings]
+            res["commands"] += self.p.commands
+        shutil.rmtree(self.ctx.server_dir(self.label), ignore_errors=True)
+
     def close(self) -> Optional[bool]:
         """Stops the nodes and the proxy, deletes the namespaces; returns whether
         the copies are identical (None: not compared)."""
@@ -219,12 +237,21 @@ def run_variants(res: dict, variants: list[tuple], one) -> None:
         raise BenchError("; ".join(unsupported))
 
 
-def unsupported_row(r: dict, ncols: int, lead: int, rows: list, notes: list) -> None:
-    """The row of a variant the daemon rejected: its `lead` first cells, dashes
-    after; and a note line under the table."""
-    cells = [r["name"], r.get("job", "")][:lead]
-    rows.append(cells + ["-"] * (ncols - lead))
-    notes.append(f"  {' '.join(cells)}: not supported by this blockd (see FAILED below)")
+def variant_rows(res: dict, ncols: int, lead: int, fmt) -> tuple[list, list]:
+    """The table rows, fmt(row) each; a variant the daemon rejected gets its
+    `lead` first cells and dashes, and a note line for under the table."""
+    rows, notes = [], []
+    for r in res["rows"]:
+        if r.get("unsupported"):
+            cells = [r["name"], r.get("job", "")][:lead]
+            rows.append(cells + ["-"] * (ncols - lead))
+            notes.append(f"  {' '.join(cells)}: not supported by this blockd (see FAILED below)")
+        else:
+            rows.append(fmt(r))
+    return rows, notes
+
+
+COPIES = {True: "identical", False: "DIFFER", None: "-"}
 
 
 # --------------------------------------------------------------------------
@@ -259,7 +286,7 @@ def throughput_one(ctx: Ctx, res: dict, name: str, resource: dict, job) -> dict:
         t0 = time.monotonic()
         summary, meta = run_fio_measured(
             ctx, f"fio {job.key} {label}", p.kids, cmd, out, job, a.runtime + a.ramp + 300,
-            roles=p.roles, after=lambda: p.quiesce(timeout=a.wan_timeout))
+            roles=p.roles, after=lambda: w.in_sync(f"{job.title}"))
         total_s = time.monotonic() - t0
         seen = samp.stop()
         st1 = w.stats()
@@ -269,35 +296,26 @@ def throughput_one(ctx: Ctx, res: dict, name: str, resource: dict, job) -> dict:
                    catchup_s=q["drain_s"], quiet=q["quiet"], sent_bytes=sent,
                    link_mibs=sent / MiB / total_s if total_s else None,
                    fio_write_bytes=json.loads(out.read_text())["jobs"][0]["write"]["io_bytes"])
-        if not q["quiet"]:
-            w.p.warn(f"{job.title}: not in sync {q['drain_s']:.0f}s after the run: {q}")
         log(f"{label}: {summary['mibs']:.1f} MiB/s for the application, in sync "
             f"{q['drain_s']:.1f}s after fio; states {seen['states']}")
     finally:
-        row["identical"] = w.close()
-        res["warnings"] += [f"{name}: {x}" for x in w.p.warnings] if w.p else []
-        res["commands"] += w.p.commands if w.p else []
-        shutil.rmtree(ctx.server_dir(label), ignore_errors=True)
+        w.finish(res, row, name)
     return row
 
 
 def render_throughput(res: dict) -> str:
     hdr = ["policy", "job", "app MiB/s", "IOPS", "p99 us", "wrote MiB", "sent MiB",
            "catch-up s", "link MiB/s", "CPU us/req", "P+S us/req", "states seen", "copies"]
-    rows: list = []
-    notes: list = []
-    for r in res["rows"]:
-        if r.get("unsupported"):
-            unsupported_row(r, len(hdr), 2, rows, notes)
-            continue
+
+    def fmt(r: dict) -> list[str]:
         s = r.get("summary", {})
-        rows.append([r["name"], r["job"], fmt_num(s.get("mibs"), 1), fmt_num(s.get("iops")),
-                     fmt_num(s.get("p99_us")),
-                     fmt_num(r["fio_write_bytes"] / MiB), fmt_num(r["sent_bytes"] / MiB),
-                     f"{r['catchup_s']:.1f}" + ("" if r["quiet"] else " (timeout)"),
-                     fmt_num(r.get("link_mibs"), 1), fmt_cpu_us(s.get("cpu_us")),
-                     fmt_roles_us(s), "/".join(r["seen"]["states"]) or "-",
-                     {True: "identical", False: "DIFFER", None: "-"}[r.get("identical")]])
+        return [r["name"], r["job"], fmt_num(s.get("mibs"), 1), fmt_num(s.get("iops")),
+                fmt_num(s.get("p99_us")),
+                fmt_num(r["fio_write_bytes"] / MiB), fmt_num(r["sent_bytes"] / MiB),
+                f"{r['catchup_s']:.1f}" + ("" if r["quiet"] else " (timeout)"),
+                fmt_num(r.get("link_mibs"), 1), fmt_cpu_us(s.get("cpu_us")),
+                fmt_roles_us(s), "/".join(r["seen"]["states"]) or "-", COPIES[r.get("identical")]]
+    rows, notes = variant_rows(res, len(hdr), 2, fmt)
     out = ["# wan throughput: protocol A, fio through NBD on alpha (one connection, fio's random "
            "data, time based), fresh pair per row;",
            "#   app MiB/s, IOPS, p99 (clat) = fio; wrote = fio's measured window; sent = growth of "
@@ -341,7 +359,7 @@ def compression_one(ctx: Ctx, res: dict, name: str, resource: dict) -> dict:
         run_bounded(f"fio compress {label}", cmd, out.with_suffix(".log"),
                     timeout=300 + a.wan_timeout)
         fio_s = time.monotonic() - t0
-        q = p.quiesce(timeout=a.wan_timeout)
+        q = w.in_sync("the write")
         sync_s = time.monotonic() - t0
         cpu = {p.roles.get(c.name, c.name): proc_cpu_seconds([c.pid]) - cpu0[c.name]
                for c in p.kids}
@@ -357,36 +375,27 @@ def compression_one(ctx: Ctx, res: dict, name: str, resource: dict) -> dict:
         if wire is None:
             p.warn("alpha's status has no sent_wire_bytes (this blockd predates it): "
                    "no ratio")
-        if not q["quiet"]:
-            p.warn(f"not in sync {q['drain_s']:.0f}s after the write: {q}")
         log(f"{label}: {wrote / MiB:.0f} MiB in sync after {sync_s:.1f}s; wire {wire}, "
             f"payload {payload}; CPU {cpu}")
     finally:
-        row["identical"] = w.close()
-        res["warnings"] += [f"{name}: {x}" for x in w.p.warnings] if w.p else []
-        res["commands"] += w.p.commands if w.p else []
-        shutil.rmtree(ctx.server_dir(label), ignore_errors=True)
+        w.finish(res, row, name)
     return row
 
 
 def render_compression(res: dict) -> str:
     hdr = ["compression", "wrote MiB", "payload MiB", "wire MiB", "wire/payload", "fio s",
            "in sync s", "MiB/s", "CPU s P+S", "CPU ms/MiB P+S", "copies"]
-    rows: list = []
-    notes: list = []
-    for r in res["rows"]:
-        if r.get("unsupported"):
-            unsupported_row(r, len(hdr), 1, rows, notes)
-            continue
+
+    def fmt(r: dict) -> list[str]:
         c, m = r["cpu_s"], r["cpu_ms_per_mib"]
-        rows.append([r["name"], fmt_num(r["wrote"] / MiB), fmt_num(r["payload"] / MiB),
-                     "-" if r["wire"] is None else fmt_num(r["wire"] / MiB),
-                     fmt_num(r["ratio"], 3), f"{r['fio_s']:.1f}",
-                     f"{r['sync_s']:.1f}" + ("" if r["quiet"] else " (timeout)"),
-                     fmt_num(r["wrote"] / MiB / r["sync_s"], 1),
-                     f"{c.get('Primary', 0):.2f}+{c.get('Secondary', 0):.2f}",
-                     f"{m.get('Primary', 0):.1f}+{m.get('Secondary', 0):.1f}",
-                     {True: "identical", False: "DIFFER", None: "-"}[r.get("identical")]])
+        return [r["name"], fmt_num(r["wrote"] / MiB), fmt_num(r["payload"] / MiB),
+                "-" if r["wire"] is None else fmt_num(r["wire"] / MiB),
+                fmt_num(r["ratio"], 3), f"{r['fio_s']:.1f}",
+                f"{r['sync_s']:.1f}" + ("" if r["quiet"] else " (timeout)"),
+                fmt_num(r["wrote"] / MiB / r["sync_s"], 1),
+                f"{c.get('Primary', 0):.2f}+{c.get('Secondary', 0):.2f}",
+                f"{m.get('Primary', 0):.1f}+{m.get('Secondary', 0):.1f}", COPIES[r.get("identical")]]
+    rows, notes = variant_rows(res, len(hdr), 1, fmt)
     out = [f"# wan compression: protocol A, {fmt_size(res['bytes'])} written through NBD on alpha "
            "(fio 1M QD8, buffer_compress_percentage=50, refill_buffers), fresh pair per row;",
            "#   payload = growth of alpha's replicated_bytes + resync_sent_bytes; wire = growth of "
@@ -419,6 +428,7 @@ def part_catchup(ctx: Ctx, res: dict) -> None:
                "--output-format=json", f"--output={out}"]
         st0 = w.stats()
         w.net.set_link(0, False)
+        p.commands += w.net.commands[-1:]
         log(f"{label}: link cut; writing for {a.outage}s")
         run_bounded(f"fio outage {label}", cmd, out.with_suffix(".log"), timeout=a.outage + 300)
         at_heal = w.stats()
@@ -450,11 +460,7 @@ def part_catchup(ctx: Ctx, res: dict) -> None:
         log(f"{label}: {row['dirty']} bytes out of sync at the heal; caught up after "
             f"{row['catchup_s']:.1f}s (connected after {t_conn}s)")
     finally:
-        row["identical"] = w.close()
-        res["warnings"] += w.p.warnings if w.p else []
-        res["commands"] += (w.p.commands if w.p else []) + \
-            [f"ip -n {w.net.ns[0]} link set blkd-veth-a down / up   # the outage"]
-        shutil.rmtree(ctx.server_dir(label), ignore_errors=True)
+        w.finish(res, row, None)
 
 
 def render_catchup(res: dict) -> str:
@@ -472,7 +478,7 @@ def render_catchup(res: dict) -> str:
                      f"{t:.1f}" + (" (timeout)" if r.get("timed_out") else ""),
                      "-" if r.get("resync_sent") is None else fmt_num(r["resync_sent"] / MiB, 1),
                      "-" if not dirty or not t else fmt_num(dirty / MiB / t, 1),
-                     {True: "identical", False: "DIFFER", None: "-"}[r.get("identical")]])
+                     COPIES[r.get("identical")]])
     out = ["# wan catch-up: protocol A, alpha's veth set down (link cut), fio writes through NBD "
            "on alpha for the outage, then the veth up (heal);",
            "#   dirty = alpha's out_of_sync_bytes at the heal; connect s = heal until alpha's "
