@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,8 +132,9 @@ class WanPair:
             except BenchError as e:
                 if resource and ("unknown key" in str(e) or "unknown variant" in str(e)):
                     keys = ", ".join(f"{k} = {json.dumps(v)}" for k, v in resource.items())
-                    why = str(e).strip().splitlines()[0]
-                    raise Unsupported(f"this blockd rejects `{keys}` (config error): {why}. "
+                    m = re.search(r"key `[^`]+`: unknown (key|variant)[^\n]*", str(e))
+                    why = m.group(0) if m else str(e).strip().splitlines()[0]
+                    raise Unsupported(f"this blockd rejects `{keys}` (config error, exit 2): {why}. "
                                       "These keys come with issue 15 (compression, "
                                       "pull-ahead); build a blockd that has them.") from None
                 raise
