@@ -22,7 +22,11 @@
 //!   never would (blockd's own encoders, then broken on purpose).
 //! * [`tls`] — a CA and certificates (any name, expired, another CA) made in the
 //!   test, and the certificate directories libnbd, nbdkit and qemu read.
-//! * [`netns`] — two network namespaces joined by a veth pair (a link to cut).
+//! * [`netns`] — two network namespaces joined by a veth pair (a link to cut,
+//!   shape with `tc tbf`, or run test threads in).
+//! * [`wan`] — a WAN link for a pair: namespaces, `tbf` bandwidth and a delay
+//!   proxy (`WanLink { rtt_ms, rate_mbit }`); the `wan-proxy` binary is the same
+//!   proxy for `bench/run --preset wan`.
 //! * [`scatter`] — seeded scattered-write plans, a pipelined (kill-tolerant)
 //!   writer, dirty-granule arithmetic, sparse-aware file comparison.
 //!
@@ -47,6 +51,7 @@ pub mod smallfs;
 pub mod tls;
 pub mod tmp;
 pub mod tools;
+pub mod wan;
 
 pub use daemon::{Addr, Daemon, free_port};
 pub use server::{

@@ -8,10 +8,17 @@
 //! crashed run (their pid is no longer alive), killing by PID only the blockd
 //! processes still inside them. Drop deletes the namespaces (which deletes the
 //! veth pair with them).
+//!
+//! Test code can run inside a namespace too: [`NetnsPair::spawn_in`] /
+//! [`NetnsPair::run_in`] run a closure on a thread that joined namespace `i`
+//! (`setns`, which moves only the calling thread), so its sockets live there.
+//! [`NetnsPair::limit_rate`] shapes one direction of the link with `tc tbf`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::tools::{Output, run_capture};
@@ -139,6 +146,81 @@ impl NetnsPair {
         ]);
         out.stdout.lines().filter(|l| !l.trim().is_empty()).count()
     }
+
+    /// Limits what namespace `i` sends over its veth end to `rate_mbit` Mbit/s
+    /// (`tc qdisc … root tbf`: a token bucket; netem is not built into this
+    /// kernel). The bucket holds 10 ms of the rate (at least 64 KiB, so a GSO
+    /// packet fits); packets wait up to 400 ms in the queue before tbf drops.
+    pub fn limit_rate(&self, i: usize, rate_mbit: u64) {
+        assert!(rate_mbit > 0, "rate 0: set the link down instead");
+        let burst_bytes = (rate_mbit * 1_000_000 / 8 / 100).max(64 << 10);
+        ip_ok(&[
+            "netns",
+            "exec",
+            &self.ns[i],
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            VETH[i],
+            "root",
+            "tbf",
+            "rate",
+            &format!("{rate_mbit}mbit"),
+            "burst",
+            &burst_bytes.to_string(),
+            "latency",
+            "400ms",
+        ]);
+    }
+
+    /// Runs `f` on a new thread inside namespace `i` (see the module docs).
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        i: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        let ns = self.ns[i].clone();
+        std::thread::Builder::new()
+            .name(format!("netns-{i}"))
+            .spawn(move || {
+                enter(&ns);
+                f()
+            })
+            .expect("spawn a thread for a namespace")
+    }
+
+    /// [`NetnsPair::spawn_in`] and wait for the result (a panic in `f` is
+    /// re-raised here).
+    pub fn run_in<T: Send + 'static>(&self, i: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in(i, f).join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+/// Moves the calling thread into namespace `ns` (one of ours).
+fn enter(ns: &str) {
+    let path = Path::new("/run/netns").join(ns);
+    let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: setns(2) on a valid namespace fd; for CLONE_NEWNET it changes only
+    // the calling thread's network namespace.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns into {ns}: {}", std::io::Error::last_os_error());
+}
+
+/// Is the calling thread in a namespace like ours: one whose only interfaces
+/// are `lo` and a veth end named [`VETH`] (read from
+/// `/proc/thread-self/net/dev`)? Then a veth address cannot lead anywhere else.
+pub fn in_test_netns() -> bool {
+    let Ok(dev) = std::fs::read_to_string("/proc/thread-self/net/dev") else { return false };
+    let names: Vec<&str> = dev.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+    names.iter().any(|n| VETH.contains(n)) && names.iter().all(|n| *n == "lo" || VETH.contains(n))
+}
+
+/// May a test connect to `ip` from the calling thread: loopback, or a veth
+/// address of [`ADDRS`] from inside a namespace (outside one, such an address
+/// would be routed to the real network).
+pub fn test_address(ip: IpAddr) -> bool {
+    ip.is_loopback() || matches!(ip, IpAddr::V4(a) if ADDRS.contains(&a)) && in_test_netns()
 }
 
 impl Drop for NetnsPair {

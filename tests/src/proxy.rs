@@ -1,4 +1,6 @@
-//! A fault-injecting TCP proxy for link tests (127.0.0.1 only).
+//! A fault-injecting TCP proxy for link tests: loopback only, or the veth
+//! addresses of [`crate::netns`] from inside a namespace a test made
+//! ([`crate::netns::test_address`]).
 //!
 //! [`Proxy::start`] listens on `listen` (port 0 for an ephemeral port) and
 //! forwards every accepted connection to `target`, both directions. The side
@@ -213,11 +215,16 @@ impl std::fmt::Debug for Proxy {
 }
 
 impl Proxy {
-    /// Listens on `listen` (loopback; port 0 = ephemeral) and forwards to
-    /// `target` (loopback).
+    /// Listens on `listen` (port 0 = ephemeral) and forwards to `target`, both
+    /// loopback or, on a thread inside a test's namespace, its veth addresses.
+    /// The proxy's threads stay in the calling thread's network namespace.
     pub fn start(listen: SocketAddr, target: SocketAddr) -> Proxy {
-        assert!(listen.ip().is_loopback(), "the test proxy only listens on loopback, not {listen}");
-        assert!(target.ip().is_loopback(), "the test proxy only forwards to loopback, not {target}");
+        for (what, a) in [("listens on", listen), ("forwards to", target)] {
+            assert!(
+                crate::netns::test_address(a.ip()),
+                "the test proxy only {what} loopback or a test namespace's address, not {a}"
+            );
+        }
         let l = TcpListener::bind(listen).unwrap_or_else(|e| panic!("proxy: bind {listen}: {e}"));
         l.set_nonblocking(true).expect("proxy: nonblocking listener");
         let addr = l.local_addr().expect("proxy: local_addr");
