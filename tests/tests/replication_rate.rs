@@ -19,9 +19,8 @@ const SETTLE: Duration = Duration::from_secs(300);
 fn paced(protocol: char, write_bytes: usize) {
     let opts = PairOpts {
         protocol,
-        extra_resource: format!(
-            "replication-rate = \"512KiB\"\nsend-buffer = \"1MiB\"\nack-timeout = \"2s\"\nresync-rate = \"100MiB\"\n"
-        ),
+        extra_resource: "replication-rate = \"512KiB\"\nsend-buffer = \"1MiB\"\nack-timeout = \"2s\"\n"
+            .into(),
         ..PairOpts::default()
     };
     let mut p = Pair::start(&format!("reprate-{protocol}"), &opts);

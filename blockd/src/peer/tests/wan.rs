@@ -3,10 +3,9 @@
 //! delivered, no panic), a compressed link counts wire and uncompressed bytes, and
 //! a paced link keeps flowing (no timeout) while `Sent` reports its pieces.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use nbd_server::buf::{BufMut, BufPool, MAX_BUF_BYTES};
+use nbd_server::buf::{BufMut, MAX_BUF_BYTES};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::time::Instant;
@@ -111,7 +110,8 @@ fn zstd_of(data: &[u8]) -> Vec<u8> {
 async fn bad_compressed_frames_end_the_stream_and_are_counted() {
     let zeros = zstd_of(&vec![0u8; 64 << 10]);
     let malformed = |what: &'static str| move |e: &LinkError| matches!(e, LinkError::Malformed { kind: "Write", what: w } if w.contains(what));
-    let cases: Vec<(&str, Vec<u8>, Box<dyn Fn(&LinkError) -> bool>)> = vec![
+    type Is = Box<dyn Fn(&LinkError) -> bool>;
+    let cases: Vec<(&str, Vec<u8>, Is)> = vec![
         // Declared 8 KiB, holds 64 KiB: a bomb against the declared buffer.
         ("bomb", packed_write(1, 8192, &zeros), Box::new(malformed("longer than its declared length"))),
         (
