@@ -366,6 +366,9 @@ fn undo_dir_relative() {
         message: r#""undo" is a relative path; use an absolute path"#,
     };
     case("cfg-err-undodir", &[(14, "undo-dir = \"undo\"")], nothing, Scope::File, want);
+}
+
+#[test]
 fn replication_rate_under_protocol_c() {
     let want = Want::Key {
         line: 4,

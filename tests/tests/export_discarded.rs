@@ -69,7 +69,7 @@ fn setup(label: &str) -> Setup {
     let after = dir.join("alpha.img");
     // The older journal: one granule of other contents.
     let older = write_file(&dir.join("older.img"), &pattern(0x77, 0, DEVICE_BYTES));
-    catch_up(&older, &undo_dir, KEPT_AT - 3600, &[0..1]);
+    catch_up(&older, &undo_dir, KEPT_AT - 3600, std::slice::from_ref(&(0..1)));
     // The newer: unaligned writes, one across granules, one at the device's end.
     let disk = write_file(&after, &before);
     let writes = [

@@ -122,11 +122,11 @@ pub use error::ConfigError;
 pub use keys::{node_keys, resource_keys};
 pub use tls::{NbdTls, NbdTlsMode, PeerTlsFiles, TlsFiles};
 pub use undo::{DEFAULT_UNDO_DIR, DEFAULT_UNDO_SIZE_BYTES, MIN_UNDO_SIZE_BYTES};
-pub use wan::{CongestionPolicy, DEFAULT_CONGESTION_FILL_BYTES, MIN_CONGESTION_FILL_BYTES};
 pub use wan::{
     Compression, DEFAULT_COMPRESSION_LEVEL, MAX_COMPRESSION_LEVEL, MIN_COMPRESSION_LEVEL,
     MIN_REPLICATION_RATE_BYTES_PER_SEC,
 };
+pub use wan::{CongestionPolicy, DEFAULT_CONGESTION_FILL_BYTES, MIN_CONGESTION_FILL_BYTES};
 
 /// Default bitmap granularity: one bit per 4 KiB.
 pub const DEFAULT_BITMAP_GRANULARITY: u64 = 4096;

@@ -36,7 +36,6 @@ pub const MAX_COMPRESSION_LEVEL: i32 = 19;
 /// mistake than a link; a 32 MiB write still flows in pieces at this rate.
 pub const MIN_REPLICATION_RATE_BYTES_PER_SEC: u64 = 64 << 10;
 
-
 /// `on-congestion`: what a protocol A Primary does when more than
 /// `congestion-fill` bytes are queued for its peer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -260,11 +260,11 @@ impl UndoJournal {
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
-                .open(&tmp)
+                .open(tmp)
                 .map_err(io("create"))?;
             file.write_all_at(&format::encode_header(&stored), 0).map_err(io("write header"))?;
             file.sync_all().map_err(io("fsync"))?;
-            std::fs::rename(&tmp, path).map_err(io("rename"))?;
+            std::fs::rename(tmp, path).map_err(io("rename"))?;
             Ok(file)
         })();
         let file = written.inspect_err(|_| {

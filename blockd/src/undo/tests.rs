@@ -1,3 +1,5 @@
+// The API takes a slice of ranges; a slice of one range is what these tests mean.
+#![allow(clippy::single_range_in_vec_init)]
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
