@@ -216,7 +216,8 @@ mod tests {
             let bytes = journal_bytes(&s).expect("a seed has flags");
             files().journal.set_len(0).unwrap();
             files().journal.write_all_at(&bytes, 0).unwrap();
-            let j = UndoJournal::open(&fd_path(&files().journal)).unwrap().unwrap_or_else(|| panic!("{name}"));
+            let j =
+                UndoJournal::open(&fd_path(&files().journal)).unwrap().unwrap_or_else(|| panic!("{name}"));
             let want = match name.trim_end_matches("-fixing") {
                 "seed-empty" => 0,
                 "seed-three" => 3,
