@@ -330,7 +330,7 @@ fn unknown_keys() {
         "r0.toml:5: key `resource.bitmap_granularity`: unknown key \
          (expected one of: name, protocol, size, bitmap-granularity, send-buffer, al-extents, \
          resync-rate, resync-min-rate, resync-checksum, shared-secret, allow-unauthenticated-peers, tls-ca, \
-         on-io-error, ack-timeout, compression, compression-level, replication-rate, on-congestion, congestion-fill, undo-size)"
+         on-io-error, ack-timeout, on-congestion, congestion-fill, undo-size, compression, compression-level, replication-rate)"
     );
     assert_eq!(
         err(&spec_with(&[(1, "[resources]")])),

@@ -518,8 +518,14 @@ fn target_waits_for_durable_inconsistency_then_adopts_generations() {
     );
     assert_eq!(
         show(&local_done(&mut t, flush)),
-        ["persist 2", "send State { role: Secondary, disk: UpToDate }", "after-resync-target"],
-        "the source learns the target is UpToDate; the after-resync-target handler runs"
+        [
+            "persist 2",
+            "catch-up-end after 2",
+            "send State { role: Secondary, disk: UpToDate }",
+            "after-resync-target"
+        ],
+        "the source learns the target is UpToDate; the undo journal goes once that is durable; the \
+         after-resync-target handler runs"
     );
     assert_eq!(
         (t.disk(), t.generations(), t.repl_state()),
