@@ -2,11 +2,10 @@
 //! in memory): what `open` checks, and what `roll_back` and `export_sparse` replay.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::format::{HEADER_BYTES, RECORD_HEADER_BYTES, decode_record_header, record_crc_ok};
-use super::{UndoError, UndoHeader};
+use super::{UndoError, UndoHeader, read_up_to};
 
 /// How much is read from the journal at a time.
 const READ_CHUNK_BYTES: usize = 1 << 20;
@@ -128,17 +127,8 @@ impl<'a> Scanner<'a> {
             (n.max(READ_CHUNK_BYTES) - self.buf.len()).min(usize::try_from(room).unwrap_or(usize::MAX));
         let old = self.buf.len();
         self.buf.resize(old + want, 0);
-        let mut got = 0;
-        while got < want {
-            match self.file.read_at(&mut self.buf[old + got..], loaded_end + got as u64) {
-                Ok(0) => break,
-                Ok(k) => got += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    return Err(UndoError::Io { path: self.path.to_owned(), op: "read", source });
-                }
-            }
-        }
+        let got = read_up_to(self.file, &mut self.buf[old..], loaded_end)
+            .map_err(|source| UndoError::Io { path: self.path.to_owned(), op: "read", source })?;
         self.buf.truncate(old + got);
         Ok(self.buf.len() >= n)
     }
