@@ -6,8 +6,8 @@
 //! once admitted, has it read here. A chunk goes as `ResyncData`, or `ResyncZeroes`
 //! where it reads as zero (no data on the wire); with `resync-checksum` the target's
 //! digests of its granules are asked first and only differing granules go. At most
-//! [`RESYNC_PARALLEL`] chunks are in flight, and the rate is bounded by
-//! [`RateCtl`].
+//! [`RESYNC_INFLIGHT_BYTES`] of chunks (and [`RESYNC_MAX_CHUNKS`] of them, however
+//! small) are in flight, and the rate is bounded by [`RateCtl`].
 //!
 //! A chunk the target acknowledged is done (its range goes back to the in-flight
 //! table), but its bits are cleared only once the target has flushed it
@@ -23,7 +23,7 @@ use nbd_server::buf::{Buf, BufMut, BufPool};
 use nix::errno::Errno;
 
 use super::rate::RateCtl;
-use super::{RESYNC_CHUNK_BYTES, RESYNC_PARALLEL};
+use super::{RESYNC_CHUNK_BYTES, RESYNC_INFLIGHT_BYTES, RESYNC_MAX_CHUNKS};
 use crate::peer::msg::Message;
 use crate::repl::core::ctx::Ctx;
 use crate::repl::core::verify::{DIGEST_BYTES, digests_of};
@@ -153,7 +153,9 @@ impl Source {
         paused: bool,
         ctx: &mut Ctx<'_>,
     ) -> NextChunk {
-        if self.awaiting_bitmap || self.paused_until_tick || self.chunks.len() >= RESYNC_PARALLEL || paused {
+        let inflight_bytes: u64 = self.chunks.values().map(|c| c.range.end - c.range.start).sum();
+        let full = self.chunks.len() >= RESYNC_MAX_CHUNKS || inflight_bytes >= RESYNC_INFLIGHT_BYTES;
+        if self.awaiting_bitmap || self.paused_until_tick || full || paused {
             // With a pause, the chunks in flight finish; no new ones start.
             return NextChunk::Wait;
         }
