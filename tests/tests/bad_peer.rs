@@ -224,13 +224,13 @@ fn bad_peer_input_is_refused_and_the_real_pair_still_works() {
         ),
         (
             "old version 0",
-            "peer speaks protocol version 0, this node 3".into(),
+            format!("peer speaks protocol version 0, this node {PROTOCOL_VERSION}"),
             Box::new(|h: &mut Hello| h.version = 0),
         ),
         (
-            "newer version 4",
-            "peer speaks protocol version 4, this node 3".into(),
-            Box::new(|h: &mut Hello| h.version = 4),
+            "newer version",
+            format!("peer speaks protocol version {}, this node {PROTOCOL_VERSION}", PROTOCOL_VERSION + 1),
+            Box::new(|h: &mut Hello| h.version = PROTOCOL_VERSION + 1),
         ),
         (
             "wrong protocol",
