@@ -267,6 +267,19 @@ pub fn human_status(s: &Value, verbose: bool) -> String {
                 out.push_str(&format!("    resync: received {done} bytes rate:{rate_kib} KiB/s\n"));
             }
         }
+        if replication.contains("SyncT") {
+            // The catching-up target's fallback (issue 15): an older consistent
+            // image `primary --force` rolls back to if the source is lost.
+            let fallback = match (s["fallback_image"].as_bool(), s["fallback_lost"].as_str()) {
+                (Some(true), _) => format!(
+                    "consistent image from before the resync kept ({} bytes saved)",
+                    s["undo_journal"]["preserved_bytes"].as_u64().unwrap_or(0)
+                ),
+                (_, Some(why)) => format!("none ({why})"),
+                _ => "none (the disk was not consistent when the resync began)".to_string(),
+            };
+            out.push_str(&format!("    fallback: {fallback}\n"));
+        }
         if p["verify_running"].as_bool() == Some(true) || num("verify_done_bytes") > 0 {
             let state = if p["verify_running"].as_bool() == Some(true) { "running" } else { "done" };
             out.push_str(&format!(

@@ -95,6 +95,12 @@ impl Core {
             );
             return;
         }
+        if self.target.is_some() {
+            // Already a sync target (Inconsistent): the running resync takes
+            // another pass over what the peer records meanwhile.
+            tracing::info!(queued_bytes, "the peer pulled ahead during the resync; it continues");
+            return;
+        }
         tracing::warn!(
             queued_bytes,
             "the peer pulled ahead: this node is Behind (Outdated until it catches up)"

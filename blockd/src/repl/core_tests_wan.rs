@@ -180,3 +180,14 @@ fn resync_chunks_wait_for_the_barrier_that_closed_the_shipped_writes() {
     let acked = show(&peer(&mut c, Message::BarrierAck { epoch, errno: 0 }));
     assert!(acked.iter().any(|a| a.contains("ResyncRead")), "chunks go once acknowledged: {acked:?}");
 }
+
+/// Found by the real-process test (tests/wan.rs): an `Ahead` received while
+/// already a sync target left the node showing Behind after its resync ended.
+#[test]
+fn a_target_told_ahead_is_not_behind_after_its_resync() {
+    let mut s = core(Protocol::A, Role::Secondary, 0);
+    peer(&mut s, Message::StartRepair { bytes: 4096 });
+    peer(&mut s, Message::Ahead { queued_bytes: 1 << 20 });
+    assert_eq!((s.repl_state(), s.disk()), (ReplState::SyncTarget, DiskState::Inconsistent));
+    assert!(!s.behind, "the running resync covers it");
+}

@@ -260,10 +260,16 @@ impl Core {
     /// Marks `range` as (possibly) different from the peer. A resync copy of it
     /// that waits for the target's flush no longer clears it: it is older.
     pub(super) fn mark_dirty(&mut self, range: std::ops::Range<u64>) {
+        let before = self.bitmap.dirty_bytes();
         if let Some(source) = self.source.as_mut() {
             source.keep_dirty(&range);
         }
         self.bitmap.set_range(range);
+        if let Some(source) = self.source.as_mut() {
+            // Newly dirty bytes (writes while pulled ahead, say) are part of this
+            // resync's work: progress never passes 100%.
+            source.grow_total(self.bitmap.dirty_bytes() - before);
+        }
     }
 
     /// Sends the barrier closing the open epoch; returns that epoch. A flush barrier

@@ -411,6 +411,7 @@ impl Core {
         // What this node had changed was merged into the source's resync.
         self.bitmap.clear_all();
         self.repl = ReplState::Established;
+        self.behind = false;
         self.persist(out);
         self.write_bitmap(out);
         self.end_catch_up(out);

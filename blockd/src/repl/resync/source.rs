@@ -124,6 +124,11 @@ impl Source {
         !self.chunks.is_empty() || self.flush_in_flight.is_some()
     }
 
+    /// Bytes marked dirty during the pass: more to copy.
+    pub fn grow_total(&mut self, bytes: u64) {
+        self.total_bytes += bytes;
+    }
+
     pub fn progress(&self) -> (u64, u64) {
         (self.done_bytes, self.total_bytes)
     }
