@@ -31,7 +31,7 @@ use serde_json::Value;
 /// Bound on a wait for a state change (connect, promote, resync start).
 const WAIT: Duration = Duration::from_secs(120);
 /// Bound on a whole catch-up over the slow link.
-const CATCH_UP: Duration = Duration::from_secs(600);
+const CATCH_UP: Duration = Duration::from_secs(300);
 /// Writes in flight per connection of a [`write_plan`].
 const QD: usize = 16;
 
@@ -92,6 +92,9 @@ const SLOW_LINK: WanLink = WanLink { rtt_ms: 40, rate_mbit: 10 };
 const PORT: u16 = 7789;
 /// How long the writer writes.
 const WRITE_FOR: Duration = Duration::from_secs(10);
+/// The writer's pace: 10 MB/s of 4 KiB writes, eight times the link, yet not so
+/// fast that it starves a test running beside it (2 cores).
+const WRITES_PER_SEC: u64 = 2500;
 
 #[test]
 fn pull_ahead_under_a_writer_faster_than_the_link_then_catch_up() {
@@ -118,8 +121,9 @@ fn pull_ahead_under_a_writer_faster_than_the_link_then_catch_up() {
         connections: 2,
         region_bytes: 16 * MIB,
         seed: random_seed(),
-        max_ops: 2_000_000,
+        max_ops: 1_000_000,
         max_duration: WRITE_FOR,
+        max_writes_per_sec: Some(WRITES_PER_SEC),
         ..LoadOpts::default()
     };
     let load = LoadGen::start(&addr(&p, 0), EXPORT, opts);
