@@ -194,10 +194,10 @@ fn pull_ahead_under_a_writer_faster_than_the_link_then_catch_up() {
     verify_in_sync(&p, 0);
     p.stop_node(1);
     p.stop_node(0);
-    for n in 0..2 {
+    for (n, name) in NODES.iter().enumerate() {
         let stats = verify_acked(&log, file_reader(p.store_path(n), log.block_bytes))
-            .unwrap_or_else(|e| panic!("{} lacks an acknowledged write: {e}", NODES[n]));
-        eprintln!("{}: every acknowledged write present ({stats:?})", NODES[n]);
+            .unwrap_or_else(|e| panic!("{name} lacks an acknowledged write: {e}"));
+        eprintln!("{name}: every acknowledged write present ({stats:?})");
     }
     let compared = assert_data_equal(p.store_path(0), p.store_path(1), size);
     eprintln!("backing stores identical over {size} bytes ({compared} bytes of data compared)");
@@ -402,8 +402,8 @@ fn split_brain_keeps_the_discarded_nodes_data() {
     for n in 0..2 {
         p.ctl_ok(n, &["disconnect"]);
     }
-    for n in 0..2 {
-        p.wait(WAIT, |p| p.peer(n)["connection"] == "StandAlone", &format!("{} StandAlone", NODES[n]));
+    for (n, name) in NODES.iter().enumerate() {
+        p.wait(WAIT, |p| p.peer(n)["connection"] == "StandAlone", &format!("{name} StandAlone"));
     }
     p.ctl_ok(1, &["primary"]);
     let on_alpha = Plan::random(0x5b02, 0..32 * MIB, 4 * MIB, 4096, 64 << 10);
