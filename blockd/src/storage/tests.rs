@@ -203,6 +203,7 @@ engine_tests!(
     write_zeroes_reads_back_zeroes,
     fast_only_zeroes_succeed_on_this_file_system,
     large_write_and_read,
+    failed_writes_report_their_errno,
     concurrent_ops_complete_exactly_once,
     block_status_follows_allocation,
     shutdown_completes_queued_ops,
@@ -235,6 +236,26 @@ fn round_trip_at_random_offsets(engine: EngineKind) {
     }
     let whole = h.read(0, size_bytes as usize);
     assert!(*whole == shadow[..], "the whole file matches the shadow copy");
+    h.storage.shutdown();
+}
+
+/// Small plain writes (which the io_uring engine does on its ring thread), FUA and
+/// large ones (SQEs) report the kernel's errno and give their buffer back.
+fn failed_writes_report_their_errno(engine: EngineKind) {
+    let file = TempFile::sparse(MIB);
+    let h = Harness::open(engine, &file);
+    // Past the largest file size of every Linux file system, inside off_t.
+    let offset = (i64::MAX as u64 / 2) & !4095;
+    for (len_bytes, fua) in [(4096, false), (4096, true), (1 << 20, false)] {
+        let data = pattern(3, len_bytes);
+        let (result, buf) = h.run(IoOp::Write { offset, buf: filled(&data), fua });
+        assert!(
+            matches!(result, Err(Errno::EFBIG | Errno::EINVAL)),
+            "{len_bytes} bytes, fua {fua}: {result:?}"
+        );
+        assert!(matches!(buf, IoBuf::Write(b) if b.len() == len_bytes), "the write buffer comes back");
+    }
+    h.write(0, &pattern(4, 4096), false);
     h.storage.shutdown();
 }
 
