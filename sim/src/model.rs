@@ -211,6 +211,10 @@ impl Model {
     pub fn copied(&mut self, target: usize, source: usize, done_mark: u64) {
         let mut copy = self.nodes[source].clone();
         for block in copy.blocks.values_mut() {
+            // A write the source acknowledged on its own (protocol A) after the
+            // resync's done mark may still be queued for the target, or dropped
+            // with the link: protocol A never promised it there (as for any link).
+            block.reqs.retain(|r| r.ack <= done_mark || r.shared);
             for r in &mut block.reqs {
                 // Durable on the target only through its final flush (a FUA on
                 // the source says nothing about the target's disk).

@@ -45,6 +45,10 @@ impl Core {
             out.push(Action::DropLink { reason: "the peer is StandAlone".into() });
             return;
         }
+        if self.rolling_back() {
+            out.push(Action::DropLink { reason: "the peer is rolling back to its fallback image".into() });
+            return;
+        }
         let sent = self.own_state(self.cfg.name_sorts_first);
         let flags = flag(sent.crashed_primary, STATE_CRASHED_PRIMARY)
             | flag(sent.dirty, STATE_DIRTY)

@@ -191,3 +191,20 @@ fn a_target_told_ahead_is_not_behind_after_its_resync() {
     assert_eq!((s.repl_state(), s.disk()), (ReplState::SyncTarget, DiskState::Inconsistent));
     assert!(!s.behind, "the running resync covers it");
 }
+
+/// Sim seed 300: the peer came back while the rollback ran; the target became
+/// its sync target and was then promoted while connected (two Primaries). No
+/// link is set up while a rollback runs.
+#[test]
+fn no_link_is_set_up_while_rolling_back() {
+    let mut t = core(Protocol::A, Role::Secondary, 0);
+    peer(&mut t, Message::StartRepair { bytes: 8192 });
+    h(&mut t, Event::LinkDown);
+    let mut out = Vec::new();
+    t.promote(7, true, &mut out).expect("asked");
+    let up = show(&h(&mut t, Event::LinkUp));
+    assert!(up.iter().any(|a| a.starts_with("drop-link")), "{up:?}");
+    assert_eq!(t.link(), Link::Disconnected);
+    h(&mut t, Event::RolledBack { result: Ok(vec![0..4096]) });
+    assert_eq!(t.role(), Role::Primary);
+}

@@ -68,7 +68,7 @@ impl Core {
     /// `primary --force` on an Inconsistent disk with a fallback, disconnected:
     /// roll back first. `Some` if it did (the command is answered later).
     pub(super) fn roll_back_for_promotion(&mut self, id: CmdId, force: bool, out: &mut Vec<Action>) -> bool {
-        if !force || !self.fallback || self.disk != DiskState::Inconsistent || self.link == Link::Replicating
+        if !force || !self.fallback || self.disk != DiskState::Inconsistent || self.link != Link::Disconnected
         {
             return false;
         }
@@ -80,6 +80,14 @@ impl Core {
         self.rollback_cmd = Some(id);
         out.push(Action::RollBack);
         true
+    }
+
+    /// No link is set up while the disk is rolled back (`on_link_up` drops it):
+    /// a peer that came back meanwhile would make this node its sync target (data
+    /// written under the rollback) and then see it promoted while connected.
+    /// Found by the simulator (seed 300: two Primaries while connected).
+    pub(super) fn rolling_back(&self) -> bool {
+        self.rollback_cmd.is_some()
     }
 
     pub(super) fn on_rolled_back(
