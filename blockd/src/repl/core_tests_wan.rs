@@ -205,6 +205,6 @@ fn no_link_is_set_up_while_rolling_back() {
     let up = show(&h(&mut t, Event::LinkUp));
     assert!(up.iter().any(|a| a.starts_with("drop-link")), "{up:?}");
     assert_eq!(t.link(), Link::Disconnected);
-    h(&mut t, Event::RolledBack { result: Ok(vec![0..4096]) });
+    h(&mut t, Event::RolledBack { result: Ok(std::iter::once(0..4096).collect()) });
     assert_eq!(t.role(), Role::Primary);
 }
