@@ -370,7 +370,7 @@ impl World {
                     let n = &mut self.nodes[node];
                     if let Some(run) = n.run.as_mut() {
                         run.undo = Some(Default::default());
-                        let quiet = run.ops.values().all(|p| overwritten(&p.op).is_none());
+                        let quiet = run.ops.values().all(|p| p.op.overwritten_range().is_none());
                         run.undo_snapshot = quiet.then(|| {
                             let mut image = vec![0u8; n.disk.len_bytes() as usize];
                             n.disk.read(0, &mut image);
@@ -429,7 +429,9 @@ impl World {
             }
         };
         let n = &mut self.nodes[node];
-        if let (Some(undo), Some(range)) = (n.run.as_mut().and_then(|r| r.undo.as_mut()), overwritten(&op)) {
+        if let (Some(undo), Some(range)) =
+            (n.run.as_mut().and_then(|r| r.undo.as_mut()), op.overwritten_range())
+        {
             // The shell preserves what a write overwrites, durably, before
             // submitting it (`shell::undo`).
             let bs = BLOCK_BYTES as u64;
@@ -869,17 +871,6 @@ fn describe_message(m: &Message) -> String {
         Message::BitmapBlock { index, .. } => format!("BitmapBlock {index}"),
         Message::Digests { offset, len, .. } => format!("Digests {offset}+{len}"),
         other => format!("{other:?}"),
-    }
-}
-
-/// The byte range an op overwrites, if it writes.
-fn overwritten(op: &IoOp) -> Option<std::ops::Range<u64>> {
-    match op {
-        IoOp::Write { offset, buf, .. } => Some(*offset..*offset + buf.len() as u64),
-        IoOp::Trim { offset, len, .. } | IoOp::WriteZeroes { offset, len, .. } => {
-            Some(*offset..*offset + *len)
-        }
-        _ => None,
     }
 }
 

@@ -25,7 +25,6 @@ use super::{
     MIN_SHARED_SECRET_BYTES, MetaLocation, NodeConfig, NodeLines, Protocol, ResourceConfig, ResyncRate,
     SharedSecret,
 };
-use super::{CongestionPolicy, DEFAULT_CONGESTION_FILL_BYTES, MIN_CONGESTION_FILL_BYTES};
 use super::{DEFAULT_ACK_TIMEOUT_MS, IoErrorPolicy, MAX_ACK_TIMEOUT_MS, MIN_ACK_TIMEOUT_MS};
 use super::{DEFAULT_UNDO_DIR, DEFAULT_UNDO_SIZE_BYTES};
 
@@ -355,39 +354,7 @@ impl Cx<'_> {
             }
         };
 
-        let on_congestion = match &raw.on_congestion {
-            None => CongestionPolicy::default(),
-            Some(p) => match p.get_ref().0.as_str() {
-                "block" => CongestionPolicy::Block,
-                "pull-ahead" if protocol != Protocol::A => {
-                    let why = format!(
-                        r#""pull-ahead" needs protocol "A" (this resource uses "{protocol}"): under B and C every write waits for the peer"#
-                    );
-                    return Err(self.at(p, "resource.on-congestion", why));
-                }
-                "pull-ahead" => CongestionPolicy::PullAhead,
-                other => {
-                    let why = format!(r#"expected "block" or "pull-ahead", found {other:?}"#);
-                    return Err(self.at(p, "resource.on-congestion", why));
-                }
-            },
-        };
-        let congestion_fill_bytes = match &raw.congestion_fill {
-            None => DEFAULT_CONGESTION_FILL_BYTES.min(send_buffer_bytes),
-            Some(b) => {
-                let key = "resource.congestion-fill";
-                let bytes = parse_size(b.get_ref()).map_err(|m| self.at(b, key, m))?;
-                if !(MIN_CONGESTION_FILL_BYTES..=send_buffer_bytes).contains(&bytes) {
-                    let why = format!(
-                        "{} is not allowed; use 1MiB up to send-buffer ({send_buffer_bytes} bytes): \
-                         beyond it writers would wait before the policy acts",
-                        describe(b.get_ref())
-                    );
-                    return Err(self.at(b, key, why));
-                }
-                bytes
-            }
-        };
+        let (on_congestion, congestion_fill_bytes) = self.congestion(raw, protocol, send_buffer_bytes)?;
         let (compression, compression_level) = self.compression(raw)?;
         let replication_rate_bytes_per_sec = self.replication_rate(raw, protocol)?;
 
@@ -721,7 +688,7 @@ impl Endpoints {
 }
 
 /// A size as the user wrote it, for messages.
-fn describe(raw: &RawSize) -> String {
+pub(super) fn describe(raw: &RawSize) -> String {
     match raw {
         RawSize::Int(v) => v.to_string(),
         RawSize::Float(v) => v.to_string(),

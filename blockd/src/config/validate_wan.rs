@@ -1,10 +1,13 @@
 //! Validation of the WAN keys (see [`super::super::wan`]): `compression`,
-//! `compression-level`, `replication-rate`.
+//! `compression-level`, `replication-rate`, `on-congestion`, `congestion-fill`.
 
 use super::Cx;
+use super::describe;
 use crate::config::raw::RawResource;
+use crate::config::values::parse_size;
 use crate::config::wan::{
-    Compression, DEFAULT_COMPRESSION_LEVEL, MAX_COMPRESSION_LEVEL, MIN_COMPRESSION_LEVEL,
+    Compression, CongestionPolicy, DEFAULT_COMPRESSION_LEVEL, DEFAULT_CONGESTION_FILL_BYTES,
+    MAX_COMPRESSION_LEVEL, MIN_COMPRESSION_LEVEL, MIN_CONGESTION_FILL_BYTES,
     MIN_REPLICATION_RATE_BYTES_PER_SEC,
 };
 use crate::config::{ConfigError, Protocol};
@@ -59,5 +62,49 @@ impl Cx<'_> {
             return Err(self.at(r, key, why.to_owned()));
         }
         Ok(Some(bytes))
+    }
+
+    /// `on-congestion` (protocol A only) and `congestion-fill` (1 MiB up to the
+    /// send buffer).
+    pub(super) fn congestion(
+        &self,
+        raw: &RawResource,
+        protocol: Protocol,
+        send_buffer_bytes: u64,
+    ) -> Result<(CongestionPolicy, u64), ConfigError> {
+        let on_congestion = match &raw.on_congestion {
+            None => CongestionPolicy::default(),
+            Some(p) => match p.get_ref().0.as_str() {
+                "block" => CongestionPolicy::Block,
+                "pull-ahead" if protocol != Protocol::A => {
+                    let why = format!(
+                        r#""pull-ahead" needs protocol "A" (this resource uses "{protocol}"): under B and C every write waits for the peer"#
+                    );
+                    return Err(self.at(p, "resource.on-congestion", why));
+                }
+                "pull-ahead" => CongestionPolicy::PullAhead,
+                other => {
+                    let why = format!(r#"expected "block" or "pull-ahead", found {other:?}"#);
+                    return Err(self.at(p, "resource.on-congestion", why));
+                }
+            },
+        };
+        let congestion_fill_bytes = match &raw.congestion_fill {
+            None => DEFAULT_CONGESTION_FILL_BYTES.min(send_buffer_bytes),
+            Some(b) => {
+                let key = "resource.congestion-fill";
+                let bytes = parse_size(b.get_ref()).map_err(|m| self.at(b, key, m))?;
+                if !(MIN_CONGESTION_FILL_BYTES..=send_buffer_bytes).contains(&bytes) {
+                    let why = format!(
+                        "{} is not allowed; use 1MiB up to send-buffer ({send_buffer_bytes} bytes): \
+                         beyond it writers would wait before the policy acts",
+                        describe(b.get_ref())
+                    );
+                    return Err(self.at(b, key, why));
+                }
+                bytes
+            }
+        };
+        Ok((on_congestion, congestion_fill_bytes))
     }
 }

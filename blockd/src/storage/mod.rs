@@ -172,7 +172,18 @@ pub enum IoOp {
 impl IoOp {
     /// True for ops that change the backing store (refused on a read-only open).
     fn mutates(&self) -> bool {
-        matches!(self, IoOp::Write { .. } | IoOp::Trim { .. } | IoOp::WriteZeroes { .. })
+        self.overwritten_range().is_some()
+    }
+
+    /// The byte range a write, trim or zeroing changes (`None` for other ops).
+    pub fn overwritten_range(&self) -> Option<std::ops::Range<u64>> {
+        match self {
+            IoOp::Write { offset, buf, .. } => Some(*offset..*offset + buf.len() as u64),
+            IoOp::Trim { offset, len, .. } | IoOp::WriteZeroes { offset, len, .. } => {
+                Some(*offset..*offset + *len)
+            }
+            IoOp::Read { .. } | IoOp::Flush | IoOp::Cache { .. } => None,
+        }
     }
 
     /// Gives the op's buffer back, for a completion that never reached the kernel.

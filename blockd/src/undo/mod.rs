@@ -537,6 +537,12 @@ impl UndoJournal {
         out.set_len(device).map_err(out_err("size the export"))?;
         self.replay(out, "export")?;
         out.sync_all().map_err(out_err("fsync the export"))?;
+        Ok(self.preserved_ranges())
+    }
+
+    /// The preserved granules as byte ranges of the device, sorted and merged.
+    pub fn preserved_ranges(&self) -> Vec<Range<u64>> {
+        let device = self.stored.header.device_size_bytes;
         let g = u64::from(self.stored.header.granule_bytes);
         let mut granules: Vec<u64> = self.preserved.iter().copied().collect();
         granules.sort_unstable();
@@ -548,7 +554,7 @@ impl UndoJournal {
                 _ => ranges.push(r),
             }
         }
-        Ok(ranges)
+        ranges
     }
 
     /// Writes every record's data at its offset into `target`; returns the bytes.

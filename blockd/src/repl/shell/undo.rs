@@ -20,7 +20,6 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use crate::repl::core::Action;
-use crate::storage::IoOp;
 use crate::undo::{Purpose, UndoHeader, UndoJournal};
 
 pub struct CatchUpJournal {
@@ -120,7 +119,7 @@ impl CatchUpJournal {
                     }
                 }
                 Action::Local { op, .. } if self.journal.is_some() => {
-                    if let Some(r) = overwritten(op) {
+                    if let Some(r) = op.overwritten_range() {
                         ranges.push(r);
                     }
                 }
@@ -228,35 +227,6 @@ impl CatchUpJournal {
             return Err("no undo journal is kept".into());
         };
         journal.roll_back(data).map_err(|e| e.to_string())?;
-        Ok(preserved_ranges(journal, self.device_size_bytes))
+        Ok(journal.preserved_ranges())
     }
-}
-
-/// The byte range an op overwrites on the data disk, if it writes.
-fn overwritten(op: &IoOp) -> Option<Range<u64>> {
-    match op {
-        IoOp::Write { offset, buf, .. } => Some(*offset..*offset + buf.len() as u64),
-        IoOp::Trim { offset, len, .. } | IoOp::WriteZeroes { offset, len, .. } => {
-            Some(*offset..*offset + *len)
-        }
-        _ => None,
-    }
-}
-
-/// The preserved granules as merged byte ranges.
-fn preserved_ranges(journal: &UndoJournal, device_size_bytes: u64) -> Vec<Range<u64>> {
-    let g = u64::from(journal.header().granule_bytes);
-    let mut out: Vec<Range<u64>> = Vec::new();
-    let mut offset = 0;
-    while offset < device_size_bytes {
-        if journal.is_preserved(offset) {
-            let end = (offset + g).min(device_size_bytes);
-            match out.last_mut() {
-                Some(last) if last.end == offset => last.end = end,
-                _ => out.push(offset..end),
-            }
-        }
-        offset += g;
-    }
-    out
 }
