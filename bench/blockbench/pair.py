@@ -289,14 +289,15 @@ class Nodes:
 # identical, so no initial sync).
 
 def start_blockd_pair(ctx: Ctx, label: str, protocol: str, engine: str = "auto",
-                      tls: bool = False) -> Handle:
+                      tls: bool = False, workers: Optional[int] = None) -> Handle:
     # One prefill, then a byte-for-byte copy: --clear-bitmap below tells blockd the
     # two disks are identical, which must be true.
     disk_a = ctx.make_disk(label, "-alpha")
     disk_b = ctx.copy_disk(disk_a, label, "-beta")
     p = Nodes(ctx, label, {"alpha": disk_a, "beta": disk_b}, engine=engine)
     resource = {"protocol": protocol}
-    p.configure(resource)
+    per_node = {n: {"worker-threads": workers} for n in PAIR_NODES} if workers else {}
+    p.configure(resource, node_extra=per_node)
     pre = []
     if tls:
         # Mutual TLS 1.3 on the peer link; the NBD side (fio) stays plaintext.
@@ -304,7 +305,7 @@ def start_blockd_pair(ctx: Ctx, label: str, protocol: str, engine: str = "auto",
         pre.append(gen)
         p.commands = []
         p.configure({**resource, "tls-ca": str(certs / "ca-cert.pem")}, node_extra={
-            n: {"tls-cert": str(certs / n / "server-cert.pem"),
+            n: {**per_node.get(n, {}), "tls-cert": str(certs / n / "server-cert.pem"),
                 "tls-key": str(certs / n / "server-key.pem")} for n in PAIR_NODES})
     p.commands = pre + p.commands + [
         f"{ctx.prefill_cmds[-1]}   # alpha's file",

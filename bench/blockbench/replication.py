@@ -23,6 +23,13 @@ SERVERS_PAIR = [
                f"+ beta Secondary over 127.0.0.1",
                needs_blockd=True, needs_blockctl=True, disks=2, transports=("tcp",))
     for proto in ("C", "A", "B") for eng in ("auto", "posix", "uring")
+] + [
+    ServerSpec(f"blockd-{proto.lower()}-w1",
+               partial(start_blockd_pair, protocol=proto, workers=1),
+               f"blockd pair, protocol {proto}, worker-threads = 1 on both nodes (a replicated "
+               f"node's default is 2)",
+               needs_blockd=True, needs_blockctl=True, disks=2, transports=("tcp",))
+    for proto in ("C", "A")
 ]
 
 # The replication issue's targets: IOPS(variant) / IOPS(blockd-standalone) for a

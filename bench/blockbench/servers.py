@@ -129,9 +129,10 @@ def start_nbdkit(ctx: "Ctx", label: str, plugin_args: tuple[str, ...] = (), tls:
 
 
 
-def start_blockd(ctx: "Ctx", label: str, engine: str, tls: bool = False) -> Handle:
+def start_blockd(ctx: "Ctx", label: str, engine: str, tls: bool = False,
+                 workers: Optional[int] = None) -> Handle:
     """A standalone blockd node ("alpha") with one disk, exporting r0 over TCP
-    (with tls: nbd-tls = "require")."""
+    (with tls: nbd-tls = "require"; with workers: that `worker-threads`)."""
     disk = ctx.make_disk(label)
     d = ctx.server_dir(label)
     nbd_port, repl_port = ctx.free_port(), ctx.free_port()
@@ -143,6 +144,7 @@ def start_blockd(ctx: "Ctx", label: str, engine: str, tls: bool = False) -> Hand
         "disk": str(disk),
         "meta": "internal",
         "control": str(d / "alpha.ctl"),
+        **({"worker-threads": workers} if workers else {}),
     }
     write_blockd_config(cfg, resource={"name": EXPORT}, nodes=[node])
     pre = []
@@ -189,5 +191,8 @@ SERVERS_SINGLE = [
                "blockd standalone, --io-engine uring", needs_blockd=True, transports=("tcp",)),
     ServerSpec("blockd-standalone", partial(start_blockd, engine="auto"),
                "blockd standalone (single node), --io-engine auto; the replication baseline",
+               needs_blockd=True, transports=("tcp",)),
+    ServerSpec("blockd-standalone-w2", partial(start_blockd, engine="auto", workers=2),
+               "blockd standalone, worker-threads = 2 (a standalone export's default is 1)",
                needs_blockd=True, transports=("tcp",)),
 ]

@@ -36,7 +36,14 @@ fn main() -> ExitCode {
             if let Err(e) = config.check_local(&node) {
                 return usage_error(&e);
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            // `worker-threads`: a standalone export's tasks hand each request from
+            // the NBD reader to the writer; on one thread that is a function call,
+            // across two a thread wake-up (ARCHITECTURE, "Threads").
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.worker_threads(&node))
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => return failure(&anyhow::Error::new(e).context("cannot start the async runtime")),
             };

@@ -8,9 +8,21 @@ use blockd_tests::*;
 /// verification) reach the Secondary byte for byte; checked on the backing files
 /// after a clean stop of both nodes.
 fn writes_reach_the_secondary(protocol: char) {
-    let opts = PairOpts { protocol, ..PairOpts::default() };
+    writes_reach_the_secondary_with(protocol, PairOpts { protocol, ..PairOpts::default() });
+}
+
+fn writes_reach_the_secondary_with(protocol: char, opts: PairOpts) {
     let mut p = Pair::start(&format!("repl-{protocol}"), &opts);
     p.wait_established();
+    // `worker-threads` (default 2 on a replicated node) is the number of the async
+    // runtime's threads.
+    for n in 0..2 {
+        let want = opts.extra_node[n]
+            .strip_prefix("worker-threads = ")
+            .map_or(2, |v| v.trim().parse::<usize>().expect("worker-threads value"));
+        let pid = p.daemon(n).pid().expect("daemon running");
+        assert_eq!(runtime_workers(pid), want, "node {n}: runtime worker threads");
+    }
     p.ctl_ok(0, &["primary"]);
     let size: u64 = tool("nbdinfo", ["--size", &p.uri(0)]).stdout.trim().parse().expect("size");
     assert!(size > 32 * MIB && size < opts.disk_bytes, "export is the disk minus metadata: {size}");
@@ -56,6 +68,24 @@ fn protocol_b_writes_reach_the_secondary() {
 #[test]
 fn protocol_a_writes_reach_the_secondary() {
     writes_reach_the_secondary('A');
+}
+
+/// The same with other runtime thread counts than the default two: all of a node's
+/// tasks on one thread (the standalone default), and more threads than tasks
+/// usually keep busy.
+#[test]
+fn protocol_c_writes_reach_the_secondary_with_other_worker_threads() {
+    let extra_node = ["worker-threads = 1\n".to_string(), "worker-threads = 3\n".to_string()];
+    writes_reach_the_secondary_with('C', PairOpts { protocol: 'C', extra_node, ..PairOpts::default() });
+}
+
+/// Threads of a process named like tokio's runtime workers.
+fn runtime_workers(pid: u32) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc/PID/task");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
 }
 
 /// A Secondary refuses NBD clients with a message naming the Primary; promoting a

@@ -50,6 +50,7 @@
 //! # nbd-tls-key = "/etc/blockd/tls/r0/alpha/server-key.pem"     # listeners never require)
 //! # nbd-tls-ca = "/etc/blockd/tls/r0/ca-cert.pem"   # optional: client certificates required
 //! # undo-dir = "/var/lib/blockd"  # where the undo journals (<resource>.undo) live
+//! # worker-threads = 2          # async runtime threads; default 1 standalone, 2 replicated
 //! ```
 //!
 //! # TLS
@@ -146,6 +147,15 @@ pub const DEFAULT_AL_EXTENTS: u32 = 1237;
 pub const MIN_SHARED_SECRET_BYTES: usize = 16;
 /// `oom-score-adj` when absent: blockd is in its clients' I/O path.
 pub const DEFAULT_OOM_SCORE_ADJ: i32 = -1000;
+/// `worker-threads` of a standalone export when absent: one thread runs its NBD
+/// connections (the disk engine has threads of its own); a second one costs more in
+/// thread hand-offs than it gains (measured: ARCHITECTURE, "Threads").
+pub const DEFAULT_WORKER_THREADS_STANDALONE: usize = 1;
+/// `worker-threads` of a replicated node when absent: the peer link's reader and
+/// writer (each with a crc over up to 32 MiB) and the NBD side can run at once.
+pub const DEFAULT_WORKER_THREADS_REPLICATED: usize = 2;
+/// Most `worker-threads`.
+pub const MAX_WORKER_THREADS: usize = 256;
 /// Fewest activity-log extents: a smaller log would write its slot on almost every
 /// write that touches a new region.
 pub const MIN_AL_EXTENTS: u32 = 16;
@@ -319,6 +329,9 @@ pub struct NodeConfig {
     /// ([`crate::undo::catchup_path`], [`crate::undo::discarded_path`]); default
     /// [`DEFAULT_UNDO_DIR`].
     pub undo_dir: PathBuf,
+    /// `worker-threads`: threads of the async runtime that runs this node's tasks;
+    /// `None`: the default ([`Config::worker_threads`]).
+    pub worker_threads: Option<usize>,
     /// Where the keys were written, so that checks made later against the machine
     /// ([`Config::check_local`]) can point at the line like parse errors do.
     pub lines: NodeLines,
@@ -459,6 +472,16 @@ impl Config {
         Some(PeerTlsFiles { ca, own })
     }
 
+    /// The async runtime threads of `node`: its `worker-threads`, else one for a
+    /// standalone export and two for a replicated node.
+    pub fn worker_threads(&self, node: &NodeConfig) -> usize {
+        node.worker_threads.unwrap_or(if self.peers(&node.name).next().is_some() {
+            DEFAULT_WORKER_THREADS_REPLICATED
+        } else {
+            DEFAULT_WORKER_THREADS_STANDALONE
+        })
+    }
+
     /// All nodes except the one named `local`, in file order.
     pub fn peers(&self, local: &str) -> impl Iterator<Item = &NodeConfig> {
         self.nodes.iter().filter(move |n| n.name != local)
@@ -556,6 +579,9 @@ impl Config {
                 let _ = writeln!(out, "nbd-tls-ca = {}", path(ca));
             }
             let _ = writeln!(out, "undo-dir = {}", path(&n.undo_dir));
+            if let Some(threads) = n.worker_threads {
+                let _ = writeln!(out, "worker-threads = {threads}");
+            }
         }
         out
     }

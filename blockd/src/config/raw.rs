@@ -67,6 +67,7 @@ pub(super) struct RawNode {
     pub nbd_tls_key: Option<Spanned<String>>,
     pub nbd_tls_ca: Option<Spanned<String>>,
     pub undo_dir: Option<Spanned<String>>,
+    pub worker_threads: Option<Spanned<RawInt>>,
 }
 
 /// Declares a string newtype whose type errors name what the string should be.

@@ -130,6 +130,7 @@ fn spec_example_parses_with_defaults() {
             tls: None,
             nbd_tls: NbdTls::default(),
             undo_dir: DEFAULT_UNDO_DIR.into(),
+            worker_threads: None,
             lines: NodeLines { disk: L_NODE0_DISK, meta: L_NODE0_META },
         }
     );
@@ -323,7 +324,7 @@ fn unknown_keys() {
         "r0.toml:10: key `node[0].nbd-addr`: unknown key \
          (expected one of: name, replication, nbd, disk, meta, control, control-group, metrics, \
          fence-peer, after-resync-target, mlock, oom-score-adj, tls-cert, tls-key, nbd-tls, nbd-tls-cert, \
-         nbd-tls-key, nbd-tls-ca, undo-dir)"
+         nbd-tls-key, nbd-tls-ca, undo-dir, worker-threads)"
     );
     assert_eq!(
         err(&spec_with(&[(L_GRANULARITY, "bitmap_granularity = 4096")])),
@@ -862,6 +863,28 @@ fn io_path_safety_keys() {
         )
     );
     assert!(err(&spec_with(&[(L_NODE0_FREE, "mlock = \"yes\"")])).contains("node[0].mlock"));
+}
+
+#[test]
+fn worker_threads_key() {
+    let c = ok(&spec_with(&[(L_NODE0_FREE, "worker-threads = 4")]));
+    assert_eq!((c.nodes[0].worker_threads, c.nodes[1].worker_threads), (Some(4), None));
+    assert_eq!((c.worker_threads(&c.nodes[0]), c.worker_threads(&c.nodes[1])), (4, 2));
+    let shown = c.effective_toml();
+    assert_eq!(shown.matches("worker-threads").count(), 1, "{shown}");
+    assert!(shown.contains("worker-threads = 4\n"), "{shown}");
+    let standalone = ok("[resource]\nname = \"r0\"\n\n[[node]]\nname = \"alpha\"\n\
+         replication = \"127.0.0.1:7789\"\nnbd = \"127.0.0.1:10809\"\ndisk = \"/d.img\"\nmeta = \"internal\"\n");
+    assert_eq!(standalone.worker_threads(&standalone.nodes[0]), 1);
+    for bad in ["0", "257", "-1"] {
+        assert_eq!(
+            err(&spec_with(&[(L_NODE0_FREE, &format!("worker-threads = {bad}"))])),
+            format!(
+                "r0.toml:{L_NODE0_FREE}: key `node[0].worker-threads`: {bad} is not allowed; use 1 to 256"
+            )
+        );
+    }
+    assert!(err(&spec_with(&[(L_NODE0_FREE, "worker-threads = \"2\"")])).contains("node[0].worker-threads"));
 }
 
 #[test]

@@ -21,9 +21,9 @@ use super::{
     Config, ConfigError, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_GRANULARITY, DEFAULT_CONTROL_DIR,
     DEFAULT_OOM_SCORE_ADJ, DEFAULT_RESYNC_MIN_RATE_BYTES_PER_SEC, DEFAULT_SEND_BUFFER_BYTES, Handlers,
     HostPort, ListenAddr, MAX_AL_EXTENTS_CONFIG, MAX_BITMAP_GRANULARITY, MAX_SEND_BUFFER_BYTES,
-    MIN_AL_EXTENTS, MIN_BITMAP_GRANULARITY, MIN_RESYNC_RATE_BYTES_PER_SEC, MIN_SEND_BUFFER_BYTES,
-    MIN_SHARED_SECRET_BYTES, MetaLocation, NodeConfig, NodeLines, Protocol, ResourceConfig, ResyncRate,
-    SharedSecret,
+    MAX_WORKER_THREADS, MIN_AL_EXTENTS, MIN_BITMAP_GRANULARITY, MIN_RESYNC_RATE_BYTES_PER_SEC,
+    MIN_SEND_BUFFER_BYTES, MIN_SHARED_SECRET_BYTES, MetaLocation, NodeConfig, NodeLines, Protocol,
+    ResourceConfig, ResyncRate, SharedSecret,
 };
 use super::{DEFAULT_ACK_TIMEOUT_MS, IoErrorPolicy, MAX_ACK_TIMEOUT_MS, MIN_ACK_TIMEOUT_MS};
 use super::{DEFAULT_UNDO_DIR, DEFAULT_UNDO_SIZE_BYTES};
@@ -599,6 +599,16 @@ impl Cx<'_> {
             },
         };
         let mlock = raw.mlock.as_ref().is_some_and(|m| *m.get_ref());
+        let worker_threads = match &raw.worker_threads {
+            None => None,
+            Some(n) => match usize::try_from(n.get_ref().0) {
+                Ok(v) if (1..=MAX_WORKER_THREADS).contains(&v) => Some(v),
+                _ => {
+                    let why = format!("{} is not allowed; use 1 to {MAX_WORKER_THREADS}", n.get_ref().0);
+                    return Err(self.at(n, &k("worker-threads"), why));
+                }
+            },
+        };
 
         let tls = self.node_tls(key, table, name_s, tls_on)?;
         let nbd_tls = self.nbd_tls(key, table)?;
@@ -626,6 +636,7 @@ impl Cx<'_> {
             tls,
             nbd_tls,
             undo_dir,
+            worker_threads,
             lines,
         })
     }
