@@ -28,7 +28,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::events::{EventSnapshot, Names};
+use crate::events::{EventFeed, Names};
 
 /// The control protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -121,7 +121,7 @@ pub struct ControlRequest {
 /// `events`, and the names they carry.
 #[derive(Clone, Debug)]
 pub struct EventSource {
-    pub snapshots: watch::Receiver<EventSnapshot>,
+    pub feed: EventFeed,
     pub names: Names,
 }
 
@@ -300,10 +300,10 @@ pub async fn read_line_bounded<R: AsyncBufRead + Unpin>(
 async fn stream_events(
     reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
     w: &mut tokio::net::unix::OwnedWriteHalf,
-    mut source: EventSource,
+    source: EventSource,
     now: bool,
 ) -> std::io::Result<()> {
-    let mut last = *source.snapshots.borrow_and_update();
+    let (mut last, mut states) = source.feed.subscribe();
     let mut lines = crate::events::diff(None, &last, &source.names);
     lines.push(crate::events::exists_end());
     write_lines(w, &lines).await?;
@@ -314,14 +314,16 @@ async fn stream_events(
     // it sends now is ignored).
     let mut ignored = [0u8; 256];
     loop {
-        tokio::select! {
-            changed = source.snapshots.changed() => if changed.is_err() { return Ok(()) },
+        let next = tokio::select! {
+            next = states.next() => match next {
+                Some(next) => next,
+                None => return Ok(()),
+            },
             n = tokio::io::AsyncReadExt::read(reader, &mut ignored) => match n {
                 Ok(0) | Err(_) => return Ok(()),
                 Ok(_) => continue,
             },
-        }
-        let next = *source.snapshots.borrow_and_update();
+        };
         let lines = crate::events::diff(Some(&last), &next, &source.names);
         last = next;
         write_lines(w, &lines).await?;
@@ -388,5 +390,64 @@ mod tests {
         assert!(read_line_bounded(&mut r, 1000).await.unwrap_err().contains("longer than 1000"));
         let mut empty = &b""[..];
         assert_eq!(read_line_bounded(&mut empty, 10).await, Ok(None));
+    }
+
+    /// A stream reports a state that lasted for one publication: the core publishes
+    /// `Behind` and `SyncTarget` back to back (this test's single-threaded runtime
+    /// cannot run the stream in between, as a busy node often does not), and the
+    /// client still reads both changes, in order. Fails with a latest-state stream.
+    #[tokio::test]
+    async fn an_events_stream_reports_every_transition() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let dir = std::env::temp_dir().join(format!("blockd-control-events-{}", std::process::id()));
+        let path = dir.join("r0.ctl");
+        let initial = crate::events::EventSnapshot {
+            role: "Secondary",
+            disk: "UpToDate",
+            connection: "Connected",
+            peer_role: "Primary",
+            replication: "Established",
+            peer_disk: "UpToDate",
+            ..Default::default()
+        };
+        let (publisher, feed) = crate::events::event_channel(initial);
+        let names = Names { resource: "r0".into(), peer: "alpha".into() };
+        let (requests, _keep) = mpsc::channel(1);
+        let (_stop, shutdown) = watch::channel(false);
+        let task =
+            spawn(&path, None, requests, EventSource { feed, names }, shutdown).expect("control socket");
+        let stream = tokio::net::UnixStream::connect(&path).await.expect("connect");
+        let (r, mut w) = stream.into_split();
+        w.write_all(b"{\"v\":1,\"cmd\":\"events\"}\n").await.expect("send");
+        let mut lines = tokio::io::BufReader::new(r).lines();
+        let mut next = async || -> serde_json::Value {
+            let line = lines.next_line().await.expect("read").expect("a line");
+            serde_json::from_str(&line).expect("JSON")
+        };
+        while next().await["object"] != "-" {}
+        publisher.publish(crate::events::EventSnapshot {
+            replication: "Behind",
+            disk: "Outdated",
+            ..initial
+        });
+        publisher.publish(crate::events::EventSnapshot {
+            replication: "SyncTarget",
+            disk: "Inconsistent",
+            ..initial
+        });
+        let mut replication = Vec::new();
+        let read_two = async {
+            while replication.len() < 2 {
+                let event = next().await;
+                if event["object"] == "peer-device" {
+                    replication.push(event["replication"].as_str().expect("replication").to_string());
+                }
+            }
+        };
+        let timed_out = tokio::time::timeout(std::time::Duration::from_secs(10), read_two).await.is_err();
+        assert!(!timed_out, "the stream reported only {replication:?} within 10 s");
+        assert_eq!(replication, ["Behind", "SyncTarget"]);
+        task.abort();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,8 +1,15 @@
 //! The state an event stream reports (`blockctl events`, in the spirit of `drbdsetup
-//! events2`): a small copyable [`EventSnapshot`] the core task publishes after every
-//! event it handles (a `watch`: only a change wakes subscribers, and publishing
-//! allocates nothing), and [`diff`], which turns two snapshots into the objects that
-//! changed.
+//! events2`): a small copyable [`EventSnapshot`] the core task publishes whenever it
+//! changed ([`EventPublisher`]), and [`diff`], which turns two snapshots into the
+//! objects that changed.
+//!
+//! Like `events2`, a stream is a log of transitions, not a sampling of the latest
+//! state: a state that lasted for one event of the core (`Behind` right before
+//! `SyncTarget`, say) is still reported. Each published snapshot goes into a
+//! bounded broadcast log ([`EVENT_LOG_CAPACITY`] snapshots of ~100 bytes) that
+//! every stream reads in order; a stream that fell further behind than that (its
+//! client does not read) skips to the current state, so a slow client costs the
+//! core nothing. Publishing allocates nothing.
 //!
 //! Objects, as in DRBD: `resource` (role), `device` (disk state), `connection` (to
 //! the peer: connection state, peer role), `peer-device` (replication state, peer
@@ -11,6 +18,82 @@
 //! `exists` lines and a final `{"type":"exists","object":"-"}`.
 
 use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+
+/// Snapshots the transition log keeps for streams that have not read them yet.
+pub const EVENT_LOG_CAPACITY: usize = 256;
+
+/// The core task's side: publishes each new state to the latest-state watch and to
+/// the transition log.
+#[derive(Debug)]
+pub struct EventPublisher {
+    latest: watch::Sender<EventSnapshot>,
+    log: broadcast::Sender<EventSnapshot>,
+}
+
+/// The control socket's side: where each `events` stream subscribes.
+#[derive(Debug)]
+pub struct EventFeed {
+    latest: watch::Receiver<EventSnapshot>,
+    log: broadcast::Receiver<EventSnapshot>,
+}
+
+impl Clone for EventFeed {
+    fn clone(&self) -> Self {
+        EventFeed { latest: self.latest.clone(), log: self.log.resubscribe() }
+    }
+}
+
+/// A publisher starting at `initial`, and the feed its subscribers read.
+pub fn event_channel(initial: EventSnapshot) -> (EventPublisher, EventFeed) {
+    let (latest_tx, latest_rx) = watch::channel(initial);
+    let (log_tx, log_rx) = broadcast::channel(EVENT_LOG_CAPACITY);
+    (EventPublisher { latest: latest_tx, log: log_tx }, EventFeed { latest: latest_rx, log: log_rx })
+}
+
+impl EventPublisher {
+    /// Records a new state (the caller publishes only changes).
+    pub fn publish(&self, snapshot: EventSnapshot) {
+        self.latest.send_replace(snapshot);
+        // No stream listening is not an error.
+        let _ = self.log.send(snapshot);
+    }
+}
+
+impl EventFeed {
+    /// The current state, and every state published after it, in order.
+    pub fn subscribe(&self) -> (EventSnapshot, EventSubscription) {
+        // Subscribed to the log first: a state published in between is then both
+        // the current one and the log's first, and diffs to nothing the second time.
+        let log = self.log.resubscribe();
+        let current = *self.latest.borrow();
+        (current, EventSubscription { latest: self.latest.clone(), log })
+    }
+}
+
+/// One stream's place in the transition log.
+#[derive(Debug)]
+pub struct EventSubscription {
+    latest: watch::Receiver<EventSnapshot>,
+    log: broadcast::Receiver<EventSnapshot>,
+}
+
+impl EventSubscription {
+    /// The next state, in publication order; after falling more than
+    /// [`EVENT_LOG_CAPACITY`] behind, the current one. `None` once the publisher is
+    /// gone.
+    pub async fn next(&mut self) -> Option<EventSnapshot> {
+        match self.log.recv().await {
+            Ok(snapshot) => Some(snapshot),
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                // Skipped states are lost to this stream; later ones follow in order.
+                self.log = self.log.resubscribe();
+                Some(*self.latest.borrow())
+            }
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
 
 /// Resync progress is reported in steps of this many per mille (0.1%).
 const PROGRESS_STEP_PER_MILLE: u64 = 1;
@@ -170,5 +253,40 @@ mod tests {
             "change peer-device done-percent:25.0 out-of-sync-bytes:1000 peer:beta peer-disk:UpToDate \
              replication:SyncSource resource:r0 resync-done-bytes:250000 resync-total-bytes:1000000"
         );
+    }
+
+    /// A state that lasted for one publication is still in every stream, in order
+    /// (with a latest-state watch alone, a stream reading after both publications
+    /// saw only the last: `Behind` right before `SyncTarget` went unreported).
+    #[tokio::test]
+    async fn a_stream_sees_every_state_in_order() {
+        let s = snap();
+        let (publisher, feed) = event_channel(s);
+        let (current, mut sub) = feed.subscribe();
+        assert_eq!(current, s);
+        let behind = EventSnapshot { replication: "Behind", peer_disk: "UpToDate", ..s };
+        let target = EventSnapshot { replication: "SyncTarget", ..s };
+        publisher.publish(behind);
+        publisher.publish(target);
+        assert_eq!(sub.next().await, Some(behind));
+        assert_eq!(sub.next().await, Some(target));
+        drop(publisher);
+        assert_eq!(sub.next().await, None, "the stream ends with the publisher");
+    }
+
+    /// A stream that does not keep up skips to the current state; it never holds
+    /// more than the log's capacity, and continues in order afterwards.
+    #[tokio::test]
+    async fn a_stream_far_behind_skips_to_the_current_state() {
+        let (publisher, feed) = event_channel(snap());
+        let (_, mut sub) = feed.subscribe();
+        let at = |n: u64| EventSnapshot { out_of_sync_bytes: n, ..snap() };
+        for n in 1..=(EVENT_LOG_CAPACITY as u64 + 10) {
+            publisher.publish(at(n));
+        }
+        let last = EVENT_LOG_CAPACITY as u64 + 10;
+        assert_eq!(sub.next().await, Some(at(last)), "the current state after the skip");
+        publisher.publish(at(last + 1));
+        assert_eq!(sub.next().await, Some(at(last + 1)));
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::NodeConfig;
 use crate::control::{self, Command, EventSource};
-use crate::events::{EventSnapshot, Names};
+use crate::events::{EventSnapshot, Names, event_channel};
 
 /// Serves the node's control socket until `stop` is raised; `down` raises it.
 pub fn spawn_control(
@@ -28,9 +28,8 @@ pub fn spawn_control(
         peer_disk: "DUnknown",
         ..EventSnapshot::default()
     };
-    let (snapshots_tx, snapshots) = watch::channel(state);
-    let events =
-        EventSource { snapshots, names: Names { resource: resource.to_string(), peer: String::new() } };
+    let (publisher, feed) = event_channel(state);
+    let events = EventSource { feed, names: Names { resource: resource.to_string(), peer: String::new() } };
     let accept =
         control::spawn(&node.control, node.control_group.as_deref(), requests_tx, events, stop.subscribe())?;
     let status = serde_json::json!({
@@ -60,7 +59,7 @@ pub fn spawn_control(
             };
             let _ = req.reply.send(reply);
         }
-        drop(snapshots_tx);
+        drop(publisher);
         let _ = accept.await;
     }))
 }

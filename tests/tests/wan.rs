@@ -169,8 +169,8 @@ fn pull_ahead_under_a_writer_faster_than_the_link_then_catch_up() {
     );
     // Beta is Behind from the `Ahead` message until the `StartRepair` that follows
     // it once alpha's queue drained, which can be the next frame on the socket: the
-    // event stream (a watch: it shows the latest state) may skip it. The log is
-    // the node's own record of every pull-ahead it saw.
+    // event stream is a log of transitions, so it shows Behind however short. The
+    // node's log is its own record of every pull-ahead it saw.
     let beta_log = p.daemon(1).log();
     let behind_logged = beta_log.matches("this node is Behind").count();
     eprintln!(
@@ -179,6 +179,11 @@ fn pull_ahead_under_a_writer_faster_than_the_link_then_catch_up() {
         saw(&ev1, "device", "disk", "Outdated")
     );
     assert!(behind_logged > 0, "beta never went Behind\n{}", tools::tail(&beta_log, 40));
+    assert!(
+        saw(&ev1, "peer-device", "replication", "Behind"),
+        "beta's events never showed Behind ({behind_logged} logged)\n{}",
+        events[1].describe()
+    );
     assert!(
         ev1.iter().any(|e| e["object"] == "device" && e["type"] == "change" && e["disk"] != "UpToDate"),
         "beta's disk never left UpToDate (Outdated when Behind, Inconsistent as SyncTarget)\n{}",

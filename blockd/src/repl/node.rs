@@ -137,9 +137,9 @@ pub async fn run(
     let (control_tx, control_rx) = mpsc::channel(16);
     let (attach_tx, mut attach_rx) = mpsc::channel(1);
     let (core_stop_tx, core_stop_rx) = watch::channel(false);
-    let (events_tx, events_rx) = watch::channel(crate::events::EventSnapshot::default());
+    let (events_tx, events_rx) = crate::events::event_channel(crate::events::EventSnapshot::default());
     let event_source = control::EventSource {
-        snapshots: events_rx,
+        feed: events_rx,
         names: crate::events::Names { resource: config.resource.name.clone(), peer: peer.name.clone() },
     };
     let control_task = control::spawn(

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::control::{Command, ControlRequest, Reply};
 use crate::device::spawn_block_status;
-use crate::events::EventSnapshot;
+use crate::events::{EventPublisher, EventSnapshot};
 use crate::meta::MetaStore;
 use crate::metrics::Metrics;
 use crate::peer::link::{LinkEvent, PeerConn};
@@ -300,8 +300,8 @@ pub struct CoreTask {
     pub hello: watch::Sender<Hello>,
     /// Tells the peer supervisor whether to connect at all (false: StandAlone).
     pub link_enabled: watch::Sender<bool>,
-    /// The state `blockctl events` reports, published after every event.
-    pub events: watch::Sender<EventSnapshot>,
+    /// The state `blockctl events` reports: each change goes to its transition log.
+    pub events: EventPublisher,
     /// Counters the device keeps and gauges this task refreshes on ticks.
     pub metrics: Arc<Metrics>,
     /// Commands run on replication events.
@@ -742,7 +742,7 @@ impl Running {
         let hello = (gens, disk, role, flags);
         let (last_snapshot, last_hello) = self.published.get().unzip();
         if last_snapshot != Some(snapshot) {
-            self.t.events.send_replace(snapshot);
+            self.t.events.publish(snapshot);
         }
         if last_hello != Some(hello) {
             self.t.hello.send_modify(|h| {
