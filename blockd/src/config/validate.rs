@@ -11,7 +11,7 @@ use serde_path_to_error::Segment;
 use toml::Spanned;
 
 use super::disk::parse_duration_ms;
-use super::raw::{RawConfig, RawNbd, RawNode, RawRate, RawResource, RawSize};
+use super::raw::{RawConfig, RawInt, RawNbd, RawNode, RawRate, RawResource, RawSize};
 use super::undo::check_undo_size;
 use super::values::{
     UNIX_PATH_MAX, check_abs_path, check_name, check_unix_path, parse_host_port, parse_listen_addr,
@@ -67,6 +67,25 @@ impl Cx<'_> {
 
     fn at<T>(&self, value: &Spanned<T>, key: &str, message: String) -> ConfigError {
         self.invalid(Some(value.span()), key, message)
+    }
+
+    /// An integer key's value when `T` holds it and it is in `range`; otherwise
+    /// "N is not allowed; use `allowed`" at the value.
+    pub(super) fn int_in<T>(
+        &self,
+        n: &Spanned<RawInt>,
+        key: &str,
+        range: std::ops::RangeInclusive<T>,
+        allowed: &str,
+    ) -> Result<T, ConfigError>
+    where
+        T: TryFrom<i64> + PartialOrd,
+    {
+        let v = n.get_ref().0;
+        match T::try_from(v) {
+            Ok(t) if range.contains(&t) => Ok(t),
+            _ => Err(self.at(n, key, format!("{v} is not allowed; use {allowed}"))),
+        }
     }
 
     /// A required key is absent: point at the header of its table.
@@ -268,19 +287,12 @@ impl Cx<'_> {
 
         let al_extents = match &raw.al_extents {
             None => DEFAULT_AL_EXTENTS,
-            Some(n) => {
-                let v = n.get_ref().0;
-                match u32::try_from(v) {
-                    Ok(v) if (MIN_AL_EXTENTS..=MAX_AL_EXTENTS_CONFIG).contains(&v) => v,
-                    _ => {
-                        let why = format!(
-                            "{v} is not allowed; use {MIN_AL_EXTENTS} to {MAX_AL_EXTENTS_CONFIG} \
-                             (extents of 4MiB)"
-                        );
-                        return Err(self.at(n, "resource.al-extents", why));
-                    }
-                }
-            }
+            Some(n) => self.int_in(
+                n,
+                "resource.al-extents",
+                MIN_AL_EXTENTS..=MAX_AL_EXTENTS_CONFIG,
+                &format!("{MIN_AL_EXTENTS} to {MAX_AL_EXTENTS_CONFIG} (extents of 4MiB)"),
+            )?,
         };
 
         let resync_rate = match &raw.resync_rate {
@@ -590,24 +602,17 @@ impl Cx<'_> {
 
         let oom_score_adj = match &raw.oom_score_adj {
             None => DEFAULT_OOM_SCORE_ADJ,
-            Some(n) => match i32::try_from(n.get_ref().0) {
-                Ok(v) if (-1000..=1000).contains(&v) => v,
-                _ => {
-                    let why = format!("{} is not allowed; use -1000 to 1000", n.get_ref().0);
-                    return Err(self.at(n, &k("oom-score-adj"), why));
-                }
-            },
+            Some(n) => self.int_in(n, &k("oom-score-adj"), -1000..=1000, "-1000 to 1000")?,
         };
         let mlock = raw.mlock.as_ref().is_some_and(|m| *m.get_ref());
         let worker_threads = match &raw.worker_threads {
             None => None,
-            Some(n) => match usize::try_from(n.get_ref().0) {
-                Ok(v) if (1..=MAX_WORKER_THREADS).contains(&v) => Some(v),
-                _ => {
-                    let why = format!("{} is not allowed; use 1 to {MAX_WORKER_THREADS}", n.get_ref().0);
-                    return Err(self.at(n, &k("worker-threads"), why));
-                }
-            },
+            Some(n) => Some(self.int_in(
+                n,
+                &k("worker-threads"),
+                1..=MAX_WORKER_THREADS,
+                &format!("1 to {MAX_WORKER_THREADS}"),
+            )?),
         };
 
         let tls = self.node_tls(key, table, name_s, tls_on)?;

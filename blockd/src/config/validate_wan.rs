@@ -28,17 +28,15 @@ impl Cx<'_> {
         };
         let level = match &raw.compression_level {
             None => DEFAULT_COMPRESSION_LEVEL,
-            Some(n) => match i32::try_from(n.get_ref().0) {
-                Ok(v) if (MIN_COMPRESSION_LEVEL..=MAX_COMPRESSION_LEVEL).contains(&v) => v,
-                _ => {
-                    let why = format!(
-                        "{} is not allowed; use a zstd level from {MIN_COMPRESSION_LEVEL} (fastest) to \
-                         {MAX_COMPRESSION_LEVEL} (smallest); default {DEFAULT_COMPRESSION_LEVEL}",
-                        n.get_ref().0
-                    );
-                    return Err(self.at(n, "resource.compression-level", why));
-                }
-            },
+            Some(n) => self.int_in(
+                n,
+                "resource.compression-level",
+                MIN_COMPRESSION_LEVEL..=MAX_COMPRESSION_LEVEL,
+                &format!(
+                    "a zstd level from {MIN_COMPRESSION_LEVEL} (fastest) to {MAX_COMPRESSION_LEVEL} \
+                     (smallest); default {DEFAULT_COMPRESSION_LEVEL}"
+                ),
+            )?,
         };
         Ok((compression, level))
     }

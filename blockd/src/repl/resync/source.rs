@@ -79,6 +79,8 @@ pub(in crate::repl) struct Source {
     /// Waiting for the target's bitmap (`BitmapDone`) before starting.
     awaiting_bitmap: bool,
     chunks: HashMap<JobId, SourceChunk>,
+    /// Bytes of the ranges of `chunks`.
+    inflight_bytes: u64,
     /// Sent piece offset → its chunk; digest request offset → its chunk.
     by_offset: HashMap<u64, JobId>,
     by_digest: HashMap<u64, JobId>,
@@ -158,8 +160,7 @@ impl Source {
         paused: bool,
         ctx: &mut Ctx<'_>,
     ) -> NextChunk {
-        let inflight_bytes: u64 = self.chunks.values().map(|c| c.range.end - c.range.start).sum();
-        let full = self.chunks.len() >= RESYNC_MAX_CHUNKS || inflight_bytes >= RESYNC_INFLIGHT_BYTES;
+        let full = self.chunks.len() >= RESYNC_MAX_CHUNKS || self.inflight_bytes >= RESYNC_INFLIGHT_BYTES;
         if self.awaiting_bitmap || self.paused_until_tick || full || paused {
             // With a pause, the chunks in flight finish; no new ones start.
             return NextChunk::Wait;
@@ -181,6 +182,7 @@ impl Source {
             failed: false,
         };
         self.chunks.insert(job, chunk);
+        self.inflight_bytes += range.end - range.start;
         NextChunk::Start(job, range)
     }
 
@@ -343,6 +345,7 @@ impl Source {
     fn chunk_done(&mut self, job: JobId, rate: &mut RateCtl) -> Option<ChunkDone> {
         let chunk = self.chunks.remove(&job)?;
         let len = chunk.range.end - chunk.range.start;
+        self.inflight_bytes -= len;
         if chunk.failed {
             self.failed_chunks = true;
         } else {
